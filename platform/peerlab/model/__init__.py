@@ -1,0 +1,18 @@
+"""The PEER/MLA language model: `build_model(model_config)`."""
+
+from peerlab.model.mla import MLA, LayerCache
+from peerlab.model.peer import PEER, peer_experts
+from peerlab.model.size import count_parameters, memory_estimate, parameter_formulas
+from peerlab.model.transformer import PeerMLAModel, build_model
+
+__all__ = [
+    "MLA",
+    "PEER",
+    "LayerCache",
+    "PeerMLAModel",
+    "build_model",
+    "count_parameters",
+    "memory_estimate",
+    "parameter_formulas",
+    "peer_experts",
+]

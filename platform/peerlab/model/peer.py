@@ -1,0 +1,258 @@
+"""PEER: Parameter Efficient Expert Retrieval (He, "Mixture of A Million Experts", 2024).
+
+A PEER layer replaces a transformer's dense feed-forward block with N tiny experts found
+through product keys (Lample et al. 2019). For an input x (paper, Sec. 2):
+
+    q_h = BN(W_h x),  split into two halves q_h = [q_h1, q_h2]                  (query, per head h)
+    top-k of  q_h1 . c_i  over sub-keys c_1..c_n1, and of  q_h2 . c'_j  over c'_1..c'_n2
+    I_h  = top-k over the k x k sums  (q_h1 . c_i + q_h2 . c'_j)                 (Eq. 1-2, product keys)
+    g_e  = softmax over e in I_h of those sums                                    (Eq. 3, router scores)
+    f(x) = sum_h sum_{e in I_h} g_e  sigma(u_e . x) v_e                          (Eq. 4-5, single neurons)
+
+Expert e = i * n2 + j, so N = n1 * n2. The sub-keys are shared by all heads ("different
+heads share the same pool of experts with the same set of product keys"); each head has its
+own query. With `expert_hidden_size` h > 1 an expert is a small MLP of width h: its h neurons
+are rows e*h .. e*h+h-1 of the same tables, each weighted by the expert's score.
+
+The query norm: `batch_norm_query` applies BatchNorm1d over each query feature. The spec's
+comment calls it LayerNorm, but the key's name and the paper say BatchNorm, and the paper's
+expert-usage result (all experts used, KL to uniform 1.06 against 1.52 without) is measured
+with BatchNorm: centring each query feature over the batch is what spreads the queries over
+the keys, which a per-token LayerNorm does not do. In training mode the statistics come from
+all tokens of the batch (as in the paper), so a token's query depends, through the batch
+mean and variance, on the other tokens of the batch; in eval mode (evaluation, decoding)
+running statistics are used and every token is computed on its own.
+
+The expert tables (`down` = u, `up` = v, each N*h x d) are never gathered into a
+(tokens, retrieved, d) tensor. `peer_experts` is an autograd function built from the three
+kernels of `F.embedding_bag` (its forward and its two gradients), which walk the retrieved
+rows one by one: the dot products u_e . x_t, the weighted sum of the v_e, and, in backward,
+the scatter of each retrieved row's gradient into its table. Gradients therefore reach a
+table only on the rows the batch retrieved; no other row is read or written. The gradient
+tensor itself is dense (zero elsewhere), so AdamW, DDP and FSDP work with it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peerlab.config import PeerConfig
+
+aten = torch.ops.aten
+
+
+def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
+    """d/dh of the exact (erf) GELU: Phi(h) + h * phi(h)."""
+    cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + h * pdf
+
+
+class Bags:
+    """Token t's "bag" holds the S table rows idx[t, :] it retrieved; idx is (M, S).
+
+    The operations below walk the retrieved rows one by one with the kernels of
+    `F.embedding_bag`, so no (M, S, d) tensor of gathered rows is ever built. After
+    `sort()`, `dots` and `scatter` walk them in table-row order: each table row is read or
+    written once, in sequence, instead of at random.
+    """
+
+    def __init__(self, idx: torch.Tensor):
+        M, S = idx.shape
+        self.shape = (M, S)
+        self.rows = idx.reshape(-1)  # (M*S,) table row of each retrieval
+        self.offsets = torch.arange(0, M * S, S, device=idx.device)  # (M,) start of each token's bag
+        self.tokens = torch.arange(M, device=idx.device).repeat_interleave(S)  # (M*S,) token of each retrieval
+        self.order: torch.Tensor | None = None
+
+    def sort(self) -> "Bags":
+        """Order the retrievals by table row (once; `dots` and `scatter` then use that order)."""
+        if self.order is None:
+            self.order = self.rows.argsort()  # (M*S,)
+            self.sorted_rows = self.rows[self.order]
+            self.sorted_tokens = self.tokens[self.order]
+        return self
+
+    def weighted_sum(self, table: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """out[t] = sum_s weight[t, s] * table[idx[t, s]]  -> (M, d)"""
+        return F.embedding_bag(self.rows, table, self.offsets, mode="sum", per_sample_weights=weight.reshape(-1))
+
+    def dots(self, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """out[t, s] = table[idx[t, s]] . vectors[t]  -> (M, S)
+
+        The kernel embedding_bag uses for the gradient of its per-sample weights.
+        """
+        if self.order is None:
+            return aten._embedding_bag_per_sample_weights_backward(
+                vectors, table, self.rows, self.offsets, self.tokens, 0, -1
+            ).view(self.shape)
+        by_row = aten._embedding_bag_per_sample_weights_backward(
+            vectors, table, self.sorted_rows, self.offsets, self.sorted_tokens, 0, -1
+        )  # (M*S,) in table-row order
+        return torch.empty_like(by_row).index_copy_(0, self.order, by_row).view(self.shape)
+
+    def scatter(self, vectors: torch.Tensor, weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """out[e] = sum of weight[t, s] * vectors[t] over the (t, s) with idx[t, s] = e  -> (num_rows, d)
+
+        The transposed problem is itself a bag sum: with the retrievals sorted by table row,
+        row e's bag holds the tokens that retrieved it (rows nobody retrieved get zero).
+        """
+        self.sort()
+        counts = torch.bincount(self.rows, minlength=num_rows)  # (num_rows,)
+        starts = counts.cumsum(0) - counts  # (num_rows,) start of each row's bag
+        weight = weight.reshape(-1)[self.order]
+        return F.embedding_bag(self.sorted_tokens, vectors, starts, mode="sum", per_sample_weights=weight)
+
+
+class GatherDot(torch.autograd.Function):
+    """out[t, s] = table[idx[t, s]] . vectors[t]: table (R, n), idx (M, S), vectors (M, n) -> (M, S).
+
+    Backward: grad_vectors[t] = sum_s g[t, s] table[idx[t, s]]; grad_table gets g[t, s] vectors[t]
+    on row idx[t, s], and zero on every row nobody retrieved.
+    """
+
+    @staticmethod
+    def forward(ctx, table, idx, vectors):
+        ctx.save_for_backward(table, idx, vectors)
+        return Bags(idx).dots(table, vectors)
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, idx, vectors = ctx.saved_tensors
+        bags = Bags(idx)
+        need_table, _, need_vectors = ctx.needs_input_grad
+        grad_table = bags.scatter(vectors, grad, table.shape[0]) if need_table else None
+        grad_vectors = bags.weighted_sum(table, grad) if need_vectors else None
+        return grad_table, None, grad_vectors
+
+
+def gather_dot(table: torch.Tensor, idx: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """table[idx[t, s]] . vectors[t] for every t, s, without gathering the rows (see `GatherDot`)."""
+    return GatherDot.apply(table, idx, vectors.contiguous())
+
+
+class PeerExperts(torch.autograd.Function):
+    """y_t = sum_s gate[t,s] * gelu(down[idx[t,s]] . x_t) * up[idx[t,s]]  (paper Eq. 4-5).
+
+    x: (M, d); idx, gate: (M, S) with S = heads * k * expert_hidden_size; down, up: (R, d).
+    Only (M, S) activations and the retrievals' sort order are kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, idx, gate, down, up):
+        bags = Bags(idx).sort()
+        hidden = bags.dots(down, x)  # (M, S): u_e . x_t
+        y = bags.weighted_sum(up, F.gelu(hidden) * gate)  # (M, d)
+        ctx.save_for_backward(x, gate, hidden, down, up)
+        ctx.bags = bags
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, gate, hidden, down, up = ctx.saved_tensors
+        bags = ctx.bags
+        need_x, _, need_gate, need_down, need_up = ctx.needs_input_grad
+        grad_y = grad_y.contiguous()  # (M, d)
+        act = F.gelu(hidden)  # (M, S)
+        d_weight = bags.dots(up, grad_y)  # (M, S): dL/d(gate * act) = v_e . dy_t
+        d_hidden = d_weight * gate * _gelu_grad(hidden)  # (M, S)
+        grad_x = bags.weighted_sum(down, d_hidden) if need_x else None
+        grad_gate = d_weight * act if need_gate else None
+        grad_down = bags.scatter(x, d_hidden, down.shape[0]) if need_down else None  # rows += d_hidden * x_t
+        grad_up = bags.scatter(grad_y, gate * act, up.shape[0]) if need_up else None  # rows += gate * act * dy_t
+        return grad_x, None, grad_gate, grad_down, grad_up
+
+
+def peer_experts(x, idx, gate, down, up):
+    """Functional form of `PeerExperts`.
+
+    Computed in the tables' dtype with autocast off: fp32 master weights stay fp32, a model
+    cast to bf16 runs in bf16, and no table is ever copied to another dtype.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        y = PeerExperts.apply(x.to(down.dtype).contiguous(), idx, gate.to(down.dtype), down, up)
+    return y.to(x.dtype)
+
+
+class PEER(nn.Module):
+    """A PEER feed-forward layer: `PEER(peer_config, hidden_size)(x)` with x (..., hidden_size)."""
+
+    def __init__(self, config: PeerConfig, hidden_size: int, initializer_range: float = 0.02):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.k = config.num_experts_per_tok
+        self.query_dim = config.query_dim
+        self.expert_hidden_size = config.expert_hidden_size
+        self.n1, self.n2 = config.product_key_dim
+        self.num_experts = self.n1 * self.n2
+        half = config.query_dim // 2
+
+        self.query = nn.Linear(hidden_size, config.num_heads * config.query_dim, bias=False)
+        self.query_norm = nn.BatchNorm1d(config.num_heads * config.query_dim) if config.batch_norm_query else None
+        # Both sub-key sets in one table, shared by all heads: rows 0..n1-1 are c_i, rows n1.. are c'_j.
+        self.sub_keys = nn.Parameter(torch.empty(self.n1 + self.n2, half))  # (n1 + n2, query_dim/2)
+        ranks = [(a, b) for a in range(self.k) for b in range(self.k) if (a + 1) * (b + 1) <= self.k]
+        self.register_buffer("pair_rank1", torch.tensor([a for a, _ in ranks]), persistent=False)  # (P,)
+        self.register_buffer("pair_rank2", torch.tensor([b for _, b in ranks]), persistent=False)  # (P,)
+        rows = self.num_experts * config.expert_hidden_size
+        self.down = nn.Parameter(torch.empty(rows, hidden_size))  # u_e: one row per neuron
+        self.up = nn.Parameter(torch.empty(rows, hidden_size))  # v_e
+        self.reset_parameters(initializer_range)
+
+    def reset_parameters(self, initializer_range: float = 0.02) -> None:
+        nn.init.normal_(self.query.weight, std=initializer_range)
+        nn.init.normal_(self.down, std=initializer_range)
+        nn.init.normal_(self.up, std=initializer_range)
+        # Unit-variance queries (after BN) against keys of std 1/sqrt(query_dim/2) give scores of unit variance.
+        key_std = 1.0 / math.sqrt(self.query_dim // 2)
+        nn.init.normal_(self.sub_keys, std=key_std)
+
+    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Product-key retrieval: x (..., d) -> (scores, indices), each (..., num_heads, k).
+
+        Scores are the sums q1.c_i + q2.c'_j (before softmax), highest first. The search runs
+        without autograd; the k winning scores are then recomputed from their two sub-keys, so
+        gradients reach the query and exactly the retrieved sub-keys, as through top-k itself,
+        without dense (tokens x heads x sub-keys) gradient tensors.
+        """
+        lead = x.shape[:-1]
+        q = self.query(x.reshape(-1, x.shape[-1]))  # (M, H*query_dim)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        # The search and the scores run in the keys' dtype with autocast off: a top-k over rounded
+        # scores could pick other experts than the scores the gate is computed from.
+        with torch.autocast(x.device.type, enabled=False):
+            # (M*H*2, query_dim/2): the halves q1, q2 of each head, alternating
+            halves = q.view(-1, self.query_dim // 2).to(self.sub_keys.dtype)
+            with torch.no_grad():
+                pairs = halves.view(-1, 2, self.query_dim // 2)  # (M*H, 2, query_dim/2)
+                top1, i1 = (pairs[:, 0] @ self.sub_keys[: self.n1].t()).topk(self.k, dim=-1)  # (M*H, k) of n1
+                top2, i2 = (pairs[:, 1] @ self.sub_keys[self.n1 :].t()).topk(self.k, dim=-1)  # (M*H, k) of n2
+                # Only pairs of ranks (a, b) with (a+1)(b+1) <= k can be among the k best sums: every
+                # pair of lower ranks scores at least as high. For k = 16 that is 50 of the 256 pairs.
+                sums = top1[:, self.pair_rank1] + top2[:, self.pair_rank2]  # (M*H, P)
+                best = sums.topk(self.k, dim=-1).indices  # (M*H, k) into the P pairs
+                i1 = i1.gather(-1, self.pair_rank1[best])  # (M*H, k): first sub-key of each winner
+                i2 = i2.gather(-1, self.pair_rank2[best])  # (M*H, k): second sub-key
+                key_rows = torch.stack((i1, i2 + self.n1), dim=1).view(-1, self.k)  # (M*H*2, k) rows of sub_keys
+            scores = gather_dot(self.sub_keys, key_rows, halves).view(-1, 2, self.k).sum(1)  # (M*H, k): q1.c + q2.c'
+            indices = i1 * self.n2 + i2  # (M*H, k)
+        shape = (*lead, self.num_heads, self.k)
+        return scores.view(shape), indices.view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, d = x.shape[:-1], x.shape[-1]
+        flat = x.reshape(-1, d)  # (M, d)
+        scores, indices = self.retrieve(flat)  # (M, H, k) each
+        gate = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # (M, H, k)
+        h = self.expert_hidden_size
+        if h > 1:  # expert e owns neuron rows e*h .. e*h+h-1, all weighted by the expert's score
+            indices = (indices.unsqueeze(-1) * h + torch.arange(h, device=x.device)).flatten(-2)  # (M, H, k*h)
+            gate = gate.repeat_interleave(h, dim=-1)  # (M, H, k*h)
+        idx = indices.flatten(1)  # (M, S)
+        gate = gate.flatten(1)  # (M, S)
+        return peer_experts(flat, idx, gate, self.down, self.up).view(*lead, d)

@@ -1,0 +1,76 @@
+"""Parameter counts and memory estimates, from the config alone (nothing is allocated).
+
+`parameter_formulas(model_config)` gives the count of each part by formula;
+`count_parameters(model)` counts a built model's parameters by the same parts, so a test
+can hold one against the other.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peerlab.config import ModelConfig
+
+PARTS = ("embeddings", "attention", "dense_mlp", "peer_experts", "peer_keys_query", "norms")
+
+
+def parameter_formulas(m: ModelConfig) -> dict[str, int]:
+    """Parameters of each part of the model `m` describes."""
+    d, H, a, p = m.hidden_size, m.num_attention_heads, m.mla_config, m.peer_config
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    if a.q_lora_rank:
+        query = d * a.q_lora_rank + a.q_lora_rank * H * qk  # W^DQ, W^UQ
+        query_norm = a.q_lora_rank
+    else:
+        query, query_norm = d * H * qk, 0
+    attention = (
+        query
+        + d * (a.kv_lora_rank + a.qk_rope_head_dim)  # W^DKV, W^KR
+        + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)  # W^UK, W^UV
+        + H * a.v_head_dim * d  # W^O
+    )
+    peer_layers = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
+    dense_layers = m.num_hidden_layers - peer_layers
+    q = p.num_heads * p.query_dim
+    keys_query = d * q + sum(p.product_key_dim) * p.query_dim // 2 + (2 * q if p.batch_norm_query else 0)
+    return {
+        "embeddings": 2 * m.vocab_size * d,  # token embedding and LM head (untied)
+        "attention": m.num_hidden_layers * attention,
+        "dense_mlp": dense_layers * 2 * d * m.intermediate_size,
+        "peer_experts": peer_layers * 2 * p.num_experts * p.expert_hidden_size * d,  # u and v of every neuron
+        "peer_keys_query": peer_layers * keys_query,  # query projection, two sub-key sets, BatchNorm affine
+        "norms": m.num_hidden_layers * (2 * d + a.kv_lora_rank + query_norm) + d,
+    }
+
+
+def _part(name: str) -> str:
+    if name.startswith(("embed.", "lm_head.")):
+        return "embeddings"
+    if ".mlp.fc_" in name:
+        return "dense_mlp"
+    if name.endswith((".mlp.down", ".mlp.up")):
+        return "peer_experts"
+    if ".mlp." in name:
+        return "peer_keys_query"
+    if name.endswith("norm.weight"):  # block norms, MLA's q/kv latent norms, the final norm
+        return "norms"
+    return "attention"
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters of a built model by part (works on the meta device too)."""
+    counts = dict.fromkeys(PARTS, 0)
+    for name, param in model.named_parameters():
+        counts[_part(name)] += param.numel()
+    return counts
+
+
+def memory_estimate(total_params: int, shards: int = 1) -> dict[str, int]:
+    """Bytes per worker for fp32 weights, fp32 gradients and AdamW's two fp32 moments.
+
+    Mixed precision (fp16/bf16 autocast, Float8) keeps fp32 master weights, so the figures
+    hold for it too; activations come on top and depend on batch size and sequence length.
+    `shards` > 1 divides everything over FSDP workers.
+    """
+    per = -(-total_params // shards)
+    return {"weights": 4 * per, "gradients": 4 * per, "adamw_state": 8 * per, "total": 16 * per}

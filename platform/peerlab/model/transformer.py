@@ -1,0 +1,129 @@
+"""The PEER/MLA decoder-only language model.
+
+A pre-norm transformer: token embedding -> num_hidden_layers blocks -> RMSNorm -> LM head.
+Each block is x + MLA(RMSNorm(x)), then x + FFN(RMSNorm(x)), where FFN is a PEER layer from
+`peer_start_layer` on (when `use_peer`) and a dense GELU MLP of `intermediate_size` before it
+(and everywhere when `use_peer` is false: the dense baseline of the same shape).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peerlab.config import ModelConfig
+from peerlab.model.mla import MLA, LayerCache, RMSNorm
+from peerlab.model.peer import PEER
+
+
+class DenseMLP(nn.Module):
+    """The dense feed-forward block: W2 gelu(W1 x)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc_in = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.fc_out = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, use_peer: bool):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.attn_norm = RMSNorm(config.hidden_size, eps)
+        self.attn = MLA(
+            config.mla_config, config.hidden_size, config.num_attention_heads, config.max_position_embeddings, eps
+        )
+        self.mlp_norm = RMSNorm(config.hidden_size, eps)
+        if use_peer:
+            self.mlp = PEER(config.peer_config, config.hidden_size, config.initializer_range)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class PeerMLAModel(nn.Module):
+    """`model(input_ids)` -> logits (B, T, vocab_size); `model.generate(...)` decodes greedily."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(config, use_peer=config.use_peer and i >= config.peer_start_layer)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Normal(0, initializer_range) for every matrix; norms at 1; PEER sets its own keys."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.initializer_range)
+            elif isinstance(module, PEER):
+                module.reset_parameters(self.config.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab). With `cache`, input_ids are the tokens after it."""
+        T = input_ids.shape[1]
+        start = cache[0].length if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than max_position_embeddings = "
+                f"{self.config.max_position_embeddings}"
+            )
+        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        x = self.embed(input_ids)  # (B, T, d)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, cache[i] if cache is not None else None)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+    def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
+        """An empty latent cache for `max_len` tokens: (kv_lora_rank + qk_rope_head_dim) values per token and layer."""
+        mla = self.config.mla_config
+        p = self.lm_head.weight
+        return [
+            LayerCache(batch, max_len, mla.kv_lora_rank, mla.qk_rope_head_dim, p.dtype, p.device) for _ in self.layers
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True, eos_token_id: int | None = None
+    ) -> torch.Tensor:
+        """Greedy decoding: input_ids (B, T) -> (B, T + new) with new <= max_new_tokens.
+
+        With `use_cache` the prompt is run once and each new token attends to the cached
+        latents (absorbed MLA); without it the whole sequence is recomputed every step.
+        Stops early when every row has produced `eos_token_id`.
+        """
+        was_training = self.training
+        self.eval()
+        out = input_ids
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens) if use_cache else None
+        step_input = input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(step_input, cache) if use_cache else self(out)
+            next_token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(done.unsqueeze(1), eos_token_id)
+                done |= next_token.squeeze(1) == eos_token_id
+            out = torch.cat((out, next_token), dim=1)
+            step_input = next_token
+            if eos_token_id is not None and bool(done.all()):
+                break
+        self.train(was_training)
+        return out
+
+
+def build_model(model_config: ModelConfig) -> PeerMLAModel:
+    """The model a config describes, initialised with `initializer_range`."""
+    return PeerMLAModel(model_config)
