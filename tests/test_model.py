@@ -1,0 +1,170 @@
+"""The PEER/MLA model: cached decoding, causality, generation, sizes and config keys honoured."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from peerlab.config import ModelConfig, load_config
+from peerlab.model import build_model, count_parameters, parameter_formulas
+from peerlab.model.mla import MLA
+from peerlab.model.peer import PEER
+from tests.conftest import ROOT, tiny_model_config
+
+
+def float64_model(**overrides):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(**overrides)).double().eval()
+    for m in model.modules():  # running statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("q_lora_rank", [24, None])
+def test_cached_absorbed_decoding_equals_full_forward(q_lora_rank):
+    model = float64_model(q_lora_rank=q_lora_rank)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(ids)  # (B, T, V)
+        cache = model.new_cache(2, 20)
+        steps = [model(ids[:, :7], cache)]  # a prompt of 7 tokens at once, then one token at a time
+        steps += [model(ids[:, t : t + 1], cache) for t in range(7, 20)]
+    cached = torch.cat(steps, dim=1)
+    torch.testing.assert_close(cached, full, rtol=1e-9, atol=1e-10)
+    # The cache holds the latent and the rope key: kv_lora_rank + qk_rope_head_dim values per token and layer.
+    assert cache[0].latent.shape == (2, 20, 16) and cache[0].rope_key.shape == (2, 20, 8)
+    assert cache[0].length == 20
+
+
+@pytest.mark.parametrize("use_peer,bn", [(True, True), (False, True), (True, False)])
+def test_future_tokens_never_change_earlier_logits(use_peer, bn):
+    model = float64_model(use_peer=use_peer, batch_norm_query=bn)
+    ids = torch.randint(0, 97, (3, 16))
+    changed = ids.clone()
+    changed[:, 9:] = torch.randint(0, 97, (3, 7))
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-12)
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-6  # the later positions did see the change
+    if not bn:  # without batch statistics, training mode is causal too
+        model.train()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids)[:, :9], model(changed)[:, :9], rtol=0, atol=1e-12)
+
+
+def test_generate_same_tokens_with_and_without_cache():
+    torch.manual_seed(3)
+    model = build_model(tiny_model_config(initializer_range=0.3)).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    with_cache = model.generate(prompt, 25, use_cache=True)
+    without = model.generate(prompt, 25, use_cache=False)
+    assert with_cache.shape == (2, 30)
+    assert torch.equal(with_cache[:, :5], prompt)
+    assert torch.equal(with_cache, without)
+    assert len(set(with_cache[0, 5:].tolist())) > 1  # not a degenerate constant sequence
+
+
+def test_generate_stops_at_eos():
+    torch.manual_seed(3)
+    model = build_model(tiny_model_config(initializer_range=0.3)).eval()
+    prompt = torch.randint(0, 97, (1, 4))
+    first = int(model.generate(prompt, 1)[0, -1])
+    out = model.generate(prompt, 10, eos_token_id=first)
+    assert out.shape == (1, 5) and int(out[0, -1]) == first
+
+
+def test_mla_softmax_scale_and_shapes():
+    model = float64_model()
+    attn = model.layers[0].attn
+    assert isinstance(attn, MLA)
+    assert math.isclose(attn.scale, 1 / math.sqrt(10 + 8))
+    logits = model(torch.randint(0, 97, (2, 11)))
+    assert logits.shape == (2, 11, 97)
+
+
+def test_max_position_embeddings_is_enforced():
+    model = build_model(tiny_model_config(max_position_embeddings=16))
+    model(torch.zeros(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_layers_use_peer_from_start_layer_and_dense_baseline():
+    model = build_model(tiny_model_config(peer_start_layer=2, num_hidden_layers=4))
+    kinds = [type(layer.mlp).__name__ for layer in model.layers]
+    assert kinds == ["DenseMLP", "DenseMLP", "PEER", "PEER"]
+    dense = build_model(tiny_model_config(use_peer=False, num_hidden_layers=4))
+    assert all(type(layer.mlp).__name__ == "DenseMLP" for layer in dense.layers)
+    assert dense.layers[0].mlp.fc_in.weight.shape == (64, 32)  # intermediate_size x hidden_size
+
+
+def test_initializer_range_and_layer_norm_eps_are_honoured():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(initializer_range=0.1, hidden_size=64, vocab_size=4000, layer_norm_eps=0.25))
+    assert abs(model.embed.weight.std().item() - 0.1) < 0.005
+    assert abs(model.lm_head.weight.std().item() - 0.1) < 0.005
+    assert abs(model.layers[1].mlp.down.std().item() - 0.1) < 0.01
+    assert model.norm.eps == 0.25 and model.layers[0].attn_norm.eps == 0.25 and model.layers[0].attn.kv_norm.eps == 0.25
+    torch.manual_seed(0)
+    small = build_model(tiny_model_config(initializer_range=0.01, hidden_size=64, vocab_size=4000))
+    assert abs(small.embed.weight.std().item() - 0.01) < 0.0005
+
+
+def test_rope_theta_changes_the_model():
+    ids = torch.randint(0, 97, (1, 12))
+    a = float64_model(rope_theta=10000.0)
+    b = float64_model(rope_theta=500.0)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert (a(ids) - b(ids)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_peer": False}, {"q_lora_rank": None}, {"expert_hidden_size": 3}, {"batch_norm_query": False},
+     {"peer_start_layer": 0}],
+)
+def test_parameter_counts_match_formulas(overrides):
+    model = build_model(tiny_model_config(**overrides))
+    counts = count_parameters(model)
+    assert counts == parameter_formulas(model.config)
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_reference_config_sizes_on_meta_device():
+    cfg = load_config(ROOT / "configs" / "config.yaml")
+    with torch.device("meta"):
+        model = build_model(cfg.model_config)
+    counts = count_parameters(model)
+    assert counts == parameter_formulas(cfg.model_config)
+    # FACTS.md: 2 x 1,048,576 x 768 per PEER layer, ten PEER layers (2..11).
+    assert counts["peer_experts"] == 10 * 2 * 1048576 * 768
+    peer = model.layers[2].mlp
+    assert isinstance(peer, PEER) and peer.num_experts == 1048576
+
+
+def test_model_trains_on_cpu():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 97, (4, 17))
+    losses = []
+    for _ in range(30):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lm_head" in n or ".mlp.down" in n)
+
+
+def test_default_model_config_is_the_spec():
+    m = ModelConfig()
+    assert (m.hidden_size, m.num_hidden_layers, m.peer_config.num_experts) == (768, 12, 1048576)
+    assert m.mla_config.rope_theta == 10000.0

@@ -1,0 +1,160 @@
+"""PEER: retrieval against brute force, output and gradients against slow references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peerlab.config import PeerConfig
+from peerlab.model.peer import PEER, gather_dot, peer_experts
+
+
+def make_peer(n1, n2, k, heads, dim=16, query_dim=12, hidden=1, bn=True, seed=0) -> PEER:
+    torch.manual_seed(seed)
+    cfg = PeerConfig(
+        num_experts=n1 * n2, product_key_dim=[n1, n2], num_experts_per_tok=k, num_heads=heads,
+        query_dim=query_dim, expert_hidden_size=hidden, batch_norm_query=bn,
+    )
+    layer = PEER(cfg, dim).double()
+    if bn:  # non-trivial BatchNorm statistics and affine terms
+        layer.query_norm.running_mean.normal_()
+        layer.query_norm.running_var.uniform_(0.5, 2.0)
+        layer.query_norm.weight.data.uniform_(0.5, 1.5)
+        layer.query_norm.bias.data.normal_(0, 0.1)
+    return layer
+
+
+def brute_force(layer: PEER, x: torch.Tensor):
+    """Score all N experts of every head directly and take the top k."""
+    q = layer.query(x)
+    if layer.query_norm is not None:
+        q = layer.query_norm(q)
+    half = layer.query_dim // 2
+    q = q.view(x.shape[0], layer.num_heads, 2, half)
+    keys1, keys2 = layer.sub_keys[: layer.n1], layer.sub_keys[layer.n1 :]
+    experts = torch.arange(layer.num_experts)
+    full = q[:, :, 0] @ keys1[experts // layer.n2].t() + q[:, :, 1] @ keys2[experts % layer.n2].t()  # (M, H, N)
+    return full.topk(layer.k, dim=-1)
+
+
+@pytest.mark.parametrize(
+    "n1,n2,k,heads", [(8, 8, 4, 1), (16, 16, 8, 4), (32, 8, 8, 2), (5, 7, 5, 3), (64, 64, 16, 8), (16, 16, 1, 2)]
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_retrieval_equals_brute_force_top_k(n1, n2, k, heads, training):
+    layer = make_peer(n1, n2, k, heads)
+    layer.train(training)
+    x = torch.randn(37, 16, dtype=torch.float64)
+    with torch.no_grad():
+        scores, indices = layer.retrieve(x)
+        want_scores, want_indices = brute_force(layer, x)
+    assert scores.shape == indices.shape == (37, heads, k)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-10, atol=1e-10)
+    # Same experts (scores are distinct in float64 on random data, so the order is the same too).
+    assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values)
+    assert torch.equal(indices, want_indices)
+
+
+def test_retrieve_keeps_leading_dims():
+    layer = make_peer(8, 8, 4, 2).eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    scores, indices = layer.retrieve(x)
+    assert scores.shape == indices.shape == (2, 5, 2, 4)
+    assert int(indices.min()) >= 0 and int(indices.max()) < 64
+
+
+def reference_output(layer: PEER, x: torch.Tensor) -> torch.Tensor:
+    """Slow loop over tokens, heads and retrieved experts (paper Eq. 4-5)."""
+    scores, indices = layer.retrieve(x)
+    gates = torch.softmax(scores, dim=-1)
+    h = layer.expert_hidden_size
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for head in range(layer.num_heads):
+            for j in range(layer.k):
+                e = int(indices[t, head, j])
+                for r in range(h):
+                    row = e * h + r
+                    out[t] += gates[t, head, j] * F.gelu(layer.down[row] @ x[t]) * layer.up[row]
+    return out
+
+
+@pytest.mark.parametrize("hidden", [1, 3])
+@pytest.mark.parametrize("bn", [True, False])
+def test_output_equals_reference_loop(hidden, bn):
+    layer = make_peer(8, 8, 4, 3, hidden=hidden, bn=bn).eval()
+    with torch.no_grad():
+        layer.down.normal_(0, 0.5)
+        layer.up.normal_(0, 0.5)
+    x = torch.randn(9, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_output(layer, x), rtol=1e-10, atol=1e-12)
+
+
+def test_peer_experts_gradients_match_finite_differences():
+    torch.manual_seed(1)
+    M, S, d, R = 6, 5, 4, 11
+    x = torch.randn(M, d, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, R, (M, S))
+    idx[0, 1] = idx[0, 0]  # the same row twice in one bag, and rows shared across tokens
+    gate = torch.rand(M, S, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(R, d, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(R, d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: peer_experts(a[0], idx, *a[1:]), (x, gate, down, up))
+    vectors = torch.randn(M, d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, v: gather_dot(t, idx, v), (down, vectors))
+
+
+def test_layer_gradients_match_dense_autograd_reference():
+    """The whole layer's gradients equal autograd through gathered rows and top-k."""
+    layer = make_peer(8, 8, 4, 2, hidden=2).train()
+    x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, *layer.parameters()])
+
+    def reference(x):
+        q = layer.query_norm(layer.query(x)).view(x.shape[0], layer.num_heads, 2, -1)
+        s1 = q[:, :, 0] @ layer.sub_keys[: layer.n1].t()
+        s2 = q[:, :, 1] @ layer.sub_keys[layer.n1 :].t()
+        full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (M, H, N)
+        scores, experts = full.topk(layer.k, dim=-1)
+        gates = torch.softmax(scores, -1).repeat_interleave(2, -1)  # (M, H, k*h)
+        rows = (experts.unsqueeze(-1) * 2 + torch.arange(2)).flatten(-2)  # (M, H, k*h)
+        hidden = torch.einsum("mhsd,md->mhs", layer.down[rows], x)
+        return torch.einsum("mhs,mhsd->md", gates * F.gelu(hidden), layer.up[rows])
+
+    layer.query_norm.reset_running_stats()
+    want = torch.autograd.grad(reference(x).pow(2).sum(), [x, *layer.parameters()])
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+def test_gradient_reaches_only_retrieved_rows():
+    layer = make_peer(16, 16, 2, 1, bn=False).float().train()
+    x = torch.randn(3, 16)
+    _, indices = layer.retrieve(x)
+    layer(x).sum().backward()
+    touched = torch.zeros(256, dtype=torch.bool)
+    touched[indices.flatten()] = True
+    for table in (layer.down, layer.up):
+        assert table.grad.shape == table.shape
+        assert (table.grad[~touched] == 0).all()
+        assert (table.grad[touched].abs().sum(-1) > 0).all()
+    used_keys = torch.zeros(32, dtype=torch.bool)
+    used_keys[indices.flatten() // 16] = True
+    used_keys[16 + indices.flatten() % 16] = True
+    assert (layer.sub_keys.grad[~used_keys] == 0).all()
+
+
+def test_bfloat16_and_autocast_run():
+    layer = make_peer(16, 16, 4, 2).float()
+    x = torch.randn(2, 7, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert layer.down.grad.dtype == torch.float32
+    bf = make_peer(16, 16, 4, 2).to(torch.bfloat16)
+    out = bf(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
