@@ -1,0 +1,191 @@
+"""PEER layer forward+backward: tokens/s and peak memory against PEER-pytorch and a dense FFN.
+
+    python benchmarks/peer_layer.py                      # the issue's CPU setting
+    python benchmarks/peer_layer.py --device cuda --dtype bfloat16 --experts 1048576 --dim 768
+
+Variants, all with the same input, dim, heads, k and N:
+  peerlab      peerlab.model.PEER (softmax scores, shared product keys, BatchNorm query)
+  peer-pytorch PEER_pytorch.PEER(non_competing_scores=False), the PyPI package's layer
+  dense        a dense GELU FFN of the same hidden size (dim -> 4*dim -> dim)
+
+Speed: the variants alternate round by round in one process; each figure is the median
+over rounds. Memory: each variant runs in a fresh subprocess; the figure is the peak
+during one forward+backward above the memory held just before it (parameters, input),
+read from the kernel's high-water mark on CPU and from the allocator on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from peerlab.config import PeerConfig
+from peerlab.model.peer import PEER
+from peerlab.model.transformer import DenseMLP
+
+VARIANTS = ("peerlab", "peer-pytorch", "dense")
+
+
+def build(variant: str, args) -> nn.Module:
+    root = int(round(args.experts**0.5))
+    if variant == "peerlab":
+        cfg = PeerConfig(
+            num_experts=args.experts, product_key_dim=[root, root], num_experts_per_tok=args.k,
+            num_heads=args.heads, query_dim=args.dim, batch_norm_query=True,
+        )
+        layer = PEER(cfg, args.dim)
+    elif variant == "peer-pytorch":
+        from PEER_pytorch import PEER as PeerPytorch
+
+        # dim_key = dim/2 per half matches peerlab's query_dim = dim (two halves of dim/2).
+        layer = PeerPytorch(
+            dim=args.dim, heads=args.heads, num_experts=args.experts, num_experts_per_head=args.k,
+            dim_key=args.dim // 2, non_competing_scores=False,
+        )
+    else:
+        layer = DenseMLP(args.dim, 4 * args.dim)
+    return layer.to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def make_input(args) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, args.seq, args.dim, generator=g)
+    return x.to(device=args.device, dtype=getattr(torch, args.dtype)).requires_grad_(True)
+
+
+def step(layer: nn.Module, x: torch.Tensor) -> None:
+    """One training-style step: fresh gradients (as after optimizer.zero_grad()), forward, backward."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    y = layer(x)
+    y.float().pow(2).mean().backward()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def measure_memory(variant: str, args) -> dict:
+    """Peak bytes of one forward+backward above what is held before it (run in a fresh process)."""
+    torch.manual_seed(0)
+    layer = build(variant, args)
+    x = make_input(args)
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    step(layer, x)  # warm-up: one-time allocations (thread pools, kernels) are not the layer's
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(layer, x)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+            f.write("5")
+        step(layer, x)
+        peak = (rss_kib("VmHWM") - base) * 1024
+    return {"variant": variant, "peak_bytes": peak, "param_bytes": params}
+
+
+def time_variants(args) -> dict[str, float]:
+    torch.manual_seed(0)
+    layers = {v: build(v, args) for v in args.variants}
+    x = make_input(args)
+    times: dict[str, list[float]] = {v: [] for v in args.variants}
+    for v in args.variants:  # warm-up
+        for _ in range(args.warmup):
+            step(layers[v], x)
+    sync(args.device)
+    for _ in range(args.rounds):
+        for v in args.variants:
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.reps):
+                step(layers[v], x)
+            sync(args.device)
+            times[v].append((time.perf_counter() - t0) / args.reps)
+    tokens = args.batch * args.seq
+    return {v: tokens / statistics.median(t) for v, t in times.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--experts", type=int, default=256 * 256)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: measure one variant's memory, print JSON
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    args.variants = args.variants.split(",")
+
+    if args.memory_of:
+        print(json.dumps(measure_memory(args.memory_of, args)))
+        return
+
+    setting = (
+        f"N={args.experts}, heads={args.heads}, k={args.k}, dim={args.dim}, tokens={args.batch}x{args.seq}, "
+        f"{args.dtype} on {args.device}"
+    )
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    print(f"PEER layer forward+backward, {setting} ({machine}, torch {torch.__version__})", flush=True)
+
+    speed = time_variants(args)
+    memory = {}
+    for v in args.variants:
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--memory-of", v]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        memory[v] = json.loads(out.strip().splitlines()[-1])
+
+    ref = "peer-pytorch" if "peer-pytorch" in speed else args.variants[0]
+    print(f"{'variant':<14}{'tokens/s':>12}{'vs ' + ref:>18}{'peak MiB':>11}{'vs ' + ref:>18}{'params MiB':>12}")
+    for v in args.variants:
+        peak = memory[v]["peak_bytes"] / 2**20
+        print(
+            f"{v:<14}{speed[v]:>12.0f}{speed[v] / speed[ref]:>17.2f}x{peak:>11.1f}"
+            f"{memory[v]['peak_bytes'] / memory[ref]['peak_bytes']:>17.2f}x{memory[v]['param_bytes'] / 2**20:>12.1f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setting": setting, "machine": machine, "tokens_per_s": speed, "memory": memory}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
