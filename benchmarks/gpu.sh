@@ -23,3 +23,6 @@ python3 benchmarks/peer_layer.py --device cuda --dtype float32 --rounds 7 --reps
 python3 benchmarks/model_train.py --config configs/config.yaml --device cuda --amp bf16 \
   --set model_config.peer_start_layer=11 --batch 8 --seq 1024 --rounds 5 --steps 3 \
   --json "$OUT/model_train.json" 2>&1 | tee "$OUT/model_train.txt"
+# PEER layer at the guide's sizes with 16x more tokens (less bound by kernel launches).
+python3 benchmarks/peer_layer.py --device cuda --dtype bfloat16 --experts 1048576 --dim 768 --batch 8 --seq 2048 \
+  --rounds 5 --reps 3 --json "$OUT/peer_1m_bf16_16k.json" 2>&1 | tee "$OUT/peer_1m_bf16_16k.txt"

@@ -81,16 +81,23 @@ def main(argv=None) -> None:
             sync()
             times[name].append((time.perf_counter() - t0) / args.steps)
     peak = {}
-    if device.type == "cuda":
+    if device.type == "cuda":  # the variant's own weights, gradients, AdamW state and activations
         for name, (model, opt, _) in variants.items():
+            state = 2 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights and gradients
+            moments = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+            state += sum(t.numel() * t.element_size() for t in moments)
+            sync()
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
             step(model, opt)
             sync()
-            peak[name] = torch.cuda.max_memory_allocated()
+            peak[name] = torch.cuda.max_memory_allocated() - before + state
 
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} CPUs"
-    print(f"model training step, {args.config} {' '.join(args.overrides)}: batch {batch} x {seq} tokens, "
-          f"amp {args.amp}, {machine}, torch {torch.__version__}")
+    print(
+        f"model training step, {args.config} {' '.join(args.overrides)}: batch {batch} x {seq} tokens, "
+        f"amp {args.amp}, {machine}, torch {torch.__version__}"
+    )
     result = {}
     for name, (_, _, params) in variants.items():
         tps = batch * seq / statistics.median(times[name])

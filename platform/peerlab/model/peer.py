@@ -43,6 +43,7 @@ from torch import nn
 from peerlab.config import PeerConfig
 
 aten = torch.ops.aten
+GPU_GATHER_BYTES = 256 << 20  # gathered rows one chunk may hold on a GPU (see Bags.dots)
 
 
 def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,12 @@ class Bags:
     def dots(self, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """out[t, s] = table[idx[t, s]] . vectors[t]  -> (M, S)
 
-        The kernel embedding_bag uses for the gradient of its per-sample weights.
+        On CPU: the kernel embedding_bag uses for the gradient of its per-sample weights. On
+        GPUs (where that kernel has no bfloat16 version) gathered rows and a batched matrix
+        product, a bounded number of tokens at a time.
         """
+        if table.device.type != "cpu":
+            return self.gathered_dots(table, vectors)
         if self.order is None:
             return aten._embedding_bag_per_sample_weights_backward(
                 vectors, table, self.rows, self.offsets, self.tokens, 0, -1
@@ -94,6 +99,17 @@ class Bags:
             vectors, table, self.sorted_rows, self.offsets, self.sorted_tokens, 0, -1
         )  # (M*S,) in table-row order
         return torch.empty_like(by_row).index_copy_(0, self.order, by_row).view(self.shape)
+
+    def gathered_dots(self, table: torch.Tensor, vectors: torch.Tensor, chunk_bytes: int = GPU_GATHER_BYTES):
+        """`dots` through gathered rows, at most `chunk_bytes` of them at a time  -> (M, S)"""
+        M, S = self.shape
+        chunk = max(1, chunk_bytes // (S * table.shape[1] * table.element_size()))
+        idx = self.rows.view(M, S)
+        parts = [
+            torch.bmm(F.embedding(idx[i : i + chunk], table), vectors[i : i + chunk].unsqueeze(-1))  # (C, S, 1)
+            for i in range(0, M, chunk)
+        ]
+        return torch.cat(parts).squeeze(-1)
 
     def scatter(self, vectors: torch.Tensor, weight: torch.Tensor, num_rows: int) -> torch.Tensor:
         """out[e] = sum of weight[t, s] * vectors[t] over the (t, s) with idx[t, s] = e  -> (num_rows, d)
