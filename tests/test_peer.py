@@ -166,7 +166,7 @@ def test_gathered_dots_equal_embedding_bag_dots():
 
     idx = torch.randint(0, 50, (13, 7))
     table, vectors = torch.randn(50, 6, dtype=torch.float64), torch.randn(13, 6, dtype=torch.float64)
-    bags = Bags(idx)
+    bags = Bags(idx, 50)
     want = (table[idx] * vectors[:, None]).sum(-1)
     torch.testing.assert_close(bags.dots(table, vectors), want)
     torch.testing.assert_close(bags.gathered_dots(table, vectors, chunk_bytes=3 * 7 * 6 * 8), want)

@@ -54,7 +54,7 @@ def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
 
 
 class Bags:
-    """Token t's "bag" holds the S table rows idx[t, :] it retrieved; idx is (M, S).
+    """Token t's "bag" holds the S rows idx[t, :] it retrieved from a table of `num_rows` rows.
 
     The operations below walk the retrieved rows one by one with the kernels of
     `F.embedding_bag`, so no (M, S, d) tensor of gathered rows is ever built. After
@@ -62,9 +62,10 @@ class Bags:
     written once, in sequence, instead of at random.
     """
 
-    def __init__(self, idx: torch.Tensor):
+    def __init__(self, idx: torch.Tensor, num_rows: int):
         M, S = idx.shape
         self.shape = (M, S)
+        self.num_rows = num_rows
         self.rows = idx.reshape(-1)  # (M*S,) table row of each retrieval
         self.offsets = torch.arange(0, M * S, S, device=idx.device)  # (M,) start of each token's bag
         self.tokens = torch.arange(M, device=idx.device).repeat_interleave(S)  # (M*S,) token of each retrieval
@@ -73,9 +74,13 @@ class Bags:
     def sort(self) -> "Bags":
         """Order the retrievals by table row (once; `dots` and `scatter` then use that order)."""
         if self.order is None:
-            self.order = self.rows.argsort()  # (M*S,)
+            # Sorting narrow integers is several times faster than sorting int64 on CPUs.
+            keys = self.rows.to(torch.int16 if self.num_rows <= 2**15 else torch.int32)
+            self.order = keys.argsort()  # (M*S,)
             self.sorted_rows = self.rows[self.order]
             self.sorted_tokens = self.tokens[self.order]
+            counts = torch.bincount(self.rows, minlength=self.num_rows)  # (num_rows,)
+            self.starts = counts.cumsum(0) - counts  # (num_rows,) where each row's retrievals begin
         return self
 
     def weighted_sum(self, table: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -111,17 +116,15 @@ class Bags:
         ]
         return torch.cat(parts).squeeze(-1)
 
-    def scatter(self, vectors: torch.Tensor, weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+    def scatter(self, vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """out[e] = sum of weight[t, s] * vectors[t] over the (t, s) with idx[t, s] = e  -> (num_rows, d)
 
         The transposed problem is itself a bag sum: with the retrievals sorted by table row,
         row e's bag holds the tokens that retrieved it (rows nobody retrieved get zero).
         """
         self.sort()
-        counts = torch.bincount(self.rows, minlength=num_rows)  # (num_rows,)
-        starts = counts.cumsum(0) - counts  # (num_rows,) start of each row's bag
         weight = weight.reshape(-1)[self.order]
-        return F.embedding_bag(self.sorted_tokens, vectors, starts, mode="sum", per_sample_weights=weight)
+        return F.embedding_bag(self.sorted_tokens, vectors, self.starts, mode="sum", per_sample_weights=weight)
 
 
 class GatherDot(torch.autograd.Function):
@@ -134,14 +137,14 @@ class GatherDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table, idx, vectors):
         ctx.save_for_backward(table, idx, vectors)
-        return Bags(idx).dots(table, vectors)
+        return Bags(idx, table.shape[0]).dots(table, vectors)
 
     @staticmethod
     def backward(ctx, grad):
         table, idx, vectors = ctx.saved_tensors
-        bags = Bags(idx)
+        bags = Bags(idx, table.shape[0])
         need_table, _, need_vectors = ctx.needs_input_grad
-        grad_table = bags.scatter(vectors, grad, table.shape[0]) if need_table else None
+        grad_table = bags.scatter(vectors, grad) if need_table else None
         grad_vectors = bags.weighted_sum(table, grad) if need_vectors else None
         return grad_table, None, grad_vectors
 
@@ -160,7 +163,7 @@ class PeerExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, idx, gate, down, up):
-        bags = Bags(idx).sort()
+        bags = Bags(idx, down.shape[0]).sort()
         hidden = bags.dots(down, x)  # (M, S): u_e . x_t
         y = bags.weighted_sum(up, F.gelu(hidden) * gate)  # (M, d)
         ctx.save_for_backward(x, gate, hidden, down, up)
@@ -178,8 +181,8 @@ class PeerExperts(torch.autograd.Function):
         d_hidden = d_weight * gate * _gelu_grad(hidden)  # (M, S)
         grad_x = bags.weighted_sum(down, d_hidden) if need_x else None
         grad_gate = d_weight * act if need_gate else None
-        grad_down = bags.scatter(x, d_hidden, down.shape[0]) if need_down else None  # rows += d_hidden * x_t
-        grad_up = bags.scatter(grad_y, gate * act, up.shape[0]) if need_up else None  # rows += gate * act * dy_t
+        grad_down = bags.scatter(x, d_hidden) if need_down else None  # rows += d_hidden * x_t
+        grad_up = bags.scatter(grad_y, gate * act) if need_up else None  # rows += gate * act * dy_t
         return grad_x, None, grad_gate, grad_down, grad_up
 
 
