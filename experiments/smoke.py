@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from peerlab.config import ConfigError, load_config
+from peerlab.cli import UsageError, add_config_arguments, config_from_arguments
 from peerlab.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,21 +34,15 @@ def local_text() -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(ap, str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_arguments(args)
+    if cfg.model_config.vocab_size < 256:
+        raise UsageError("the smoke demo reads bytes; model_config.vocab_size must be >= 256")
     t = cfg.train_config
     torch.manual_seed(t.seed)
     model = build_model(cfg.model_config)
-    if cfg.model_config.vocab_size < 256:
-        print("error: the smoke demo reads bytes; model_config.vocab_size must be >= 256", file=sys.stderr)
-        return 2
     data = torch.tensor(list(local_text()), dtype=torch.long)
     seq, batch = min(cfg.dataset_config.max_seq_length, 128), t.per_device_train_batch_size
     held_out = data[-(len(data) // 10):]

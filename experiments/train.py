@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peerlab.config import ConfigError, dump_config, load_config
+from peerlab.cli import UsageError, add_config_arguments, config_from_arguments
+from peerlab.config import dump_config
 from peerlab.model.size import memory_estimate, parameter_formulas
 
 PART_NAMES = {
@@ -51,34 +52,22 @@ def describe(cfg, workers: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train one PEER/MLA model from a config.")
-    ap.add_argument("--config", default="configs/config.yaml", help="YAML config (default: configs/config.yaml)")
-    ap.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one key, e.g. --set train_config.learning_rate=3e-4 (repeatable)",
-    )
+    add_config_arguments(ap, "configs/config.yaml")
     ap.add_argument("--dry-run", action="store_true", help="validate and print sizes; start nothing")
     ap.add_argument("--workers", type=int, default=1, help="training workers (for the per-worker memory estimate)")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_arguments(args)
     if args.workers < 1:
-        print("error: --workers must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--workers must be >= 1")
     if args.dry_run:
         print(f"# resolved config of {args.config}")
         print(dump_config(cfg).rstrip())
         print()
         print(describe(cfg, args.workers))
         return 0
-    print(
-        "error: training on Ray Train is not built yet (issue 4); use --dry-run, or experiments/smoke.py "
-        "for the model's smoke demo",
-        file=sys.stderr,
+    raise UsageError(
+        "training on Ray Train is not built yet (issue 4); use --dry-run, or experiments/smoke.py for the smoke demo"
     )
-    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+"""Command-line plumbing shared by the scripts in experiments/: --config, --set, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peerlab.config import Config, ConfigError, load_config
+
+
+class UsageError(SystemExit):
+    """Exit status 2 with a one-line message on stderr, before anything starts."""
+
+    def __init__(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        super().__init__(2)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one key, e.g. --set train_config.learning_rate=3e-4 (repeatable)",
+    )
+
+
+def config_from_arguments(args: argparse.Namespace) -> Config:
+    """The validated config named by --config and --set; a bad one exits 2 with one line."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
