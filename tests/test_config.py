@@ -209,7 +209,11 @@ MALFORMED = [
     ("wandb log_model", setter("wandb_config", {"project": "p", "log_model": "sometimes"}), "wandb_config.log_model: must be one of"),
     ("negative weight decay", setter("train_config.weight_decay", -0.1), "weight_decay: must be >= 0"),
     ("zero accumulation", setter("train_config.gradient_accumulation_steps", 0), "gradient_accumulation_steps: must be > 0"),
-    ("infinite learning rate", setter("train_config.learning_rate", "inf"), "train_config.learning_rate: expected a number"),
+    ("infinite learning rate", setter("train_config.learning_rate", "inf"), "train_config.learning_rate: must be a finite number"),
+    ("nan weight", setter("dataset_config.datasets.0.weight", float("nan")), "datasets.0.weight: must be a finite number"),
+    ("inf init range", setter("model_config.initializer_range", float("inf")), "initializer_range: must be a finite number"),
+    ("seed too large", setter("train_config.seed", 2**70), "train_config.seed: must be below 2**32"),
+    ("newline in key", setter("model_config.a\nb", 1), "model_config.a\\nb: unknown key"),
 ]
 
 
@@ -237,6 +241,7 @@ def test_there_are_at_least_30_malformed_cases():
         ("model_config: [1, 2\n", "invalid YAML (line"),
         ("- just\n- a list\n", "expected a mapping of sections"),
         ("model_config: !!python/object:os.system {}\n", "invalid YAML"),
+        ("model_config:\n  ? [a, b]\n  : 1\n", "a key must be a plain name"),
     ],
 )
 def test_unreadable_yaml_gives_one_line_error(tmp_path, text, expected):
@@ -244,6 +249,13 @@ def test_unreadable_yaml_gives_one_line_error(tmp_path, text, expected):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_yaml_merge_keys_work(tmp_path):
+    text = write(tmp_path, base_raw()).read_text().replace("    num_heads: 4\n", "")
+    assert "num_heads" not in text
+    path = write(tmp_path, text.replace("  peer_config:\n", "  peer_config:\n    <<: {num_heads: 2}\n"))
+    assert load_config(path).model_config.peer_config.num_heads == 2
 
 
 def test_missing_file(tmp_path):
@@ -259,11 +271,18 @@ def test_missing_file(tmp_path):
         ("dataset_config.datasets.7.weight=1", "is not an index"),
         ("train_config.seed.x=1", "is a single value"),
         ("train_config.learning_rate=abc", "train_config.learning_rate (from --set): expected a number"),
+        ("eval_config.eval_batch_size=3", "eval_config (from --set): is [1] in the file, not a mapping"),
+        ("dataset_config.datasets.0.weight=1", "dataset_config.datasets.0 (from --set): is 'oops' in the file"),
     ],
 )
 def test_bad_overrides(tmp_path, override, expected):
+    raw = base_raw()
+    if override.startswith("eval_config"):
+        raw["eval_config"] = [1]
+    if override.startswith("dataset_config.datasets.0"):
+        raw["dataset_config"]["datasets"] = ["oops"]
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, base_raw()), [override])
+        load_config(write(tmp_path, raw), [override])
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
@@ -330,6 +349,23 @@ def test_dry_run_prints_config_sizes_and_memory():
     for part in ("embeddings", "attention", "dense MLP", "PEER experts", "PEER keys and query"):
         assert part in text
     assert "AdamW state" in text and "FSDP over 8 workers" in text
+
+
+@pytest.mark.parametrize(
+    "text,args",
+    [
+        ("model_config:\n  ? [a, b]\n  : 1\n", []),
+        ("eval_config: [1]\n", ["--set", "eval_config.eval_batch_size=3"]),
+        ("train_config:\n  learning_rate: .nan\n", []),
+        ("", []),
+    ],
+)
+def test_broken_files_exit_2_with_one_line(tmp_path, text, args):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    out = run_train("--config", str(path), *args, "--dry-run")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1 and str(path) in out.stderr
 
 
 def test_dry_run_with_override_and_bad_config():

@@ -31,8 +31,9 @@ def test_cached_absorbed_decoding_equals_full_forward(q_lora_rank):
     with torch.no_grad():
         full = model(ids)  # (B, T, V)
         cache = model.new_cache(2, 20)
-        steps = [model(ids[:, :7], cache)]  # a prompt of 7 tokens at once, then one token at a time
-        steps += [model(ids[:, t : t + 1], cache) for t in range(7, 20)]
+        steps = [model(ids[:, :7], cache)]  # a prompt of 7 tokens at once, then one token at a time,
+        steps += [model(ids[:, t : t + 1], cache) for t in range(7, 12)]
+        steps += [model(ids[:, 12:16], cache), model(ids[:, 16:20], cache)]  # then chunks onto a filled cache
     cached = torch.cat(steps, dim=1)
     torch.testing.assert_close(cached, full, rtol=1e-9, atol=1e-10)
     # The cache holds the latent and the rope key: kv_lora_rank + qk_rope_head_dim values per token and layer.

@@ -148,11 +148,20 @@ def test_gradient_reaches_only_retrieved_rows():
 
 
 def test_bfloat16_and_autocast_run():
-    layer = make_peer(16, 16, 4, 2).float()
+    layer = make_peer(16, 16, 4, 2).float().eval()
+    with torch.no_grad():
+        layer.down.normal_(0, 0.5)
+        layer.up.normal_(0, 0.5)
     x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        ref = layer(x)
+    layer.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
+    layer.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ((layer(x).float() - ref).norm() / ref.norm()).item() < 0.15  # rounding, not a broken kernel
     y.float().sum().backward()
     assert layer.down.grad.dtype == torch.float32
     bf = make_peer(16, 16, 4, 2).to(torch.bfloat16)

@@ -28,6 +28,9 @@ import yaml
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming file, key and reason."""
 
+    def __init__(self, message: str):
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))  # one line, whatever the keys hold
+
 
 # --------------------------------------------------------------------------------------
 # The tree. Defaults are the specification's values; keys the spec leaves optional are None.
@@ -141,7 +144,7 @@ class WandbConfig:
     project: str = "llm-research"
     entity: Optional[str] = None
     name: Optional[str] = None
-    log_model: Optional[str] = None  # "checkpoints", "all" or null
+    log_model: Optional[str] = "checkpoints"  # "checkpoints", "all" or null
 
 
 @dataclass
@@ -172,9 +175,14 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)  # YAML merge keys (<<: *defaults) as SafeLoader does them
     mapping = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain name, got {key!r}", key_node.start_mark
+            )
         if key in mapping:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
@@ -231,11 +239,13 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _type_name(tp: Any) -> str:
+def _type_name(tp: Any, plural: bool = False) -> str:
+    if plural:
+        return {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(tp, "mappings")
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        return f"a list of {_type_name(typing.get_args(tp)[0], plural=True)}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 
@@ -261,16 +271,18 @@ def _convert(value: Any, tp: Any, path: str, src: _Source) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
             try:
                 number = float(value)
             except ValueError:
                 pass
-            else:
-                if math.isfinite(number):
-                    return number
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise src.error(path, f"must be a finite number, got {value!r}")
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -345,11 +357,13 @@ def apply_override(raw: dict, override: str, src: _Source) -> str:
             names = [f.name for f in dataclasses.fields(tp)]
             if part not in names:
                 raise _unknown_key(here, part, names, src)
+            if not isinstance(node, dict):
+                raise src.error(here, f"is {node!r} in the file, not a mapping, so --set cannot reach {key}")
             tp = _field_type(tp, part)
             if last:
                 node[part] = value
             else:
-                if not isinstance(node.get(part), (dict, list)):
+                if node.get(part) is None:  # absent or null: the section starts empty
                     node[part] = {}
                 node = node[part]
         elif typing.get_origin(tp) is list:
@@ -526,6 +540,8 @@ def check_config(cfg: Config, src: _Source) -> None:
         src,
     )
     _positive(t, "train_config", ["weight_decay", "max_grad_norm", "seed"], src, allow_zero=True)
+    if t.seed >= 2**32:
+        raise src.error("train_config.seed", f"must be below 2**32 (what torch and numpy seeds accept), got {t.seed}")
     if not 0 <= t.warmup_ratio < 1:
         raise src.error("train_config.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     _one_of(t.lr_scheduler_type, LR_SCHEDULERS, "train_config.lr_scheduler_type", src)
@@ -596,9 +612,9 @@ def load_mixes(path: str | Path) -> dict[str, DataMix]:
     src = _Source(path)
     if not isinstance(raw, dict) or "data_mixes" not in raw:
         raise ConfigError(f"{path}: expected a top-level 'data_mixes:' mapping of named mixes")
-    extra = [k for k in raw if k not in ("data_mixes", "search_space")]
+    extra = [k for k in raw if k != "data_mixes"]
     if extra:
-        raise _unknown_key("", extra[0], ["data_mixes", "search_space"], src)
+        raise _unknown_key("", extra[0], ["data_mixes"], src)
     mixes_raw = raw["data_mixes"]
     if not isinstance(mixes_raw, dict) or not mixes_raw:
         raise src.error("data_mixes", "expected a mapping of one or more named mixes")

@@ -27,9 +27,10 @@ The expert tables (`down` = u, `up` = v, each N*h x d) are never gathered into a
 (tokens, retrieved, d) tensor. `peer_experts` is an autograd function built from the three
 kernels of `F.embedding_bag` (its forward and its two gradients), which walk the retrieved
 rows one by one: the dot products u_e . x_t, the weighted sum of the v_e, and, in backward,
-the scatter of each retrieved row's gradient into its table. Gradients therefore reach a
-table only on the rows the batch retrieved; no other row is read or written. The gradient
-tensor itself is dense (zero elsewhere), so AdamW, DDP and FSDP work with it unchanged.
+the gradient of each table as a bag sum over the retrievals sorted by table row. Gradients
+are computed only for the rows the batch retrieved and no other row of a table is read.
+The gradient tensor itself is dense, filled with zeros elsewhere, so AdamW, DDP and FSDP
+work with it unchanged.
 """
 
 from __future__ import annotations
