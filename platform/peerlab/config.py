@@ -457,7 +457,7 @@ def check_datasets(entries: list[DatasetEntry], path: str, src: _Source) -> None
         seen[entry.name] = i
 
 
-def check_training_duration(train: TrainConfig, datasets: list[DatasetEntry], src: _Source, where: str = "") -> None:
+def check_training_duration(train: TrainConfig, datasets: list[DatasetEntry], src: _Source) -> None:
     """Exactly one of max_steps / num_train_epochs; epochs over streaming data need steps_per_epoch."""
     if (train.max_steps is None) == (train.num_train_epochs is None):
         which = "neither is set" if train.max_steps is None else "both are set"
@@ -469,7 +469,7 @@ def check_training_duration(train: TrainConfig, datasets: list[DatasetEntry], sr
         if streaming:
             raise src.error(
                 "train_config.num_train_epochs",
-                f"epochs over streaming dataset '{streaming[0]}'{where} need train_config.steps_per_epoch "
+                f"epochs over streaming dataset '{streaming[0]}' need train_config.steps_per_epoch "
                 "(or use max_steps)",
             )
 

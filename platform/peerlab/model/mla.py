@@ -48,7 +48,6 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # (P, dim/2)
-        self.max_positions = max_positions
         # Built in float64 and kept as buffers (not saved: they follow from the config).
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
