@@ -1,35 +1,46 @@
-"""The model's smoke demo: train the embedded default model for a few steps on CPU.
+"""The smoke demo: the embedded default model trained for a few steps on the embedded default data.
 
     python experiments/smoke.py [--config configs/demo.yaml] [--steps 60]
 
-Until the data pipeline exists (issue 3), the text is local and real: this project's
-README and Python's own license text, read as UTF-8 bytes (token id = byte value).
-It prints the loss as it falls, tokens/s, and checks that greedy decoding through the
-MLA latent cache gives the same tokens as decoding without it.
+It prepares the offline demo corpus if it is missing (prose, Python code and package docs
+from this Python installation, with their tokenizer), checks the data before anything
+starts, starts a local Ray cluster (bound to 127.0.0.1; the dashboard URL is printed),
+streams the config's data mix through Ray Data, and trains on it in this process: loss,
+held-out loss, tokens/s and the tokens seen per dataset as it goes. At the end it checks
+that greedy decoding through the MLA latent cache gives the tokens decoding without it
+gives. Training on Ray Train, with checkpoints, is experiments/train.py (issue 4).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 
 from peerlab.cli import UsageError, add_config_arguments, config_from_arguments
+from peerlab.data import DataError, DataMixture, DataOptions, TokenizerError, check_data, heldout_texts
+from peerlab.data.corpus import prepare_demo_corpus
 from peerlab.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def local_text() -> bytes:
-    sources = [ROOT / "README.md", Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"]
-    text = b"\n\n".join(p.read_bytes() for p in sources if p.is_file())
-    if len(text) < 10_000:
-        raise SystemExit("error: not enough local text found for the smoke demo")
-    return text
+def heldout_blocks(cfg, tokenizer, per_dataset: int = 4) -> torch.Tensor:
+    """A few packed blocks of each dataset's held-out documents: (n, seq_len + 1)."""
+    length = cfg.dataset_config.max_seq_length + 1
+    blocks = []
+    for entry in cfg.dataset_config.datasets:
+        ids: list[int] = []
+        for text in heldout_texts(entry, cfg.dataset_config.heldout_fraction, limit=64):
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if len(ids) >= per_dataset * length:
+                break
+        blocks += [ids[i * length : (i + 1) * length] for i in range(min(per_dataset, len(ids) // length))]
+    return torch.tensor(blocks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,53 +49,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args(argv)
     cfg = config_from_arguments(args)
-    if cfg.model_config.vocab_size < 256:
-        raise UsageError("the smoke demo reads bytes; model_config.vocab_size must be >= 256")
+    if any(str(d.path).startswith("./data/demo") for d in cfg.dataset_config.datasets):
+        prepare_demo_corpus("data/demo")
+    try:
+        tokenizer = check_data(cfg.dataset_config, cfg.model_config)
+    except (DataError, TokenizerError) as err:
+        raise UsageError(str(err)) from None
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, log_to_driver=False)
+    print(f"Ray dashboard: http://{context.dashboard_url}" if context.dashboard_url else "Ray dashboard: not running")
+
     t = cfg.train_config
     torch.manual_seed(t.seed)
     model = build_model(cfg.model_config)
-    data = torch.tensor(list(local_text()), dtype=torch.long)
-    seq, batch = min(cfg.dataset_config.max_seq_length, 128), t.per_device_train_batch_size
-    held_out = data[-(len(data) // 10):]
-    train = data[: -(len(data) // 10)]
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    batch, seq = t.per_device_train_batch_size, cfg.dataset_config.max_seq_length
+    opts = DataOptions(
+        cfg.dataset_config.tokenizer_name, seq, seed=t.seed, heldout_fraction=cfg.dataset_config.heldout_fraction
+    )
+    held = heldout_blocks(cfg, tokenizer)
     params = sum(p.numel() for p in model.parameters())
-    print(f"smoke demo: {params:,} parameters, {len(train):,} training bytes, batch {batch} x {seq}")
-
-    def sample(source: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        starts = torch.randint(0, len(source) - seq - 1, (batch,), generator=generator)
-        return torch.stack([source[s : s + seq + 1] for s in starts.tolist()])  # (B, T+1)
+    names = ", ".join(f"{d.name} {d.weight:g}" for d in cfg.dataset_config.datasets)
+    print(f"smoke demo: {params:,} parameters; batch {batch} x {seq} tokens; mix: {names}")
 
     def loss_of(block: torch.Tensor) -> torch.Tensor:
         logits = model(block[:, :-1])
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), block[:, 1:].flatten())
 
-    gen = torch.Generator().manual_seed(t.seed)
-    eval_blocks = sample(held_out, torch.Generator().manual_seed(0))
-    start, first_eval = time.perf_counter(), None
-    for step in range(1, args.steps + 1):
-        model.train()
-        loss = loss_of(sample(train, gen))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        opt.step()
-        if step % 10 == 0 or step == 1:
-            model.eval()
-            with torch.no_grad():
-                held = loss_of(eval_blocks).item()
-            first_eval = held if first_eval is None else first_eval
-            rate = step * batch * seq / (time.perf_counter() - start)
-            print(f"step {step:4d}  train loss {loss.item():.3f}  held-out loss {held:.3f}  {rate:,.0f} tokens/s")
-    prompt = data[:32].unsqueeze(0)
-    with_cache = model.generate(prompt, 48, use_cache=True)
-    without = model.generate(prompt, 48, use_cache=False)
-    same = torch.equal(with_cache, without)
-    text = bytes(with_cache[0, 32:].tolist()).decode("utf-8", errors="replace")
-    print(f"greedy continuation: {text!r}")
+    first_held = last_held = None
+    with DataMixture(cfg.dataset_config.datasets, opts) as mix:
+        start = time.perf_counter()
+        for step in range(1, args.steps + 1):
+            model.train()
+            ids, _ = mix.next_batch(batch)
+            loss = loss_of(ids)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            opt.step()
+            if step == 1:
+                start = time.perf_counter()  # rates after the first step (which waits for the data start-up)
+            if step % 10 == 0 or step == 1:
+                model.eval()
+                with torch.no_grad():
+                    last_held = loss_of(held).item()
+                first_held = last_held if first_held is None else first_held
+                rate = (step - 1) * batch * seq / max(time.perf_counter() - start, 1e-9)
+                seen = ", ".join(f"{k.split('/')[1]} {v:,}" for k, v in mix.stats().items() if k.startswith("tokens_seen"))
+                print(f"step {step:4d}  loss {loss.item():.3f}  held-out {last_held:.3f}  {rate:,.0f} tokens/s  seen: {seen}")
+    prompt = torch.tensor([tokenizer("def main(argv):\n    ", add_special_tokens=False)["input_ids"]])
+    with_cache = model.generate(prompt, 32, use_cache=True)
+    same = torch.equal(with_cache, model.generate(prompt, 32, use_cache=False))
+    print(f"greedy continuation: {tokenizer.decode(with_cache[0, prompt.shape[1]:])!r}")
     print(f"cached and uncached decoding agree: {same}")
-    print(f"held-out loss {first_eval:.3f} -> {held:.3f}")
-    return 0 if same and held < first_eval else 1
+    print(f"held-out loss {first_held:.3f} -> {last_held:.3f}")
+    ray.shutdown()
+    return 0 if same and last_held < first_held else 1
 
 
 if __name__ == "__main__":

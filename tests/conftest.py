@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Nothing in the tests may reach the network: the hub code paths run on local files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from peerlab.config import MLAConfig, ModelConfig, PeerConfig
 
@@ -34,3 +40,24 @@ def tiny_model_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session, bound to loopback (FACTS.md: never two)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, object_store_memory=500_000_000,
+            log_to_driver=False, configure_logging=False,
+        )
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    """The embedded default corpus and tokenizer, prepared once into a temporary folder."""
+    from peerlab.data.corpus import prepare_demo_corpus
+
+    return prepare_demo_corpus(tmp_path_factory.mktemp("demo"), quiet=True)

@@ -120,6 +120,11 @@ class DatasetEntry:
     weight: float = 1.0  # share of training tokens, normalised over the list
     text_field: Optional[str] = None  # set exactly one of text_field and text_template
     text_template: Optional[str] = None  # e.g. "Q: {question}\nA: {answer}"; plain field names only
+    text_unit: str = "line"  # format text: one document per "line" or per "file"
+    skip_bad_records: bool = False  # false: a record without its text is an error; true: skipped and counted
+
+
+TEXT_UNITS = ("line", "file")
 
 
 @dataclass
@@ -127,6 +132,7 @@ class DatasetConfig:
     datasets: list[DatasetEntry] = field(default_factory=list)
     tokenizer_name: str = "gpt2"
     max_seq_length: int = 2048
+    heldout_fraction: float = 0.01  # share of documents held out where a dataset has no held-out split
 
 
 @dataclass
@@ -433,6 +439,7 @@ def check_dataset_entry(entry: DatasetEntry, path: str, src: _Source) -> None:
         raise src.error(f"{path}.weight", f"must be > 0, got {entry.weight}")
     if entry.format is not None:
         _one_of(entry.format, DATA_FORMATS, f"{path}.format", src)
+    _one_of(entry.text_unit, TEXT_UNITS, f"{path}.text_unit", src)
     if (entry.text_field is None) == (entry.text_template is None):
         which = "neither is set" if entry.text_field is None else "both are set"
         raise src.error(path, f"set exactly one of text_field and text_template ({which})")
@@ -562,6 +569,8 @@ def check_config(cfg: Config, src: _Source) -> None:
             "dataset_config.max_seq_length",
             f"{d.max_seq_length} is longer than model_config.max_position_embeddings = {m.max_position_embeddings}",
         )
+    if not 0 <= d.heldout_fraction <= 0.5:
+        raise src.error("dataset_config.heldout_fraction", f"must be in [0, 0.5], got {d.heldout_fraction}")
     if not d.tokenizer_name.strip():
         raise src.error("dataset_config.tokenizer_name", "must not be empty")
     check_training_duration(t, d.datasets, src)

@@ -1,0 +1,367 @@
+"""The data pipeline: sources, packing, mixing by weight, exact resume, held-out parts, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from peerlab.config import DatasetEntry, load_config
+from peerlab.data import (
+    DataError, DataMixture, DataOptions, Packer, Selection, TokenizerError, check_data, check_source, documents,
+    heldout_texts, load_tokenizer, train_bpe,
+)
+from peerlab.data.corpus import DOMAINS, prepare_demo_corpus
+from tests.conftest import ROOT
+
+
+def entry(path, name="d", **kw) -> DatasetEntry:
+    if "text_template" not in kw:
+        kw.setdefault("text_field", "text")
+    return DatasetEntry(name=name, path=str(path), **kw)
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly bumpkins".split()
+
+
+def random_docs(n, seed, prefix=""):
+    rng = np.random.default_rng(seed)
+    return [{"text": prefix + " ".join(rng.choice(WORDS, rng.integers(3, 80)))} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("tok")
+    return str(train_bpe([" ".join(WORDS)] * 50 + ["{}:,\"'#[]()"], 400, out))
+
+
+# --------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------
+
+
+def test_packing_keeps_every_token_except_the_last_partial_block():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 100, rng.integers(1, 40)) for _ in range(200)]
+    packer = Packer(17, eos=0)
+    blocks = []
+    for row, ids in enumerate(docs):
+        packer.add((0, 0, row), ids)
+        while packer.ready():
+            blocks.append(packer.take())
+    stream = np.concatenate([np.append(d, 0) for d in docs])
+    got = np.concatenate(blocks)
+    assert len(stream) - len(got) < 17  # only the final partial block is missing
+    assert np.array_equal(got, stream[: len(got)])  # nothing lost, repeated or reordered
+
+
+def test_packer_resume_point_rebuilds_the_rest():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(1, 100, rng.integers(1, 30)) for _ in range(60)]
+    full = Packer(8, eos=0)
+    out, points = [], []
+    for row, ids in enumerate(docs):
+        full.add((0, 0, row), ids)
+        while full.ready():
+            out.append(full.take())
+            points.append(full.resume_point())
+    for cut in (0, 5, len(out) // 2, len(out) - 2):
+        (_, _, row), offset = points[cut]
+        again = Packer(8, eos=0)
+        rest = []
+        for r in range(row, len(docs)):
+            again.add((0, 0, r), docs[r], skip=offset if r == row else 0)
+            while again.ready():
+                rest.append(again.take())
+        assert all(np.array_equal(a, b) for a, b in zip(rest, out[cut + 1 :]))
+        assert len(rest) == len(out) - cut - 1
+
+
+# --------------------------------------------------------------------------------------
+# Sources and formats
+# --------------------------------------------------------------------------------------
+
+
+def texts_of(e, **sel):
+    return [t for _, _, t in documents(e, Selection(**sel))]
+
+
+def test_formats_json_array_jsonl_csv_text_parquet_and_folders(tmp_path):
+    recs = [{"text": f"doc {i}", "n": i} for i in range(5)]
+    (tmp_path / "a.json").write_text(json.dumps(recs))
+    write_jsonl(tmp_path / "b.jsonl", recs)
+    (tmp_path / "c.csv").write_text("text,n\n" + "".join(f"\"doc {i}\",{i}\n" for i in range(5)))
+    (tmp_path / "d.txt").write_text("".join(f"doc {i}\n" for i in range(5)))
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "e.parquet")
+    want = [f"doc {i}" for i in range(5)]
+    for name in ("a.json", "b.jsonl", "c.csv", "d.txt", "e.parquet"):
+        assert texts_of(entry(tmp_path / name), heldout_fraction=0) == want, name
+    assert texts_of(entry(tmp_path / "d.txt", text_unit="file"), heldout_fraction=0) == ["\n".join(want) + "\n"]
+    folder = tmp_path / "folder"
+    write_jsonl(folder / "part-0.jsonl", recs[:2])
+    write_jsonl(folder / "sub" / "part-1.jsonl", recs[2:])
+    assert texts_of(entry(folder, format="jsonl"), heldout_fraction=0) == want
+
+
+def test_templates_render_fields(tmp_path):
+    path = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Add", "input": "1 2", "output": "3"}])
+    e = entry(path, text_template="Instruction:\n{instruction}\n\nInput:\n{input}\n\nOutput:\n{output}")
+    assert texts_of(e, heldout_fraction=0) == ["Instruction:\nAdd\n\nInput:\n1 2\n\nOutput:\n3"]
+
+
+def test_held_out_split_files_and_hash_rule(tmp_path):
+    folder = tmp_path / "ds"
+    write_jsonl(folder / "train.jsonl", random_docs(50, 0, "train "))
+    write_jsonl(folder / "heldout.jsonl", random_docs(5, 1, "held "))
+    e = entry(folder, format="jsonl")
+    assert all(t.startswith("train ") for t in texts_of(e))
+    assert len(texts_of(e)) == 50  # a held-out split file: no hash rule on the training files
+    assert all(t.startswith("held ") for t in heldout_texts(e)) and len(heldout_texts(e)) == 5
+    single = entry(write_jsonl(tmp_path / "one.jsonl", random_docs(400, 2)))
+    train = texts_of(single, heldout_fraction=0.1)
+    held = heldout_texts(single, heldout_fraction=0.1)
+    assert 20 <= len(held) <= 60 and len(train) + len(held) == 400
+    rows_train = {r for _, r, _ in documents(single, Selection(heldout_fraction=0.1))}
+    rows_held = {r for _, r, _ in documents(single, Selection(part="heldout", heldout_fraction=0.1))}
+    assert not rows_train & rows_held
+
+
+def test_hub_path_reads_through_load_dataset(tmp_path):
+    """The hub code path (datasets.load_dataset) on a local dataset folder, offline."""
+    folder = tmp_path / "hubby"
+    write_jsonl(folder / "train.jsonl", [{"text": f"hub doc {i}"} for i in range(30)])
+    e = DatasetEntry(name="hub", path="hubby", split="train", streaming=True, text_field="text")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        from peerlab.data.sources import is_local
+
+        assert not is_local(DatasetEntry(name="x", path="monology/pile-uncopyrighted", text_field="text"))
+        docs = [t for _, _, t in documents(e, Selection(heldout_fraction=0))] if not is_local(e) else None
+        if docs is None:  # a bare folder name exists locally; force the hub reader
+            from peerlab.data.sources import hub_documents
+
+            docs = [t for table in hub_documents(e, Selection(heldout_fraction=0)) for t in table["text"].to_pylist()]
+    finally:
+        os.chdir(cwd)
+    assert docs == [f"hub doc {i}" for i in range(30)]
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: one line each, naming dataset, file, record and field
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_each_give_one_line(tmp_path, small_tokenizer):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
+    cases = []
+    cases.append((entry(tmp_path / "nope.jsonl"), "path", "does not exist"))
+    (tmp_path / "empty.jsonl").write_text("")
+    cases.append((entry(tmp_path / "empty.jsonl"), "empty.jsonl", "is empty"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
+    cases.append((entry(tmp_path / "bad.jsonl"), "bad.jsonl line 2", "malformed JSON"))
+    (tmp_path / "weird.xml").write_text("<a/>")
+    cases.append((entry(tmp_path / "weird.xml"), "weird.xml", "cannot tell the format"))
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"text": "a"}, {"body": "b"}])
+    cases.append((entry(missing), "record 2 has no field 'text'", "skip_bad_records"))
+    number = write_jsonl(tmp_path / "number.jsonl", [{"text": 5}])
+    cases.append((entry(number), "field 'text' is int, not text", "record 1"))
+    cases.append((entry(good, text_template="{title}: {text}"), "no field 'title' (used by text_template)", "good.jsonl"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    cases.append((entry(tmp_path / "latin1.txt"), "latin1.txt is not UTF-8", "byte"))
+    for e, *expected in cases:
+        with pytest.raises(DataError) as err:
+            check_source(e)
+        message = str(err.value)
+        assert "\n" not in message and "dataset 'd'" in message
+        for part in expected:
+            assert part in message, (message, part)
+
+
+def test_skip_bad_records_skips_and_counts(tmp_path, small_tokenizer):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"text": "alpha beta"}, {"body": "x"}, {"text": "gamma"}] * 20)
+    e = entry(path, skip_bad_records=True)
+    assert texts_of(e, heldout_fraction=0) == ["alpha beta", "gamma"] * 20
+    mix = DataMixture([e], DataOptions(small_tokenizer, seq_len=4, engine="local", heldout_fraction=0))
+    for _ in range(10):
+        mix.next_block()
+    assert mix.stats()["skipped/d"] >= 1
+
+
+def test_source_without_text_is_an_error(tmp_path, small_tokenizer):
+    path = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}] * 5)
+    with pytest.raises(DataError, match="has no text"):
+        check_source(entry(path))
+    mix = DataMixture([entry(path)], DataOptions(small_tokenizer, seq_len=4, engine="local"))
+    with pytest.raises(DataError, match="yields no text"):
+        mix.next_block()
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="not a local folder and not in the Hugging Face cache.*offline") as err:
+        load_tokenizer("gpt2")
+    assert "\n" not in str(err.value) and "tokenizer_name" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="cannot be loaded"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_check_data_refuses_a_tokenizer_larger_than_the_model(demo_corpus, tmp_path):
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}", "model_config.vocab_size=4000"]
+        + [f"dataset_config.datasets.{i}.path={demo_corpus / d}" for i, d in enumerate(DOMAINS)],
+    )
+    with pytest.raises(TokenizerError, match="has 8192 tokens but model_config.vocab_size is 4000"):
+        check_data(cfg.dataset_config, cfg.model_config)
+
+
+# --------------------------------------------------------------------------------------
+# Mixing, determinism, resume, passes
+# --------------------------------------------------------------------------------------
+
+
+def mixed_sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", random_docs(6, 10, "a "))
+    b_dir = tmp_path / "b"
+    for k in range(3):
+        write_jsonl(b_dir / f"part-{k}.jsonl", random_docs(40, 20 + k, f"b{k} "))
+    return [entry(a, name="a", weight=1.0), entry(b_dir, name="b", format="jsonl", weight=3.0)]
+
+
+def test_exact_resume_at_any_block(tmp_path, small_tokenizer):
+    sources = mixed_sources(tmp_path)
+    opts = DataOptions(small_tokenizer, seq_len=16, seed=3, engine="local")
+    full = DataMixture(sources, opts)
+    blocks = [full.next_block() for _ in range(400)]  # several passes over "a"
+    assert full.stats()["passes/a"] >= 1
+    for cut in (1, 37, 150, 333):
+        first = DataMixture(sources, opts)
+        for _ in range(cut):
+            first.next_block()
+        state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
+        resumed = DataMixture(sources, opts, state)
+        rest = [resumed.next_block() for _ in range(400 - cut)]
+        assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(rest, blocks[cut:]))
+
+
+def test_same_seed_same_blocks_other_seed_other_order(tmp_path, small_tokenizer):
+    sources = mixed_sources(tmp_path)
+
+    def run(seed):
+        mix = DataMixture(sources, DataOptions(small_tokenizer, seq_len=16, seed=seed, engine="local"))
+        return [mix.next_block() for _ in range(120)]
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(a, b))
+    assert not all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, c))  # another file order for "b"
+
+
+def test_shares_follow_weights_on_each_worker(tmp_path, small_tokenizer):
+    sources = mixed_sources(tmp_path)
+    sources[0].weight, sources[1].weight = 0.35, 0.65
+    for rank in (0, 1):
+        mix = DataMixture(sources, DataOptions(small_tokenizer, seq_len=16, seed=0, rank=rank, world=2, engine="local"))
+        for n in range(1, 301):
+            mix.next_block()
+            if n in (20, 100, 300):
+                shares = np.array([mix.stats()["tokens_seen/a"], mix.stats()["tokens_seen/b"]]) / (n * 17)
+                assert abs(shares[0] - 0.35) <= max(0.02, 1 / n)
+
+
+def test_workers_read_disjoint_documents(tmp_path):
+    e = entry(write_jsonl(tmp_path / "w.jsonl", random_docs(100, 5)))
+    rows = [{r for _, r, _ in documents(e, Selection(rank=k, world=2))} for k in (0, 1)]
+    assert not rows[0] & rows[1] and len(rows[0]) + len(rows[1]) == len(texts_of(e))
+
+
+def test_saved_state_of_another_mix_is_refused(tmp_path, small_tokenizer):
+    sources = mixed_sources(tmp_path)
+    opts = DataOptions(small_tokenizer, seq_len=16, engine="local")
+    state = DataMixture(sources, opts).state_dict()
+    with pytest.raises(DataError, match="another mix"):
+        DataMixture(sources[:1], opts, state)
+
+
+# --------------------------------------------------------------------------------------
+# Ray Data, on the embedded default corpus
+# --------------------------------------------------------------------------------------
+
+
+def demo_entries(demo_corpus, weights=(0.5, 0.3, 0.2)):
+    return [entry(demo_corpus / d, name=d, format="jsonl", weight=w) for d, w in zip(DOMAINS, weights)]
+
+
+def test_ray_data_stream_equals_local_and_resumes_exactly(ray_cluster, demo_corpus):
+    sources = demo_entries(demo_corpus)
+    tok = str(demo_corpus / "tokenizer")
+    with DataMixture(sources, DataOptions(tok, seq_len=64, seed=5, engine="ray")) as ray_mix:
+        with DataMixture(sources, DataOptions(tok, seq_len=64, seed=5, engine="local")) as local_mix:
+            ray_blocks = [ray_mix.next_block() for _ in range(120)]
+            local_blocks = [local_mix.next_block() for _ in range(120)]
+        assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(ray_blocks, local_blocks))
+        state = ray_mix.state_dict()
+        more = [ray_mix.next_block() for _ in range(40)]
+    with DataMixture(sources, DataOptions(tok, seq_len=64, seed=5, engine="ray"), state) as resumed:
+        again = [resumed.next_block() for _ in range(40)]
+    assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(more, again))
+
+
+def test_ray_shares_within_two_points_on_two_workers(ray_cluster, demo_corpus):
+    weights = (0.5, 0.3, 0.2)
+    tok = str(demo_corpus / "tokenizer")
+    for rank in (0, 1):
+        opts = DataOptions(tok, seq_len=128, seed=0, rank=rank, world=2, engine="ray")
+        with DataMixture(demo_entries(demo_corpus, weights), opts) as mix:
+            batch, sources = mix.next_batch(150)
+        assert batch.shape == (150, 129)
+        stats = mix.stats()
+        total = sum(stats[f"tokens_seen/{d}"] for d in DOMAINS)
+        for d, w in zip(DOMAINS, weights):
+            assert abs(stats[f"tokens_seen/{d}"] / total - w) <= 0.02
+
+
+# --------------------------------------------------------------------------------------
+# The embedded default corpus
+# --------------------------------------------------------------------------------------
+
+
+def test_demo_corpus_is_deterministic_and_has_three_domains(demo_corpus, tmp_path):
+    again = prepare_demo_corpus(tmp_path / "again", quiet=True)
+    for d in DOMAINS:
+        for split in ("train", "heldout"):
+            a = (demo_corpus / d / f"{split}.jsonl").read_bytes()
+            assert a == (again / d / f"{split}.jsonl").read_bytes() and len(a) > 10_000
+    manifest = json.loads((demo_corpus / "manifest.json").read_text())
+    assert set(manifest["domains"]) == set(DOMAINS)
+    code = (demo_corpus / "code" / "train.jsonl").open().readline()
+    prose = (demo_corpus / "prose" / "train.jsonl").open().readline()
+    assert "def " in json.loads(code)["text"] or "import " in json.loads(code)["text"]
+    assert json.loads(prose)["text"].count(" ") > 20
+    stamp = (demo_corpus / "manifest.json").stat().st_mtime_ns
+    prepare_demo_corpus(demo_corpus, quiet=True)  # already there: nothing rewritten
+    assert (demo_corpus / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_config_data_checks_pass(demo_corpus):
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}"]
+        + [f"dataset_config.datasets.{i}.path={demo_corpus / d}" for i, d in enumerate(DOMAINS)],
+    )
+    tokenizer = check_data(cfg.dataset_config, cfg.model_config)
+    assert len(tokenizer) == 8192 and tokenizer.eos_token == "<|endoftext|>"
+    ids = tokenizer("def f(x):\n    return x  # the end")["input_ids"]
+    assert tokenizer.decode(ids) == "def f(x):\n    return x  # the end"
