@@ -1,0 +1,168 @@
+"""The embedded default's corpus: real text found offline on any machine with this package installed.
+
+Three domains that differ, read from the Python installation and the installed packages:
+
+- prose: the Python documentation's topic pages (`pydoc_data/topics.py`) and the docstrings
+  of the standard library's modules, classes and functions: English prose;
+- code: the standard library's Python source files (tests left out);
+- docs: the long descriptions of the installed packages (their README files, Markdown or
+  reStructuredText, from `*.dist-info/METADATA`).
+
+`prepare_demo_corpus(out_dir)` extracts them deterministically (sorted paths, fixed size
+caps), cuts long texts into documents at blank lines, and writes per domain
+`train.jsonl` and `heldout.jsonl` (a stable hash of each document's source and number picks
+the held-out 3%). It then trains the demo tokenizer, a byte-level BPE of 8,192 tokens, on the
+training files only. A manifest records what was written; a second call with the same
+sources finds it and does nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import sys
+import sysconfig
+import zlib
+from email.parser import HeaderParser
+from pathlib import Path
+from typing import Iterator
+
+from peerlab.data.tokenizer import train_bpe
+
+DOMAINS = ("prose", "code", "docs")
+MAX_CHARS = {"prose": 3_000_000, "code": 6_000_000, "docs": 3_000_000}  # per domain, before splitting
+DOC_CHARS = 4_000  # longer texts are cut into documents of about this size, at blank lines
+HELDOUT_PER_10K = 300  # 3% of documents held out
+VOCAB_SIZE = 8192
+VERSION = 1
+
+
+def _stdlib() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_sources() -> list[Path]:
+    root = _stdlib()
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+
+def prose_texts() -> Iterator[tuple[str, str]]:
+    """(source name, text): documentation topics, then docstrings of the standard library."""
+    topics = _stdlib() / "pydoc_data" / "topics.py"
+    if topics.is_file():
+        namespace: dict = {}
+        exec(compile(topics.read_text(encoding="utf-8"), str(topics), "exec"), namespace)  # a plain dict literal
+        for name in sorted(namespace.get("topics", {})):
+            yield f"topics/{name}", namespace["topics"][name]
+    for path in _stdlib_sources():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+        docs = [ast.get_docstring(n) for n in nodes]
+        text = "\n\n".join(d for d in docs if d and len(d) > 200)
+        if text:
+            yield f"docstrings/{path.relative_to(_stdlib())}", text
+
+
+def code_texts() -> Iterator[tuple[str, str]]:
+    for path in _stdlib_sources():
+        try:
+            yield f"stdlib/{path.relative_to(_stdlib())}", path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+
+
+def docs_texts() -> Iterator[tuple[str, str]]:
+    site = Path(sysconfig.get_paths()["purelib"])
+    for meta in sorted(site.glob("*.dist-info/METADATA")):
+        message = HeaderParser().parsestr(meta.read_text(encoding="utf-8", errors="replace"))
+        body = message.get_payload() or message.get("Description") or ""
+        if len(body) > 500:
+            yield f"packages/{meta.parent.name.split('-')[0]}", body
+
+
+def split_text(text: str, limit: int = DOC_CHARS) -> list[str]:
+    """Cut at blank lines into pieces of at most about `limit` characters (a longer paragraph stays whole)."""
+    pieces, current = [], ""
+    for para in re.split(r"\n\s*\n", text.strip()):
+        if current and len(current) + len(para) + 2 > limit:
+            pieces.append(current)
+            current = para
+        else:
+            current = f"{current}\n\n{para}" if current else para
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def domain_documents(domain: str) -> list[tuple[str, str]]:
+    """(document id, text) of one domain, in a fixed order, within the domain's size cap."""
+    texts = {"prose": prose_texts, "code": code_texts, "docs": docs_texts}[domain]()
+    out, total = [], 0
+    for source, text in texts:
+        for i, piece in enumerate(split_text(text)):
+            if total >= MAX_CHARS[domain]:
+                return out
+            out.append((f"{source}#{i}", piece))
+            total += len(piece)
+    return out
+
+
+def is_heldout(doc_id: str) -> bool:
+    return zlib.crc32(doc_id.encode()) % 10_000 < HELDOUT_PER_10K
+
+
+def _sources_fingerprint() -> str:
+    """What the corpus is made of: Python's version and the installed packages' metadata files."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    names = sorted(p.parent.name for p in site.glob("*.dist-info/METADATA"))
+    return hashlib.sha256(json.dumps([VERSION, sys.version, names]).encode()).hexdigest()[:16]
+
+
+def prepare_demo_corpus(out_dir: str | Path = "data/demo", force: bool = False, quiet: bool = False) -> Path:
+    """Write the demo corpus and tokenizer under out_dir (once); return out_dir."""
+    out = Path(out_dir)
+    manifest_path = out / "manifest.json"
+    fingerprint = _sources_fingerprint()
+    if not force and manifest_path.is_file():
+        if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+            return out
+    manifest = {"fingerprint": fingerprint, "domains": {}}
+    train_texts: list[str] = []
+    for domain in DOMAINS:
+        docs = domain_documents(domain)
+        if not docs:
+            raise RuntimeError(f"found no text for the demo corpus' {domain} domain in this Python installation")
+        folder = out / domain
+        folder.mkdir(parents=True, exist_ok=True)
+        counts = {"train": 0, "heldout": 0}
+        files = {split: open(folder / f"{split}.jsonl.tmp", "w", encoding="utf-8") for split in counts}
+        for doc_id, text in docs:
+            split = "heldout" if is_heldout(doc_id) else "train"
+            files[split].write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+            counts[split] += 1
+            if split == "train":
+                train_texts.append(text)
+        for split, f in files.items():
+            f.close()
+            (folder / f"{split}.jsonl.tmp").replace(folder / f"{split}.jsonl")
+        manifest["domains"][domain] = {
+            **counts, "chars": sum(len(t) for _, t in docs),
+            "sha256": {s: hashlib.sha256((folder / f"{s}.jsonl").read_bytes()).hexdigest() for s in counts},
+        }
+        if not quiet:
+            print(f"demo corpus: {domain}: {counts['train']} training and {counts['heldout']} held-out documents")
+    train_bpe(train_texts, VOCAB_SIZE, out / "tokenizer")
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    if not quiet:
+        print(f"demo corpus: tokenizer ({VOCAB_SIZE} tokens) in {out / 'tokenizer'}")
+    return out
+
+
+if __name__ == "__main__":
+    prepare_demo_corpus(sys.argv[1] if len(sys.argv) > 1 else "data/demo", force="--force" in sys.argv)

@@ -1,0 +1,243 @@
+"""The training stream: datasets mixed by weight at the token level, packed, seeded, resumable.
+
+Each dataset of a mix is a `SourceStream`: a Ray Data pipeline that reads the dataset's
+documents (`peerlab.data.sources`), tokenises them in Ray tasks (`tokenize_table`) and
+hands them, in their fixed order, to a `Packer` that cuts blocks of `max_seq_length + 1`
+tokens. Every block comes from one dataset, so a dataset's share of training tokens is its
+share of blocks.
+
+`DataMixture` picks the dataset of each next block by the deficit rule: the dataset whose
+blocks so far fall furthest below its normalised weight times the blocks drawn (ties
+broken in a seeded order). On every worker, after n blocks each dataset's count is within
+one block of weight x n. Worker r of W reads the documents with `row % W == r` of each
+dataset, so workers see different text and need no coordination.
+
+A finite dataset that runs out starts another pass (its files in a new seeded order, the
+pass logged and counted); a dataset with no text at all is an error. `state_dict()` holds,
+for every dataset, the pass, the (file, row) of the document the next block starts in and
+how many of its tokens were already used, plus the block counts; a stream built with that
+state gives exactly the blocks the uninterrupted stream would have given next.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from peerlab.config import DatasetEntry
+from peerlab.data.packing import Packer
+from peerlab.data.sources import DataError, Selection, is_local, make_datasource, read_tasks, source_files
+from peerlab.data.tokenizer import cached_tokenizer, encoder_spec, eos_id, tokenize_table
+
+log = logging.getLogger("peerlab.data")
+PASSES_PER_READ = 16  # passes over a dataset that one Ray Data execution plans
+
+
+@dataclass
+class SourcePosition:
+    """Where a dataset's stream stands: plain numbers, saved in checkpoints as JSON."""
+
+    passes: int = 0  # completed passes over the dataset before the document the next block starts in
+    file: int = 0  # ordinal of that document's file in its pass's (seeded) file order
+    row: int = 0  # that document's record number in its file
+    offset: int = 0  # tokens of that document (with its end-of-text token) already used
+    blocks: int = 0  # blocks drawn from this dataset so far
+    skipped: int = 0  # bad records skipped so far (skip_bad_records: true)
+
+
+@dataclass
+class DataOptions:
+    """How streams read: the tokenizer, block length, seed, this worker's rank, and Ray's share."""
+
+    tokenizer: str
+    seq_len: int
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    heldout_fraction: float = 0.01
+    engine: str = "ray"  # "ray": Ray Data reads and tokenises; "local": this process does (checks, tests)
+    data_cpus: float = 0.5  # CPUs each Ray Data task asks for (a fraction: data tasks never starve training)
+    tokenize_rows: int = 512  # documents per tokenising task: large batches keep the tokenizer's threads busy
+    concurrency: int = 1  # read and tokenising tasks at once per dataset: streams share the CPUs fairly
+    extra: dict = field(default_factory=dict)
+
+
+class SourceStream:
+    """The packed blocks of one dataset, from a saved position on."""
+
+    def __init__(self, entry: DatasetEntry, index: int, opts: DataOptions, position: SourcePosition | None = None):
+        self.entry, self.index, self.opts = entry, index, opts
+        self.position = position or SourcePosition()
+        self.eos = eos_id(cached_tokenizer(opts.tokenizer))
+        self.encoder = encoder_spec(opts.tokenizer)
+        self.num_files = len(source_files(entry, "train")[0]) if is_local(entry) else 1
+        self.packer = Packer(opts.seq_len + 1, self.eos)
+        self._docs: Iterator | None = None  # documents, read lazily from the saved position
+        self._resume: tuple[int, int, int] | None = None  # the document the saved offset applies to
+        self._first: Future | None = None  # the first document, fetched in the background by start()
+
+    def file_order(self, passes: int) -> list[int]:
+        """The order of the files in a pass: seeded by (seed, dataset index, pass)."""
+        rng = np.random.default_rng([self.opts.seed, self.index, passes])
+        return rng.permutation(self.num_files).tolist()
+
+    def _tables(self, sel: Selection, first_pass: int):
+        """Tokenised (pass, file, row, ids) tables of PASSES_PER_READ passes, from Ray Data or this process."""
+        orders = [self.file_order(p) for p in range(first_pass, first_pass + PASSES_PER_READ)]
+        if self.opts.engine == "local":
+            for task in read_tasks(self.entry, sel, orders, first_pass):
+                for table in task():
+                    yield tokenize_table(table, self.encoder)
+            return
+        import ray
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # documents in file and row order: the stream is deterministic
+        ctx.enable_progress_bars = False  # one stream per dataset and worker: bars would flood the log
+        source = make_datasource(self.entry, sel, orders, first_pass, tokenizer=self.encoder)
+        ds = ray.data.read_datasource(source, num_cpus=self.opts.data_cpus)
+        # streaming_split(1) runs the execution in a coordinator actor, not in this (training) process.
+        (iterator,) = ds.streaming_split(1)
+        yield from iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)
+
+    def _documents(self) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+        """((pass, file, row), ids) of the documents from the saved position on, pass after pass.
+
+        One Ray Data execution reads PASSES_PER_READ passes (read tasks run only as far as the
+        stream is consumed), so a small dataset does not pay Ray Data's start-up every pass.
+        """
+        passes, start = self.position.passes, (self.position.file, self.position.row)
+        current = passes
+        while True:
+            sel = Selection("train", self.opts.rank, self.opts.world, start, self.opts.heldout_fraction)
+            found = False
+            for table in self._tables(sel, passes):
+                pass_no = table["pass"].to_numpy()
+                files = table["file"].to_numpy()
+                rows = table["row"].to_numpy()
+                ids = table["ids"]
+                for i in range(len(table)):
+                    if not ids[i].is_valid:
+                        self.position.skipped += 1
+                        continue
+                    found = True
+                    if pass_no[i] != current:
+                        current = int(pass_no[i])
+                        log.info("dataset '%s' starts pass %d", self.entry.name, current + 1)
+                    yield (current, int(files[i]), int(rows[i])), ids[i].values.to_numpy(zero_copy_only=False)
+            if not found and start == (0, 0):
+                raise DataError(
+                    f"dataset '{self.entry.name}' yields no text for worker {self.opts.rank} of {self.opts.world}"
+                    f" (path {self.entry.path}); check its path, split and text_field/text_template"
+                )
+            passes, start = passes + PASSES_PER_READ, (0, 0)
+
+    def start(self) -> None:
+        """Begin reading now, in the background: the streams of a mix pay Ray Data's start-up together."""
+        if self._docs is None:
+            self._docs = self._documents()
+            self._resume = (self.position.passes, self.position.file, self.position.row)
+            self._first = ThreadPoolExecutor(1, thread_name_prefix=f"data-{self.entry.name}").submit(next, self._docs)
+
+    def _next_document(self):
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first.result()
+        return next(self._docs)
+
+    def next_block(self) -> np.ndarray:
+        """The next block of seq_len + 1 tokens; updates `position`."""
+        self.start()
+        while not self.packer.ready():
+            where, ids = self._next_document()
+            skip = self.position.offset if where == self._resume else 0  # resuming inside this document
+            self._resume = None
+            self.packer.add(where, ids, skip)
+        block = self.packer.take()
+        p = self.position
+        (p.passes, p.file, p.row), p.offset = self.packer.resume_point()
+        p.blocks += 1
+        return block
+
+
+    def close(self) -> None:
+        """Stop reading (ends this dataset's Ray Data execution)."""
+        if self._first is not None:
+            self._first.exception()  # wait: a generator cannot be closed while another thread runs it
+            self._first = None
+        if self._docs is not None:
+            self._docs.close()
+            self._docs = None
+
+
+class DataMixture:
+    """Blocks from several datasets, each dataset's share of blocks following its weight."""
+
+    def __init__(self, datasets: list[DatasetEntry], opts: DataOptions, state: dict | None = None):
+        if not datasets:
+            raise DataError("a mix needs at least one dataset")
+        weights = np.array([d.weight for d in datasets], dtype=np.float64)
+        if not (weights > 0).all():
+            raise DataError("every dataset weight must be > 0")
+        self.datasets = datasets
+        self.weights = weights / weights.sum()
+        self.opts = opts
+        positions = [SourcePosition(**p) for p in state["sources"]] if state else [None] * len(datasets)
+        if state and [d["name"] for d in state["datasets"]] != [d.name for d in datasets]:
+            raise DataError("the saved data position belongs to another mix of datasets")
+        self.streams = [SourceStream(d, i, opts, positions[i]) for i, d in enumerate(datasets)]
+        self.tie_order = np.random.default_rng([opts.seed, 7919]).permutation(len(datasets))  # seeded tie-breaks
+        for stream in self.streams:
+            stream.start()
+
+    def choose(self) -> int:
+        """The dataset of the next block: largest deficit weight * (n + 1) - blocks, ties in the seeded order."""
+        blocks = np.array([s.position.blocks for s in self.streams], dtype=np.float64)
+        deficit = self.weights * (blocks.sum() + 1) - blocks
+        best = deficit.max()
+        return int(next(i for i in self.tie_order if deficit[i] >= best - 1e-12))
+
+    def next_block(self) -> tuple[int, np.ndarray]:
+        i = self.choose()
+        return i, self.streams[i].next_block()
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[int]]:
+        """(batch_size, seq_len + 1) token ids and the dataset index of each row."""
+        picked = [self.next_block() for _ in range(batch_size)]
+        return torch.from_numpy(np.stack([b for _, b in picked])), [i for i, _ in picked]
+
+    def __iter__(self):
+        while True:
+            yield self.next_block()
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def __enter__(self) -> "DataMixture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def state_dict(self) -> dict:
+        """Plain JSON data: enough to continue with exactly the blocks that would have come next."""
+        return {
+            "datasets": [{"name": d.name, "path": d.path} for d in self.datasets],
+            "sources": [asdict(s.position) for s in self.streams],
+        }
+
+    def stats(self) -> dict[str, float]:
+        """tokens_seen/<name> (tokens taken from each dataset), passes/<name>, skipped/<name>."""
+        out: dict[str, float] = {}
+        for d, s in zip(self.datasets, self.streams):
+            out[f"tokens_seen/{d.name}"] = s.position.blocks * (self.opts.seq_len + 1)
+            out[f"passes/{d.name}"] = s.position.passes
+            if s.position.skipped:
+                out[f"skipped/{d.name}"] = s.position.skipped
+        return out

@@ -1,0 +1,405 @@
+"""Where documents come from: local files or Hugging Face datasets, as Ray Data streams of text.
+
+A dataset entry of the config (`DatasetEntry`) names either a local path (a file, or a
+folder of files) or a hub dataset. Either way it becomes a sequence of documents in a fixed
+order, each identified by `(file, row)`: the file's place in the source's file list (0 for
+a hub dataset) and the record's place in that file. That identity is what makes streams
+shardable (worker r of W keeps rows with `row % W == r`), resumable (restart reading at a
+`(file, row)`), and splittable into training and held-out parts:
+
+- a local folder with files of a held-out split (`heldout*` or `validation*`, next to the
+  `train*` files) holds those files out;
+- any other source holds out the documents whose stable hash of `(file name, row)` falls
+  below `dataset_config.heldout_fraction` (1% by default). Training never sees them.
+
+Local formats: `json`/`jsonl` (one JSON object per line, or one JSON array per file),
+`csv` (a header row, then records), `text` (one document per line by default, or one per
+file with `text_unit: file`) and `parquet`. Text comes from `text_field`, or from
+`text_template` filled in with the record's fields. A record without the field (or with a
+field that is not text) is an error naming the dataset, the file, the record and the field,
+unless the entry sets `skip_bad_records: true`: then it is skipped and counted.
+
+`DocumentDatasource` is the Ray Data datasource of one entry: one read task per file, each
+yielding Arrow tables with columns `file`, `row`, `text`. Ray Data runs them on the
+cluster; `peerlab.data.mixture` tokenises and packs what they yield. (FACTS.md: Ray's own
+`from_huggingface` asks the hub even for local data, so hub datasets are read here with
+`datasets.load_dataset(..., streaming=True)` inside a read task.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from peerlab.config import DatasetEntry
+
+EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "text", ".text": "text", ".parquet": "parquet"}
+HELDOUT_SPLITS = ("heldout", "validation")
+ROWS_PER_TABLE = 256  # documents per Arrow table (and per tokenising call): big enough for the tokenizer
+
+
+class DataError(ValueError):
+    """Bad input data: a one-line message naming the dataset, the file, the record and the fix."""
+
+
+def is_local(entry: DatasetEntry) -> bool:
+    """A path that exists, or looks like one (./x, /x, x.jsonl), is local; anything else is a hub name."""
+    p = entry.path
+    return Path(p).exists() or p.startswith((".", "/", "~")) or Path(p).suffix.lower() in EXTENSIONS
+
+
+def file_format(entry: DatasetEntry, path: Path) -> str:
+    if entry.format:
+        return entry.format
+    fmt = EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"dataset '{entry.name}': cannot tell the format of {path}; set its format (json, jsonl, csv, text, parquet)"
+        )
+    return fmt
+
+
+@dataclass(frozen=True)
+class FileList:
+    """The files of a local source: those it trains on and those it holds out (may be empty)."""
+
+    root: Path
+    train: tuple[Path, ...]
+    heldout: tuple[Path, ...]
+
+
+def _split_of(path: Path) -> str:
+    return path.name.split(".")[0].split("-")[0].split("_")[0].lower()
+
+
+def list_files(entry: DatasetEntry) -> FileList:
+    """The local files of an entry, sorted; raises DataError for a missing path or an empty folder."""
+    root = Path(entry.path).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset '{entry.name}': path {entry.path} does not exist")
+    if root.is_file():
+        return FileList(root.parent, (root,), ())
+    suffixes = {s for s, f in EXTENSIONS.items() if entry.format in (None, f) or (entry.format == "json" and f == "jsonl")}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        kinds = entry.format or "json, jsonl, csv, txt or parquet"
+        raise DataError(f"dataset '{entry.name}': folder {entry.path} holds no {kinds} files")
+    heldout = tuple(p for p in files if _split_of(p) in HELDOUT_SPLITS)
+    named = tuple(p for p in files if _split_of(p) == entry.split.lower())
+    train = named or tuple(p for p in files if p not in heldout)
+    if not train:
+        raise DataError(f"dataset '{entry.name}': folder {entry.path} has no files for split '{entry.split}'")
+    return FileList(root, train, heldout)
+
+
+def is_heldout_row(name: str, row: int, fraction: float) -> bool:
+    """The hash rule: a stable, uniform choice of `fraction` of the documents of a file."""
+    return zlib.crc32(f"{name}:{row}".encode()) % 10_000 < round(fraction * 10_000)
+
+
+# --------------------------------------------------------------------------------------
+# Records and their text
+# --------------------------------------------------------------------------------------
+
+
+def read_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict | str]]:
+    """(row, record) for each record of a local file; row counts records from 0.
+
+    Errors name the line: `line` below is 1-based, as editors show it.
+    """
+    fmt = file_format(entry, path)
+    try:
+        if fmt in ("json", "jsonl"):
+            yield from _json_records(entry, path)
+        elif fmt == "csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None:
+                    return
+                for row, record in enumerate(reader):
+                    yield row, record
+        elif fmt == "text":
+            if entry.text_unit == "file":
+                yield 0, path.read_text(encoding="utf-8")
+            else:
+                with open(path, encoding="utf-8") as f:
+                    for row, line in enumerate(f):
+                        yield row, line.rstrip("\n")
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            row = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_TABLE):
+                for record in batch.to_pylist():
+                    yield row, record
+                    row += 1
+    except UnicodeDecodeError as err:
+        raise DataError(f"dataset '{entry.name}': {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (OSError, pa.ArrowInvalid, csv.Error) as err:
+        raise DataError(f"dataset '{entry.name}': cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
+
+
+def _json_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        first = f.read(1)
+        while first and first.isspace():
+            first = f.read(1)
+        f.seek(0)
+        if first == "[":  # one JSON array
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as err:
+                raise DataError(f"dataset '{entry.name}': {path} line {err.lineno}: malformed JSON ({err.msg})") from None
+            for row, record in enumerate(records):
+                yield row, record
+            return
+        row = 0
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"dataset '{entry.name}': {path} line {number}: malformed JSON ({err.msg})") from None
+            yield row, record
+            row += 1
+
+
+class TextOf:
+    """The text of a record: its `text_field`, or its `text_template` filled in."""
+
+    def __init__(self, entry: DatasetEntry):
+        self.entry = entry
+
+    def __call__(self, record: dict | str, where: str) -> str | None:
+        """The record's text; None if it must be skipped (skip_bad_records); DataError otherwise."""
+        e = self.entry
+        if isinstance(record, str):  # text files: the line or the file is the document
+            return record
+        if not isinstance(record, dict):
+            return self._bad(f"{where} is {type(record).__name__}, not a record with fields")
+        if e.text_field is not None:
+            if e.text_field not in record:
+                return self._bad(f"{where} has no field '{e.text_field}' (text_field)")
+            value = record[e.text_field]
+            if not isinstance(value, str):
+                return self._bad(f"{where}: field '{e.text_field}' is {type(value).__name__}, not text")
+            return value
+        try:
+            return e.text_template.format_map(record)
+        except KeyError as err:
+            return self._bad(f"{where} has no field '{err.args[0]}' (used by text_template)")
+
+    def _bad(self, problem: str) -> None:
+        if self.entry.skip_bad_records:
+            return None
+        raise DataError(
+            f"dataset '{self.entry.name}': {problem}; fix the data, or set skip_bad_records: true to skip such records"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Ray Data: one read task per file
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which documents of a source a stream takes.
+
+    part: "train" or "heldout"; rank/world: keep rows with row % world == rank;
+    start: (file, row) to begin at, for resuming; heldout_fraction: for the hash rule.
+    """
+
+    part: str = "train"
+    rank: int = 0
+    world: int = 1
+    start: tuple[int, int] = (0, 0)
+    heldout_fraction: float = 0.01
+
+
+def _table(pass_: int, files: list[int], rows: list[int], texts: list[str | None]) -> pa.Table:
+    """A block of documents; a null text marks a bad record that was skipped (and is counted)."""
+    return pa.table({
+        "pass": pa.array([pass_] * len(rows), pa.int32()), "file": pa.array(files, pa.int32()),
+        "row": pa.array(rows, pa.int64()), "text": pa.array(texts, pa.large_string()),
+    })
+
+
+def local_documents(
+    entry: DatasetEntry, path: Path, name: str, ordinal: int, sel: Selection, hash_heldout: bool, first_row: int = 0,
+    pass_: int = 0,
+) -> Iterator[pa.Table]:
+    """Tables of (pass, file, row, text) for the selected documents of one local file."""
+    text_of = TextOf(entry)
+    files: list[int] = []
+    rows: list[int] = []
+    texts: list[str | None] = []
+    for row, record in read_records(entry, path):
+        if row < first_row or row % sel.world != sel.rank:
+            continue
+        if hash_heldout and is_heldout_row(name, row, sel.heldout_fraction) != (sel.part == "heldout"):
+            continue
+        text = text_of(record, f"{path} record {row + 1}")  # None: a bad record to skip and count
+        if text == "":
+            continue
+        files.append(ordinal)
+        rows.append(row)
+        texts.append(text)
+        if len(texts) == ROWS_PER_TABLE:
+            yield _table(pass_, files, rows, texts)
+            files, rows, texts = [], [], []
+    if texts:
+        yield _table(pass_, files, rows, texts)
+
+
+def hub_documents(entry: DatasetEntry, sel: Selection, pass_: int = 0) -> Iterator[pa.Table]:
+    """Tables of (pass, file=0, row, text) from `datasets.load_dataset(path, subset, split, streaming)`.
+
+    The same call reads a hub name (pile-uncopyrighted, c4) or a local dataset folder; held-out
+    documents are chosen by the hash rule.
+    """
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(entry.path, entry.subset, split=entry.split, streaming=entry.streaming)
+    except Exception as err:  # the hub's errors come in many types; all mean "cannot load"
+        raise DataError(f"dataset '{entry.name}': cannot load '{entry.path}' from the hub: {str(err).splitlines()[0]}")
+    text_of = TextOf(entry)
+    first_row = sel.start[1]
+    if first_row:
+        ds = ds.skip(first_row)
+    rows: list[int] = []
+    texts: list[str | None] = []
+    for row, record in enumerate(ds, start=first_row):
+        if row % sel.world != sel.rank:
+            continue
+        if is_heldout_row(entry.path, row, sel.heldout_fraction) != (sel.part == "heldout"):
+            continue
+        text = text_of(record, f"{entry.path} record {row + 1}")  # None: a bad record to skip and count
+        if text != "":
+            rows.append(row)
+            texts.append(text)
+        if len(texts) == ROWS_PER_TABLE:
+            yield _table(pass_, [0] * len(rows), rows, texts)
+            rows, texts = [], []
+    if texts:
+        yield _table(pass_, [0] * len(rows), rows, texts)
+
+
+def source_files(entry: DatasetEntry, part: str) -> tuple[list[tuple[str, Path]], bool]:
+    """[(stable name, path)] of the files a part of a local source reads, and whether the hash rule applies."""
+    files = list_files(entry)
+    if part == "heldout" and files.heldout:
+        chosen, hashed = files.heldout, False
+    else:
+        chosen, hashed = files.train, part == "heldout" or not files.heldout
+    return [(str(p.relative_to(files.root)), p) for p in chosen], hashed
+
+
+def read_tasks(entry: DatasetEntry, sel: Selection, orders: list[list[int]] | None = None, first_pass: int = 0):
+    """Zero-argument functions, each yielding the (pass, file, row, text) tables of one file of one pass.
+
+    `orders` lists the file order of passes first_pass, first_pass + 1, ... (default: one
+    pass in file order); `sel.start` skips what the first of them read before.
+    """
+    if not is_local(entry):
+        passes = len(orders) if orders else 1
+        return [
+            lambda k=k: hub_documents(entry, sel if k == 0 else replace(sel, start=(0, 0)), first_pass + k)
+            for k in range(passes)
+        ]
+    files, hashed = source_files(entry, sel.part)
+    orders = orders or [list(range(len(files)))]
+    tasks = []
+    for k, order in enumerate(orders):
+        start_file, start_row = sel.start if k == 0 else (0, 0)
+        for ordinal in range(start_file, len(order)):
+            name, path = files[order[ordinal]]
+            first_row = start_row if ordinal == start_file else 0
+            tasks.append(
+                lambda n=name, p=path, o=ordinal, r=first_row, q=first_pass + k: local_documents(
+                    entry, p, n, o, sel, hashed, r, q
+                )
+            )
+    return tasks
+
+
+def make_datasource(
+    entry: DatasetEntry, sel: Selection, orders: list[list[int]] | None = None, first_pass: int = 0,
+    tokenizer: str | None = None,
+):
+    """The Ray Data datasource of one entry and selection: one read task per file and pass.
+
+    With `tokenizer` (an encoder spec) the read tasks also tokenise, so each table of text
+    is tokenised where it was read instead of crossing the object store first.
+    """
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class DocumentDatasource(Datasource):
+        def get_name(self) -> str:
+            return f"[{entry.name}]"
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            tasks = read_tasks(entry, sel, orders, first_pass)
+            if tokenizer is not None:
+                from peerlab.data.tokenizer import tokenize_table
+
+                tasks = [lambda t=t: (tokenize_table(table, tokenizer) for table in t()) for t in tasks]
+            return [ReadTask(task, meta) for task in tasks]
+
+    return DocumentDatasource()
+
+
+def documents(entry: DatasetEntry, sel: Selection) -> Iterator[tuple[int, int, str]]:
+    """(file, row, text) of the selected documents in one pass, read in this process: checks, tests, small reads."""
+    for task in read_tasks(entry, sel):
+        for table in task():
+            for doc in zip(table["file"].to_pylist(), table["row"].to_pylist(), table["text"].to_pylist()):
+                if doc[2] is not None:
+                    yield doc
+
+
+def check_source(entry: DatasetEntry, records: int = 100) -> None:
+    """Read the first records of every file of a local source: paths, formats, JSON, fields and text.
+
+    Raises DataError with a one-line message; meant to run before Ray starts. Hub sources
+    are not checked here (that would need the network).
+    """
+    if not is_local(entry):
+        return
+    files = list_files(entry)
+    text_of = TextOf(entry)
+    for path in files.train + files.heldout:
+        if path.stat().st_size == 0:
+            raise DataError(f"dataset '{entry.name}': {path} is empty")
+        seen, found = 0, False
+        for row, record in read_records(entry, path):
+            text = text_of(record, f"{path} record {row + 1}")
+            found = found or bool(text)
+            seen += 1
+            if seen >= records:
+                break
+        if not found and seen < records:
+            raise DataError(f"dataset '{entry.name}': {path} has no text in its records")
+
+
+def heldout_texts(entry: DatasetEntry, heldout_fraction: float = 0.01, limit: int | None = None) -> list[str]:
+    """The texts of a dataset's held-out documents (never used for training), in order, at most `limit`."""
+    out = []
+    for _, _, text in documents(entry, Selection(part="heldout", heldout_fraction=heldout_fraction)):
+        out.append(text)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
