@@ -118,7 +118,9 @@ def main(argv=None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, configure_logging=False)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
-    print(f"data pipeline, {args.tokens:,} packed tokens in blocks of {args.seq_len + 1}, weights {WEIGHTS} ({machine})")
+    print(
+        f"data pipeline, {args.tokens:,} packed tokens in blocks of {args.seq_len + 1}, weights {WEIGHTS} ({machine})"
+    )
     ours = timed(peerlab_blocks(corpus, args.seq_len), args.tokens)
     theirs = timed(hf_blocks(corpus, args.seq_len), args.tokens)
     ray.shutdown()
@@ -126,9 +128,13 @@ def main(argv=None) -> None:
     print(f"  {'':<24}{'start-up':>10}{'steady tokens/s':>18}{'overall tokens/s':>18}")
     for name, r in (("peerlab (Ray Data)", ours), ("hf interleave_datasets", theirs)):
         print(f"  {name:<24}{r['startup_s']:>9.1f}s{r['steady']:>18,.0f}{r['overall']:>18,.0f}")
-    print(f"  peerlab / hf: steady {ours['steady'] / theirs['steady']:.2f}, overall {ours['overall'] / theirs['overall']:.2f}")
-    print(f"  one worker trains the demo model on {need:,.0f} tokens/s: peerlab steady / training = "
-          f"{ours['steady'] / need:.0f}, overall / training = {ours['overall'] / need:.0f}")
+    print(
+        f"  peerlab / hf: steady {ours['steady'] / theirs['steady']:.2f}, overall {ours['overall'] / theirs['overall']:.2f}"
+    )
+    print(
+        f"  one worker trains the demo model on {need:,.0f} tokens/s: peerlab steady / training = "
+        f"{ours['steady'] / need:.0f}, overall / training = {ours['overall'] / need:.0f}"
+    )
 
 
 if __name__ == "__main__":

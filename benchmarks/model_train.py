@@ -47,7 +47,9 @@ def main(argv=None) -> None:
 
     variants = {}
     for name, use_peer in (("peer", True), ("dense", False)):
-        mcfg = load_config(args.config, [*args.overrides, f"model_config.use_peer={str(use_peer).lower()}"]).model_config
+        mcfg = load_config(
+            args.config, [*args.overrides, f"model_config.use_peer={str(use_peer).lower()}"]
+        ).model_config
         with device:  # build and initialise the weights where they will live
             model = build_model(mcfg)
         fused = device.type == "cuda"

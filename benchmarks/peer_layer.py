@@ -41,8 +41,12 @@ def build(variant: str, args) -> nn.Module:
     root = int(round(args.experts**0.5))
     if variant == "peerlab":
         cfg = PeerConfig(
-            num_experts=args.experts, product_key_dim=[root, root], num_experts_per_tok=args.k,
-            num_heads=args.heads, query_dim=args.dim, batch_norm_query=True,
+            num_experts=args.experts,
+            product_key_dim=[root, root],
+            num_experts_per_tok=args.k,
+            num_heads=args.heads,
+            query_dim=args.dim,
+            batch_norm_query=True,
         )
         layer = PEER(cfg, args.dim)
     elif variant == "peer-pytorch":
@@ -50,8 +54,12 @@ def build(variant: str, args) -> nn.Module:
 
         # dim_key = dim/2 per half matches peerlab's query_dim = dim (two halves of dim/2).
         layer = PeerPytorch(
-            dim=args.dim, heads=args.heads, num_experts=args.experts, num_experts_per_head=args.k,
-            dim_key=args.dim // 2, non_competing_scores=False,
+            dim=args.dim,
+            heads=args.heads,
+            num_experts=args.experts,
+            num_experts_per_head=args.k,
+            dim_key=args.dim // 2,
+            non_competing_scores=False,
         )
     else:
         layer = DenseMLP(args.dim, 4 * args.dim)

@@ -98,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
                     last_held = loss_of(held).item()
                 first_held = last_held if first_held is None else first_held
                 rate = (step - 1) * batch * seq / max(time.perf_counter() - start, 1e-9)
-                seen = ", ".join(f"{k.split('/')[1]} {v:,}" for k, v in mix.stats().items() if k.startswith("tokens_seen"))
-                print(f"step {step:4d}  loss {loss.item():.3f}  held-out {last_held:.3f}  {rate:,.0f} tokens/s  seen: {seen}")
+                seen = ", ".join(
+                    f"{k.split('/')[1]} {v:,}" for k, v in mix.stats().items() if k.startswith("tokens_seen")
+                )
+                print(
+                    f"step {step:4d}  loss {loss.item():.3f}  held-out {last_held:.3f}  {rate:,.0f} tokens/s  seen: {seen}"
+                )
     prompt = torch.tensor([tokenizer("def main(argv):\n    ", add_special_tokens=False)["input_ids"]])
     with_cache = model.generate(prompt, 32, use_cache=True)
     same = torch.equal(with_cache, model.generate(prompt, 32, use_cache=False))
-    print(f"greedy continuation: {tokenizer.decode(with_cache[0, prompt.shape[1]:])!r}")
+    print(f"greedy continuation: {tokenizer.decode(with_cache[0, prompt.shape[1] :])!r}")
     print(f"cached and uncached decoding agree: {same}")
     print(f"held-out loss {first_held:.3f} -> {last_held:.3f}")
     ray.shutdown()

@@ -20,18 +20,35 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_model_config(**overrides) -> ModelConfig:
     """A model small enough for float64 checks in milliseconds."""
     peer = PeerConfig(
-        num_experts=64, product_key_dim=[8, 8], num_experts_per_tok=4, num_heads=2, query_dim=8,
+        num_experts=64,
+        product_key_dim=[8, 8],
+        num_experts_per_tok=4,
+        num_heads=2,
+        query_dim=8,
         expert_hidden_size=overrides.pop("expert_hidden_size", 1),
         batch_norm_query=overrides.pop("batch_norm_query", True),
     )
     mla = MLAConfig(
-        q_lora_rank=overrides.pop("q_lora_rank", 24), kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=12,
-        qk_nope_head_dim=10, rope_theta=overrides.pop("rope_theta", 10000.0),
+        q_lora_rank=overrides.pop("q_lora_rank", 24),
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        qk_nope_head_dim=10,
+        rope_theta=overrides.pop("rope_theta", 10000.0),
     )
     base = dict(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=97,
-        max_position_embeddings=64, initializer_range=0.05, layer_norm_eps=1e-6, use_peer=True,
-        peer_start_layer=1, peer_config=peer, mla_config=mla,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=97,
+        max_position_embeddings=64,
+        initializer_range=0.05,
+        layer_norm_eps=1e-6,
+        use_peer=True,
+        peer_start_layer=1,
+        peer_config=peer,
+        mla_config=mla,
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -49,8 +66,12 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
-            num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, object_store_memory=500_000_000,
-            log_to_driver=False, configure_logging=False,
+            num_cpus=4,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            object_store_memory=500_000_000,
+            log_to_driver=False,
+            configure_logging=False,
         )
     yield ray
 

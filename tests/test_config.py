@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -43,11 +42,23 @@ def test_reference_config_holds_the_spec_values():
     assert (p.num_experts, p.num_experts_per_tok, p.num_heads, p.expert_hidden_size) == (1048576, 16, 8, 1)
     assert (p.product_key_dim, p.query_dim, p.batch_norm_query) == ([1024, 1024], 256, True)
     assert (p.log_expert_usage, p.log_freq, p.usage_threshold) == (True, 1000, 5.0)
-    assert (a.q_lora_rank, a.kv_lora_rank, a.qk_rope_head_dim, a.v_head_dim, a.qk_nope_head_dim) == (1536, 512, 64, 128, 128)
+    assert (a.q_lora_rank, a.kv_lora_rank, a.qk_rope_head_dim, a.v_head_dim, a.qk_nope_head_dim) == (
+        1536,
+        512,
+        64,
+        128,
+        128,
+    )
     assert a.rope_theta == 10000.0
     assert (t.learning_rate, t.weight_decay, t.max_grad_norm, t.gradient_accumulation_steps) == (5e-5, 0.01, 1.0, 4)
     assert (t.num_train_epochs, t.steps_per_epoch, t.max_steps) == (3, 10000, None)
-    assert (t.lr_scheduler_type, t.warmup_ratio, t.logging_steps, t.save_steps, t.eval_steps) == ("cosine", 0.1, 100, 1000, 2000)
+    assert (t.lr_scheduler_type, t.warmup_ratio, t.logging_steps, t.save_steps, t.eval_steps) == (
+        "cosine",
+        0.1,
+        100,
+        1000,
+        2000,
+    )
     assert (t.seed, t.fp16, t.bf16, t.tf32, t.resume_from_checkpoint) == (42, True, False, False, None)
     d = cfg.dataset_config
     assert [x.name for x in d.datasets] == ["pile-uncopyrighted", "c4"]
@@ -155,12 +166,20 @@ def both(*changes):
 
 MALFORMED = [
     # (id, change to the demo config, text the error must contain)
-    ("unknown key", setter("model_config.hiden_size", 64), "model_config.hiden_size: unknown key; did you mean 'hidden_size'?"),
+    (
+        "unknown key",
+        setter("model_config.hiden_size", 64),
+        "model_config.hiden_size: unknown key; did you mean 'hidden_size'?",
+    ),
     ("unknown nested key", setter("model_config.peer_config.num_expert", 4), "did you mean 'num_experts'?"),
     ("unknown section", setter("trainer_config", {}), "did you mean 'train_config'?"),
     ("unknown dataset key", setter("dataset_config.datasets.0.txt_field", "a"), "dataset_config.datasets.0.txt_field"),
     ("string for int", setter("model_config.hidden_size", "big"), "model_config.hidden_size: expected an integer"),
-    ("float for int", setter("model_config.num_hidden_layers", 2.5), "model_config.num_hidden_layers: expected an integer"),
+    (
+        "float for int",
+        setter("model_config.num_hidden_layers", 2.5),
+        "model_config.num_hidden_layers: expected an integer",
+    ),
     ("bool for int", setter("train_config.save_steps", True), "train_config.save_steps: expected an integer"),
     ("word for float", setter("train_config.learning_rate", "fast"), "train_config.learning_rate: expected a number"),
     ("string for bool", setter("model_config.use_peer", "maybe"), "model_config.use_peer: expected true or false"),
@@ -171,47 +190,123 @@ MALFORMED = [
     ("zero heads", setter("model_config.num_attention_heads", 0), "model_config.num_attention_heads: must be > 0"),
     ("product key mismatch", setter("model_config.peer_config.num_experts", 1000), "differs from num_experts = 1000"),
     ("three sub-key sets", setter("model_config.peer_config.product_key_dim", [16, 16, 256]), "needs two sizes"),
-    ("k larger than sub-keys", both(setter("model_config.peer_config.num_experts", 1024),
-                                    setter("model_config.peer_config.product_key_dim", [4, 256])),
-     "num_experts_per_tok: 8 is larger than the sub-key set of 4"),
+    (
+        "k larger than sub-keys",
+        both(
+            setter("model_config.peer_config.num_experts", 1024),
+            setter("model_config.peer_config.product_key_dim", [4, 256]),
+        ),
+        "num_experts_per_tok: 8 is larger than the sub-key set of 4",
+    ),
     ("odd query dim", setter("model_config.peer_config.query_dim", 63), "query_dim: must be even"),
-    ("peer start outside", setter("model_config.peer_start_layer", 4), "peer_start_layer: 4 is outside the layers 0..3"),
+    (
+        "peer start outside",
+        setter("model_config.peer_start_layer", 4),
+        "peer_start_layer: 4 is outside the layers 0..3",
+    ),
     ("peer start negative", setter("model_config.peer_start_layer", -1), "peer_start_layer: -1 is outside"),
     ("odd rope dim", setter("model_config.mla_config.qk_rope_head_dim", 15), "qk_rope_head_dim: must be even"),
     ("zero kv rank", setter("model_config.mla_config.kv_lora_rank", 0), "kv_lora_rank: must be > 0"),
-    ("fp16 and bf16", both(setter("train_config.fp16", True), setter("train_config.bf16", True)), "fp16 and bf16 are both true"),
-    ("both durations", setter("train_config.num_train_epochs", 2), "set exactly one of max_steps and num_train_epochs (both are set)"),
+    (
+        "fp16 and bf16",
+        both(setter("train_config.fp16", True), setter("train_config.bf16", True)),
+        "fp16 and bf16 are both true",
+    ),
+    (
+        "both durations",
+        setter("train_config.num_train_epochs", 2),
+        "set exactly one of max_steps and num_train_epochs (both are set)",
+    ),
     ("no duration", deleter("train_config.max_steps"), "(neither is set)"),
-    ("epochs on streaming", both(deleter("train_config.max_steps"), setter("train_config.num_train_epochs", 1)),
-     "need train_config.steps_per_epoch"),
-    ("text field and template", setter("dataset_config.datasets.0.text_template", "{text}"), "set exactly one of text_field and text_template (both are set)"),
+    (
+        "epochs on streaming",
+        both(deleter("train_config.max_steps"), setter("train_config.num_train_epochs", 1)),
+        "need train_config.steps_per_epoch",
+    ),
+    (
+        "text field and template",
+        setter("dataset_config.datasets.0.text_template", "{text}"),
+        "set exactly one of text_field and text_template (both are set)",
+    ),
     ("neither text field nor template", deleter("dataset_config.datasets.0.text_field"), "(neither is set)"),
     ("zero weight", setter("dataset_config.datasets.1.weight", 0), "dataset_config.datasets.1.weight: must be > 0"),
     ("negative weight", setter("dataset_config.datasets.0.weight", -0.5), "must be > 0"),
-    ("duplicate dataset name", setter("dataset_config.datasets.1.name", "prose"), "'prose' is already the name of dataset_config.datasets.0"),
+    (
+        "duplicate dataset name",
+        setter("dataset_config.datasets.1.name", "prose"),
+        "'prose' is already the name of dataset_config.datasets.0",
+    ),
     ("no datasets", setter("dataset_config.datasets", []), "dataset_config.datasets: needs at least one dataset"),
-    ("bad format", setter("dataset_config.datasets.0.format", "xml"), "format: must be one of json, jsonl, csv, text, parquet"),
-    ("template attribute access", both(deleter("dataset_config.datasets.0.text_field"),
-                                       setter("dataset_config.datasets.0.text_template", "{x.__class__}")),
-     "not a plain field name"),
-    ("template index access", both(deleter("dataset_config.datasets.0.text_field"),
-                                   setter("dataset_config.datasets.0.text_template", "{x[0]}")), "not a plain field name"),
-    ("template without field", both(deleter("dataset_config.datasets.0.text_field"),
-                                    setter("dataset_config.datasets.0.text_template", "hello")), "uses no field"),
-    ("template unbalanced brace", both(deleter("dataset_config.datasets.0.text_field"),
-                                       setter("dataset_config.datasets.0.text_template", "{text")), "not a valid template"),
+    (
+        "bad format",
+        setter("dataset_config.datasets.0.format", "xml"),
+        "format: must be one of json, jsonl, csv, text, parquet",
+    ),
+    (
+        "template attribute access",
+        both(
+            deleter("dataset_config.datasets.0.text_field"),
+            setter("dataset_config.datasets.0.text_template", "{x.__class__}"),
+        ),
+        "not a plain field name",
+    ),
+    (
+        "template index access",
+        both(
+            deleter("dataset_config.datasets.0.text_field"), setter("dataset_config.datasets.0.text_template", "{x[0]}")
+        ),
+        "not a plain field name",
+    ),
+    (
+        "template without field",
+        both(
+            deleter("dataset_config.datasets.0.text_field"), setter("dataset_config.datasets.0.text_template", "hello")
+        ),
+        "uses no field",
+    ),
+    (
+        "template unbalanced brace",
+        both(
+            deleter("dataset_config.datasets.0.text_field"), setter("dataset_config.datasets.0.text_template", "{text")
+        ),
+        "not a valid template",
+    ),
     ("scheduler typo", setter("train_config.lr_scheduler_type", "cosin"), "did you mean 'cosine'?"),
     ("log level", setter("train_config.log_level", "verbose"), "train_config.log_level: must be one of"),
     ("warmup ratio", setter("train_config.warmup_ratio", 1.5), "warmup_ratio: must be in [0, 1)"),
-    ("sequence longer than positions", setter("dataset_config.max_seq_length", 4096), "longer than model_config.max_position_embeddings"),
+    (
+        "sequence longer than positions",
+        setter("dataset_config.max_seq_length", 4096),
+        "longer than model_config.max_position_embeddings",
+    ),
     ("eval batch", setter("eval_config.eval_batch_size", 0), "eval_config.eval_batch_size: must be > 0"),
     ("eval listed twice", setter("eval_config.evals", ["hellaswag", "hellaswag"]), "'hellaswag' is listed twice"),
-    ("wandb log_model", setter("wandb_config", {"project": "p", "log_model": "sometimes"}), "wandb_config.log_model: must be one of"),
+    (
+        "wandb log_model",
+        setter("wandb_config", {"project": "p", "log_model": "sometimes"}),
+        "wandb_config.log_model: must be one of",
+    ),
     ("negative weight decay", setter("train_config.weight_decay", -0.1), "weight_decay: must be >= 0"),
-    ("zero accumulation", setter("train_config.gradient_accumulation_steps", 0), "gradient_accumulation_steps: must be > 0"),
-    ("infinite learning rate", setter("train_config.learning_rate", "inf"), "train_config.learning_rate: must be a finite number"),
-    ("nan weight", setter("dataset_config.datasets.0.weight", float("nan")), "datasets.0.weight: must be a finite number"),
-    ("inf init range", setter("model_config.initializer_range", float("inf")), "initializer_range: must be a finite number"),
+    (
+        "zero accumulation",
+        setter("train_config.gradient_accumulation_steps", 0),
+        "gradient_accumulation_steps: must be > 0",
+    ),
+    (
+        "infinite learning rate",
+        setter("train_config.learning_rate", "inf"),
+        "train_config.learning_rate: must be a finite number",
+    ),
+    (
+        "nan weight",
+        setter("dataset_config.datasets.0.weight", float("nan")),
+        "datasets.0.weight: must be a finite number",
+    ),
+    (
+        "inf init range",
+        setter("model_config.initializer_range", float("inf")),
+        "initializer_range: must be a finite number",
+    ),
     ("seed too large", setter("train_config.seed", 2**70), "train_config.seed: must be below 2**32"),
     ("newline in key", setter("model_config.a\nb", 1), "model_config.a\\nb: unknown key"),
 ]
@@ -308,7 +403,10 @@ def test_mixes_load_with_keys_and_names(tmp_path):
 @pytest.mark.parametrize(
     "raw,expected",
     [
-        ({"data_mixes": {"m1": mix("same", ENTRY), "m2": mix("same", ENTRY)}}, "mix name 'same' is already used by data_mixes.m1"),
+        (
+            {"data_mixes": {"m1": mix("same", ENTRY), "m2": mix("same", ENTRY)}},
+            "mix name 'same' is already used by data_mixes.m1",
+        ),
         ({"data_mixes": {"m1": mix("m1", {**ENTRY, "weight": 0})}}, "data_mixes.m1.datasets.0.weight: must be > 0"),
         ({"data_mixes": {"m1": mix("m1", ENTRY, ENTRY)}}, "'a' is already the name of data_mixes.m1.datasets.0"),
         ({"data_mixes": {"m1": {"name": "m1", "datasets": [], "extra": 1}}}, "data_mixes.m1.extra: unknown key"),

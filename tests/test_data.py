@@ -12,8 +12,18 @@ import pytest
 
 from peerlab.config import DatasetEntry, load_config
 from peerlab.data import (
-    DataError, DataMixture, DataOptions, Packer, Selection, TokenizerError, check_data, check_source, documents,
-    heldout_texts, load_tokenizer, train_bpe,
+    DataError,
+    DataMixture,
+    DataOptions,
+    Packer,
+    Selection,
+    TokenizerError,
+    check_data,
+    check_source,
+    documents,
+    heldout_texts,
+    load_tokenizer,
+    train_bpe,
 )
 from peerlab.data.corpus import DOMAINS, prepare_demo_corpus
 from tests.conftest import ROOT
@@ -100,7 +110,7 @@ def test_formats_json_array_jsonl_csv_text_parquet_and_folders(tmp_path):
     recs = [{"text": f"doc {i}", "n": i} for i in range(5)]
     (tmp_path / "a.json").write_text(json.dumps(recs))
     write_jsonl(tmp_path / "b.jsonl", recs)
-    (tmp_path / "c.csv").write_text("text,n\n" + "".join(f"\"doc {i}\",{i}\n" for i in range(5)))
+    (tmp_path / "c.csv").write_text("text,n\n" + "".join(f'"doc {i}",{i}\n' for i in range(5)))
     (tmp_path / "d.txt").write_text("".join(f"doc {i}\n" for i in range(5)))
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "e.parquet")
     want = [f"doc {i}" for i in range(5)]
@@ -136,27 +146,27 @@ def test_held_out_split_files_and_hash_rule(tmp_path):
     assert not rows_train & rows_held
 
 
-def test_hub_path_reads_through_load_dataset(tmp_path):
-    """The hub code path (datasets.load_dataset) on a local dataset folder, offline."""
-    folder = tmp_path / "hubby"
-    write_jsonl(folder / "train.jsonl", [{"text": f"hub doc {i}"} for i in range(30)])
-    e = DatasetEntry(name="hub", path="hubby", split="train", streaming=True, text_field="text")
-    import os
+def test_hub_path_reads_through_load_dataset(tmp_path, small_tokenizer):
+    """The hub reader (datasets.load_dataset(path, subset, split, streaming)) on a local dataset folder, offline."""
+    from peerlab.data.sources import hub_documents, is_local
 
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        from peerlab.data.sources import is_local
-
-        assert not is_local(DatasetEntry(name="x", path="monology/pile-uncopyrighted", text_field="text"))
-        docs = [t for _, _, t in documents(e, Selection(heldout_fraction=0))] if not is_local(e) else None
-        if docs is None:  # a bare folder name exists locally; force the hub reader
-            from peerlab.data.sources import hub_documents
-
-            docs = [t for table in hub_documents(e, Selection(heldout_fraction=0)) for t in table["text"].to_pylist()]
-    finally:
-        os.chdir(cwd)
-    assert docs == [f"hub doc {i}" for i in range(30)]
+    assert not is_local(DatasetEntry(name="pile", path="monology/pile-uncopyrighted", text_field="text"))
+    write_jsonl(tmp_path / "hubby" / "train.jsonl", [{"text": f"hub doc {i}"} for i in range(300)])
+    e = DatasetEntry(name="hub", path=str(tmp_path / "hubby"), split="train", streaming=True, text_field="text")
+    tables = list(hub_documents(e, Selection(heldout_fraction=0.05)))
+    train = [t for table in tables for t in table["text"].to_pylist()]
+    held = [
+        t
+        for table in hub_documents(e, Selection(part="heldout", heldout_fraction=0.05))
+        for t in table["text"].to_pylist()
+    ]
+    assert sorted(train + held) == sorted(f"hub doc {i}" for i in range(300)) and 3 <= len(held) <= 30
+    resumed = [
+        t
+        for table in hub_documents(e, Selection(start=(0, 100), heldout_fraction=0.05))
+        for t in table["text"].to_pylist()
+    ]
+    assert resumed == [t for t in train if int(t.split()[-1]) >= 100]  # resuming skips what was read
 
 
 # --------------------------------------------------------------------------------------
@@ -178,7 +188,9 @@ def test_bad_inputs_each_give_one_line(tmp_path, small_tokenizer):
     cases.append((entry(missing), "record 2 has no field 'text'", "skip_bad_records"))
     number = write_jsonl(tmp_path / "number.jsonl", [{"text": 5}])
     cases.append((entry(number), "field 'text' is int, not text", "record 1"))
-    cases.append((entry(good, text_template="{title}: {text}"), "no field 'title' (used by text_template)", "good.jsonl"))
+    cases.append(
+        (entry(good, text_template="{title}: {text}"), "no field 'title' (used by text_template)", "good.jsonl")
+    )
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     cases.append((entry(tmp_path / "latin1.txt"), "latin1.txt is not UTF-8", "byte"))
     for e, *expected in cases:
@@ -365,3 +377,28 @@ def test_demo_config_data_checks_pass(demo_corpus):
     assert len(tokenizer) == 8192 and tokenizer.eos_token == "<|endoftext|>"
     ids = tokenizer("def f(x):\n    return x  # the end")["input_ids"]
     assert tokenizer.decode(ids) == "def f(x):\n    return x  # the end"
+
+
+def test_smoke_demo_refuses_bad_data_before_ray_starts(tmp_path):
+    """A bad dataset path: exit status 2, one line naming dataset and path, and no Ray cluster started."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "smoke.py"),
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            "dataset_config.datasets.1.path=/no/such/code.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (
+        out.stderr.strip().count("\n") == 0 and "dataset 'code': path /no/such/code.jsonl does not exist" in out.stderr
+    )
+    assert "Ray dashboard" not in out.stdout and (tmp_path / "data" / "demo" / "manifest.json").is_file()

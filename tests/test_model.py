@@ -126,8 +126,14 @@ def test_rope_theta_changes_the_model():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"use_peer": False}, {"q_lora_rank": None}, {"expert_hidden_size": 3}, {"batch_norm_query": False},
-     {"peer_start_layer": 0}],
+    [
+        {},
+        {"use_peer": False},
+        {"q_lora_rank": None},
+        {"expert_hidden_size": 3},
+        {"batch_norm_query": False},
+        {"peer_start_layer": 0},
+    ],
 )
 def test_parameter_counts_match_formulas(overrides):
     model = build_model(tiny_model_config(**overrides))

@@ -13,8 +13,13 @@ from peerlab.model.peer import PEER, gather_dot, peer_experts
 def make_peer(n1, n2, k, heads, dim=16, query_dim=12, hidden=1, bn=True, seed=0) -> PEER:
     torch.manual_seed(seed)
     cfg = PeerConfig(
-        num_experts=n1 * n2, product_key_dim=[n1, n2], num_experts_per_tok=k, num_heads=heads,
-        query_dim=query_dim, expert_hidden_size=hidden, batch_norm_query=bn,
+        num_experts=n1 * n2,
+        product_key_dim=[n1, n2],
+        num_experts_per_tok=k,
+        num_heads=heads,
+        query_dim=query_dim,
+        expert_hidden_size=hidden,
+        batch_norm_query=bn,
     )
     layer = PEER(cfg, dim).double()
     if bn:  # non-trivial BatchNorm statistics and affine terms

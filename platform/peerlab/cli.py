@@ -19,7 +19,11 @@ class UsageError(SystemExit):
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one key, e.g. --set train_config.learning_rate=3e-4 (repeatable)",
     )
 

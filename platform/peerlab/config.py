@@ -476,8 +476,7 @@ def check_training_duration(train: TrainConfig, datasets: list[DatasetEntry], sr
         if streaming:
             raise src.error(
                 "train_config.num_train_epochs",
-                f"epochs over streaming dataset '{streaming[0]}' need train_config.steps_per_epoch "
-                "(or use max_steps)",
+                f"epochs over streaming dataset '{streaming[0]}' need train_config.steps_per_epoch (or use max_steps)",
             )
 
 
@@ -487,15 +486,30 @@ def check_config(cfg: Config, src: _Source) -> None:
     _positive(
         m,
         "model_config",
-        ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-         "max_position_embeddings", "initializer_range", "layer_norm_eps"],
+        [
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+            "initializer_range",
+            "layer_norm_eps",
+        ],
         src,
     )
     _positive(
         p,
         "model_config.peer_config",
-        ["num_experts", "num_experts_per_tok", "num_heads", "expert_hidden_size", "query_dim", "log_freq",
-         "usage_threshold"],
+        [
+            "num_experts",
+            "num_experts_per_tok",
+            "num_heads",
+            "expert_hidden_size",
+            "query_dim",
+            "log_freq",
+            "usage_threshold",
+        ],
         src,
     )
     _positive(a, "model_config.mla_config", ["kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "rope_theta"], src)
@@ -542,8 +556,18 @@ def check_config(cfg: Config, src: _Source) -> None:
     _positive(
         t,
         "train_config",
-        ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate",
-         "max_steps", "num_train_epochs", "steps_per_epoch", "logging_steps", "save_steps", "eval_steps"],
+        [
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "learning_rate",
+            "max_steps",
+            "num_train_epochs",
+            "steps_per_epoch",
+            "logging_steps",
+            "save_steps",
+            "eval_steps",
+        ],
         src,
     )
     _positive(t, "train_config", ["weight_decay", "max_grad_norm", "seed"], src, allow_zero=True)

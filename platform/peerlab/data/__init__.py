@@ -1,10 +1,10 @@
 """The data pipeline: datasets -> documents -> tokens -> packed blocks, mixed by weight.
 
-    sources.py    local files and hub datasets as ordered documents; Ray Data read tasks; held-out split
-    tokenizer.py  AutoTokenizer lookup (offline first) and the embedded default's BPE
-    packing.py    documents joined with end-of-text and cut into blocks, with a resume point
-    mixture.py    one Ray Data stream per dataset, mixed at the token level, resumable
-    corpus.py     the embedded default's offline corpus (prose, code, docs) and its prepare step
+sources.py    local files and hub datasets as ordered documents; Ray Data read tasks; held-out split
+tokenizer.py  AutoTokenizer lookup (offline first) and the embedded default's BPE
+packing.py    documents joined with end-of-text and cut into blocks, with a resume point
+mixture.py    one Ray Data stream per dataset, mixed at the token level, resumable
+corpus.py     the embedded default's offline corpus (prose, code, docs) and its prepare step
 """
 
 import importlib
@@ -12,11 +12,20 @@ import importlib
 # Exports load lazily: Ray Data tasks import peerlab.data.sources and .tokenizer in fresh worker
 # processes, which should not pay for torch (mixture) or transformers on the way.
 _EXPORTS = {
-    "DataMixture": "mixture", "DataOptions": "mixture", "SourcePosition": "mixture", "SourceStream": "mixture",
+    "DataMixture": "mixture",
+    "DataOptions": "mixture",
+    "SourcePosition": "mixture",
+    "SourceStream": "mixture",
     "Packer": "packing",
-    "DataError": "sources", "Selection": "sources", "check_source": "sources", "documents": "sources",
-    "heldout_texts": "sources", "list_files": "sources",
-    "TokenizerError": "tokenizer", "load_tokenizer": "tokenizer", "train_bpe": "tokenizer",
+    "DataError": "sources",
+    "Selection": "sources",
+    "check_source": "sources",
+    "documents": "sources",
+    "heldout_texts": "sources",
+    "list_files": "sources",
+    "TokenizerError": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "train_bpe": "tokenizer",
 }
 __all__ = [*_EXPORTS, "check_data"]
 

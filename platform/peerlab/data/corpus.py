@@ -62,7 +62,9 @@ def prose_texts() -> Iterator[tuple[str, str]]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        ]
         docs = [ast.get_docstring(n) for n in nodes]
         text = "\n\n".join(d for d in docs if d and len(d) > 200)
         if text:
@@ -152,7 +154,8 @@ def prepare_demo_corpus(out_dir: str | Path = "data/demo", force: bool = False, 
             f.close()
             (folder / f"{split}.jsonl.tmp").replace(folder / f"{split}.jsonl")
         manifest["domains"][domain] = {
-            **counts, "chars": sum(len(t) for _, t in docs),
+            **counts,
+            "chars": sum(len(t) for _, t in docs),
             "sha256": {s: hashlib.sha256((folder / f"{s}.jsonl").read_bytes()).hexdigest() for s in counts},
         }
         if not quiet:

@@ -164,7 +164,6 @@ class SourceStream:
         p.blocks += 1
         return block
 
-
     def close(self) -> None:
         """Stop reading (ends this dataset's Ray Data execution)."""
         if self._first is not None:

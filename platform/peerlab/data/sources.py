@@ -85,7 +85,9 @@ def list_files(entry: DatasetEntry) -> FileList:
         raise DataError(f"dataset '{entry.name}': path {entry.path} does not exist")
     if root.is_file():
         return FileList(root.parent, (root,), ())
-    suffixes = {s for s, f in EXTENSIONS.items() if entry.format in (None, f) or (entry.format == "json" and f == "jsonl")}
+    suffixes = {
+        s for s, f in EXTENSIONS.items() if entry.format in (None, f) or (entry.format == "json" and f == "jsonl")
+    }
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
         kinds = entry.format or "json, jsonl, csv, txt or parquet"
@@ -140,7 +142,9 @@ def read_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict | 
                     yield row, record
                     row += 1
     except UnicodeDecodeError as err:
-        raise DataError(f"dataset '{entry.name}': {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DataError(
+            f"dataset '{entry.name}': {path} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
     except (OSError, pa.ArrowInvalid, csv.Error) as err:
         raise DataError(f"dataset '{entry.name}': cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
 
@@ -155,7 +159,9 @@ def _json_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict]]
             try:
                 records = json.load(f)
             except json.JSONDecodeError as err:
-                raise DataError(f"dataset '{entry.name}': {path} line {err.lineno}: malformed JSON ({err.msg})") from None
+                raise DataError(
+                    f"dataset '{entry.name}': {path} line {err.lineno}: malformed JSON ({err.msg})"
+                ) from None
             for row, record in enumerate(records):
                 yield row, record
             return
@@ -226,14 +232,24 @@ class Selection:
 
 def _table(pass_: int, files: list[int], rows: list[int], texts: list[str | None]) -> pa.Table:
     """A block of documents; a null text marks a bad record that was skipped (and is counted)."""
-    return pa.table({
-        "pass": pa.array([pass_] * len(rows), pa.int32()), "file": pa.array(files, pa.int32()),
-        "row": pa.array(rows, pa.int64()), "text": pa.array(texts, pa.large_string()),
-    })
+    return pa.table(
+        {
+            "pass": pa.array([pass_] * len(rows), pa.int32()),
+            "file": pa.array(files, pa.int32()),
+            "row": pa.array(rows, pa.int64()),
+            "text": pa.array(texts, pa.large_string()),
+        }
+    )
 
 
 def local_documents(
-    entry: DatasetEntry, path: Path, name: str, ordinal: int, sel: Selection, hash_heldout: bool, first_row: int = 0,
+    entry: DatasetEntry,
+    path: Path,
+    name: str,
+    ordinal: int,
+    sel: Selection,
+    hash_heldout: bool,
+    first_row: int = 0,
     pass_: int = 0,
 ) -> Iterator[pa.Table]:
     """Tables of (pass, file, row, text) for the selected documents of one local file."""
@@ -270,7 +286,8 @@ def hub_documents(entry: DatasetEntry, sel: Selection, pass_: int = 0) -> Iterat
     try:
         ds = datasets.load_dataset(entry.path, entry.subset, split=entry.split, streaming=entry.streaming)
     except Exception as err:  # the hub's errors come in many types; all mean "cannot load"
-        raise DataError(f"dataset '{entry.name}': cannot load '{entry.path}' from the hub: {str(err).splitlines()[0]}")
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"dataset '{entry.name}': cannot load '{entry.path}' from the hub: {message}") from None
     text_of = TextOf(entry)
     first_row = sel.start[1]
     if first_row:
@@ -332,7 +349,10 @@ def read_tasks(entry: DatasetEntry, sel: Selection, orders: list[list[int]] | No
 
 
 def make_datasource(
-    entry: DatasetEntry, sel: Selection, orders: list[list[int]] | None = None, first_pass: int = 0,
+    entry: DatasetEntry,
+    sel: Selection,
+    orders: list[list[int]] | None = None,
+    first_pass: int = 0,
     tokenizer: str | None = None,
 ):
     """The Ray Data datasource of one entry and selection: one read task per file and pass.

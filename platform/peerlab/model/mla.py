@@ -125,8 +125,11 @@ class MLA(nn.Module):
         # Token i of the new ones sits at position L - T + i and sees keys 0 .. L - T + i.
         mask = torch.arange(L, device=x.device) <= torch.arange(L - T, L, device=x.device).unsqueeze(1)  # (T, L)
         o_latent = F.scaled_dot_product_attention(
-            q, k.expand(B, self.num_heads, L, -1), c.unsqueeze(1).expand(B, self.num_heads, L, -1),
-            attn_mask=mask, scale=self.scale,
+            q,
+            k.expand(B, self.num_heads, L, -1),
+            c.unsqueeze(1).expand(B, self.num_heads, L, -1),
+            attn_mask=mask,
+            scale=self.scale,
         )  # (B, H, T, r)
         o = torch.einsum("bhtr,hvr->bthv", o_latent, w_v)  # (B, T, H, v): W^UV applied after the sum
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
@@ -147,7 +150,7 @@ class LayerCache:
         end = self.length + c.shape[1]
         if end > self.latent.shape[1]:
             raise ValueError(f"cache holds {self.latent.shape[1]} tokens; {end} were asked for")
-        self.latent[:, self.length:end] = c
-        self.rope_key[:, self.length:end] = k_rope
+        self.latent[:, self.length : end] = c
+        self.rope_key[:, self.length : end] = k_rope
         self.length = end
         return self.latent[:, :end], self.rope_key[:, :end]
