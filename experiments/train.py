@@ -1,16 +1,23 @@
-"""Train one PEER/MLA model from a config.
+"""Train one PEER/MLA model from a config, as one Ray Train job.
 
-    python experiments/train.py --config configs/demo.yaml [--set train_config.learning_rate=3e-4 ...] --dry-run
+    python experiments/train.py --config configs/demo.yaml [--set train_config.learning_rate=3e-4 ...]
+        [--name RUN] [--address ray://... | RAY_ADDRESS] [--dry-run]
+
+The run's outputs go to <output_dir>/<run name>/ (the name defaults to the config file's
+name): resolved_config.yaml, metrics.jsonl, checkpoints/. Running the same name again
+continues from its newest checkpoint. Ray starts a local cluster bound to 127.0.0.1 unless
+--address or RAY_ADDRESS names one; the dashboard URL is printed first.
 
 --dry-run validates the config, prints it resolved, the parameter count of each part of the
 model and the memory each worker needs for weights, gradients and AdamW state, and starts
-nothing. A config that cannot be used gives a one-line error and exit status 2.
+nothing. A config or data that cannot be used gives a one-line error and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from peerlab.cli import UsageError, add_config_arguments, config_from_arguments
 from peerlab.config import dump_config
@@ -54,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train one PEER/MLA model from a config.")
     add_config_arguments(ap, "configs/config.yaml")
     ap.add_argument("--dry-run", action="store_true", help="validate and print sizes; start nothing")
-    ap.add_argument("--workers", type=int, default=1, help="training workers (for the per-worker memory estimate)")
+    ap.add_argument("--workers", type=int, default=1, help="training workers (for the dry run's memory estimate)")
+    ap.add_argument("--name", help="run name: outputs go to <output_dir>/<name> (default: the config file's name)")
+    ap.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
     args = ap.parse_args(argv)
     cfg = config_from_arguments(args)
     if args.workers < 1:
@@ -65,9 +74,33 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(describe(cfg, args.workers))
         return 0
-    raise UsageError(
-        "training on Ray Train is not built yet (issue 4); use --dry-run, or experiments/smoke.py for the smoke demo"
-    )
+
+    from peerlab.data import DataError, TokenizerError, check_data
+    from peerlab.data.corpus import prepare_demo_corpus
+
+    if any(str(d.path).startswith("./data/demo") for d in cfg.dataset_config.datasets):
+        prepare_demo_corpus("data/demo")
+    try:
+        check_data(cfg.dataset_config, cfg.model_config)
+    except (DataError, TokenizerError) as err:
+        raise UsageError(str(err)) from None
+    run_dir = Path(cfg.train_config.output_dir) / (args.name or Path(args.config).stem)
+
+    from peerlab.train.launch import fit, start_ray
+
+    print(f"Ray dashboard: {start_ray(args.address) or 'not running'}", flush=True)
+    print(f"run folder: {run_dir}", flush=True)
+    try:
+        result = fit(cfg, run_dir)
+    except Exception as err:  # Ray wraps the worker's error; its first line says what happened
+        message = str(err).strip().splitlines()
+        print(f"error: the run failed: {message[-1] if message else type(err).__name__}", file=sys.stderr)
+        return 1
+    if result.error is not None:
+        print(f"error: the run failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"done: metrics in {run_dir / 'metrics.jsonl'}, checkpoints in {run_dir / 'checkpoints'}")
+    return 0
 
 
 if __name__ == "__main__":

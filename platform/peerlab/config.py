@@ -104,6 +104,12 @@ class TrainConfig:
     bf16: bool = False
     tf32: bool = False
     resume_from_checkpoint: Optional[str] = None
+    # --- peerlab's own keys (not in the guide) ---
+    float8: bool = True  # torchao Float8 training where the GPU supports it (compute capability 8.9+)
+    num_workers: int = 1  # Ray Train workers; 0 runs the loop in the driver's process (Train's local mode)
+    use_gpu: Optional[bool] = None  # null: GPUs when the cluster has one per worker
+    max_failures: int = 2  # worker-group restarts Ray Train may make before the run fails
+    save_total_limit: int = 2  # checkpoints kept in <run>/checkpoints (oldest removed first)
 
 
 DATA_FORMATS = ("json", "jsonl", "csv", "text", "parquet")
@@ -570,7 +576,14 @@ def check_config(cfg: Config, src: _Source) -> None:
         ],
         src,
     )
-    _positive(t, "train_config", ["weight_decay", "max_grad_norm", "seed"], src, allow_zero=True)
+    _positive(
+        t,
+        "train_config",
+        ["weight_decay", "max_grad_norm", "seed", "num_workers", "max_failures"],
+        src,
+        allow_zero=True,
+    )
+    _positive(t, "train_config", ["save_total_limit"], src)
     if t.seed >= 2**32:
         raise src.error("train_config.seed", f"must be below 2**32 (what torch and numpy seeds accept), got {t.seed}")
     if not 0 <= t.warmup_ratio < 1:
@@ -634,6 +647,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         apply_override(raw, override, src)
     if raw.get("wandb_config") is False:
         raw["wandb_config"] = None
+    cfg = _build(Config, raw, "", src)
+    check_config(cfg, src)
+    return cfg
+
+
+def config_from_dict(raw: dict, origin: str = "<resolved config>") -> Config:
+    """A config from plain data (a resolved config passed to workers, or read back from a run)."""
+    src = _Source(origin)
     cfg = _build(Config, raw, "", src)
     check_config(cfg, src)
     return cfg

@@ -1,0 +1,134 @@
+"""Where a run's numbers go: metrics.jsonl, Ray's dashboard metrics, wandb (optional), the driver's progress.
+
+Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step. Loss and
+tokens/s are also Ray metrics (`ray.util.metrics.Gauge`), which the Ray dashboard shows.
+wandb runs only when the config has a `wandb_config`; `WANDB_MODE=offline` works without an
+account. The driver follows `metrics.jsonl` and prints a progress line per logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("peerlab.train")
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to <run>/metrics.jsonl (and to the dashboard and wandb)."""
+
+    def __init__(self, run_dir: Path, config, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.gauges = None
+        self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from ray.util.metrics import Gauge
+
+            self.gauges = {
+                "loss": Gauge("peerlab_train_loss", description="training loss of the latest logged step"),
+                "tokens_per_s": Gauge("peerlab_tokens_per_s", description="training tokens per second"),
+            }
+        except Exception as err:  # no Ray worker context (a plain in-process run): the dashboard is not there
+            log.debug("Ray metrics unavailable: %s", err)
+        if config.wandb_config is not None:
+            import wandb
+
+            w = config.wandb_config
+            self.wandb = wandb.init(
+                project=w.project,
+                entity=w.entity,
+                name=w.name or Path(run_dir).name,
+                dir=str(run_dir),
+                config=_plain(config),
+                resume="allow",
+                id=Path(run_dir).name,
+            )
+            self.log_model = w.log_model
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.gauges:
+            for key, gauge in self.gauges.items():
+                if key in record and math.isfinite(record[key]):
+                    gauge.set(record[key])
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def checkpoint(self, folder: Path, step: int, final: bool = False) -> None:
+        """wandb log_model: 'checkpoints' logs every checkpoint, 'all' also the final model; null nothing."""
+        if self.wandb is None or self.log_model is None or (final and self.log_model != "all"):
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"{self.wandb.name}-model", type="model", metadata={"step": step})
+        artifact.add_dir(str(folder))
+        self.wandb.log_artifact(artifact, aliases=[f"step-{step}", *(["final"] if final else [])])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(config) -> dict:
+    from peerlab.config import to_dict
+
+    return to_dict(config)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress(threading.Thread):
+    """Follows metrics.jsonl in the driver and prints step, loss, tokens/s and ETA as lines arrive."""
+
+    def __init__(self, run_dir: Path, total_steps: int, every: float = 1.0):
+        super().__init__(daemon=True)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.total = total_steps
+        self.every = every
+        self.stop = threading.Event()
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.poll()
+            self.stop.wait(self.every)
+        self.poll()
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                self.offset += len(line)
+                print(format_progress(json.loads(line), self.total), flush=True)
+
+
+def format_progress(record: dict, total: int) -> str:
+    step, rate = record.get("step", 0), record.get("tokens_per_s", 0.0)
+    eta = record.get("eta_s")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None and math.isfinite(eta) else "?"
+    parts = [f"step {step}/{total}", f"loss {record.get('loss', float('nan')):.4f}", f"{rate:,.0f} tokens/s"]
+    evals = [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("eval_loss/")]
+    if evals:
+        parts.append("held-out " + ", ".join(evals))
+    parts.append(f"ETA {eta_text}")
+    return "  ".join(parts)

@@ -1,0 +1,122 @@
+"""One training run as one Ray Train job: the cluster, the workers' resources, the TorchTrainer.
+
+`start_ray(address)` joins the cluster at `address` (or RAY_ADDRESS), else starts a local
+one bound to 127.0.0.1 with its dashboard. `scaling_config(cfg)` sizes the workers from the
+config and the cluster: one GPU per worker (nccl) where there are enough GPUs, otherwise
+CPU workers (gloo) that ask for at most one CPU each and leave one for Ray Data, so that
+2 workers on a 2-core machine do not wait forever for resources (FACTS.md).
+`fit(cfg, run_dir)` runs `peerlab.train.worker.train_loop` on them with Ray Train restarting
+a failed worker group up to `max_failures` times, and prints a progress line per logged step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from peerlab.config import Config, to_dict
+from peerlab.train.optim import total_steps
+from peerlab.train.worker import environment, train_loop
+
+
+def start_ray(address: str | None = None) -> str | None:
+    """Connect to (or start) Ray; returns the dashboard URL when there is one."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token for the dashboard (FACTS.md)
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        return getattr(context, "dashboard_url", None)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        info = ray.init(address=address, runtime_env={"env_vars": environment()}, log_to_driver=True)
+    else:
+        info = ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": environment()},
+            log_to_driver=True,
+        )
+    url = info.dashboard_url
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def scaling_config(cfg: Config):
+    import ray
+    from ray.train import ScalingConfig
+
+    t = cfg.train_config
+    workers = t.num_workers
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+    use_gpu = t.use_gpu if t.use_gpu is not None else (workers > 0 and gpus >= workers)
+    if use_gpu:
+        return ScalingConfig(num_workers=workers, use_gpu=True)
+    per_worker = min(1.0, max(0.1, (cpus - 1.0) / max(workers, 1)))
+    return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": per_worker})
+
+
+def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
+    """The config with its local paths made absolute: Ray workers run in other working directories."""
+    from dataclasses import replace
+
+    from peerlab.data.sources import is_local
+
+    base = base or Path.cwd()
+
+    def fix(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    d, t, e = cfg.dataset_config, cfg.train_config, cfg.eval_config
+    datasets = [replace(x, path=fix(x.path)) if is_local(x) else x for x in d.datasets]
+    tokenizer = fix(d.tokenizer_name) if (base / d.tokenizer_name).exists() else d.tokenizer_name
+    resume = fix(t.resume_from_checkpoint) if t.resume_from_checkpoint else None
+    return replace(
+        cfg,
+        dataset_config=replace(d, datasets=datasets, tokenizer_name=tokenizer),
+        train_config=replace(t, output_dir=fix(t.output_dir), resume_from_checkpoint=resume),
+        eval_config=replace(e, evals_registry_path=fix(e.evals_registry_path)),
+    )
+
+
+def write_resolved_config(cfg: Config, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "resolved_config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def fit(cfg: Config, run_dir: Path, quiet: bool = False, **loop_options):
+    """Run the training job; returns Ray Train's Result. Raises on a failed run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from peerlab.tracking import Progress
+
+    run_dir = Path(run_dir).resolve()
+    cfg = absolute_paths(cfg)
+    write_resolved_config(cfg, run_dir)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), **loop_options},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent / ".ray"),
+            failure_config=FailureConfig(max_failures=cfg.train_config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    progress = None if quiet else Progress(run_dir, total_steps(cfg.train_config))
+    if progress:
+        progress.start()
+    try:
+        return trainer.fit()
+    finally:
+        if progress:
+            progress.stop.set()
+            progress.join()

@@ -1,0 +1,254 @@
+"""The training loop every Ray Train worker runs (`train_loop`), and the run it belongs to.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of
+`per_device_train_batch_size` blocks on every worker (data-parallel through DDP when there
+are several workers). The loop resumes by itself: from `resume_from_checkpoint`, else from
+the newest complete checkpoint of its run folder, which is also how it continues after Ray
+Train restarts a failed worker group. Every `logging_steps` rank 0 writes a line of
+metrics, every `eval_steps` it adds the held-out loss of each dataset, and every
+`save_steps` (and at the end) all ranks hand their data position and random state to rank
+0, which writes a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from peerlab.config import Config, config_from_dict
+from peerlab.data.mixture import DataMixture, DataOptions
+from peerlab.data.tokenizer import load_tokenizer
+from peerlab.eval.heldout import heldout_blocks, heldout_loss
+from peerlab.model import build_model
+from peerlab.tracking import MetricsLog
+from peerlab.train import checkpoint as ckpt
+from peerlab.train.optim import build_optimizer, build_scheduler, total_steps
+from peerlab.train.precision import apply_float8, autocast, grad_scaler, set_tf32
+
+log = logging.getLogger("peerlab.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, say); the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class Place:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def where_am_i() -> Place:
+    """Rank, world size and device: from Ray Train's context when there is one, else a single process."""
+    rank, world, local = 0, 1, 0
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    except Exception:  # not inside Ray Train (a direct call): one process
+        pass
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    return Place(rank, world, device)
+
+
+def report(metrics: dict) -> None:
+    """Hand metrics to Ray Train (and so to Tune) when running under it."""
+    try:
+        import ray.train
+
+        ray.train.get_context()
+    except Exception:
+        return
+    try:
+        ray.train.report(metrics)
+    except Exception as err:  # Train's local mode inside a Tune trial wants ray.tune.report (FACTS.md)
+        try:
+            import ray.tune
+
+            ray.tune.report(metrics)
+        except Exception:
+            log.debug("metrics not reported to Ray: %s", err)
+
+
+def _gather(obj, place: Place) -> list:
+    """Every rank's `obj`, on every rank."""
+    if place.world == 1:
+        return [obj]
+    out = [None] * place.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _mean_across(value: float, place: Place) -> float:
+    if place.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / place.world
+
+
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: resume_from_checkpoint, else the run folder's newest complete one."""
+    if cfg.train_config.resume_from_checkpoint:
+        path = Path(cfg.train_config.resume_from_checkpoint)
+        ckpt.verify(path)
+        return path
+    return ckpt.latest(run_dir / "checkpoints")
+
+
+def train_loop(loop_config: dict) -> dict:
+    """Ray Train's per-worker function; also runs directly in one process. Returns the last metrics."""
+    cfg = config_from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    t, d = cfg.train_config, cfg.dataset_config
+    place = where_am_i()
+    logging.basicConfig(level=t.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    log.setLevel(t.log_level.upper())
+    set_tf32(t)
+    if place.device.type == "cuda":
+        torch.cuda.set_device(place.device)
+
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model_config).to(place.device)
+    apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
+    steps = total_steps(t)
+    optimizer = build_optimizer(model, t, fused=place.device.type == "cuda")
+    scheduler = build_scheduler(optimizer, t, steps)
+    scaler = grad_scaler(t, place.device)
+
+    tokenizer = load_tokenizer(d.tokenizer_name)
+    opts = DataOptions(
+        d.tokenizer_name,
+        d.max_seq_length,
+        seed=t.seed,
+        rank=place.rank,
+        world=place.world,
+        heldout_fraction=d.heldout_fraction,
+        engine=loop_config.get("data_engine", "ray"),
+    )
+    start_step, data_state, trainer_state = 0, None, {}
+    source = resume_point(cfg, run_dir)
+    if source is not None:
+        state = ckpt.load(source)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        trainer_state = state.trainer
+        scaler.load_state_dict(trainer_state.get("scaler", {}) or scaler.state_dict())
+        start_step = trainer_state["step"]
+        ranks = state.data["ranks"]
+        if len(ranks) != place.world:
+            raise TrainingError(f"{source} was written by {len(ranks)} workers; this run has {place.world}")
+        data_state = ranks[place.rank]
+        ckpt.set_rng_state(state.rng_plain["ranks"][place.rank], ckpt.rank_tensors(state.rng_tensors, place.rank))
+        if place.rank == 0:
+            log.info("resuming from %s at step %d", source, start_step)
+    else:
+        torch.manual_seed(t.seed + place.rank)  # per-rank streams of randomness from here on
+
+    train_model = model
+    if place.world > 1:
+        devices = [place.device.index] if place.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
+
+    metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0)
+    amp = autocast(t, place.device)
+    eval_blocks = heldout_blocks(d, tokenizer) if place.rank == 0 else {}
+    tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * d.max_seq_length * place.world
+    last: dict = {}
+
+    with DataMixture(d.datasets, opts, data_state) as data:
+
+        def save(step: int, final: bool = False) -> None:
+            states = _gather((data.state_dict(), ckpt.rng_state()), place)
+            if place.rank == 0:
+                folder = ckpt.save(
+                    run_dir / "checkpoints" / f"step-{step:06d}",
+                    model.state_dict(),
+                    optimizer.state_dict(),
+                    scheduler.state_dict(),
+                    {"ranks": [s for s, _ in states]},
+                    {"step": step, "scaler": scaler.state_dict() if t.fp16 else None},
+                    rng=[r for _, r in states],
+                )
+                ckpt.prune(run_dir / "checkpoints", t.save_total_limit)
+                metrics.checkpoint(folder, step, final=final)
+            if place.world > 1:
+                dist.barrier()
+
+        window_start, window_tokens = time.perf_counter(), 0
+        run_start = time.perf_counter()
+        for step in range(start_step + 1, steps + 1):
+            train_model.train()
+            step_loss = 0.0
+            for micro in range(t.gradient_accumulation_steps):
+                ids, _ = data.next_batch(t.per_device_train_batch_size)
+                ids = ids.to(place.device, non_blocking=True)
+                sync = micro == t.gradient_accumulation_steps - 1 or place.world == 1
+                with train_model.no_sync() if not sync else contextlib.nullcontext():
+                    with amp:
+                        logits = train_model(ids[:, :-1])
+                    loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                    scaler.scale(loss / t.gradient_accumulation_steps).backward()
+                step_loss += loss.item() / t.gradient_accumulation_steps
+            scaler.unscale_(optimizer)
+            if t.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
+            else:
+                grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None))
+            step_loss = _mean_across(step_loss, place)
+            if not math.isfinite(step_loss):
+                good = ckpt.latest(run_dir / "checkpoints")
+                raise TrainingError(
+                    f"the loss is {step_loss} at step {step}; the run stops here. "
+                    f"The last good checkpoint is {good or 'none (no checkpoint was written yet)'}"
+                )
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            window_tokens += tokens_per_step
+
+            record: dict = {}
+            if step % t.logging_steps == 0 or step == steps:
+                now = time.perf_counter()
+                rate = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                record = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate}
+                record["eta_s"] = (steps - step) * tokens_per_step / rate if rate > 0 else None
+                seen = _gather(data.stats(), place)  # every rank's counts: the totals of the run
+                for key in seen[0]:
+                    if key.startswith("tokens_seen/"):
+                        record[key] = sum(s[key] for s in seen)
+            if (step % t.eval_steps == 0 or step == steps) and place.rank == 0:
+                record.update(heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp))
+            if record:
+                record = {"step": step, **record}
+                metrics.write(record)
+                if "loss" in record:
+                    report(record)
+                    last = record
+            if step % t.save_steps == 0 or step == steps:
+                save(step, final=step == steps)
+        if place.rank == 0:
+            log.info("finished %d steps in %.1f s", steps - start_step, time.perf_counter() - run_start)
+    metrics.close()
+    return last
+
+
+def environment() -> dict:
+    """Variables the workers need (the driver's offline switches travel with the job)."""
+    keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_DIR", "RAY_AUTH_MODE")
+    return {k: os.environ[k] for k in keys if k in os.environ}

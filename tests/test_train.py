@@ -1,0 +1,234 @@
+"""Training: exact resume, checkpoints, schedules, accumulation, precision paths, Ray Train runs, faults."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peerlab.config import load_config, to_dict
+from peerlab.data.corpus import DOMAINS
+from peerlab.tracking import read_metrics
+from peerlab.train import checkpoint as ckpt
+from peerlab.train.optim import build_optimizer, build_scheduler
+from peerlab.train.worker import TrainingError, train_loop
+from tests.conftest import ROOT
+
+
+def tiny(demo_corpus: Path, *extra: str, steps: int = 6):
+    """The demo config, shrunk: a model of a few hundred thousand parameters on the demo corpus."""
+    overrides = [
+        "model_config.hidden_size=64",
+        "model_config.num_hidden_layers=2",
+        "model_config.peer_start_layer=1",
+        "model_config.num_attention_heads=2",
+        "model_config.intermediate_size=128",
+        "model_config.peer_config.num_experts=1024",
+        "model_config.peer_config.product_key_dim=[32, 32]",
+        "model_config.peer_config.num_heads=2",
+        "model_config.peer_config.query_dim=32",
+        f"train_config.max_steps={steps}",
+        "train_config.logging_steps=1",
+        "train_config.save_steps=3",
+        "train_config.eval_steps=3",
+        "train_config.per_device_train_batch_size=2",
+        "dataset_config.max_seq_length=64",
+        "train_config.learning_rate=3e-3",
+        f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}",
+        *[f"dataset_config.datasets.{i}.path={demo_corpus / d}" for i, d in enumerate(DOMAINS)],
+        *extra,
+    ]
+    return load_config(ROOT / "configs" / "demo.yaml", overrides)
+
+
+def run(cfg, run_dir: Path, **options) -> dict:
+    return train_loop({"config": to_dict(cfg), "run_dir": str(run_dir), "data_engine": "local", **options})
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_resume_continues_bit_for_bit(demo_corpus, tmp_path):
+    cfg = tiny(demo_corpus, "train_config.gradient_accumulation_steps=2")
+    run(cfg, tmp_path / "straight")
+    straight = losses(tmp_path / "straight")
+    assert len(straight) == 6 and straight[-1] < straight[0]
+    middle = tmp_path / "straight" / "checkpoints" / "step-000003"
+    resumed_cfg = tiny(
+        demo_corpus, "train_config.gradient_accumulation_steps=2", f"train_config.resume_from_checkpoint={middle}"
+    )
+    run(resumed_cfg, tmp_path / "resumed")
+    assert losses(tmp_path / "resumed") == straight[3:]  # exactly equal floats
+
+
+def test_rerunning_a_run_name_continues_it(demo_corpus, tmp_path):
+    run(tiny(demo_corpus, steps=3), tmp_path / "r")
+    run(tiny(demo_corpus, steps=3), tmp_path / "r")  # nothing left to do: it resumes at step 3 of 3
+    assert [r["step"] for r in read_metrics(tmp_path / "r") if "loss" in r] == [1, 2, 3]
+
+
+def test_outputs_of_a_run(demo_corpus, tmp_path):
+    last = run(tiny(demo_corpus), tmp_path / "o")
+    records = read_metrics(tmp_path / "o")
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", *[f"tokens_seen/{d}" for d in DOMAINS]):
+        assert key in records[0], key
+    assert any("eval_loss/prose" in r for r in records)
+    shares = [last[f"tokens_seen/{d}"] for d in DOMAINS]
+    assert sum(shares) == 6 * 2 * 65  # every block counted once (blocks of max_seq_length + 1)
+    folders = sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir())
+    assert folders == ["step-000003", "step-000006"]
+    files = {p.name for p in (tmp_path / "o" / "checkpoints" / "step-000006").iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.json", "data.json", "rng.json", "trainer.json"} <= files
+
+
+def test_checkpoints_never_load_wrong(demo_corpus, tmp_path):
+    run(tiny(demo_corpus), tmp_path / "c")
+    folder = tmp_path / "c" / "checkpoints" / "step-000006"
+    ckpt.load(folder)  # intact: loads
+    (tmp_path / "c" / "checkpoints" / "step-000009.tmp").mkdir()  # a save that crashed midway
+    assert ckpt.latest(tmp_path / "c" / "checkpoints") == folder
+    damaged = folder / "optimizer.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-10])  # a file cut short
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt is missing or does not match"):
+        ckpt.load(folder)
+    assert ckpt.latest(tmp_path / "c" / "checkpoints") == tmp_path / "c" / "checkpoints" / "step-000003"
+
+
+def test_non_finite_loss_stops_with_step_and_last_checkpoint(demo_corpus, tmp_path):
+    cfg = tiny(demo_corpus, "train_config.learning_rate=1e30", "train_config.max_grad_norm=0", steps=8)
+    with pytest.raises(TrainingError, match=r"the loss is nan at step \d+.*last good checkpoint"):
+        run(cfg, tmp_path / "nan")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+def test_scheduler_shapes(kind, demo_corpus):
+    cfg = tiny(demo_corpus, f"train_config.lr_scheduler_type={kind}", "train_config.warmup_ratio=0.2", steps=50)
+    t = cfg.train_config
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, t)
+    sched = build_scheduler(opt, t, 50)
+    got = []
+    for _ in range(50):
+        got.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    warm, peak = 10, t.learning_rate
+    for step, lr in enumerate(got):
+        if kind == "constant":
+            want = peak
+        elif step < warm:
+            want = peak * step / warm
+        elif kind == "linear":
+            want = peak * (50 - step) / (50 - warm)
+        elif kind == "cosine":
+            want = peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / (50 - warm)))
+        else:
+            want = peak
+        assert lr == pytest.approx(want, rel=1e-9, abs=1e-15), (kind, step)
+
+
+def test_weight_decay_skips_one_dimensional_parameters(demo_corpus):
+    from peerlab.model import build_model
+
+    cfg = tiny(demo_corpus)
+    model = build_model(cfg.model_config)
+    decay, no_decay = build_optimizer(model, cfg.train_config).param_groups
+    assert decay["weight_decay"] == cfg.train_config.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert any(p is model.layers[1].mlp.down for p in decay["params"])
+
+
+def test_gradient_accumulation_equals_one_big_batch(demo_corpus, tmp_path):
+    """4 micro-batches of 2 give the update of 8 at once (BatchNorm's batch statistics would differ, so off)."""
+    common = [
+        "model_config.peer_config.batch_norm_query=false",
+        "train_config.save_steps=1",
+        "train_config.max_grad_norm=0",
+    ]
+    big = tiny(demo_corpus, *common, "train_config.per_device_train_batch_size=8", steps=1)
+    small = tiny(
+        demo_corpus,
+        *common,
+        "train_config.per_device_train_batch_size=2",
+        "train_config.gradient_accumulation_steps=4",
+        steps=1,
+    )
+    run(big, tmp_path / "big")
+    run(small, tmp_path / "small")
+    a = ckpt.load(tmp_path / "big" / "checkpoints" / "step-000001").model
+    b = ckpt.load(tmp_path / "small" / "checkpoints" / "step-000001").model
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("setting", ["train_config.bf16=true", "train_config.fp16=true", "model_config.use_peer=false"])
+def test_precision_paths_and_dense_baseline_train(demo_corpus, tmp_path, setting):
+    run(tiny(demo_corpus, setting, steps=3), tmp_path / "p")
+    got = losses(tmp_path / "p")
+    assert len(got) == 3 and all(math.isfinite(x) for x in got)
+
+
+def test_float8_code_path_on_cpu(demo_corpus, tmp_path):
+    """torchao's Float8 training, emulated on CPU (forced: it is off without a capable GPU)."""
+    run(tiny(demo_corpus, steps=2), tmp_path / "f8", force_float8=True)
+    got = losses(tmp_path / "f8")
+    assert len(got) == 2 and all(math.isfinite(x) for x in got)
+
+
+# --------------------------------------------------------------------------------------
+# Ray Train
+# --------------------------------------------------------------------------------------
+
+
+def test_two_worker_ray_train_run_end_to_end(ray_cluster, demo_corpus, tmp_path):
+    from peerlab.train.launch import fit
+
+    cfg = tiny(demo_corpus, "train_config.num_workers=2", steps=6)
+    result = fit(cfg, tmp_path / "two", quiet=True)
+    assert result.error is None
+    records = read_metrics(tmp_path / "two")
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    last = [r for r in records if "loss" in r][-1]
+    assert sum(last[f"tokens_seen/{d}"] for d in DOMAINS) == 6 * 2 * 2 * 65  # both workers' blocks
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-000006" / "data.json").read_text())
+    assert len(state["ranks"]) == 2
+    assert (tmp_path / "two" / "resolved_config.yaml").is_file()
+
+
+def test_killed_worker_is_restarted_and_the_run_completes(ray_cluster, demo_corpus, tmp_path):
+    import psutil
+
+    from peerlab.train.launch import fit
+
+    cfg = tiny(demo_corpus, "train_config.num_workers=2", "train_config.save_steps=2", steps=16)
+    run_dir = tmp_path / "killed"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if any(r.get("step", 0) >= 5 for r in read_metrics(run_dir)):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                        break
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = fit(cfg, run_dir, quiet=True)
+    thread.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert result.error is None
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps[-1] == 16 and len(steps) > 16  # steps after the last checkpoint ran twice
