@@ -22,25 +22,12 @@ from pathlib import Path
 import torch
 
 from peerlab.cli import UsageError, add_config_arguments, config_from_arguments
-from peerlab.data import DataError, DataMixture, DataOptions, TokenizerError, check_data, heldout_texts
+from peerlab.data import DataError, DataMixture, DataOptions, TokenizerError, check_data
 from peerlab.data.corpus import prepare_demo_corpus
+from peerlab.eval.heldout import heldout_blocks
 from peerlab.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def heldout_blocks(cfg, tokenizer, per_dataset: int = 4) -> torch.Tensor:
-    """A few packed blocks of each dataset's held-out documents: (n, seq_len + 1)."""
-    length = cfg.dataset_config.max_seq_length + 1
-    blocks = []
-    for entry in cfg.dataset_config.datasets:
-        ids: list[int] = []
-        for text in heldout_texts(entry, cfg.dataset_config.heldout_fraction, limit=64):
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            if len(ids) >= per_dataset * length:
-                break
-        blocks += [ids[i * length : (i + 1) * length] for i in range(min(per_dataset, len(ids) // length))]
-    return torch.tensor(blocks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = DataOptions(
         cfg.dataset_config.tokenizer_name, seq, seed=t.seed, heldout_fraction=cfg.dataset_config.heldout_fraction
     )
-    held = heldout_blocks(cfg, tokenizer)
+    held = torch.cat(list(heldout_blocks(cfg.dataset_config, tokenizer, blocks_per_dataset=4).values()))
     params = sum(p.numel() for p in model.parameters())
     names = ", ".join(f"{d.name} {d.weight:g}" for d in cfg.dataset_config.datasets)
     print(f"smoke demo: {params:,} parameters; batch {batch} x {seq} tokens; mix: {names}")
