@@ -175,3 +175,19 @@ def test_default_model_config_is_the_spec():
     m = ModelConfig()
     assert (m.hidden_size, m.num_hidden_layers, m.peer_config.num_experts) == (768, 12, 1048576)
     assert m.mla_config.rope_theta == 10000.0
+
+
+def test_fused_loss_equals_cross_entropy_of_logits():
+    model = float64_model()
+    model.train()
+    ids = torch.randint(0, 97, (3, 13))
+    fused = model(ids[:, :-1], labels=ids[:, 1:])
+    grads = torch.autograd.grad(fused, list(model.parameters()))
+    logits = model(ids[:, :-1])
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    want = torch.autograd.grad(plain, list(model.parameters()))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, :-1], labels=ids[:, 1:]), plain.detach(), rtol=1e-12, atol=1e-12)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,3 +187,34 @@ def test_gathered_dots_equal_embedding_bag_dots():
     torch.testing.assert_close(bags.dots(table, vectors), want)
     torch.testing.assert_close(bags.gathered_dots(table, vectors, chunk_bytes=3 * 7 * 6 * 8), want)
     torch.testing.assert_close(bags.sort().dots(table, vectors), want)
+
+
+def test_usage_mass_is_the_router_scores_of_retrieved_experts():
+    layer = make_peer(8, 8, 4, 2).float().train()
+    x = torch.randn(12, 16)
+    with torch.no_grad():
+        scores, indices = layer.retrieve(x)  # the same batch statistics as the forward below
+        layer(x)
+    want = torch.zeros(64).index_add_(0, indices.flatten(), torch.softmax(scores, -1).flatten())
+    torch.testing.assert_close(layer.usage, want)
+    assert abs(layer.usage.sum().item() - 12 * 2) < 1e-4  # each token and head hands out a mass of 1
+    layer.eval()
+    before = layer.usage.clone()
+    layer(x)
+    assert torch.equal(layer.usage, before)  # evaluation does not count
+
+
+def test_usage_summary_on_planted_distributions():
+    from peerlab.train.usage import summarise
+
+    even = summarise(torch.ones(1000), threshold=5.0)
+    assert even["usage"] == 1.0 and abs(even["kl_uniform"]) < 1e-12 and even["dead"] == 0 and even["hot_count"] == 0
+    one = torch.zeros(1000)
+    one[7] = 3.0
+    single = summarise(one, threshold=5.0)
+    assert single["usage"] == 0.001 and abs(single["kl_uniform"] - math.log(1000)) < 1e-9
+    assert single["hot_ids"] == [7] and single["hot_count"] == 1 and single["dead"] == 0.999
+    planted = torch.ones(1000)
+    planted[[3, 500]] = torch.tensor([40.0, 10.0])  # 40 / 1048 > 5 / 1000, 10 / 1048 > 5 / 1000 too; 1 / 1048 is not
+    hot = summarise(planted, threshold=5.0)
+    assert hot["hot_ids"] == [3, 500] and hot["hot_count"] == 2 and hot["usage"] == 1.0

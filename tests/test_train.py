@@ -232,3 +232,40 @@ def test_killed_worker_is_restarted_and_the_run_completes(ray_cluster, demo_corp
     assert result.error is None
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps[-1] == 16 and len(steps) > 16  # steps after the last checkpoint ran twice
+
+
+def test_wandb_offline_rank_zero_logs_and_checkpoints(demo_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny(demo_corpus, "wandb_config.project=peerlab-test", "wandb_config.log_model=all", steps=3)
+    run(cfg, tmp_path / "wb")
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = (
+        (runs[0] / "files" / "wandb-summary.json").read_text()
+        if (runs[0] / "files" / "wandb-summary.json").exists()
+        else ""
+    )
+    assert "loss" in history or any(runs[0].glob("*.wandb"))
+
+
+def test_progress_line_has_step_loss_rate_and_eta():
+    from peerlab.tracking import format_progress
+
+    line = format_progress(
+        {"step": 30, "loss": 2.5, "tokens_per_s": 1234.5, "eta_s": 3725, "eval_loss/code": 3.25}, 100
+    )
+    assert line == "step 30/100  loss 2.5000  1,234 tokens/s  held-out code 3.250  ETA 01:02:05"
+
+
+def test_expert_usage_is_written_every_log_freq(demo_corpus, tmp_path):
+    import pandas as pd
+
+    cfg = tiny(demo_corpus, "model_config.peer_config.log_freq=2", "model_config.num_hidden_layers=3", steps=6)
+    run(cfg, tmp_path / "u")
+    table = pd.read_parquet(tmp_path / "u" / "usage.parquet")
+    assert sorted(set(table["step"])) == [2, 4, 6] and sorted(set(table["layer"])) == [1, 2]
+    for column in ("usage", "kl_uniform", "dead", "hot_count", "hot_ids", "experts"):
+        assert column in table.columns
+    assert ((table["usage"] > 0) & (table["usage"] <= 1)).all() and (table["experts"] == 1024).all()
+    assert (table["kl_uniform"] >= 0).all() and ((table["usage"] + table["dead"] - 1).abs() < 1e-12).all()

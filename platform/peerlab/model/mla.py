@@ -107,7 +107,10 @@ class MLA(nn.Module):
         k_rope = k_rope.unsqueeze(1).expand(B, self.num_heads, T, self.rope)  # (B, H, T, rope): shared by heads
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, H, T, nope+rope)
         k = torch.cat((k_nope, k_rope), dim=-1)  # (B, H, T, nope+rope)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, H, T, v)
+        qk = self.nope + self.rope
+        if self.v_dim < qk:  # fused (flash) kernels want equal head sizes: pad v with zeros, drop them after
+            v = F.pad(v, (0, qk - self.v_dim))  # (B, H, T, nope+rope)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., : self.v_dim]  # (B, H, T, v)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
     def _decode(self, x: torch.Tensor, positions: torch.Tensor, cache: "LayerCache") -> torch.Tensor:

@@ -218,6 +218,12 @@ class PEER(nn.Module):
         ranks = [(a, b) for a in range(self.k) for b in range(self.k) if (a + 1) * (b + 1) <= self.k]
         self.register_buffer("pair_rank1", torch.tensor([a for a, _ in ranks]), persistent=False)  # (P,)
         self.register_buffer("pair_rank2", torch.tensor([b for _, b in ranks]), persistent=False)  # (P,)
+        # Expert usage (paper, Sec. 3.4): the router score mass each expert received in training
+        # since the last read, summed over tokens and heads. A plain attribute, not a buffer:
+        # each worker keeps its own sums (DDP would overwrite buffers with rank 0's) and
+        # checkpoints stay lean. Created on the first training step, on the input's device.
+        self.track_usage = config.log_expert_usage
+        self.usage: torch.Tensor | None = None  # (N,)
         rows = self.num_experts * config.expert_hidden_size
         self.down = nn.Parameter(torch.empty(rows, hidden_size))  # u_e: one row per neuron
         self.up = nn.Parameter(torch.empty(rows, hidden_size))  # v_e
@@ -269,6 +275,10 @@ class PEER(nn.Module):
         flat = x.reshape(-1, d)  # (M, d)
         scores, indices = self.retrieve(flat)  # (M, H, k) each
         gate = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # (M, H, k)
+        if self.training and self.track_usage:
+            if self.usage is None or self.usage.device != x.device:
+                self.usage = torch.zeros(self.num_experts, device=x.device)
+            self.usage.index_add_(0, indices.reshape(-1), gate.detach().reshape(-1).float())
         h = self.expert_hidden_size
         if h > 1:  # expert e owns neuron rows e*h .. e*h+h-1, all weighted by the expert's score
             indices = (indices.unsqueeze(-1) * h + torch.arange(h, device=x.device)).flatten(-2)  # (M, H, k*h)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peerlab.config import ModelConfig
+from peerlab.model.loss import linear_cross_entropy
 from peerlab.model.mla import MLA, LayerCache, RMSNorm
 from peerlab.model.peer import PEER
 
@@ -71,8 +72,14 @@ class PeerMLAModel(nn.Module):
             elif isinstance(module, PEER):
                 module.reset_parameters(self.config.initializer_range)
 
-    def forward(self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab). With `cache`, input_ids are the tokens after it."""
+    def forward(
+        self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab). With `cache`, input_ids are the tokens after it.
+
+        With `labels` (B, T) the mean cross-entropy instead, through the fused LM-head loss
+        (`peerlab.model.loss`), which never builds the (B, T, vocab) logits.
+        """
         T = input_ids.shape[1]
         start = cache[0].length if cache is not None else 0
         if start + T > self.config.max_position_embeddings:
@@ -84,6 +91,8 @@ class PeerMLAModel(nn.Module):
         x = self.embed(input_ids)  # (B, T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, cache[i] if cache is not None else None)
+        if labels is not None:
+            return linear_cross_entropy(self.norm(x).flatten(0, 1), self.lm_head.weight, labels.flatten())
         return self.lm_head(self.norm(x))  # (B, T, vocab)
 
     def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:

@@ -31,6 +31,7 @@ from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.model import build_model
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
+from peerlab.train import usage
 from peerlab.train.optim import build_optimizer, build_scheduler, total_steps
 from peerlab.train.precision import apply_float8, autocast, grad_scaler, set_tf32
 
@@ -198,8 +199,7 @@ def train_loop(loop_config: dict) -> dict:
                 sync = micro == t.gradient_accumulation_steps - 1 or place.world == 1
                 with train_model.no_sync() if not sync else contextlib.nullcontext():
                     with amp:
-                        logits = train_model(ids[:, :-1])
-                    loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                        loss = train_model(ids[:, :-1], labels=ids[:, 1:])  # fused LM head + cross-entropy
                     scaler.scale(loss / t.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / t.gradient_accumulation_steps
             scaler.unscale_(optimizer)
@@ -240,6 +240,11 @@ def train_loop(loop_config: dict) -> dict:
                 if "loss" in record:
                     report(record)
                     last = record
+            peer = cfg.model_config.peer_config
+            if cfg.model_config.use_peer and peer.log_expert_usage and (step % peer.log_freq == 0 or step == steps):
+                rows = usage.collect(model, step, peer.usage_threshold, distributed=place.world > 1)
+                if place.rank == 0:
+                    usage.write(rows, run_dir, metrics.wandb)
             if step % t.save_steps == 0 or step == steps:
                 save(step, final=step == steps)
         if place.rank == 0:
