@@ -7,6 +7,10 @@
    and a dense MLP of the same width in every layer (`first_k_dense_replace` = layers).
    Note: DeepSeek's MLP is SwiGLU (three matrices), peerlab's dense MLP GELU (two).
 2. The full PEER model at the demo size, with expert-usage tracking on and off (its cost).
+3. The optimizer step of one PEER layer at N = 1024^2 experts (dim 256, 8 heads, k = 16,
+   4 x 256 tokens): plain AdamW on dense gradients against RowSparseAdamW on the sparse
+   gradients of the retrieved rows (train_config.sparse_experts). Run one after the
+   other (each needs about 8 GB); the medians of --opt-steps steps after a warm-up step.
 
 One step = forward, cross-entropy, backward, clipping, AdamW, on random token ids; the
 variants alternate round by round in one process and figures are medians.
@@ -90,6 +94,8 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--opt-experts", type=int, default=1024 * 1024, help="experts of the optimizer-step layer")
+    ap.add_argument("--opt-steps", type=int, default=3, help="optimizer steps to time (0 skips that part)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     m, t = cfg.model_config, cfg.train_config
@@ -136,6 +142,50 @@ def main(argv=None) -> None:
     )
     print(f"  PEER model, usage untracked  {'':>10}             {rates['untracked']:>10,.0f} tokens/s")
     print(f"  cost of tracking expert usage: {100 * cost:+.1f}% of step time")
+    if args.opt_steps:
+        optimizer_step(args.opt_experts, args.opt_steps)
+
+
+def optimizer_step(experts: int, steps: int) -> None:
+    """Optimizer step (and backward) of one large PEER layer: dense AdamW against RowSparseAdamW."""
+    import gc
+
+    from peerlab.config import PeerConfig
+    from peerlab.model.peer import PEER
+    from peerlab.train.optim import RowSparseAdamW
+
+    root = int(round(experts**0.5))
+    cfg = PeerConfig(
+        num_experts=experts, product_key_dim=[root, root], num_experts_per_tok=16, num_heads=8, query_dim=256
+    )
+    x = torch.randn(4, 256, 256, generator=torch.Generator().manual_seed(0))
+    print(f"optimizer step of one PEER layer, N = {experts:,}, dim 256, 8 heads, k = 16, 4 x 256 tokens:")
+    results = {}
+    for name in ("AdamW (dense gradients)", "RowSparseAdamW (sparse rows)"):
+        torch.manual_seed(0)
+        layer = PEER(cfg, 256)
+        sparse = name.startswith("Row")
+        layer.sparse_grad = sparse
+        opt = (RowSparseAdamW if sparse else torch.optim.AdamW)(layer.parameters(), lr=1e-3, weight_decay=0.01)
+        backward, stepping = [], []
+        for i in range(steps + 1):
+            opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            layer(x).pow(2).mean().backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            if i:  # the first step allocates the moments
+                backward.append(t1 - t0)
+                stepping.append(t2 - t1)
+        results[name] = (statistics.median(backward), statistics.median(stepping))
+        print(f"  {name:<30} forward+backward {results[name][0]:6.2f} s   optimizer step {results[name][1]:6.2f} s")
+        del layer, opt
+        gc.collect()
+    (dense_b, dense_s), (sparse_b, sparse_s) = results.values()
+    print(
+        f"  optimizer step: sparse is {dense_s / sparse_s:.1f}x faster; step + backward {(dense_b + dense_s) / (sparse_b + sparse_s):.1f}x"
+    )
 
 
 if __name__ == "__main__":

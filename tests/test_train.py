@@ -269,3 +269,52 @@ def test_expert_usage_is_written_every_log_freq(demo_corpus, tmp_path):
         assert column in table.columns
     assert ((table["usage"] > 0) & (table["usage"] <= 1)).all() and (table["experts"] == 1024).all()
     assert (table["kl_uniform"] >= 0).all() and ((table["usage"] + table["dead"] - 1).abs() < 1e-12).all()
+
+
+def test_sparse_expert_gradients_equal_dense_ones():
+    from tests.test_peer import make_peer
+
+    dense = make_peer(16, 16, 4, 2, hidden=2).float().train()
+    sparse = make_peer(16, 16, 4, 2, hidden=2).float().train()
+    sparse.sparse_grad = True
+    x = torch.randn(20, 16)
+    dense(x).pow(2).sum().backward()
+    sparse(x).pow(2).sum().backward()
+    for name in ("down", "up"):
+        g = getattr(sparse, name).grad
+        assert g.is_sparse
+        torch.testing.assert_close(g.to_dense(), getattr(dense, name).grad)
+        assert g.coalesce().values().shape[0] < 512  # only retrieved rows are stored
+
+
+def test_row_sparse_adamw_is_lazy_adamw():
+    from peerlab.train.optim import RowSparseAdamW
+
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(10, 3))
+    reference = torch.nn.Parameter(table.detach().clone())
+    lazy = RowSparseAdamW([table], lr=0.1, weight_decay=0.0)
+    plain = torch.optim.AdamW([reference], lr=0.1, weight_decay=0.0)
+
+    def grad(rows):
+        values = torch.randn(len(rows), 3, generator=torch.Generator().manual_seed(len(rows)))
+        return torch.sparse_coo_tensor(torch.tensor([rows]), values, (10, 3))
+
+    table.grad, reference.grad = grad([1, 4, 7]), grad([1, 4, 7]).to_dense()
+    lazy.step()
+    plain.step()
+    torch.testing.assert_close(table, reference)  # first step: the same update
+    table.grad, reference.grad = grad([4, 9]), grad([4, 9]).to_dense()
+    before = table.detach().clone()
+    lazy.step()
+    plain.step()
+    assert torch.equal(table[[0, 1, 2, 3, 5, 6, 7, 8]], before[[0, 1, 2, 3, 5, 6, 7, 8]])  # untouched rows stay
+    assert not torch.allclose(reference[[1, 7]], before[[1, 7]])  # AdamW moves them by momentum
+    assert not torch.equal(table[[4, 9]], before[[4, 9]])
+    assert set(lazy.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's layout
+
+
+def test_training_with_sparse_experts(demo_corpus, tmp_path):
+    run(tiny(demo_corpus, "train_config.sparse_experts=true", steps=6), tmp_path / "sp")
+    got = losses(tmp_path / "sp")
+    assert len(got) == 6 and got[-1] < got[0]

@@ -110,6 +110,7 @@ class TrainConfig:
     use_gpu: Optional[bool] = None  # null: GPUs when the cluster has one per worker
     max_failures: int = 2  # worker-group restarts Ray Train may make before the run fails
     save_total_limit: int = 2  # checkpoints kept in <run>/checkpoints (oldest removed first)
+    sparse_experts: bool = False  # row-sparse gradients and lazy AdamW for the PEER expert tables
 
 
 DATA_FORMATS = ("json", "jsonl", "csv", "text", "parquet")

@@ -30,7 +30,8 @@ rows one by one: the dot products u_e . x_t, the weighted sum of the v_e, and, i
 the gradient of each table as a bag sum over the retrievals sorted by table row. Gradients
 are computed only for the rows the batch retrieved and no other row of a table is read.
 The gradient tensor itself is dense, filled with zeros elsewhere, so AdamW, DDP and FSDP
-work with it unchanged.
+work with it unchanged; with `sparse_grad` (train_config.sparse_experts) it is a sparse COO
+tensor of the retrieved rows only, for `peerlab.train.optim.RowSparseAdamW`.
 """
 
 from __future__ import annotations
@@ -127,6 +128,16 @@ class Bags:
         weight = weight.reshape(-1)[self.order]
         return F.embedding_bag(self.sorted_tokens, vectors, self.starts, mode="sum", per_sample_weights=weight)
 
+    def scatter_rows(self, vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`scatter` as a sparse COO tensor holding only the retrieved rows (for row-sparse optimizers)."""
+        self.sort()
+        rows, counts = torch.unique_consecutive(self.sorted_rows, return_counts=True)  # (U,), (U,)
+        starts = counts.cumsum(0) - counts  # (U,) where each retrieved row's bag begins
+        weight = weight.reshape(-1)[self.order]
+        values = F.embedding_bag(self.sorted_tokens, vectors, starts, mode="sum", per_sample_weights=weight)  # (U, d)
+        size = (self.num_rows, vectors.shape[1])
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, size, is_coalesced=True, check_invariants=False)
+
 
 class GatherDot(torch.autograd.Function):
     """out[t, s] = table[idx[t, s]] . vectors[t]: table (R, n), idx (M, S), vectors (M, n) -> (M, S).
@@ -163,7 +174,8 @@ class PeerExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, idx, gate, down, up):
+    def forward(ctx, x, idx, gate, down, up, sparse_grad=False):
+        ctx.sparse_grad = sparse_grad
         bags = Bags(idx, down.shape[0]).sort()
         hidden = bags.dots(down, x)  # (M, S): u_e . x_t
         y = bags.weighted_sum(up, F.gelu(hidden) * gate)  # (M, d)
@@ -175,26 +187,28 @@ class PeerExperts(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, gate, hidden, down, up = ctx.saved_tensors
         bags = ctx.bags
-        need_x, _, need_gate, need_down, need_up = ctx.needs_input_grad
+        need_x, _, need_gate, need_down, need_up, _ = ctx.needs_input_grad
         grad_y = grad_y.contiguous()  # (M, d)
         act = F.gelu(hidden)  # (M, S)
         d_weight = bags.dots(up, grad_y)  # (M, S): dL/d(gate * act) = v_e . dy_t
         d_hidden = d_weight * gate * _gelu_grad(hidden)  # (M, S)
         grad_x = bags.weighted_sum(down, d_hidden) if need_x else None
         grad_gate = d_weight * act if need_gate else None
-        grad_down = bags.scatter(x, d_hidden) if need_down else None  # rows += d_hidden * x_t
-        grad_up = bags.scatter(grad_y, gate * act) if need_up else None  # rows += gate * act * dy_t
-        return grad_x, None, grad_gate, grad_down, grad_up
+        scatter = bags.scatter_rows if ctx.sparse_grad else bags.scatter
+        grad_down = scatter(x, d_hidden) if need_down else None  # rows += d_hidden * x_t
+        grad_up = scatter(grad_y, gate * act) if need_up else None  # rows += gate * act * dy_t
+        return grad_x, None, grad_gate, grad_down, grad_up, None
 
 
-def peer_experts(x, idx, gate, down, up):
+def peer_experts(x, idx, gate, down, up, sparse_grad: bool = False):
     """Functional form of `PeerExperts`.
 
     Computed in the tables' dtype with autocast off: fp32 master weights stay fp32, a model
-    cast to bf16 runs in bf16, and no table is ever copied to another dtype.
+    cast to bf16 runs in bf16, and no table is ever copied to another dtype. With
+    `sparse_grad` the tables' gradients are sparse COO tensors of the retrieved rows only.
     """
     with torch.autocast(x.device.type, enabled=False):
-        y = PeerExperts.apply(x.to(down.dtype).contiguous(), idx, gate.to(down.dtype), down, up)
+        y = PeerExperts.apply(x.to(down.dtype).contiguous(), idx, gate.to(down.dtype), down, up, sparse_grad)
     return y.to(x.dtype)
 
 
@@ -223,6 +237,7 @@ class PEER(nn.Module):
         # each worker keeps its own sums (DDP would overwrite buffers with rank 0's) and
         # checkpoints stay lean. Created on the first training step, on the input's device.
         self.track_usage = config.log_expert_usage
+        self.sparse_grad = False  # True: the expert tables get sparse row gradients (train_config.sparse_experts)
         self.usage: torch.Tensor | None = None  # (N,)
         rows = self.num_experts * config.expert_hidden_size
         self.down = nn.Parameter(torch.empty(rows, hidden_size))  # u_e: one row per neuron
@@ -285,4 +300,4 @@ class PEER(nn.Module):
             gate = gate.repeat_interleave(h, dim=-1)  # (M, H, k*h)
         idx = indices.flatten(1)  # (M, S)
         gate = gate.flatten(1)  # (M, S)
-        return peer_experts(flat, idx, gate, self.down, self.up).view(*lead, d)
+        return peer_experts(flat, idx, gate, self.down, self.up, self.sparse_grad).view(*lead, d)

@@ -1,8 +1,17 @@
-"""AdamW with the decay split, and the learning-rate schedule of `train_config`.
+"""AdamW with the decay split, its row-sparse variant for PEER tables, clipping, and the schedule.
 
 Weight decay applies to the matrices and tables (embeddings, projections, PEER experts and
 sub-keys); it does not apply to one-dimensional parameters: RMSNorm and BatchNorm weights
 and biases, whose scale decay would only fight the normalisation.
+
+`RowSparseAdamW` (train_config.sparse_experts) is AdamW for every dense gradient and, for
+the PEER expert tables, whose gradients are then sparse tensors of the retrieved rows, a
+lazy update in the manner of `torch.optim.SparseAdam`: only the rows a step touched get
+their moments updated, bias-corrected with the table's step count, and decayed. The
+difference from plain AdamW: an untouched row stays exactly as it is (plain AdamW would
+still move it by its decaying momentum and shrink it by weight decay), so a rarely used
+expert keeps its moments until its next use. The work per step follows the rows touched,
+not the table size.
 """
 
 from __future__ import annotations
@@ -29,13 +38,71 @@ def warmup_steps(train: TrainConfig, total: int) -> int:
     return math.ceil(train.warmup_ratio * total)
 
 
+class RowSparseAdamW(torch.optim.AdamW):
+    """AdamW, with lazy row updates for parameters whose gradient is sparse (see the module docstring).
+
+    The state has AdamW's layout (step, exp_avg, exp_avg_sq), so checkpoints load either way.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        held = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    self._row_update(p, group)
+                    held.append((p, p.grad))
+                    p.grad = None  # AdamW below takes the dense ones
+        loss = super().step(closure)
+        for p, grad in held:
+            p.grad = grad
+        return loss
+
+    def _row_update(self, p: torch.Tensor, group: dict) -> None:
+        grad = p.grad.coalesce()
+        rows, g = grad.indices()[0], grad.values()  # (U,), (U, d)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"].item()
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        m = state["exp_avg"][rows].mul_(beta1).add_(g, alpha=1 - beta1)  # (U, d)
+        v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)  # (U, d)
+        state["exp_avg"][rows] = m
+        state["exp_avg_sq"][rows] = v
+        denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
+        updated = p[rows]
+        if decay:
+            updated.mul_(1 - lr * decay)
+        updated.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+        p[rows] = updated
+
+
 def build_optimizer(model: nn.Module, train: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if train.sparse_experts:
+        return RowSparseAdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), eps=1e-8)
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Total gradient norm (dense and sparse gradients alike), clipped to max_norm when max_norm > 0."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    if max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+    return total
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total: int):

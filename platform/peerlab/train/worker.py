@@ -28,11 +28,11 @@ from peerlab.config import Config, config_from_dict
 from peerlab.data.mixture import DataMixture, DataOptions
 from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.heldout import heldout_blocks, heldout_loss
-from peerlab.model import build_model
+from peerlab.model import PEER, build_model
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
-from peerlab.train.optim import build_optimizer, build_scheduler, total_steps
+from peerlab.train.optim import build_optimizer, build_scheduler, clip_grad_norm, total_steps
 from peerlab.train.precision import apply_float8, autocast, grad_scaler, set_tf32
 
 log = logging.getLogger("peerlab.train")
@@ -124,6 +124,14 @@ def train_loop(loop_config: dict) -> dict:
     model = build_model(cfg.model_config).to(place.device)
     apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
     steps = total_steps(t)
+    if t.sparse_experts:
+        if place.world > 1 and place.device.type == "cuda":
+            raise TrainingError(
+                "sparse_experts needs sparse all-reduce, which NCCL lacks: use it on CPU workers or 1 GPU"
+            )
+        for module in model.modules():
+            if isinstance(module, PEER):
+                module.sparse_grad = True
     optimizer = build_optimizer(model, t, fused=place.device.type == "cuda")
     scheduler = build_scheduler(optimizer, t, steps)
     scaler = grad_scaler(t, place.device)
@@ -203,10 +211,7 @@ def train_loop(loop_config: dict) -> dict:
                     scaler.scale(loss / t.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / t.gradient_accumulation_steps
             scaler.unscale_(optimizer)
-            if t.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
-            else:
-                grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None))
+            grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm)
             step_loss = _mean_across(step_loss, place)
             if not math.isfinite(step_loss):
                 good = ckpt.latest(run_dir / "checkpoints")
