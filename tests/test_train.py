@@ -318,3 +318,19 @@ def test_training_with_sparse_experts(demo_corpus, tmp_path):
     run(tiny(demo_corpus, "train_config.sparse_experts=true", steps=6), tmp_path / "sp")
     got = losses(tmp_path / "sp")
     assert len(got) == 6 and got[-1] < got[0]
+
+
+def test_fsdp_on_two_cpu_workers_trains_and_resumes(ray_cluster, demo_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from peerlab.train.launch import fit
+
+    cfg = tiny(demo_corpus, "train_config.num_workers=2", "train_config.fsdp=true", steps=4)
+    assert fit(cfg, tmp_path / "fsdp", quiet=True).error is None
+    got = losses(tmp_path / "fsdp")
+    assert len(got) == 4 and all(math.isfinite(x) for x in got)
+    weights = load_file(tmp_path / "fsdp" / "checkpoints" / "step-000004" / "model.safetensors")
+    assert weights["layers.1.mlp.down"].shape == (1024, 64)  # gathered whole, not a shard
+    more = tiny(demo_corpus, "train_config.num_workers=2", "train_config.fsdp=true", steps=6)
+    assert fit(more, tmp_path / "fsdp", quiet=True).error is None  # the same run name: continues at step 5
+    assert [r["step"] for r in read_metrics(tmp_path / "fsdp") if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -111,6 +111,7 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts Ray Train may make before the run fails
     save_total_limit: int = 2  # checkpoints kept in <run>/checkpoints (oldest removed first)
     sparse_experts: bool = False  # row-sparse gradients and lazy AdamW for the PEER expert tables
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across workers (FSDP2 fully_shard)
 
 
 DATA_FORMATS = ("json", "jsonl", "csv", "text", "parquet")

@@ -95,7 +95,11 @@ def build_optimizer(model: nn.Module, train: TrainConfig, fused: bool = False) -
 
 def clip_grad_norm(parameters, max_norm: float) -> float:
     """Total gradient norm (dense and sparse gradients alike), clipped to max_norm when max_norm > 0."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    if not any(g.is_sparse for g in grads):  # torch's own (fast, and it knows FSDP's sharded gradients)
+        limit = max_norm if max_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(parameters, limit))
     norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
     if max_norm > 0 and total > max_norm:

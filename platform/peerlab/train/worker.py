@@ -23,6 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from peerlab.config import Config, config_from_dict
 from peerlab.data.mixture import DataMixture, DataOptions
@@ -99,6 +106,15 @@ def _mean_across(value: float, place: Place) -> float:
     return t.item() / place.world
 
 
+def shard(model: nn.Module) -> None:
+    """FSDP2: shard every block's parameters (and then the rest) across the workers."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint to continue from: resume_from_checkpoint, else the run folder's newest complete one."""
     if cfg.train_config.resume_from_checkpoint:
@@ -125,6 +141,8 @@ def train_loop(loop_config: dict) -> dict:
     apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
     steps = total_steps(t)
     if t.sparse_experts:
+        if t.fsdp and place.world > 1:
+            raise TrainingError("sparse_experts and fsdp do not combine: FSDP reduces dense gradient shards")
         if place.world > 1 and place.device.type == "cuda":
             raise TrainingError(
                 "sparse_experts needs sparse all-reduce, which NCCL lacks: use it on CPU workers or 1 GPU"
@@ -132,6 +150,8 @@ def train_loop(loop_config: dict) -> dict:
         for module in model.modules():
             if isinstance(module, PEER):
                 module.sparse_grad = True
+    if t.fsdp and place.world > 1:
+        shard(model)
     optimizer = build_optimizer(model, t, fused=place.device.type == "cuda")
     scheduler = build_scheduler(optimizer, t, steps)
     scaler = grad_scaler(t, place.device)
@@ -150,8 +170,9 @@ def train_loop(loop_config: dict) -> dict:
     source = resume_point(cfg, run_dir)
     if source is not None:
         state = ckpt.load(source)
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state.model, options=full)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state.optimizer, options=full)
         scheduler.load_state_dict(state.scheduler)
         trainer_state = state.trainer
         scaler.load_state_dict(trainer_state.get("scaler", {}) or scaler.state_dict())
@@ -167,13 +188,15 @@ def train_loop(loop_config: dict) -> dict:
         torch.manual_seed(t.seed + place.rank)  # per-rank streams of randomness from here on
 
     train_model = model
-    if place.world > 1:
+    if place.world > 1 and not t.fsdp:
         devices = [place.device.index] if place.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
 
     metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0)
     amp = autocast(t, place.device)
-    eval_blocks = heldout_blocks(d, tokenizer) if place.rank == 0 else {}
+    # Evaluation runs on rank 0, except under FSDP, where every forward needs every rank.
+    evaluates = place.rank == 0 or (t.fsdp and place.world > 1)
+    eval_blocks = heldout_blocks(d, tokenizer) if evaluates else {}
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * d.max_seq_length * place.world
     last: dict = {}
 
@@ -181,11 +204,14 @@ def train_loop(loop_config: dict) -> dict:
 
         def save(step: int, final: bool = False) -> None:
             states = _gather((data.state_dict(), ckpt.rng_state()), place)
+            full = StateDictOptions(full_state_dict=True, cpu_offload=place.world > 1)  # gathered on rank 0
+            model_state = get_model_state_dict(model, options=full)
+            optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
             if place.rank == 0:
                 folder = ckpt.save(
                     run_dir / "checkpoints" / f"step-{step:06d}",
-                    model.state_dict(),
-                    optimizer.state_dict(),
+                    model_state,
+                    optimizer_state,
                     scheduler.state_dict(),
                     {"ranks": [s for s, _ in states]},
                     {"step": step, "scaler": scaler.state_dict() if t.fp16 else None},
@@ -205,7 +231,9 @@ def train_loop(loop_config: dict) -> dict:
                 ids, _ = data.next_batch(t.per_device_train_batch_size)
                 ids = ids.to(place.device, non_blocking=True)
                 sync = micro == t.gradient_accumulation_steps - 1 or place.world == 1
-                with train_model.no_sync() if not sync else contextlib.nullcontext():
+                if t.fsdp and place.world > 1:
+                    model.set_requires_gradient_sync(sync)  # FSDP2: reduce-scatter on the last micro-batch only
+                with train_model.no_sync() if not sync and not t.fsdp else contextlib.nullcontext():
                     with amp:
                         loss = train_model(ids[:, :-1], labels=ids[:, 1:])  # fused LM head + cross-entropy
                     scaler.scale(loss / t.gradient_accumulation_steps).backward()
@@ -237,8 +265,9 @@ def train_loop(loop_config: dict) -> dict:
                 for key in seen[0]:
                     if key.startswith("tokens_seen/"):
                         record[key] = sum(s[key] for s in seen)
-            if (step % t.eval_steps == 0 or step == steps) and place.rank == 0:
-                record.update(heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp))
+            if (step % t.eval_steps == 0 or step == steps) and evaluates:
+                held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
+                record.update(held if place.rank == 0 else {})
             if record:
                 record = {"step": step, **record}
                 metrics.write(record)
