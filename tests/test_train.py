@@ -334,3 +334,22 @@ def test_fsdp_on_two_cpu_workers_trains_and_resumes(ray_cluster, demo_corpus, tm
     more = tiny(demo_corpus, "train_config.num_workers=2", "train_config.fsdp=true", steps=6)
     assert fit(more, tmp_path / "fsdp", quiet=True).error is None  # the same run name: continues at step 5
     assert [r["step"] for r in read_metrics(tmp_path / "fsdp") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_epochs_over_non_streamed_data_count_one_pass(demo_corpus, tmp_path):
+    from peerlab.train.launch import epoch_tokens, with_steps_per_epoch
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": f"line {i} of a small dataset"}) + "\n" for i in range(200)))
+    cfg = tiny(
+        demo_corpus,
+        "train_config.max_steps=null",
+        "train_config.num_train_epochs=2",
+        "dataset_config.datasets=[{name: small, path: '%s', streaming: false, text_field: text}]" % small,
+        "dataset_config.heldout_fraction=0",
+    )
+    tokens = epoch_tokens(cfg)
+    resolved = with_steps_per_epoch(cfg).train_config
+    assert resolved.steps_per_epoch == -(-(tokens // 65) // 2)  # blocks of 65, 2 per step
+    run(with_steps_per_epoch(cfg), tmp_path / "ep")
+    assert len(losses(tmp_path / "ep")) == 2 * resolved.steps_per_epoch

@@ -83,6 +83,39 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
     )
 
 
+def epoch_tokens(cfg: Config) -> int:
+    """Tokens (with end-of-text tokens) of one pass over every training dataset, counted in this process."""
+    from peerlab.data.sources import Selection, documents
+    from peerlab.data.tokenizer import cached_tokenizer
+
+    tokenizer = cached_tokenizer(cfg.dataset_config.tokenizer_name)
+    selection = Selection(heldout_fraction=cfg.dataset_config.heldout_fraction)
+    total = 0
+    for entry in cfg.dataset_config.datasets:
+        texts = [text for _, _, text in documents(entry, selection)]
+        for start in range(0, len(texts), 512):
+            total += sum(
+                len(ids) + 1 for ids in tokenizer(texts[start : start + 512], add_special_tokens=False)["input_ids"]
+            )
+    return total
+
+
+def with_steps_per_epoch(cfg: Config) -> Config:
+    """Epochs over datasets that are not streamed, without steps_per_epoch: one epoch is one pass over them all.
+
+    steps_per_epoch = blocks in that pass / blocks per optimizer step (all workers), rounded up.
+    """
+    from dataclasses import replace
+
+    t, d = cfg.train_config, cfg.dataset_config
+    if t.num_train_epochs is None or t.steps_per_epoch is not None:
+        return cfg
+    blocks = epoch_tokens(cfg) // (d.max_seq_length + 1)
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * max(t.num_workers, 1)
+    steps = max(1, -(-blocks // per_step))
+    return replace(cfg, train_config=replace(t, steps_per_epoch=steps))
+
+
 def write_resolved_config(cfg: Config, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "resolved_config.yaml"
@@ -98,7 +131,7 @@ def fit(cfg: Config, run_dir: Path, quiet: bool = False, **loop_options):
     from peerlab.tracking import Progress
 
     run_dir = Path(run_dir).resolve()
-    cfg = absolute_paths(cfg)
+    cfg = with_steps_per_epoch(absolute_paths(cfg))
     write_resolved_config(cfg, run_dir)
     trainer = TorchTrainer(
         train_loop,
