@@ -191,3 +191,23 @@ def test_fused_loss_equals_cross_entropy_of_logits():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(model(ids[:, :-1], labels=ids[:, 1:]), plain.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_fused_loss_gradients_survive_fp16_autocast():
+    """The per-token gradients are tiny (1 / tokens); under fp16 they are multiplied out in float32."""
+    from peerlab.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    n, d, vocab = 2048, 128, 4096
+    h0, w0, y = torch.randn(n, d), torch.randn(vocab, d) * 0.02, torch.randint(0, vocab, (n,))
+
+    def grads(fp16):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            loss = linear_cross_entropy(h, w, y)
+        loss.backward()
+        return h.grad, w.grad
+
+    (rh, rw), (gh, gw) = grads(False), grads(True)
+    assert ((gh - rh).norm() / rh.norm()).item() < 5e-3 and ((gw - rw).norm() / rw.norm()).item() < 5e-3
+    assert (gh == 0).float().mean().item() < 1e-3

@@ -353,3 +353,11 @@ def test_epochs_over_non_streamed_data_count_one_pass(demo_corpus, tmp_path):
     assert resolved.steps_per_epoch == -(-(tokens // 65) // 2)  # blocks of 65, 2 per step
     run(with_steps_per_epoch(cfg), tmp_path / "ep")
     assert len(losses(tmp_path / "ep")) == 2 * resolved.steps_per_epoch
+
+
+def test_a_run_prefers_its_own_newer_checkpoints_over_resume_from_checkpoint(demo_corpus, tmp_path):
+    run(tiny(demo_corpus), tmp_path / "a")
+    start = f"train_config.resume_from_checkpoint={tmp_path / 'a' / 'checkpoints' / 'step-000003'}"
+    run(tiny(demo_corpus, start), tmp_path / "b")  # steps 4..6 from a's step 3
+    run(tiny(demo_corpus, start), tmp_path / "b")  # as after a restart: b's own step 6 wins, nothing is redone
+    assert [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r] == [4, 5, 6]

@@ -61,9 +61,10 @@ class DataOptions:
     world: int = 1
     heldout_fraction: float = 0.01
     engine: str = "ray"  # "ray": Ray Data reads and tokenises; "local": this process does (checks, tests)
-    data_cpus: float = 0.5  # CPUs each Ray Data task asks for (a fraction: data tasks never starve training)
-    tokenize_rows: int = 512  # documents per tokenising task: large batches keep the tokenizer's threads busy
-    concurrency: int = 1  # read and tokenising tasks at once per dataset: streams share the CPUs fairly
+    # CPUs each Ray Data task asks for: a small fraction, because every dataset of every worker keeps
+    # one long-running read task, and they must all be scheduled at once or training waits on data.
+    data_cpus: float = 0.1
+    concurrency: int = 1  # read tasks at once per dataset (one: its documents stay in order cheaply)
     extra: dict = field(default_factory=dict)
 
 
@@ -100,7 +101,7 @@ class SourceStream:
         ctx.execution_options.preserve_order = True  # documents in file and row order: the stream is deterministic
         ctx.enable_progress_bars = False  # one stream per dataset and worker: bars would flood the log
         source = make_datasource(self.entry, sel, orders, first_pass, tokenizer=self.encoder)
-        ds = ray.data.read_datasource(source, num_cpus=self.opts.data_cpus)
+        ds = ray.data.read_datasource(source, num_cpus=self.opts.data_cpus, concurrency=self.opts.concurrency)
         # streaming_split(1) runs the execution in a coordinator actor, not in this (training) process.
         (iterator,) = ds.streaming_split(1)
         yield from iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)

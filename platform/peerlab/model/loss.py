@@ -41,9 +41,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad = torch.exp(logits - lse[:, None])  # softmax, (c, vocab)
                     grad[torch.arange(len(target), device=grad.device), target] -= 1.0
                     grad /= n
-                    g = grad.to(h.dtype)
-                    grad_hidden[rows] = (g @ w).to(hidden.dtype)
-                    grad_weight += (g.t() @ h[rows]).to(acc)
+                    # fp16 cannot hold these small per-token gradients (the loss scaler only scales them
+                    # later, in backward), so they are multiplied out in float32; bf16 has the range.
+                    mm = acc if h.dtype == torch.float16 else h.dtype
+                    g = grad.to(mm)
+                    grad_hidden[rows] = (g @ w.to(mm)).to(hidden.dtype)
+                    grad_weight += (g.t() @ h[rows].to(mm)).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
         return total / n
 

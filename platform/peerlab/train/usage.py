@@ -63,7 +63,8 @@ def collect(model: nn.Module, step: int, threshold: float, distributed: bool) ->
     """One row per PEER layer (summed across workers); the sums restart at zero."""
     rows = []
     for layer, peer in peer_layers(model):
-        mass = peer.usage.detach().clone() if peer.usage is not None else torch.zeros(peer.num_experts)
+        device = peer.down.device  # NCCL all-reduces CUDA tensors only
+        mass = peer.usage.detach().clone() if peer.usage is not None else torch.zeros(peer.num_experts, device=device)
         if distributed:
             dist.all_reduce(mass)
         rows.append({"step": step, "layer": layer, "experts": mass.numel(), **summarise(mass.cpu(), threshold)})

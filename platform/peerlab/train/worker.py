@@ -101,7 +101,7 @@ def _gather(obj, place: Place) -> list:
 def _mean_across(value: float, place: Place) -> float:
     if place.world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=place.device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(t)
     return t.item() / place.world
 
@@ -115,13 +115,28 @@ def shard(model: nn.Module) -> None:
     fully_shard(model)
 
 
-def resume_point(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: resume_from_checkpoint, else the run folder's newest complete one."""
-    if cfg.train_config.resume_from_checkpoint:
-        path = Path(cfg.train_config.resume_from_checkpoint)
-        ckpt.verify(path)
-        return path
-    return ckpt.latest(run_dir / "checkpoints")
+def resume_point(cfg: Config, run_dir: Path, place: Place) -> Path | None:
+    """The checkpoint to continue from, chosen by rank 0 and shared with every rank.
+
+    The run folder's own newest complete checkpoint comes first (it is the run's latest
+    progress, also after Ray Train restarted the workers); only a run with none of its own
+    starts from resume_from_checkpoint. Every rank must see the same storage.
+    """
+    path = None
+    if place.rank == 0:
+        path = ckpt.latest(run_dir / "checkpoints")
+        if path is None and cfg.train_config.resume_from_checkpoint:
+            path = Path(cfg.train_config.resume_from_checkpoint)
+            ckpt.verify(path)
+    if place.world > 1:
+        shared = [str(path) if path else None]
+        dist.broadcast_object_list(shared, src=0)
+        path = Path(shared[0]) if shared[0] else None
+        if path is not None and not (path / ckpt.MANIFEST).is_file():
+            raise TrainingError(
+                f"rank {place.rank} cannot see checkpoint {path}: put output_dir on storage all workers share"
+            )
+    return path
 
 
 def train_loop(loop_config: dict) -> dict:
@@ -167,7 +182,7 @@ def train_loop(loop_config: dict) -> dict:
         engine=loop_config.get("data_engine", "ray"),
     )
     start_step, data_state, trainer_state = 0, None, {}
-    source = resume_point(cfg, run_dir)
+    source = resume_point(cfg, run_dir, place)
     if source is not None:
         state = ckpt.load(source)
         full = StateDictOptions(full_state_dict=True)
@@ -241,10 +256,16 @@ def train_loop(loop_config: dict) -> dict:
             scaler.unscale_(optimizer)
             grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm)
             step_loss = _mean_across(step_loss, place)
-            if not math.isfinite(step_loss):
+            # A non-finite loss, or non-finite gradients that no fp16 loss scaler will skip, end the run
+            # before the optimizer applies them: no checkpoint ever holds such a step.
+            bad = "loss" if not math.isfinite(step_loss) else None
+            if bad is None and not t.fp16 and not math.isfinite(_mean_across(grad_norm, place)):
+                bad = "gradient norm"
+            if bad is not None:
                 good = ckpt.latest(run_dir / "checkpoints")
+                value = step_loss if bad == "loss" else grad_norm
                 raise TrainingError(
-                    f"the loss is {step_loss} at step {step}; the run stops here. "
+                    f"the {bad} is {value} at step {step}; the run stops here. "
                     f"The last good checkpoint is {good or 'none (no checkpoint was written yet)'}"
                 )
             scaler.step(optimizer)
