@@ -202,6 +202,11 @@ def test_two_worker_ray_train_run_end_to_end(ray_cluster, demo_corpus, tmp_path)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-000006" / "data.json").read_text())
     assert len(state["ranks"]) == 2
     assert (tmp_path / "two" / "resolved_config.yaml").is_file()
+    import pandas as pd
+
+    usage = pd.read_parquet(tmp_path / "two" / "usage.parquet")  # both workers' router mass, summed
+    assert list(usage["step"]) == [6] and (usage["usage"] > 0).all()
+    assert any("eval_loss/code" in r for r in records)
 
 
 def test_killed_worker_is_restarted_and_the_run_completes(ray_cluster, demo_corpus, tmp_path):
