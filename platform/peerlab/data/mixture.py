@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
@@ -65,7 +65,6 @@ class DataOptions:
     # one long-running read task, and they must all be scheduled at once or training waits on data.
     data_cpus: float = 0.1
     concurrency: int = 1  # read tasks at once per dataset (one: its documents stay in order cheaply)
-    extra: dict = field(default_factory=dict)
 
 
 class SourceStream:
