@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from peerlab.cli import UsageError, add_config_arguments, config_from_arguments
-from peerlab.data import DataError, DataMixture, DataOptions, TokenizerError, check_data
-from peerlab.data.corpus import prepare_demo_corpus
+from peerlab.cli import add_config_arguments, checked_data, config_from_arguments
+from peerlab.data import DataMixture, DataOptions
 from peerlab.eval.heldout import heldout_blocks
 from peerlab.model import build_model
 
@@ -36,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args(argv)
     cfg = config_from_arguments(args)
-    if any(str(d.path).startswith("./data/demo") for d in cfg.dataset_config.datasets):
-        prepare_demo_corpus("data/demo")
-    try:
-        tokenizer = check_data(cfg.dataset_config, cfg.model_config)
-    except (DataError, TokenizerError) as err:
-        raise UsageError(str(err)) from None
+    tokenizer = checked_data(cfg)
 
     import ray
 

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from peerlab.cli import UsageError, add_config_arguments, config_from_arguments
+from peerlab.cli import UsageError, add_config_arguments, checked_data, config_from_arguments
 from peerlab.config import dump_config
 from peerlab.model.size import memory_estimate, parameter_formulas
 
@@ -75,15 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(cfg, args.workers))
         return 0
 
-    from peerlab.data import DataError, TokenizerError, check_data
-    from peerlab.data.corpus import prepare_demo_corpus
-
-    if any(str(d.path).startswith("./data/demo") for d in cfg.dataset_config.datasets):
-        prepare_demo_corpus("data/demo")
-    try:
-        check_data(cfg.dataset_config, cfg.model_config)
-    except (DataError, TokenizerError) as err:
-        raise UsageError(str(err)) from None
+    checked_data(cfg)
     run_dir = Path(cfg.train_config.output_dir) / (args.name or Path(args.config).stem)
 
     from peerlab.train.launch import fit, start_ray

@@ -34,3 +34,19 @@ def config_from_arguments(args: argparse.Namespace) -> Config:
         return load_config(args.config, args.overrides)
     except ConfigError as err:
         raise UsageError(str(err)) from None
+
+
+def checked_data(cfg: Config):
+    """Prepare the demo corpus when the config reads it, then check the data; returns the tokenizer.
+
+    Runs before Ray starts; bad data exits 2 with one line.
+    """
+    from peerlab.data import DataError, TokenizerError, check_data
+    from peerlab.data.corpus import prepare_demo_corpus
+
+    if any(str(d.path).startswith("./data/demo") for d in cfg.dataset_config.datasets):
+        prepare_demo_corpus("data/demo")
+    try:
+        return check_data(cfg.dataset_config, cfg.model_config)
+    except (DataError, TokenizerError) as err:
+        raise UsageError(str(err)) from None
