@@ -123,8 +123,11 @@ def write_resolved_config(cfg: Config, run_dir: Path) -> Path:
     return path
 
 
-def fit(cfg: Config, run_dir: Path, quiet: bool = False, **loop_options):
-    """Run the training job; returns Ray Train's Result. Raises on a failed run."""
+def fit(cfg: Config, run_dir: Path, quiet: bool = False, callbacks: list | None = None, **loop_options):
+    """Run the training job; returns Ray Train's Result. Raises on a failed run.
+
+    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's TuneReportCallback).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -142,6 +145,7 @@ def fit(cfg: Config, run_dir: Path, quiet: bool = False, **loop_options):
             storage_path=str(run_dir.parent / ".ray"),
             failure_config=FailureConfig(max_failures=cfg.train_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks or None,
         ),
     )
     progress = None if quiet else Progress(run_dir, total_steps(cfg.train_config))
