@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from peerlab.cli import UsageError, add_config_arguments, checked_data, config_from_arguments  # noqa: E402
 from peerlab.config import ConfigError, config_from_dict, load_mixes  # noqa: E402
-from peerlab.tune import Resources, Schedule, Trial, plan_trials, search_space, trial_dir, trial_status  # noqa: E402
+from peerlab.tune import Resources, Schedule, Trial, check_metric, plan_trials, search_space, trial_dir, trial_status  # noqa: E402
 
 DATA_CPUS = 0.1  # what each dataset's Ray Data read task asks for (peerlab.data.mixture.DataOptions.data_cpus)
 
@@ -88,6 +88,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict]:
     if args.workers_per_trial < 0:
         raise UsageError("--workers-per-trial must be >= 0")
     try:
+        check_metric(args.metric, {d.name for m in mixes.values() for d in m.datasets})
         trials = plan_trials(base, mixes, space, args.seeds)
     except ConfigError as err:
         raise UsageError(str(err)) from None

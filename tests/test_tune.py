@@ -94,6 +94,7 @@ def test_plan_resolves_every_trial(demo_corpus, tmp_path):
         (["--grid", "peer_config.num_experts=1000"], "not a square"),
         (["--grid", "hidden_size=64,128"], "cannot be swept"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--metric", "eval_bpb/cod"], "not a metric the runs report"),
         (["--grid", "peer_config.num_experts=16777216"], "GiB"),  # 16.7 M experts per layer cannot fit here
     ],
 )

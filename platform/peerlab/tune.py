@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -134,6 +135,13 @@ def search_space(
     if space.sample and space.num_samples < 1:
         raise ConfigError("--sample needs --num-samples N (or search_space.num_samples) of at least 1")
     return space
+
+
+def check_metric(metric: str, datasets: set[str]) -> None:
+    """The sweep's metric must be one the training runs report: loss, or a held-out metric of a dataset or the mean."""
+    allowed = {"loss", "eval_loss/mean", "eval_bpb/mean"} | {f"eval_{m}/{d}" for m in ("loss", "bpb") for d in datasets}
+    if metric not in allowed:
+        raise ConfigError(f"--metric {metric}: not a metric the runs report; use one of {', '.join(sorted(allowed))}")
 
 
 def setting_label(setting: dict) -> str:
@@ -331,6 +339,8 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+    # Held-out metrics come every eval_steps, not in every report: ASHA waits for them (Tune's strict check would fail).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     sweep_dir = Path(sweep_dir).resolve()
     steps = max(_steps(t) for t in trials)
     by_tune_id: dict[str, Trial] = {}
