@@ -342,7 +342,8 @@ def run_sweep(
     # Held-out metrics come every eval_steps, not in every report: ASHA waits for them (Tune's strict check would fail).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     sweep_dir = Path(sweep_dir).resolve()
-    steps = max(_steps(t) for t in trials)
+    steps_of = {t.trial_id: _steps(t) for t in trials}
+    steps = max(steps_of.values())
     by_tune_id: dict[str, Trial] = {}
 
     def our_trial(tune_trial) -> Trial:
@@ -353,7 +354,9 @@ def run_sweep(
 
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP and result.get("step", steps) < _steps(our_trial(trial)):
+            if result.get("step", steps) >= steps_of[our_trial(trial).trial_id]:
+                return TrialScheduler.CONTINUE  # its last step: let it write its final checkpoint and evaluations
+            if action == TrialScheduler.STOP:
                 mark(
                     trial_dir(sweep_dir, our_trial(trial).trial_id),
                     "stopped.json",
@@ -393,7 +396,7 @@ def run_sweep(
     scheduler = None
     if schedule.scheduler == "asha":
         grace = schedule.grace_steps or max(1, steps // 4)
-        # max_t past the last step: ASHA never stops a trial at its end, before its final checkpoint and evaluation.
+        # max_t past the last step, and no stop at the last step (above): a trial always ends by itself.
         scheduler = RecordingASHA(
             time_attr="step", max_t=steps + 1, grace_period=grace, reduction_factor=schedule.reduction_factor
         )
