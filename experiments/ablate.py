@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--resume: {plan_file} does not exist; start the sweep without --resume")
         saved = json.loads(plan_file.read_text())
         trials = [Trial(**t) for t in saved["trials"]]
-        info = {k: v for k, v in saved.items() if k not in ("trials", "name")}
+        info = {k: v for k, v in saved.items() if k not in ("trials", "name", "resources")}
         args.metric, args.mode = info["metric"], info["mode"]
         print(f"resuming {sweep_dir}: the saved plan of {len(trials)} trials is used", flush=True)
     elif plan_file.is_file():
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from peerlab.train.launch import start_ray
 
     joined = not local or ray.is_initialized()
-    url = start_ray(args.address)
+    url = start_ray(args.address, log_to_driver=False)  # a line per trial here; worker logs on the dashboard
     if joined:  # a cluster that already existed: size the trials by it
         cluster = ray.cluster_resources()
         cpus, gpus = cluster.get("CPU", cpus), cluster.get("GPU", 0.0)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep folder: {sweep_dir}", flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
-        write_json(plan_file, {"name": name, **info, "trials": [asdict(t) for t in trials]})
+        write_json(plan_file, {"name": name, **info, "resources": asdict(res), "trials": [asdict(t) for t in trials]})
     for t in trials:  # every trial's resolved config, also of those that never run
         folder = trial_dir(sweep_dir, t.trial_id)
         folder.mkdir(parents=True, exist_ok=True)

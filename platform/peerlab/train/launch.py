@@ -21,8 +21,12 @@ from peerlab.train.optim import total_steps
 from peerlab.train.worker import environment, train_loop
 
 
-def start_ray(address: str | None = None) -> str | None:
-    """Connect to (or start) Ray; returns the dashboard URL when there is one."""
+def start_ray(address: str | None = None, log_to_driver: bool = True) -> str | None:
+    """Connect to (or start) Ray; returns the dashboard URL when there is one.
+
+    `log_to_driver=False` keeps the workers' logs out of this console (a sweep prints its own
+    progress; the logs stay in Ray's session folder and on the dashboard).
+    """
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token for the dashboard (FACTS.md)
@@ -31,14 +35,14 @@ def start_ray(address: str | None = None) -> str | None:
         return getattr(context, "dashboard_url", None)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        info = ray.init(address=address, runtime_env={"env_vars": environment()}, log_to_driver=True)
+        info = ray.init(address=address, runtime_env={"env_vars": environment()}, log_to_driver=log_to_driver)
     else:
         info = ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             runtime_env={"env_vars": environment()},
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
     url = info.dashboard_url
     return f"http://{url}" if url and not url.startswith("http") else url
