@@ -1,0 +1,40 @@
+"""Reading a sweep: tables (pandas DataFrames) and the report of what an ablation found.
+
+from analysis import load_sweep, leaderboard
+sweep = load_sweep("output/sweeps/demo")
+leaderboard(sweep.trials, sweep.metric, sweep.mode)
+"""
+
+from .compare import cell_stats, differences, factor_effects, factors, failures, leaderboard, noise_floor
+from .dynamics import (
+    curves,
+    heldout_curves,
+    hot_turnover,
+    load_grids,
+    load_histograms,
+    usage_over_time,
+    usage_summary,
+)
+from .load import Sweep, load_sweep, metric_columns
+from .surrogate import recommend_mix
+
+__all__ = [
+    "Sweep",
+    "cell_stats",
+    "curves",
+    "differences",
+    "factor_effects",
+    "factors",
+    "failures",
+    "heldout_curves",
+    "hot_turnover",
+    "leaderboard",
+    "load_grids",
+    "load_histograms",
+    "load_sweep",
+    "metric_columns",
+    "noise_floor",
+    "recommend_mix",
+    "usage_over_time",
+    "usage_summary",
+]
