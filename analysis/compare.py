@@ -66,9 +66,9 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str = "min", metrics: l
     board = counts.join(wide[order], how="left")
     ascending = lower_is_better(metric, metric, mode)
     if metric in board:
-        board["rank"] = board[metric].rank(ascending=ascending, method="min")
+        board["rank"] = board[metric].rank(ascending=ascending, method="min").astype("Int64")
     else:
-        board["rank"] = np.nan
+        board["rank"] = pd.array([pd.NA] * len(board), dtype="Int64")
     board = board.sort_values(["rank", "cell"], na_position="last").reset_index()
     return board[["rank", "cell", "mix", "setting", "seeds", "stopped", "failed", *order]]
 
