@@ -14,6 +14,8 @@ Statistics used (and said in the report):
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -55,7 +57,8 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str = "min", metrics: l
     long = cell_stats(trials, metrics)
     wide = long.pivot(index="cell", columns="metric", values=["mean", "lo", "hi"])
     wide.columns = [m if s == "mean" else f"{m} {s}" for s, m in wide.columns]
-    order = [c for m in metrics for c in (m, f"{m} lo", f"{m} hi") if c in wide.columns]
+    order = [c for m in metrics for c in (m, f"{m} lo", f"{m} hi")]
+    wide = wide.reindex(columns=order)  # a metric no trial reported stays a column of NaN
     counts = trials.groupby("cell", sort=False).agg(
         mix=("mix", "first"),
         setting=("setting", "first"),
@@ -78,8 +81,10 @@ def failures(trials: pd.DataFrame) -> pd.DataFrame:
     failed = trials[trials["status"] == "failed"]
     cols = [c for c in ("trial_id", "cell", "seed", "error") if c in failed]
     out = failed[cols].copy()
-    if "error" in out:
-        out["error"] = out["error"].fillna("").astype(str).str.strip().str.split("\n").str[-1].str.slice(0, 200)
+    if "error" in out:  # the last "...Error: message" line of a traceback, else the first line
+        text = out["error"].fillna("").astype(str).str.strip()
+        last_error = text.str.findall(r"^\s*([\w.]*(?:Error|Exception)\b.*)$", flags=re.M).str[-1]
+        out["error"] = last_error.fillna(text.str.split("\n").str[0]).str.slice(0, 200)
     return out.reset_index(drop=True)
 
 

@@ -78,6 +78,8 @@ def normalise_trials(trials: pd.DataFrame) -> pd.DataFrame:
         t["cell"] = t["mix"].astype(str) + " | " + t["setting"].astype(str)
     if "seed" not in t:
         t["seed"] = 0
+    numeric = metric_columns(t) + cost_columns(t) + weight_columns(t)
+    t[numeric] = t[numeric].apply(pd.to_numeric, errors="coerce")  # all-null columns may arrive as objects
     return t
 
 

@@ -91,14 +91,17 @@ def factor_plot(effects: pd.DataFrame, factor: str, metrics: list[str]) -> plt.F
     fig, axes = _grid(len(metrics))
     for ax, m in zip(axes, metrics):
         g = e[e["metric"] == m]
-        x = np.arange(len(g))
+        numeric = pd.to_numeric(g["level"], errors="coerce")
+        x = numeric.to_numpy() if numeric.notna().all() else np.arange(len(g))
         err = np.nan_to_num(np.vstack([g["mean"] - g["lo"], g["hi"] - g["mean"]]))
-        p = g["p"].iloc[0]
-        ax.errorbar(x, g["mean"], yerr=err, fmt="o-", capsize=3, label=f"mean, 95% interval (ANOVA p={p:.2g})")
-        ax.set_xticks(x, g["level"], rotation=30 if g["level"].str.len().max() > 6 else 0)
-        ax.set_xlabel(factor)
+        ax.errorbar(x, g["mean"], yerr=err, fmt="o-", capsize=3, label="mean over trials, 95% interval")
+        if numeric.notna().all():
+            ax.set_xlabel(f"{factor} ({'share of tokens' if factor.startswith('weight/') else 'value'})")
+        else:
+            ax.set_xticks(x, g["level"], rotation=30 if g["level"].str.len().max() > 6 else 0)
+            ax.set_xlabel(factor)
         ax.set_ylabel(label(m))
-        ax.set_title(m, fontsize=10)
+        ax.set_title(f"{m} (ANOVA p = {g['p'].iloc[0]:.2g})", fontsize=10)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"Effect of {factor}")
     fig.tight_layout()
@@ -156,7 +159,7 @@ def usage_plot(over_time: pd.DataFrame, turnover: pd.DataFrame) -> plt.Figure:
             g = over_time[
                 (over_time["setting"] == setting) & (over_time["layer"] == layer) & (over_time["stat"] == stat)
             ]
-            ax.plot(g["step"], g["mean"], color=f"C{i}", label=f"{setting}, layer {layer}")
+            ax.plot(g["step"], g["mean"], "o-", ms=3, color=f"C{i}", label=f"{setting}, layer {layer}")
         ax.set_title(stat, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
@@ -164,7 +167,7 @@ def usage_plot(over_time: pd.DataFrame, turnover: pd.DataFrame) -> plt.Figure:
         ax = axes[len(panels)]
         for i, (setting, layer) in enumerate(series.itertuples(index=False)):
             g = turnover[(turnover["setting"] == setting) & (turnover["layer"] == layer)]
-            ax.plot(g["step"], g["hot_kept"], color=f"C{i}", label=f"{setting}, layer {layer}")
+            ax.plot(g["step"], g["hot_kept"], "o-", ms=3, color=f"C{i}", label=f"{setting}, layer {layer}")
         ax.set_title("hot experts kept from the previous snapshot", fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel("share of hot ids still hot (0-1)")

@@ -280,6 +280,30 @@ def test_report_with_failed_trial_and_single_seed(tmp_path):
     assert board["cell"].nunique() == 6
 
 
+def test_report_on_a_minimal_folder(tmp_path):
+    """Only the key columns and final_loss, no sweep.json, curves, usage or evals: ranked on final_loss."""
+    trials = make_trials(MIXES3, {"default": {}}, 2, planted_best)[["trial_id", "cell", "seed", "final_loss"]]
+    trials.to_parquet(tmp_path / "trials.parquet")
+    out = tmp_path / "elsewhere"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    text = (out / "report.md").read_text()
+    assert "Ranked on final_loss" in text and "Best cell: **web_heavy | default**" in text
+    assert "No curves.parquet" in text and "No usage.parquet" in text and "cannot fit" in text
+    # every trial failed: still a report, with the failures and no winner
+    trials = make_trials(MIXES3, SETTINGS_K, 1, planted_best)
+    for i in trials.index:
+        fail(trials, i, error=f"Traceback (most recent call last):\n  File x.py\nValueError: trial {i}\n")
+    write_sweep(tmp_path / "all_failed", trials, META)
+    text = write_report(tmp_path / "all_failed").read_text()
+    assert "there is no winner" in text and "6 of 6 trials failed" in text and "trial 5" in text
+
+
 def test_report_cli_errors(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path)],
