@@ -8,6 +8,7 @@ leaderboard(sweep.trials, sweep.metric, sweep.mode)
 from .compare import cell_stats, differences, factor_effects, factors, failures, leaderboard, noise_floor
 from .dynamics import (
     curves,
+    eval_curves,
     heldout_curves,
     hot_turnover,
     load_grids,
@@ -23,6 +24,7 @@ __all__ = [
     "cell_stats",
     "curves",
     "differences",
+    "eval_curves",
     "factor_effects",
     "factors",
     "failures",

@@ -42,6 +42,21 @@ def heldout_curves(curve_table: pd.DataFrame, cells: pd.DataFrame, prefix: str =
     return out[["metric", "cell", "step", "n", "mean", "lo", "hi"]]
 
 
+def eval_curves(evals: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Tidy lm-eval results over steps (from evals.parquet): metric is `lm_eval/<task>/<metric>`,
+    with mean, lo, hi over seeds per cell and step."""
+    cols = ["metric", "cell", "step", "n", "mean", "lo", "hi"]
+    if evals.empty or not {"trial_id", "step", "task", "metric", "value"} <= set(evals.columns):
+        return pd.DataFrame(columns=cols)
+    e = evals.dropna(subset=["value"]).assign(name="lm_eval/" + evals["task"].astype(str) + "/" + evals["metric"])
+    e = e.merge(cells, on="trial_id")
+    out = e.groupby(["name", "cell", "step"])["value"].agg(["count", "mean", "std"]).rename(columns={"count": "n"})
+    out = out.reset_index().rename(columns={"name": "metric"})
+    half = t_halfwidth(out["std"], out["n"])
+    out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
+    return out[cols]
+
+
 def _with_cells(usage: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     return usage.merge(cells, on="trial_id")
 
@@ -94,18 +109,19 @@ def hot_turnover(usage: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
 
 def load_histograms(usage: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     """Tidy histogram of per-expert load z x N at each trial's last snapshot, summed per setting and layer
-    on common edges (the bins of the first trial of that setting and layer). Columns: setting, layer,
-    left, right, count."""
+    on 64 common bins spanning all its trials' bins (each trial bin counted at its centre). Columns:
+    setting, layer, left, right, count."""
     cols = ["setting", "layer", "left", "right", "count"]
     if usage.empty or "load_hist_counts" not in usage:
         return pd.DataFrame(columns=cols)
     u = _with_cells(last_snapshot(usage), cells).dropna(subset=["load_hist_counts"])
     frames = []
     for (setting, layer), g in u.groupby(["setting", "layer"]):
-        edges = np.asarray(g["load_hist_edges"].iloc[0], dtype=float)
-        centres = np.concatenate([0.5 * (np.asarray(e[1:]) + np.asarray(e[:-1])) for e in g["load_hist_edges"]])
+        trial_edges = [np.asarray(e, dtype=float) for e in g["load_hist_edges"]]
+        edges = np.linspace(min(e[0] for e in trial_edges), max(e[-1] for e in trial_edges), 65)
+        centres = np.concatenate([0.5 * (e[1:] + e[:-1]) for e in trial_edges])
         weights = np.concatenate([np.asarray(c, dtype=float) for c in g["load_hist_counts"]])
-        counts, _ = np.histogram(np.clip(centres, edges[0], edges[-1]), bins=edges, weights=weights)
+        counts, _ = np.histogram(centres, bins=edges, weights=weights)
         frames.append(
             pd.DataFrame({"setting": setting, "layer": layer, "left": edges[:-1], "right": edges[1:], "count": counts})
         )

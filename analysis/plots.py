@@ -124,8 +124,8 @@ def curves_plot(frame: pd.DataFrame, order: list[str], ylabel: str, title: str) 
     return fig
 
 
-def heldout_plot(frame: pd.DataFrame, order: list[str]) -> plt.Figure:
-    """Held-out bits-per-byte over steps, one panel per dataset."""
+def heldout_plot(frame: pd.DataFrame, order: list[str], title: str = "Held-out metrics") -> plt.Figure:
+    """A held-out metric over steps, one panel per dataset (or lm-eval task and metric)."""
     metrics = list(dict.fromkeys(frame["metric"]))
     fig, axes = _grid(len(metrics))
     cells = [c for c in order if c in set(frame["cell"])][:MAX_LINES]
@@ -138,7 +138,7 @@ def heldout_plot(frame: pd.DataFrame, order: list[str]) -> plt.Figure:
         ax.set_xlabel("training step")
         ax.set_ylabel(label(m))
     axes[0].legend(fontsize=6, loc="best")
-    fig.suptitle("Held-out metrics over training (mean over seeds, 95% band)")
+    fig.suptitle(f"{title} over training (mean over seeds, 95% band)")
     fig.tight_layout()
     return fig
 
@@ -231,5 +231,21 @@ def surrogate_plot(rec: pd.DataFrame, metric: str) -> plt.Figure:
     ax.set_ylabel(f"predicted {label(metric)}")
     ax.set_title(f"Mixture surrogate, leave-one-mix-out (Spearman {rho:.2f})")
     ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def compute_plot(trials: pd.DataFrame, metric: str) -> plt.Figure:
+    """Each finished trial's metric against its training compute, coloured by PEER setting."""
+    ok = trials[(trials["status"] != "failed")].dropna(subset=[metric, "flops"])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (setting, g) in enumerate(ok.groupby("setting")):
+        ax.scatter(g["flops"], g[metric], color=f"C{i % 10}", s=18, alpha=0.8, label=setting)
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute per trial (FLOPs, 6 x active parameters x tokens)")
+    ax.set_ylabel(label(metric))
+    ax.set_title(f"{metric} against compute, one point per trial")
+    ax.legend(fontsize=7, loc="best", title="setting", title_fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

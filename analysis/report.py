@@ -31,6 +31,7 @@ from analysis.compare import (  # noqa: E402
 )
 from analysis.dynamics import (  # noqa: E402
     curves,
+    eval_curves,
     heldout_curves,
     hot_turnover,
     load_grids,
@@ -274,6 +275,14 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
             "Early-stopped trials (ASHA) are counted with the metrics they reached when stopped.",
         ]
     )
+    mixes = sweep.meta.get("mixes") or {}
+    if mixes:
+        weights = pd.DataFrame.from_dict(mixes, orient="index").fillna(0.0).rename_axis("mix").reset_index()
+        doc.para("The mixes (normalised weight of each dataset):")
+        doc.table(weights, "mixes")
+    space = sweep.meta.get("search_space") or {}
+    if space:
+        doc.para("PEER search space: " + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in space.items()) + ".")
     doc.para(STATS_TEXT)
 
     fails = failures(t)
@@ -286,6 +295,8 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
     doc.table(board, "leaderboard", with_intervals(board, metrics + cost_columns(t)))
     if board[metric].notna().any():
         doc.figure(plots.leaderboard_plot(board, metric), "leaderboard", f"{metric} per cell")
+    if "flops" in t and usable(t, metric)["flops"].notna().any():
+        doc.figure(plots.compute_plot(t, metric), "compute", f"{metric} against compute")
 
     doc.heading("Differences and the noise floor")
     if diff.empty:
@@ -331,7 +342,15 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         held = heldout_curves(sweep.curves, cells)
         if not held.empty:
             held.to_csv(out / "heldout_curves.csv", index=False)
-            doc.figure(plots.heldout_plot(held, order), "heldout_curves", "held-out bits per byte over steps")
+            doc.figure(
+                plots.heldout_plot(held, order, "Held-out bits per byte"),
+                "heldout_curves",
+                "held-out bits per byte over steps",
+            )
+    lm = eval_curves(sweep.evals, cells)
+    if lm.groupby(["metric", "cell"])["step"].nunique().gt(1).any():
+        lm.to_csv(out / "lm_eval_curves.csv", index=False)
+        doc.figure(plots.heldout_plot(lm, order, "lm-eval metrics"), "lm_eval_curves", "lm-eval metrics over steps")
 
     doc.heading("Expert usage")
     use = usage_summary(sweep.usage, cells)

@@ -148,9 +148,8 @@ def write_sweep(path: Path, trials: pd.DataFrame, meta: dict | None = None, grid
         rows.append(row)
     pd.DataFrame(rows).to_parquet(path / "usage.parquet", index=False)
     evals = ok[["trial_id", "lm_eval/demo_continuation/acc"]].rename(columns={"lm_eval/demo_continuation/acc": "value"})
-    evals.assign(step=50, task="demo_continuation", metric="acc", stderr=0.01).to_parquet(
-        path / "evals.parquet", index=False
-    )
+    evals = pd.concat([evals.assign(step=50), evals.assign(step=25, value=evals["value"] - 0.1)])
+    evals.assign(task="demo_continuation", metric="acc", stderr=0.01).to_parquet(path / "evals.parquet", index=False)
     return path
 
 
@@ -159,7 +158,14 @@ SETTINGS_K = {
     "num_experts_per_tok=8": {"peer/num_experts_per_tok": 8},
     "num_experts_per_tok=16": {"peer/num_experts_per_tok": 16},
 }
-META = {"name": "synthetic", "metric": "eval_bpb/mean", "mode": "min", "mixes": {}, "seeds": 3, "search_space": {}}
+META = {
+    "name": "synthetic",
+    "metric": "eval_bpb/mean",
+    "mode": "min",
+    "mixes": {name: dict(zip(DATASETS, w)) for name, w in MIXES3.items()},
+    "seeds": 3,
+    "search_space": {"peer/num_experts_per_tok": [8, 16]},
+}
 
 
 def planted_best(mix, w, setting, peer):
@@ -335,6 +341,21 @@ def test_html_report_opens_in_headless_chromium(tmp_path):
     html = page.read_text()
     assert html.count("<img") >= 8 and "data:image/png;base64," in html and 'src="' + "data" in html
     assert "report.png" not in html  # self-contained: no file references
+    made = {p.name for p in md.parent.glob("*.png")}
+    assert {
+        "leaderboard.png",
+        "differences.png",
+        "compute.png",
+        "loss_curves.png",
+        "heldout_curves.png",
+        "lm_eval_curves.png",
+        "usage_over_time.png",
+        "load_histogram.png",
+        "load_grid.png",
+        "surrogate.png",
+    } <= made
+    assert html.count("<img") == len(made)
+    assert "num_experts_per_tok: 8, 16" in html and "code_heavy" in (md.parent / "mixes.csv").read_text()
     shot = tmp_path / "screenshot.png"
     flags = [
         "--headless",
