@@ -167,12 +167,35 @@ def factors(trials: pd.DataFrame) -> list[str]:
     return [c for c in cols if ok[c].astype(str).nunique() > 1]
 
 
+def peer_slice(trials: pd.DataFrame, factor: str) -> pd.DataFrame:
+    """The trials that read the effect of one PEER key.
+
+    PEER trials only (a dense arm has no experts), except for peer/use_peer itself. When the swept
+    PEER keys form a full grid, all of them (the other keys are balanced over the levels); otherwise
+    (one key at a time around a default) only the trials whose other swept keys sit at their most
+    common value, so that a level is not confounded with another key's change.
+    """
+    sub = trials
+    if factor != "peer/use_peer" and "peer/use_peer" in sub:
+        sub = sub[sub["peer/use_peer"].astype(bool)]
+    swept = [c for c in peer_columns(sub) if c != "peer/use_peer" and sub[c].astype(str).nunique() > 1]
+    others = [c for c in swept if c != factor]
+    if not others or factor == "peer/use_peer":
+        return sub
+    keys = sub[swept].astype(str)
+    full_grid = len(keys.drop_duplicates()) == keys.nunique().prod()
+    if full_grid:
+        return sub
+    at_mode = (keys[others] == keys[others].mode().iloc[0]).all(axis=1)
+    return sub[at_mode]
+
+
 def factor_effects(
     trials: pd.DataFrame, metrics: list[str] | None = None, factor_list: list[str] | None = None
 ) -> pd.DataFrame:
     """Tidy: per factor, level and metric the mean and 95% interval over trials, and the factor's ANOVA p.
 
-    PEER factors other than peer/use_peer are read on PEER trials only (a dense arm has no experts).
+    PEER factors are read on the trials of `peer_slice` (PEER trials; one key at a time when the sweep is not a grid).
     Columns: factor, level, metric, n, mean, lo, hi, p (one-way ANOVA over levels), significant.
     """
     metrics = metrics or metric_columns(trials)
@@ -180,9 +203,7 @@ def factor_effects(
     ok = trials[trials["status"] != "failed"]
     frames = []
     for factor in factor_list:
-        sub = ok
-        if factor.startswith("peer/") and factor != "peer/use_peer" and "peer/use_peer" in ok:
-            sub = ok[ok["peer/use_peer"].astype(bool)]
+        sub = peer_slice(ok, factor) if factor.startswith("peer/") else ok
         long = sub.assign(level=sub[factor].map(level_name)).melt(
             id_vars=["level"], value_vars=[m for m in metrics if m in sub], var_name="metric"
         )

@@ -50,6 +50,9 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     if not (path / "trials.parquet").is_file():
         raise FileNotFoundError(f"{path}: no trials.parquet (is this a sweep folder written by experiments/ablate.py?)")
     frames = {name: _read(path / f"{name}.parquet") for name in TABLES}
+    for name, frame in frames.items():
+        if "trial_id" in frame:
+            frames[name] = frame.assign(trial_id=frame["trial_id"].astype(str))
     trials = normalise_trials(frames.pop("trials"))
     meta = json.loads((path / "sweep.json").read_text()) if (path / "sweep.json").is_file() else {}
     meta.setdefault("name", path.name)

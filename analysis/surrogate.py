@@ -58,7 +58,8 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
     Rows: kind "recommended" (the predicted optimum over the simplex) and one "tried" row per
     mix, with the `weight/<dataset>` columns, `observed` (mean over seeds) and `predicted`
     (leave-one-mix-out for tried mixes). `attrs` holds the fit: setting, mixes, params,
-    loo_spearman, trusted (bool) and note (plain words).
+    loo_spearman, trusted (bool), distance_to_tried (total variation from the optimum to the
+    nearest tried mix) and note (plain words).
     """
     wcols = weight_columns(trials)
     ok = usable(trials, metric)
@@ -70,7 +71,15 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
     mixes = ok.groupby("mix")[[*wcols, metric]].mean()
     q, n = len(wcols), len(mixes)
     params = q + q * (q - 1) // 2
-    info = dict(setting=setting, metric=metric, mixes=n, params=params, loo_spearman=np.nan, trusted=False)
+    info = dict(
+        setting=setting,
+        metric=metric,
+        mixes=n,
+        params=params,
+        loo_spearman=np.nan,
+        trusted=False,
+        distance_to_tried=np.nan,
+    )
     out = mixes.rename(columns={metric: "observed"}).assign(kind="tried", predicted=np.nan).reset_index()
     if q < 2 or n < 3:
         info["note"] = (
@@ -90,6 +99,8 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
         kind="recommended", mix="(recommended)", observed=np.nan, predicted=pred[best]
     )
     out = pd.concat([rec, out], ignore_index=True)[["kind", "mix", *wcols, "observed", "predicted"]]
+    reach = float(np.abs(x - grid[best]).sum(axis=1).min() / 2)  # total variation to the nearest tried mix
+    info["distance_to_tried"] = reach
     enough = n >= params + 2
     info.update(loo_spearman=float(rho), trusted=bool(enough and rho >= 0.5))
     if not enough:
@@ -101,5 +112,10 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
         info["note"] = f"the surrogate ranks held-out mixes poorly (Spearman {rho:.2f}); do not trust its optimum"
     else:
         info["note"] = f"the surrogate ranks held-out mixes well (leave-one-mix-out Spearman {rho:.2f})"
+    if reach > 0.25:
+        info["note"] += (
+            f"; its optimum lies {reach:.2f} (total variation) from the nearest tried mix, an extrapolation: "
+            "try it as a new mix before relying on it"
+        )
     out.attrs = info
     return out

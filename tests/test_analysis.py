@@ -218,6 +218,27 @@ def test_planted_no_effect_factor_is_not_significant():
     assert diff.loc["balanced | num_experts_per_tok=8,num_heads=4", "significant"]
 
 
+def test_one_key_at_a_time_is_not_confounded():
+    """Settings vary one PEER key around a default: num_heads=8 is worse, num_experts_per_tok has no effect.
+    Averaging over all trials would blame k=8 for the num_heads=8 arm; the effect is read at the default."""
+    settings = {
+        "default": {},
+        "num_experts_per_tok=16": {"peer/num_experts_per_tok": 16},
+        "num_heads=8": {"peer/num_heads": 8},
+        "no_peer": {"peer/use_peer": False},
+    }
+
+    def truth(mix, w, setting, peer):
+        return 1.0 + 0.1 * (peer.get("peer/num_heads") == 8) + 0.2 * (setting == "no_peer")
+
+    trials = make_trials(MIXES3, settings, seeds=3, truth=truth, rng_seed=5)
+    effects = factor_effects(trials, ["eval_bpb/mean"])
+    p = effects.drop_duplicates("factor").set_index("factor")["p"]
+    assert p["peer/num_experts_per_tok"] > 0.05 and p["peer/num_heads"] < 0.001 and p["peer/use_peer"] < 0.001
+    k = effects[effects["factor"] == "peer/num_experts_per_tok"]
+    assert k["n"].eq(9).all()  # default and k=16 arms: 3 mixes x 3 seeds each; no num_heads=8 or no_peer trials
+
+
 OPTIMUM = np.array([0.5, 0.3, 0.2])
 
 
@@ -237,6 +258,7 @@ def test_surrogate_recovers_planted_optimum_mix():
     assert np.abs(best - OPTIMUM).max() <= 0.1
     assert rec.attrs["trusted"] and rec.attrs["loo_spearman"] > 0.8 and rec.attrs["mixes"] == 14
     assert rec["kind"].eq("tried").sum() == 14 and np.isclose(best.sum(), 1)
+    assert rec.attrs["distance_to_tried"] < 0.25 and "extrapolation" not in rec.attrs["note"]
 
 
 def test_surrogate_says_when_too_few_mixes():
