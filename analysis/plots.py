@@ -31,6 +31,7 @@ def label(metric: str) -> str:
 def _grid(n: int, width: float = 4.2, height: float = 3.2, cols: int = 3):
     cols = min(cols, max(n, 1))
     rows = math.ceil(max(n, 1) / cols)
+    width = max(width, 7.0 / cols)  # room for the figure title over a single panel
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)

@@ -303,7 +303,7 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         doc.para("Only one cell has results: nothing to compare.")
     else:
         doc.para(f"Each cell against the best ({diff['reference'].iloc[0]}) on {metric}: difference cell minus best.")
-        doc.table(diff, "differences")
+        doc.table(diff, "differences", diff.drop(columns="reference"))
         floor = noise.set_index("metric")["min_diff"].get(metric, np.nan)
         doc.figure(plots.differences_plot(diff, metric, floor), "differences", f"differences in {metric}")
     if noise.empty:
@@ -317,6 +317,7 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
     else:
         overview = effects.drop_duplicates(["factor", "metric"]).pivot(index="factor", columns="metric", values="p")
         overview = overview[[m for m in metrics if m in overview.columns]].reset_index()
+        overview.columns.name = None
         doc.para("ANOVA p-value of each factor on each metric (below 0.05: the factor changes the metric).")
         doc.table(overview, "factor_p_values")
         doc.table(effects, "factor_effects", effects[effects["metric"] == metric], rows=60)
@@ -358,10 +359,16 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         doc.para("No usage.parquet rows: no PEER layer logged expert usage.")
     else:
         doc.para(
-            "At the last snapshot, mean over seeds: usage share, KL to uniform (nats), dead share, "
-            "hot-expert count and the top expert's load x N."
+            "Per PEER setting and layer at the last snapshot, mean over mixes and seeds: usage share, KL to "
+            "uniform (nats), dead share, hot-expert count and the top expert's load x N (per cell in usage_summary.csv)."
         )
-        doc.table(use, "usage_summary")
+        stats = [c for c in use.columns if c not in ("setting", "cell", "layer", "experts", "seeds")]
+        by_setting = (
+            use.groupby(["setting", "layer"])
+            .agg(experts=("experts", "first"), cells=("cell", "nunique"), **{c: (c, "mean") for c in stats})
+            .reset_index()
+        )
+        doc.table(use, "usage_summary", by_setting)
         doc.figure(
             plots.usage_plot(usage_over_time(sweep.usage, cells), hot_turnover(sweep.usage, cells)),
             "usage_over_time",
