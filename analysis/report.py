@@ -1,4 +1,4 @@
-"""The sweep report: `python analysis/report.py SWEEP_DIR [--metric M] [--out DIR]`.
+"""The sweep report: `python analysis/report.py SWEEP_DIR [--metric M] [--mode min|max] [--out DIR] [--no-plots]`.
 
 Writes report.md, a self-contained report.html (images embedded), one PNG per figure and one
 CSV per table into SWEEP_DIR/report/ (or --out), and prints the path of report.md.
@@ -88,8 +88,8 @@ def inline(text: str) -> str:
 class Doc:
     """Report blocks rendered both to Markdown and to self-contained HTML; figures and tables saved beside."""
 
-    def __init__(self, out: Path):
-        self.out, self.md, self.html = out, [], []
+    def __init__(self, out: Path, figures: bool = True):
+        self.out, self.figures, self.md, self.html = out, figures, [], []
 
     def heading(self, text: str, level: int = 2) -> None:
         self.md.append(f"{'#' * level} {text}\n")
@@ -115,7 +115,11 @@ class Doc:
             '<div class="t">' + view.to_html(index=False, escape=True, border=0) + f"</div><p class=s>{more}</p>"
         )
 
-    def figure(self, fig: plt.Figure, name: str, alt: str) -> None:
+    def figure(self, make, name: str, alt: str) -> None:
+        """Draw `make()` (a function returning a Figure) into name.png and embed it; nothing with plots off."""
+        if not self.figures:
+            return
+        fig = make()
         path = self.out / f"{name}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
@@ -231,11 +235,27 @@ def summary(
     return lines
 
 
-def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Path | None = None) -> Path:
-    """Write the report of a sweep folder; returns the path of report.md."""
+def write_report(
+    sweep_dir: str | Path,
+    metric: str | None = None,
+    out: str | Path | None = None,
+    mode: str | None = None,
+    figures: bool = True,
+) -> Path:
+    """Write the report of a sweep folder; returns the path of report.md.
+
+    `metric` (default: the sweep's) is what cells are ranked on; `mode` ("min" or "max") defaults to the
+    sweep's for its own metric, else to the metric's direction (losses and bpb min, lm-eval scores max).
+    `figures=False` writes the tables and text only (fast).
+    """
     sweep = load_sweep(sweep_dir)
-    if metric:
+    if metric and metric != sweep.metric:
         sweep.meta["metric"] = metric
+        sweep.meta["mode"] = "min" if lower_is_better(metric) else "max"
+    if mode:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        sweep.meta["mode"] = mode
     metric = sweep.metric
     if metric not in sweep.trials:
         raise ValueError(
@@ -253,7 +273,7 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
     rec = recommend_mix(t, metric, sweep.mode) if len(usable(t, metric)) else None
     order = board["cell"].tolist()
 
-    doc = Doc(out)
+    doc = Doc(out, figures)
     doc.heading(f"Sweep report: {sweep.meta['name']}", 1)
     doc.html.append('<div class="summary">')
     doc.heading("Summary")
@@ -294,9 +314,9 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
     doc.para("Mean ± 95% half-width over seeds, ranked on the sweep's metric; tokens and FLOPs per trial.")
     doc.table(board, "leaderboard", with_intervals(board, metrics + cost_columns(t)))
     if board[metric].notna().any():
-        doc.figure(plots.leaderboard_plot(board, metric), "leaderboard", f"{metric} per cell")
+        doc.figure(lambda: plots.leaderboard_plot(board, metric), "leaderboard", f"{metric} per cell")
     if "flops" in t and usable(t, metric)["flops"].notna().any():
-        doc.figure(plots.compute_plot(t, metric), "compute", f"{metric} against compute")
+        doc.figure(lambda: plots.compute_plot(t, metric), "compute", f"{metric} against compute")
 
     doc.heading("Differences and the noise floor")
     if diff.empty:
@@ -305,7 +325,7 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         doc.para(f"Each cell against the best ({diff['reference'].iloc[0]}) on {metric}: difference cell minus best.")
         doc.table(diff, "differences", diff.drop(columns="reference"))
         floor = noise.set_index("metric")["min_diff"].get(metric, np.nan)
-        doc.figure(plots.differences_plot(diff, metric, floor), "differences", f"differences in {metric}")
+        doc.figure(lambda: plots.differences_plot(diff, metric, floor), "differences", f"differences in {metric}")
     if noise.empty:
         doc.para("Only one seed per cell: the noise floor cannot be measured.")
     else:
@@ -323,7 +343,7 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         doc.table(effects, "factor_effects", effects[effects["metric"] == metric], rows=60)
         shown = metrics[:3]
         for i, f in enumerate(factors(t)):
-            doc.figure(plots.factor_plot(effects, f, shown), f"factor_{i}", f"effect of {f}")
+            doc.figure(lambda f=f: plots.factor_plot(effects, f, shown), f"factor_{i}", f"effect of {f}")
 
     doc.heading("Training curves")
     loss = curves(sweep.curves, cells, "loss", smooth=5)
@@ -331,7 +351,7 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         doc.para("No curves.parquet: no curves to show.")
     else:
         doc.figure(
-            plots.curves_plot(
+            lambda: plots.curves_plot(
                 loss,
                 order,
                 plots.label("train loss"),
@@ -344,14 +364,16 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         if not held.empty:
             held.to_csv(out / "heldout_curves.csv", index=False)
             doc.figure(
-                plots.heldout_plot(held, order, "Held-out bits per byte"),
+                lambda: plots.heldout_plot(held, order, "Held-out bits per byte"),
                 "heldout_curves",
                 "held-out bits per byte over steps",
             )
     lm = eval_curves(sweep.evals, cells)
     if lm.groupby(["metric", "cell"])["step"].nunique().gt(1).any():
         lm.to_csv(out / "lm_eval_curves.csv", index=False)
-        doc.figure(plots.heldout_plot(lm, order, "lm-eval metrics"), "lm_eval_curves", "lm-eval metrics over steps")
+        doc.figure(
+            lambda: plots.heldout_plot(lm, order, "lm-eval metrics"), "lm_eval_curves", "lm-eval metrics over steps"
+        )
 
     doc.heading("Expert usage")
     use = usage_summary(sweep.usage, cells)
@@ -370,16 +392,16 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         )
         doc.table(use, "usage_summary", by_setting)
         doc.figure(
-            plots.usage_plot(usage_over_time(sweep.usage, cells), hot_turnover(sweep.usage, cells)),
+            lambda: plots.usage_plot(usage_over_time(sweep.usage, cells), hot_turnover(sweep.usage, cells)),
             "usage_over_time",
             "expert usage over steps",
         )
         hists = load_histograms(sweep.usage, cells)
         if not hists.empty:
-            doc.figure(plots.load_hist_plot(hists), "load_histogram", "expert load histogram")
+            doc.figure(lambda: plots.load_hist_plot(hists), "load_histogram", "expert load histogram")
         grids = load_grids(sweep.usage, cells)
         if not grids.empty:
-            doc.figure(plots.load_grid_plot(grids), "load_grid", "load over the product-key grid")
+            doc.figure(lambda: plots.load_grid_plot(grids), "load_grid", "load over the product-key grid")
         if hists.empty and grids.empty:
             doc.para("This folder has no load histograms or grids (older format): those plots are skipped.")
 
@@ -395,7 +417,9 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, out: str | Pa
         )
         doc.table(rec, "mix_recommendation")
         if (rec["kind"] == "tried").any() and rec["predicted"].notna().any():
-            doc.figure(plots.surrogate_plot(rec, metric), "surrogate", "surrogate predictions against observations")
+            doc.figure(
+                lambda: plots.surrogate_plot(rec, metric), "surrogate", "surrogate predictions against observations"
+            )
     return doc.write(f"Sweep report: {sweep.meta['name']}")
 
 
@@ -404,9 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", help="folder written by experiments/ablate.py (holds trials.parquet)")
     parser.add_argument("--metric", help="column of trials.parquet to rank on (default: sweep.json's metric)")
     parser.add_argument("--out", help="output folder (default: SWEEP_DIR/report)")
+    parser.add_argument("--mode", choices=["min", "max"], help="better direction of --metric (default: inferred)")
+    parser.add_argument("--no-plots", action="store_true", help="tables and text only (fast)")
     args = parser.parse_args(argv)
     try:
-        path = write_report(args.sweep_dir, args.metric, args.out)
+        path = write_report(args.sweep_dir, args.metric, args.out, args.mode, figures=not args.no_plots)
     except (FileNotFoundError, ValueError) as err:
         print(f"report: {err}", file=sys.stderr)
         return 2

@@ -328,7 +328,7 @@ def test_report_on_a_minimal_folder(tmp_path):
     for i in trials.index:
         fail(trials, i, error=f"Traceback (most recent call last):\n  File x.py\nValueError: trial {i}\n")
     write_sweep(tmp_path / "all_failed", trials, META)
-    text = write_report(tmp_path / "all_failed").read_text()
+    text = write_report(tmp_path / "all_failed", figures=False).read_text()
     assert "there is no winner" in text and "6 of 6 trials failed" in text and "trial 5" in text
 
 
@@ -343,6 +343,26 @@ def test_report_cli_errors(tmp_path):
     write_sweep(tmp_path, make_trials(MIXES3, SETTINGS_K, 2, planted_best), META)
     with pytest.raises(ValueError, match="not a column"):
         write_report(tmp_path, metric="nope")
+    # another metric than the sweep's: its own direction (accuracy: higher is better), or --mode
+    text = write_report(tmp_path, metric="lm_eval/demo_continuation/acc", figures=False).read_text()
+    assert "Best cell: **balanced | num_experts_per_tok=16**" in text and "(higher is better)" in text
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "analysis" / "report.py"),
+            str(tmp_path),
+            "--metric",
+            "final_loss",
+            "--mode",
+            "max",
+            "--no-plots",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "(higher is better)" in Path(run.stdout.strip()).read_text()
 
 
 def chromium() -> str:
