@@ -97,7 +97,7 @@ def peer_columns(trials: pd.DataFrame) -> list[str]:
 def metric_columns(trials: pd.DataFrame) -> list[str]:
     """The outcome columns, in report order: train loss, held-out bpb, lm-eval."""
     bpb = sorted(c for c in trials.columns if c.startswith("eval_bpb/") and c != "eval_bpb/mean")
-    lm = sorted(c for c in trials.columns if c.startswith("lm_eval/") and not c.endswith("_stderr"))
+    lm = sorted(c for c in trials.columns if c.startswith("lm_eval/") and "_stderr" not in c)
     head = [c for c in ("final_loss", "eval_bpb/mean") if c in trials.columns]
     return head + bpb + lm
 

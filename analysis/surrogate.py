@@ -67,9 +67,10 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
         best = ok.groupby("cell")[metric].mean()
         best_cell = best.idxmin() if lower_is_better(metric, metric, mode) else best.idxmax()
         setting = ok.loc[ok["cell"] == best_cell, "setting"].iloc[0]
-    ok = ok[ok["setting"] == setting].dropna(subset=wcols)
+    ok = ok[ok["setting"] == setting].fillna({c: 0.0 for c in wcols})
     mixes = ok.groupby("mix")[[*wcols, metric]].mean()
-    q, n = len(wcols), len(mixes)
+    used = [c for c in wcols if mixes[c].max() > 0]  # a dataset no mix gave weight to stays at 0
+    q, n = len(used), len(mixes)
     params = q + q * (q - 1) // 2
     info = dict(
         setting=setting,
@@ -87,7 +88,7 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
         )
         out.attrs = info
         return out[["kind", "mix", *wcols, "observed", "predicted"]]
-    x, y = mixes[wcols].to_numpy(float), mixes[metric].to_numpy(float)
+    x, y = mixes[used].to_numpy(float), mixes[metric].to_numpy(float)
     loo = np.array([predict(fit(np.delete(x, i, 0), np.delete(y, i)), x[i : i + 1])[0] for i in range(n)])
     rho = stats.spearmanr(loo, y).statistic if np.ptp(y) > 0 and np.ptp(loo) > 0 else np.nan
     coef = fit(x, y)
@@ -95,8 +96,10 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
     pred = predict(coef, grid)
     best = int(np.argmin(pred) if lower_is_better(metric, metric, mode) else np.argmax(pred))
     out["predicted"] = loo
-    rec = pd.DataFrame([grid[best]], columns=wcols).assign(
-        kind="recommended", mix="(recommended)", observed=np.nan, predicted=pred[best]
+    rec = (
+        pd.DataFrame([grid[best]], columns=used)
+        .reindex(columns=wcols, fill_value=0.0)
+        .assign(kind="recommended", mix="(recommended)", observed=np.nan, predicted=pred[best])
     )
     out = pd.concat([rec, out], ignore_index=True)[["kind", "mix", *wcols, "observed", "predicted"]]
     reach = float(np.abs(x - grid[best]).sum(axis=1).min() / 2)  # total variation to the nearest tried mix

@@ -259,6 +259,10 @@ def test_surrogate_recovers_planted_optimum_mix():
     assert rec.attrs["trusted"] and rec.attrs["loo_spearman"] > 0.8 and rec.attrs["mixes"] == 14
     assert rec["kind"].eq("tried").sum() == 14 and np.isclose(best.sum(), 1)
     assert rec.attrs["distance_to_tried"] < 0.25 and "extrapolation" not in rec.attrs["note"]
+    # a dataset that no mix used is left at weight 0, not extrapolated to
+    trials["weight/unused"] = 0.0
+    rec = recommend_mix(trials, "eval_bpb/mean", "min")
+    assert rec.loc[rec["kind"] == "recommended", "weight/unused"].eq(0).all() and rec.attrs["params"] == 6
 
 
 def test_surrogate_says_when_too_few_mixes():
