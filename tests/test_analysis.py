@@ -15,7 +15,10 @@ import pandas as pd
 import pytest
 
 from analysis import (
+    curves,
     differences,
+    eval_curves,
+    heldout_curves,
     factor_effects,
     hot_turnover,
     leaderboard,
@@ -283,6 +286,12 @@ def test_usage_tables(tmp_path):
     assert len(grids) == 4 and all(g.shape == (8, 8) for g in grids["grid"])
     hists = load_histograms(sweep.usage, sweep.cells)
     assert hists.groupby(["setting", "layer"])["count"].sum().eq(64 * 6).all()  # 64 experts x 6 trials each
+    loss = curves(sweep.curves, sweep.cells, "loss")
+    assert loss["n"].eq(2).all() and len(loss) == 9 * 11 and (loss["lo"] < loss["mean"]).all()
+    held = heldout_curves(sweep.curves, sweep.cells)
+    assert set(held["metric"]) == {f"eval_bpb/{d}" for d in DATASETS} and set(held["step"]) == {0, 25, 50}
+    lm = eval_curves(sweep.evals, sweep.cells)
+    assert set(lm["metric"]) == {"lm_eval/demo_continuation/acc"} and set(lm["step"]) == {25, 50}
     kept = hot_turnover(sweep.usage, sweep.cells)
     assert kept["step"].eq(50).all() and kept["hot_kept"].between(0, 1).all()
 
