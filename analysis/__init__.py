@@ -5,7 +5,17 @@ sweep = load_sweep("output/sweeps/demo")
 leaderboard(sweep.trials, sweep.metric, sweep.mode)
 """
 
-from .compare import cell_stats, differences, factor_effects, factors, failures, leaderboard, noise_floor
+from .compare import (
+    baseline_differences,
+    cell_stats,
+    differences,
+    factor_effects,
+    factors,
+    failures,
+    leaderboard,
+    noise_floor,
+    pairwise,
+)
 from .dynamics import (
     curves,
     eval_curves,
@@ -20,6 +30,7 @@ from .load import Sweep, load_sweep, metric_columns
 from .surrogate import recommend_mix
 
 __all__ = [
+    "baseline_differences",
     "Sweep",
     "cell_stats",
     "curves",
@@ -36,6 +47,7 @@ __all__ = [
     "load_sweep",
     "metric_columns",
     "noise_floor",
+    "pairwise",
     "recommend_mix",
     "usage_over_time",
     "usage_summary",

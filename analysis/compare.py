@@ -134,30 +134,67 @@ def compare_pair(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict:
     return dict(diff=diff, lo=np.nan, hi=np.nan, p=np.nan, test="none (one seed)", n=min(len(xa), len(xb)))
 
 
+DIFF_COLUMNS = ["cell", "reference", "diff", "lo", "hi", "p", "p_holm", "test", "n", "significant", "better"]
+
+
+def compare_pairs(ok: pd.DataFrame, pairs: pd.DataFrame, metric: str, lower: bool) -> pd.DataFrame:
+    """Test each (cell, reference) row of `pairs` on `metric`; Holm over the table."""
+    groups = dict(tuple(ok.groupby("cell")))
+    rows = [
+        {"cell": c, "reference": r, **compare_pair(groups[c], groups[r], metric)}
+        for c, r in zip(pairs["cell"], pairs["reference"])
+    ]
+    out = pd.DataFrame(rows, columns=["cell", "reference", "diff", "lo", "hi", "p", "test", "n"])
+    out["p_holm"] = holm(out["p"])
+    out["significant"] = out["p_holm"] < ALPHA
+    out["better"] = out["significant"] & ((out["diff"] < 0) if lower else (out["diff"] > 0))
+    return out[DIFF_COLUMNS]
+
+
 def differences(trials: pd.DataFrame, metric: str, mode: str = "min", reference: str | None = None) -> pd.DataFrame:
-    """Every cell against a reference cell (default: the best one) on `metric`.
+    """Every cell against a reference cell (default: the best one) on `metric`, the runner-up first.
 
     Columns: cell, reference, diff (cell - reference), lo, hi (95%), p, p_holm, test, n, significant,
     better (the cell beats the reference, significantly).
     """
     ok = usable(trials, metric)
     if ok.empty:
-        return pd.DataFrame(columns=["cell", "reference", "diff", "lo", "hi", "p", "p_holm", "test", "n"])
+        return pd.DataFrame(columns=DIFF_COLUMNS)
     means = ok.groupby("cell")[metric].mean()
     lower = lower_is_better(metric, metric, mode)
     reference = reference or (means.idxmin() if lower else means.idxmax())
-    ref = ok[ok["cell"] == reference]
-    rows = [
-        {"cell": cell, "reference": reference, **compare_pair(group, ref, metric)}
-        for cell, group in ok.groupby("cell", sort=False)
-        if cell != reference
-    ]
-    out = pd.DataFrame(rows, columns=["cell", "reference", "diff", "lo", "hi", "p", "test", "n"])
-    out["p_holm"] = holm(out["p"])
-    out["significant"] = out["p_holm"] < ALPHA
-    out["better"] = out["significant"] & ((out["diff"] < 0) if lower else (out["diff"] > 0))
-    out = out.sort_values("diff", ascending=lower).reset_index(drop=True)  # the runner-up first
-    return out[["cell", "reference", "diff", "lo", "hi", "p", "p_holm", "test", "n", "significant", "better"]]
+    pairs = pd.DataFrame({"cell": means.index[means.index != reference], "reference": reference})
+    out = compare_pairs(ok, pairs, metric, lower)
+    return out.sort_values("diff", ascending=lower).reset_index(drop=True)
+
+
+def pairwise(trials: pd.DataFrame, metric: str, mode: str = "min") -> pd.DataFrame:
+    """Every pair of cells (each once, the better-ranked as reference); Holm over all pairs."""
+    ok = usable(trials, metric)
+    lower = lower_is_better(metric, metric, mode)
+    ranked = ok.groupby("cell")[metric].mean().sort_values(ascending=lower).index.to_series()
+    pairs = ranked.rename("reference").to_frame().merge(ranked.rename("cell").to_frame(), how="cross")
+    order = {c: i for i, c in enumerate(ranked)}
+    pairs = pairs[pairs["reference"].map(order) < pairs["cell"].map(order)]
+    return compare_pairs(ok, pairs, metric, lower) if len(pairs) else pd.DataFrame(columns=DIFF_COLUMNS)
+
+
+def baseline_differences(
+    trials: pd.DataFrame, metric: str, mode: str = "min", baseline: str = "no_peer"
+) -> pd.DataFrame:
+    """Each cell against the `baseline` setting (the dense arm) of the same mix: what PEER buys per mix.
+
+    Empty when no cell has that setting. Columns as `differences`.
+    """
+    ok = usable(trials, metric)
+    base = ok.loc[ok["setting"] == baseline, ["mix", "cell"]].drop_duplicates().rename(columns={"cell": "reference"})
+    if base.empty:
+        return pd.DataFrame(columns=DIFF_COLUMNS)
+    pairs = ok.loc[ok["setting"] != baseline, ["mix", "cell"]].drop_duplicates().merge(base, on="mix")
+    out = compare_pairs(ok, pairs, metric, lower_is_better(metric, metric, mode))
+    return out.sort_values(["reference", "diff"], ascending=[True, lower_is_better(metric, metric, mode)]).reset_index(
+        drop=True
+    )
 
 
 def factors(trials: pd.DataFrame) -> list[str]:

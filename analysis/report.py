@@ -22,12 +22,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.compare import (  # noqa: E402
+    baseline_differences,
     differences,
     factor_effects,
     factors,
     failures,
     leaderboard,
     noise_floor,
+    pairwise,
 )
 from analysis.dynamics import (  # noqa: E402
     curves,
@@ -208,6 +210,17 @@ def summary(
         )
     else:
         lines.append("Only one seed per cell: intervals, tests and the noise floor are omitted.")
+    base = baseline_differences(t, metric, sweep.mode)
+    if len(base):
+        at_best = base[base["cell"] == best["cell"]]
+        line = f"PEER against the dense arm: {int(base['better'].sum())} of {len(base)} PEER cells beat no_peer on the same mix"
+        if len(at_best):
+            b = at_best.iloc[0]
+            sure = (
+                "significant" if b["significant"] else ("not significant" if np.isfinite(b["p_holm"]) else "untested")
+            )
+            line += f"; the best cell differs from its dense arm by {fmt(b['diff'])} ({sure})"
+        lines.append(line + ".")
     if n_failed:
         lines.append(f"{n_failed} of {len(t)} trials failed (listed under Failed trials).")
     nxt = []
@@ -326,6 +339,18 @@ def write_report(
         doc.table(diff, "differences", diff.drop(columns="reference"))
         floor = noise.set_index("metric")["min_diff"].get(metric, np.nan)
         doc.figure(lambda: plots.differences_plot(diff, metric, floor), "differences", f"differences in {metric}")
+    base = baseline_differences(t, metric, sweep.mode)
+    if len(base):
+        doc.heading("Against the dense baseline", 3)
+        wins = int(base["better"].sum())
+        doc.para(
+            f"Each PEER cell against the dense arm (no_peer) of the same mix on {metric}: {wins} of {len(base)} "
+            "cells beat it significantly (difference cell minus dense; Holm over this table)."
+        )
+        doc.table(base, "baseline_differences")
+    if t["cell"].nunique() <= 40 and len(diff):
+        pairwise(t, metric, sweep.mode).to_csv(out / "pairwise.csv", index=False)
+        doc.para("Every pair of cells, tested the same way: pairwise.csv.")
     if noise.empty:
         doc.para("Only one seed per cell: the noise floor cannot be measured.")
     else:

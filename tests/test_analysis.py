@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from analysis import (
+    baseline_differences,
     curves,
     differences,
     eval_curves,
@@ -26,6 +27,7 @@ from analysis import (
     load_histograms,
     load_sweep,
     noise_floor,
+    pairwise,
     recommend_mix,
     usage_summary,
 )
@@ -238,6 +240,11 @@ def test_one_key_at_a_time_is_not_confounded():
     effects = factor_effects(trials, ["eval_bpb/mean"])
     p = effects.drop_duplicates("factor").set_index("factor")["p"]
     assert p["peer/num_experts_per_tok"] > 0.05 and p["peer/num_heads"] < 0.001 and p["peer/use_peer"] < 0.001
+    base = baseline_differences(trials, "eval_bpb/mean", "min")
+    assert len(base) == 9 and base["better"].all() and base["reference"].str.endswith("| no_peer").all()
+    assert (base["cell"].str.split(" | ").str[0] == base["reference"].str.split(" | ").str[0]).all()  # same mix
+    pairs = pairwise(trials, "eval_bpb/mean", "min")
+    assert len(pairs) == 12 * 11 // 2 and not (pairs["diff"] < 0).any()  # the better-ranked cell is the reference
     k = effects[effects["factor"] == "peer/num_experts_per_tok"]
     assert k["n"].eq(9).all()  # default and k=16 arms: 3 mixes x 3 seeds each; no num_heads=8 or no_peer trials
 
@@ -410,6 +417,9 @@ def test_html_report_opens_in_headless_chromium(tmp_path):
         "surrogate.png",
     } <= made
     assert html.count("<img") == len(made)
+    # only the planted cell beats its dense arm
+    assert "PEER against the dense arm: 1 of 18 PEER cells beat no_peer" in md.read_text()
+    assert "Against the dense baseline" in html and (md.parent / "pairwise.csv").is_file()
     assert "num_experts_per_tok: 8, 16" in html and "code_heavy" in (md.parent / "mixes.csv").read_text()
     shot = tmp_path / "screenshot.png"
     flags = [
