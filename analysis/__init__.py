@@ -10,6 +10,7 @@ from .compare import (
     cell_stats,
     differences,
     factor_effects,
+    factor_p_values,
     factors,
     failures,
     leaderboard,
@@ -23,10 +24,11 @@ from .dynamics import (
     hot_turnover,
     load_grids,
     load_histograms,
+    usage_by_setting,
     usage_over_time,
     usage_summary,
 )
-from .load import Sweep, load_sweep, metric_columns
+from .load import Sweep, load_sweep, metric_columns, mix_table
 from .surrogate import recommend_mix
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "differences",
     "eval_curves",
     "factor_effects",
+    "factor_p_values",
     "factors",
     "failures",
     "heldout_curves",
@@ -46,9 +49,11 @@ __all__ = [
     "load_histograms",
     "load_sweep",
     "metric_columns",
+    "mix_table",
     "noise_floor",
     "pairwise",
     "recommend_mix",
+    "usage_by_setting",
     "usage_over_time",
     "usage_summary",
 ]

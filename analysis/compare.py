@@ -266,6 +266,14 @@ def level_name(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def factor_p_values(effects: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Wide: one row per factor, its ANOVA p on each metric (columns in `metrics` order)."""
+    wide = effects.drop_duplicates(["factor", "metric"]).pivot(index="factor", columns="metric", values="p")
+    wide = wide[[m for m in (metrics or list(wide.columns)) if m in wide.columns]].reset_index()
+    wide.columns.name = None
+    return wide
+
+
 def _anova(group: pd.DataFrame) -> float:
     samples = [g.to_numpy() for _, g in group.groupby("level")["value"] if len(g) > 0]
     if len(samples) < 2 or sum(len(s) for s in samples) <= len(samples) or all(len(s) < 2 for s in samples):

@@ -81,6 +81,15 @@ def usage_summary(usage: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def usage_by_setting(summary: pd.DataFrame) -> pd.DataFrame:
+    """`usage_summary` averaged over the cells (mixes) of each setting and layer."""
+    stats = [c for c in USAGE_STATS if c in summary]
+    out = summary.groupby(["setting", "layer"]).agg(
+        experts=("experts", "first"), cells=("cell", "nunique"), **{c: (c, "mean") for c in stats}
+    )
+    return out.reset_index()
+
+
 def usage_over_time(usage: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     """Tidy: setting, layer, step, stat, mean over the setting's trials (all mixes and seeds)."""
     if usage.empty:

@@ -86,6 +86,12 @@ def normalise_trials(trials: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+def mix_table(meta: dict) -> pd.DataFrame:
+    """sweep.json's mixes as a table: one row per mix, one column per dataset weight (0 where absent)."""
+    mixes = meta.get("mixes") or {}
+    return pd.DataFrame.from_dict(mixes, orient="index").fillna(0.0).rename_axis("mix").reset_index()
+
+
 def weight_columns(trials: pd.DataFrame) -> list[str]:
     return [c for c in trials.columns if c.startswith("weight/")]
 

@@ -25,6 +25,7 @@ from analysis.compare import (  # noqa: E402
     baseline_differences,
     differences,
     factor_effects,
+    factor_p_values,
     factors,
     failures,
     leaderboard,
@@ -38,10 +39,19 @@ from analysis.dynamics import (  # noqa: E402
     hot_turnover,
     load_grids,
     load_histograms,
+    usage_by_setting,
     usage_over_time,
     usage_summary,
 )
-from analysis.load import Sweep, cost_columns, load_sweep, lower_is_better, metric_columns, usable  # noqa: E402
+from analysis.load import (  # noqa: E402
+    Sweep,
+    cost_columns,
+    load_sweep,
+    lower_is_better,
+    metric_columns,
+    mix_table,
+    usable,
+)
 from analysis import plots  # noqa: E402
 from analysis.surrogate import recommend_mix  # noqa: E402
 
@@ -308,9 +318,8 @@ def write_report(
             "Early-stopped trials (ASHA) are counted with the metrics they reached when stopped.",
         ]
     )
-    mixes = sweep.meta.get("mixes") or {}
-    if mixes:
-        weights = pd.DataFrame.from_dict(mixes, orient="index").fillna(0.0).rename_axis("mix").reset_index()
+    weights = mix_table(sweep.meta)
+    if len(weights):
         doc.para("The mixes (normalised weight of each dataset):")
         doc.table(weights, "mixes")
     space = sweep.meta.get("search_space") or {}
@@ -360,9 +369,7 @@ def write_report(
     if effects.empty:
         doc.para("No mix weight or PEER setting varies across the finished trials.")
     else:
-        overview = effects.drop_duplicates(["factor", "metric"]).pivot(index="factor", columns="metric", values="p")
-        overview = overview[[m for m in metrics if m in overview.columns]].reset_index()
-        overview.columns.name = None
+        overview = factor_p_values(effects, metrics)
         doc.para("ANOVA p-value of each factor on each metric (below 0.05: the factor changes the metric).")
         doc.table(overview, "factor_p_values")
         doc.table(effects, "factor_effects", effects[effects["metric"] == metric], rows=60)
@@ -409,13 +416,7 @@ def write_report(
             "Per PEER setting and layer at the last snapshot, mean over mixes and seeds: usage share, KL to "
             "uniform (nats), dead share, hot-expert count and the top expert's load x N (per cell in usage_summary.csv)."
         )
-        stats = [c for c in use.columns if c not in ("setting", "cell", "layer", "experts", "seeds")]
-        by_setting = (
-            use.groupby(["setting", "layer"])
-            .agg(experts=("experts", "first"), cells=("cell", "nunique"), **{c: (c, "mean") for c in stats})
-            .reset_index()
-        )
-        doc.table(use, "usage_summary", by_setting)
+        doc.table(use, "usage_summary", usage_by_setting(use))
         doc.figure(
             lambda: plots.usage_plot(usage_over_time(sweep.usage, cells), hot_turnover(sweep.usage, cells)),
             "usage_over_time",
