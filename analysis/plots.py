@@ -144,8 +144,15 @@ def heldout_plot(frame: pd.DataFrame, order: list[str], title: str = "Held-out m
     return fig
 
 
+STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "v", "D", "x"]
+
+
 def usage_plot(over_time: pd.DataFrame, turnover: pd.DataFrame) -> plt.Figure:
-    """Usage share, KL to uniform, hot count and hot-expert persistence over steps, per setting and layer."""
+    """Usage share, KL to uniform, dead share, hot count and hot-expert persistence over steps.
+
+    Colour: PEER setting (up to 10); line style and marker: layer.
+    """
     panels = [
         ("usage", "share of experts used (0-1)"),
         ("kl_uniform", "KL(load || uniform) (nats)"),
@@ -153,28 +160,39 @@ def usage_plot(over_time: pd.DataFrame, turnover: pd.DataFrame) -> plt.Figure:
         ("hot_count", "hot experts (count)"),
     ]
     panels = [p for p in panels if p[0] in set(over_time["stat"])]
-    fig, axes = _grid(len(panels) + (not turnover.empty), width=4.6, cols=3)
-    series = over_time[["setting", "layer"]].drop_duplicates().head(MAX_LINES)
+    kept = turnover.assign(stat="hot_kept", mean=turnover["hot_kept"]).drop(columns="hot_kept")
+    if not kept.empty:
+        panels.append(("hot_kept", "share of hot ids still hot (0-1)"))
+    data = pd.concat([over_time, kept], ignore_index=True)
+    settings = list(dict.fromkeys(data["setting"]))[:10]
+    layers = sorted(data["layer"].unique())
+    colour = {s: f"C{i}" for i, s in enumerate(settings)}
+    style = {ly: (STYLES[i % len(STYLES)], MARKERS[i // len(STYLES) % len(MARKERS)]) for i, ly in enumerate(layers)}
+    titles = {"hot_kept": "hot experts kept from the previous snapshot"}
+    fig, axes = _grid(len(panels), width=4.6, cols=3)
     for ax, (stat, ylabel) in zip(axes, panels):
-        for i, (setting, layer) in enumerate(series.itertuples(index=False)):
-            g = over_time[
-                (over_time["setting"] == setting) & (over_time["layer"] == layer) & (over_time["stat"] == stat)
-            ]
-            ax.plot(g["step"], g["mean"], "o-", ms=3, color=f"C{i}", label=f"{setting}, layer {layer}")
-        ax.set_title(stat, fontsize=10)
+        sub = data[(data["stat"] == stat) & data["setting"].isin(settings)]
+        for (setting, layer), g in sub.groupby(["setting", "layer"], sort=False):
+            ls, marker = style[layer]
+            ax.plot(g["step"], g["mean"], ls=ls, marker=marker, ms=3, color=colour[setting], lw=1.2)
+        ax.set_title(titles.get(stat, stat), fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
-    if not turnover.empty:
-        ax = axes[len(panels)]
-        for i, (setting, layer) in enumerate(series.itertuples(index=False)):
-            g = turnover[(turnover["setting"] == setting) & (turnover["layer"] == layer)]
-            ax.plot(g["step"], g["hot_kept"], "o-", ms=3, color=f"C{i}", label=f"{setting}, layer {layer}")
-        ax.set_title("hot experts kept from the previous snapshot", fontsize=10)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("share of hot ids still hot (0-1)")
-    axes[0].legend(fontsize=6, loc="best")
+    handles = [plt.Line2D([], [], color=c, lw=2, label=s) for s, c in colour.items()]
+    handles += [
+        plt.Line2D([], [], color="k", ls=ls, marker=m, ms=3, label=f"layer {ly}") for ly, (ls, m) in style.items()
+    ]
+    free_slot = len(panels) % 3 != 0  # the legend goes in the grid's empty corner, else beside the panels
+    fig.legend(
+        handles=handles,
+        loc="lower right" if free_slot else "center right",
+        fontsize=7,
+        ncol=2 if free_slot else 1,
+        title="colour: setting; style: layer",
+        title_fontsize=7,
+    )
     fig.suptitle("Expert usage over training (mean over mixes and seeds)")
-    fig.tight_layout()
+    fig.tight_layout(rect=None if free_slot else (0, 0, 0.8, 1))
     return fig
 
 

@@ -378,7 +378,9 @@ def write_report(
             doc.figure(lambda f=f: plots.factor_plot(effects, f, shown), f"factor_{i}", f"effect of {f}")
 
     doc.heading("Training curves")
-    loss = curves(sweep.curves, cells, "loss", smooth=5)
+    logged = sweep.curves.groupby("trial_id").size().median() if "trial_id" in sweep.curves else 0
+    window = max(1, int(logged) // 100)
+    loss = curves(sweep.curves, cells, "loss", smooth=window)
     if loss.empty:
         doc.para("No curves.parquet: no curves to show.")
     else:
@@ -387,7 +389,8 @@ def write_report(
                 loss,
                 order,
                 plots.label("train loss"),
-                f"Train loss per cell (best {min(len(order), plots.MAX_LINES)} cells, mean over seeds, 95% band)",
+                f"Train loss per cell (best {min(len(order), plots.MAX_LINES)} cells, mean over seeds, 95% band"
+                + (f", rolling mean of {window} logged steps)" if window > 1 else ")"),
             ),
             "loss_curves",
             "train loss over steps",
