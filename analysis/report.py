@@ -378,8 +378,8 @@ def write_report(
             doc.figure(lambda f=f: plots.factor_plot(effects, f, shown), f"factor_{i}", f"effect of {f}")
 
     doc.heading("Training curves")
-    logged = sweep.curves.groupby("trial_id").size().median() if "trial_id" in sweep.curves else 0
-    window = max(1, int(logged) // 100)
+    per_trial = sweep.curves.groupby("trial_id").size() if "trial_id" in sweep.curves else pd.Series(dtype=int)
+    window = max(1, int(per_trial.median()) // 100) if len(per_trial) else 1  # about 100 smoothed points
     loss = curves(sweep.curves, cells, "loss", smooth=window)
     if loss.empty:
         doc.para("No curves.parquet: no curves to show.")
