@@ -163,6 +163,8 @@ def differences(trials: pd.DataFrame, metric: str, mode: str = "min", reference:
     means = ok.groupby("cell")[metric].mean()
     lower = lower_is_better(metric, metric, mode)
     reference = reference or (means.idxmin() if lower else means.idxmax())
+    if reference not in means.index:
+        raise ValueError(f"no cell {reference!r} with results for {metric}; cells: {sorted(means.index)}")
     pairs = pd.DataFrame({"cell": means.index[means.index != reference], "reference": reference})
     out = compare_pairs(ok, pairs, metric, lower)
     return out.sort_values("diff", ascending=lower).reset_index(drop=True)

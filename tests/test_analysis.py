@@ -192,8 +192,14 @@ def test_planted_best_cell_ranks_first_and_is_significant():
     assert diff["test"].eq("paired t").all() and diff["significant"].all() and (diff["diff"] > 0.05).all()
     noise = noise_floor(trials).set_index("metric")
     assert 0.003 < noise.loc["eval_bpb/mean", "sd"] < 0.03  # planted per-dataset noise 0.01, averaged over 3
+    # an early-stopped (ASHA) trial still counts, and is counted as stopped
+    trials.loc[trials["cell"] == "code_heavy | num_experts_per_tok=8", "status"] = ["stopped", "finished", "finished"]
+    board = leaderboard(trials, "eval_bpb/mean", "min").set_index("cell")
+    assert board.loc["code_heavy | num_experts_per_tok=8", ["seeds", "stopped", "failed"]].tolist() == [3, 1, 0]
     # lm-eval accuracy is higher-is-better: ranking on it also puts the planted cell first
     assert leaderboard(trials, "lm_eval/demo_continuation/acc", "max")["cell"].iloc[0] == best["cell"]
+    with pytest.raises(ValueError, match="no cell"):
+        differences(trials, "eval_bpb/mean", "min", reference="nope | none")
 
 
 def test_planted_no_effect_factor_is_not_significant():
