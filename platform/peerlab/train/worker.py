@@ -5,9 +5,10 @@ One optimizer step = `gradient_accumulation_steps` micro-batches of
 are several workers). The loop resumes by itself: from `resume_from_checkpoint`, else from
 the newest complete checkpoint of its run folder, which is also how it continues after Ray
 Train restarts a failed worker group. Every `logging_steps` rank 0 writes a line of
-metrics, every `eval_steps` it adds the held-out loss and bits per byte of each dataset, and every
-`save_steps` (and at the end) all ranks hand their data position and random state to rank
-0, which writes a checkpoint.
+metrics, every `eval_steps` it adds the held-out loss and bits per byte of each dataset, and
+every `save_steps` (and at the end) all ranks hand their data position and random state to
+rank 0, which writes a checkpoint. The lm-eval set (`eval_config.evals`) runs after the last
+step's checkpoint, and every `eval_config.lm_eval_steps` when that is set (`lm_evaluate`).
 """
 
 from __future__ import annotations
@@ -137,6 +138,55 @@ def resume_point(cfg: Config, run_dir: Path, place: Place) -> Path | None:
                 f"rank {place.rank} cannot see checkpoint {path}: put output_dir on storage all workers share"
             )
     return path
+
+
+def lm_evaluate(
+    cfg: Config, model: nn.Module, tokenizer, step: int, place: Place, amp, run_dir: Path, wandb_run
+) -> None:
+    """Run the lm-eval set on the model in memory and append the results to <run>/evals.jsonl.
+
+    With DDP rank 0 evaluates the unwrapped model while the others wait at a barrier. Under
+    FSDP every forward needs every rank, so every rank runs the same requests in the same
+    order (the same task data, batches and greedy decisions on every rank); rank 0 writes.
+    lm-eval reseeds Python's, NumPy's and torch's generators: their states are put back after,
+    so training after an evaluation draws what it would have drawn without it.
+    """
+    from peerlab.eval.harness import format_table, run_lm_eval
+    from peerlab.eval.lm import PeerlabLM
+    from peerlab.tracking import append_evals
+
+    e = cfg.eval_config
+    sharded = cfg.train_config.fsdp and place.world > 1
+    if place.rank == 0 or sharded:
+        saved = ckpt.rng_state()
+        lm = PeerlabLM(
+            model=model,
+            tokenizer=tokenizer,
+            batch_size=e.eval_batch_size,
+            max_length=cfg.dataset_config.max_seq_length,
+            autocast=amp,
+        )
+        outcome = run_lm_eval(
+            lm,
+            e.evals,
+            e.evals_registry_path,
+            data_dir=e.eval_data_dir,
+            limit=e.lm_eval_limit,
+            confirm_run_unsafe_code=e.confirm_run_unsafe_code,
+        )
+        ckpt.set_rng_state(*saved)
+        if place.rank == 0:
+            append_evals(run_dir, step, outcome.rows, wandb_run)
+            log.info(
+                "lm-eval at step %d: %d results in %.1f s%s\n%s",
+                step,
+                len(outcome.rows),
+                outcome.seconds,
+                f" ({len(outcome.skipped)} tasks skipped)" if outcome.skipped else "",
+                format_table(outcome.rows),
+            )
+    if place.world > 1:
+        dist.barrier()
 
 
 def train_loop(loop_config: dict) -> dict:
@@ -303,6 +353,9 @@ def train_loop(loop_config: dict) -> dict:
                     usage.write(rows, run_dir, metrics.wandb)
             if step % t.save_steps == 0 or step == steps:
                 save(step, final=step == steps)
+            e = cfg.eval_config
+            if e.evals and (step == steps or (e.lm_eval_steps and step % e.lm_eval_steps == 0)):
+                lm_evaluate(cfg, model, tokenizer, step, place, amp, run_dir, metrics.wandb)
         if place.rank == 0:
             log.info("finished %d steps in %.1f s", steps - start_step, time.perf_counter() - run_start)
     metrics.close()
