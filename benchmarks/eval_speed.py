@@ -8,7 +8,9 @@
    lm-eval's own `HFLM` wrapping transformers' `DeepseekV3ForCausalLM` of the same shape
    (hidden size, layers, heads, MLA ranks and head sizes, vocabulary, context; a dense SwiGLU
    MLP of `intermediate_size` in every layer, since transformers has no PEER layer), randomly
-   initialised (nothing is downloaded). Both score in float32 with the same batch size.
+   initialised (nothing is downloaded). Both score in float32 with the same batch size. A third
+   line runs the adapter over peerlab's dense baseline (`use_peer: false`, the same config):
+   the adapter against HFLM without the PEER layer's own cost.
 2. Generation tokens/s of the adapter's greedy decoding (`generate_until`'s loop) with the MLA
    latent cache against recomputing the whole sequence at every step, at `--gen-tokens` new
    tokens after a 64-token prompt, batch 1 and batch 8.
@@ -102,6 +104,8 @@ def main(argv=None) -> None:
     ours = PeerlabLM(
         model=build_model(cfg.model_config).eval(), tokenizer=tokenizer, batch_size=batch, max_length=max_length
     )
+    dense_cfg = load_config(args.config, ["model_config.use_peer=false"]).model_config
+    dense = PeerlabLM(model=build_model(dense_cfg).eval(), tokenizer=tokenizer, batch_size=batch, max_length=max_length)
     hf_model = deepseek_of_the_same_shape(cfg.model_config)
     theirs = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch, max_length=max_length)
     requests = mc_requests(Path(args.data) / "evals", args.requests)
@@ -113,14 +117,17 @@ def main(argv=None) -> None:
     # 1. loglikelihood requests/s, alternating.
     ours.loglikelihood(requests[:batch], disable_tqdm=True)  # warm-up
     theirs.loglikelihood(requests[:batch], disable_tqdm=True)
-    t_ours, t_theirs = [], []
+    dense.loglikelihood(requests[:batch], disable_tqdm=True)
+    t_ours, t_theirs, t_dense = [], [], []
     for _ in range(args.rounds):
         t_ours.append(timed(lambda: ours.loglikelihood(requests, disable_tqdm=True)))
         t_theirs.append(timed(lambda: theirs.loglikelihood(requests, disable_tqdm=True)))
+        t_dense.append(timed(lambda: dense.loglikelihood(requests, disable_tqdm=True)))
     a = ours.loglikelihood(requests[:4], disable_tqdm=True)
     assert all(torch.isfinite(torch.tensor(x[0])) for x in a)
     rate_ours = len(requests) / statistics.median(t_ours)
     rate_theirs = len(requests) / statistics.median(t_theirs)
+    rate_dense = len(requests) / statistics.median(t_dense)
 
     # 2. generation tokens/s with and without the latent cache.
     passages = (Path(args.data) / "evals" / "bpb_prose.jsonl").read_text().splitlines()
@@ -147,6 +154,8 @@ def main(argv=None) -> None:
         "batch": batch,
         "loglikelihood_requests_per_s": {"peerlab": rate_ours, "hflm_deepseek_v3": rate_theirs},
         "loglikelihood_ratio": rate_ours / rate_theirs,
+        "loglikelihood_dense_baseline_per_s": rate_dense,
+        "loglikelihood_dense_ratio": rate_dense / rate_theirs,
         "generation_tokens_per_s": {str(k): v for k, v in gen.items()},
         "generation_cache_speedup": {str(k): v["cache"] / v["recompute"] for k, v in gen.items()},
         "gen_tokens": args.gen_tokens,
@@ -157,6 +166,10 @@ def main(argv=None) -> None:
         f"loglikelihood, {len(requests)} requests of peerlab_heldout_mc, batch {batch}: "
         f"peerlab {rate_ours:.1f} req/s, HFLM(DeepseekV3ForCausalLM) {rate_theirs:.1f} req/s, "
         f"ratio {rate_ours / rate_theirs:.2f}x (target >= 1.5x)"
+    )
+    print(
+        f"  the adapter over peerlab's dense baseline of the same config (use_peer: false, no PEER layer): "
+        f"{rate_dense:.1f} req/s, {rate_dense / rate_theirs:.2f}x HFLM (the adapter's own share of the difference)"
     )
     for rows, g in gen.items():
         print(
