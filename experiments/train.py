@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from peerlab.cli import UsageError, add_config_arguments, checked_data, config_from_arguments
+from peerlab.cli import UsageError, add_config_arguments, checked_data, checked_evals, config_from_arguments
 from peerlab.config import dump_config
 from peerlab.model.size import memory_estimate, parameter_formulas
 
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     checked_data(cfg)
+    checked_evals(cfg)
     run_dir = Path(cfg.train_config.output_dir) / (args.name or Path(args.config).stem)
 
     from peerlab.train.launch import fit, start_ray

@@ -43,9 +43,20 @@ def tiny(demo_corpus: Path, *extra: str, steps: int = 6):
         "train_config.learning_rate=3e-3",
         f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}",
         *[f"dataset_config.datasets.{i}.path={demo_corpus / d}" for i, d in enumerate(DOMAINS)],
+        "eval_config.evals=[]",  # no lm-eval in these runs; tests/test_eval.py runs it in training
         *extra,
     ]
     return load_config(ROOT / "configs" / "demo.yaml", overrides)
+
+
+def lm_eval_settings(demo_corpus: Path) -> list[str]:
+    """Two offline lm-eval tasks on a few documents: the end-of-run evaluation, kept short."""
+    return [
+        "eval_config.evals=[peerlab_bpb_prose, peerlab_heldout_mc]",
+        f"eval_config.evals_registry_path={ROOT / 'evals' / 'registry'}",
+        f"eval_config.eval_data_dir={demo_corpus / 'evals'}",
+        "eval_config.lm_eval_limit=3",
+    ]
 
 
 def run(cfg, run_dir: Path, **options) -> dict:
@@ -191,9 +202,13 @@ def test_float8_code_path_on_cpu(demo_corpus, tmp_path):
 def test_two_worker_ray_train_run_end_to_end(ray_cluster, demo_corpus, tmp_path):
     from peerlab.train.launch import fit
 
-    cfg = tiny(demo_corpus, "train_config.num_workers=2", steps=6)
+    cfg = tiny(demo_corpus, "train_config.num_workers=2", *lm_eval_settings(demo_corpus), steps=6)
     result = fit(cfg, tmp_path / "two", quiet=True)
     assert result.error is None
+    from peerlab.tracking import read_evals
+
+    evals = read_evals(tmp_path / "two")  # rank 0 evaluated once at the end while rank 1 waited
+    assert {r["step"] for r in evals} == {6} and len({(r["task"], r["metric"]) for r in evals}) == len(evals)
     records = read_metrics(tmp_path / "two")
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -327,8 +342,15 @@ def test_fsdp_on_two_cpu_workers_trains_and_resumes(ray_cluster, demo_corpus, tm
 
     from peerlab.train.launch import fit
 
-    cfg = tiny(demo_corpus, "train_config.num_workers=2", "train_config.fsdp=true", steps=4)
+    cfg = tiny(
+        demo_corpus, "train_config.num_workers=2", "train_config.fsdp=true", *lm_eval_settings(demo_corpus), steps=4
+    )
     assert fit(cfg, tmp_path / "fsdp", quiet=True).error is None
+    from peerlab.tracking import read_evals
+
+    evals = read_evals(tmp_path / "fsdp")  # both ranks ran the sharded forwards in step; rank 0 wrote once
+    assert {r["step"] for r in evals} == {4} and len({(r["task"], r["metric"]) for r in evals}) == len(evals)
+    assert all(math.isfinite(r["value"]) for r in evals)
     got = losses(tmp_path / "fsdp")
     assert len(got) == 4 and all(math.isfinite(x) for x in got)
     weights = load_file(tmp_path / "fsdp" / "checkpoints" / "step-000004" / "model.safetensors")

@@ -50,3 +50,19 @@ def checked_data(cfg: Config):
         return check_data(cfg.dataset_config, cfg.model_config)
     except (DataError, TokenizerError) as err:
         raise UsageError(str(err)) from None
+
+
+def checked_evals(cfg: Config) -> None:
+    """Every name in eval_config.evals is a task lm-eval or the registry knows; else exit 2 with one line.
+
+    Runs before Ray starts, so a misspelt benchmark fails now and not after training.
+    """
+    if not cfg.eval_config.evals:
+        return
+    from peerlab.eval.harness import task_manager
+    from peerlab.eval.lm import EvalError
+
+    try:
+        task_manager(cfg.eval_config.evals, cfg.eval_config.evals_registry_path, cfg.eval_config.eval_data_dir)
+    except EvalError as err:
+        raise UsageError(str(err)) from None

@@ -148,6 +148,11 @@ class EvalConfig:
     evals_registry_path: str = "./evals/registry"
     evals: list[str] = field(default_factory=lambda: ["hellaswag", "mmlu", "truthfulqa", "gsm8k", "humaneval"])
     eval_batch_size: int = 16
+    # peerlab's own keys (README, "The config"):
+    lm_eval_steps: Optional[int] = None  # also run the lm-eval set every this many steps; null: at the end only
+    lm_eval_limit: Optional[int] = None  # at most this many documents per task; null: all
+    eval_data_dir: Optional[str] = None  # the registry tasks' data folder; null: the one the task YAML names
+    confirm_run_unsafe_code: bool = False  # run code-executing tasks (humaneval), as lm-eval requires
 
 
 WANDB_LOG_MODEL = ("checkpoints", "all")
@@ -615,7 +620,7 @@ def check_config(cfg: Config, src: _Source) -> None:
     check_training_duration(t, d.datasets, src)
 
     # Eval and wandb
-    _positive(cfg.eval_config, "eval_config", ["eval_batch_size"], src)
+    _positive(cfg.eval_config, "eval_config", ["eval_batch_size", "lm_eval_steps", "lm_eval_limit"], src)
     names = cfg.eval_config.evals
     for i, name in enumerate(names):
         if not name.strip():

@@ -1,6 +1,7 @@
 """Where a run's numbers go: metrics.jsonl, Ray's dashboard metrics, wandb (optional), the driver's progress.
 
-Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step. Loss and
+Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step; `evals.jsonl` one
+per lm-eval result (`append_evals`: step, task, metric, value, stderr), appended, never rewritten. Loss and
 tokens/s are also Ray metrics (`ray.util.metrics.Gauge`), which the Ray dashboard shows.
 wandb runs only when the config has a `wandb_config`; `WANDB_MODE=offline` works without an
 account. The driver follows `metrics.jsonl` and prints a progress line per logged step.
@@ -88,6 +89,32 @@ def _plain(config) -> dict:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+EVAL_KEYS = ("step", "task", "metric", "value", "stderr")
+
+
+def append_evals(run_dir: Path, step: int, rows: list[dict], wandb_run=None) -> Path:
+    """Append lm-eval results to <run>/evals.jsonl: one {step, task, metric, value, stderr} per line.
+
+    Earlier lines are never rewritten. With a wandb run each value is also logged as
+    `lm_eval/<task>/<metric>` at `step`.
+    """
+    path = Path(run_dir) / "evals.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps({"step": step, **{k: row.get(k) for k in EVAL_KEYS[1:]}}) + "\n")
+    if wandb_run is not None and rows:
+        wandb_run.log({f"lm_eval/{r['task']}/{r['metric']}": r["value"] for r in rows}, step=step)
+    return path
+
+
+def read_evals(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "evals.jsonl"
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

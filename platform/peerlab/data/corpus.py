@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import random
 import re
 import sys
 import sysconfig
@@ -37,6 +38,14 @@ DOC_CHARS = 4_000  # longer texts are cut into documents of about this size, at 
 HELDOUT_PER_10K = 300  # 3% of documents held out
 VOCAB_SIZE = 8192
 VERSION = 1
+EVAL_VERSION = 1
+# Small on purpose: the sweep runs these tasks at the end of every trial (a few seconds on a CPU).
+BPB_DOCS = 32  # passages per domain for the bits-per-byte tasks
+BPB_CHARS = 1_000  # each at most this long, cut at blank lines (else at a line end)
+MC_ITEMS = 99  # multiple-choice items, a third per domain
+MC_CONTEXT_CHARS = 240  # the passage's opening the model reads
+MC_ENDING_CHARS = 100  # each ending: about this many characters
+MC_CHOICES = 4
 
 
 def _stdlib() -> Path:
@@ -133,6 +142,7 @@ def prepare_demo_corpus(out_dir: str | Path = "data/demo", force: bool = False, 
     fingerprint = _sources_fingerprint()
     if not force and manifest_path.is_file():
         if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+            prepare_eval_data(out, quiet=quiet)  # a corpus prepared before the eval tasks existed gets them now
             return out
     manifest = {"fingerprint": fingerprint, "domains": {}}
     train_texts: list[str] = []
@@ -164,7 +174,104 @@ def prepare_demo_corpus(out_dir: str | Path = "data/demo", force: bool = False, 
     manifest_path.write_text(json.dumps(manifest, indent=1))
     if not quiet:
         print(f"demo corpus: tokenizer ({VOCAB_SIZE} tokens) in {out / 'tokenizer'}")
+    prepare_eval_data(out, force=force, quiet=quiet)
     return out
+
+
+def _cut_at_space(text: str, start: int, length: int) -> tuple[int, int] | None:
+    """(begin, end) of a piece of about `length` characters from `start`: begins after a space, ends before one."""
+    begin = text.find(" ", start)
+    if begin < 0:
+        return None
+    end = text.find(" ", begin + 1 + length)
+    if end < 0:
+        return None
+    return begin + 1, end
+
+
+def _trim(text: str, limit: int) -> str:
+    """At most `limit` characters: cut at the last line end before it (else at the limit)."""
+    if len(text) <= limit:
+        return text
+    end = text.rfind("\n", 0, limit)
+    return text[: end if end > limit // 2 else limit]
+
+
+def _passages(texts: list[str], count: int, limit: int, minimum: int) -> list[str]:
+    """Up to `count` pieces of at most about `limit` characters, one from each text in turn (round robin)."""
+    pieces = [[_trim(p, limit) for p in split_text(t, limit)] for t in texts]
+    pieces = [[p for p in ps if len(p) >= minimum] for ps in pieces]
+    out = []
+    for depth in range(max((len(p) for p in pieces), default=0)):
+        for p in pieces:
+            if depth < len(p):
+                out.append(p[depth])
+                if len(out) == count:
+                    return out
+    return out
+
+
+def eval_task_rows(out_dir: str | Path) -> dict[str, list[dict]]:
+    """{file name: rows} of the offline eval tasks, built from the held-out files of `out_dir`."""
+    out = Path(out_dir)
+    rng = random.Random(1234)
+    files: dict[str, list[dict]] = {}
+    mc: list[dict] = []
+    per_domain = MC_ITEMS // len(DOMAINS)
+    for domain in DOMAINS:
+        lines = (out / domain / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+        texts = [json.loads(line)["text"] for line in lines if line.strip()]
+        bpb = _passages(texts, BPB_DOCS, BPB_CHARS, minimum=200)
+        files[f"bpb_{domain}.jsonl"] = [{"id": f"{domain}/{i}", "text": t} for i, t in enumerate(bpb)]
+        # Multiple choice: context = a passage's opening (ends before a space), ending = what follows it.
+        items = []
+        for text in _passages(texts, 4 * per_domain, 4 * (MC_CONTEXT_CHARS + MC_ENDING_CHARS), minimum=600):
+            cut = text.rfind(" ", 0, MC_CONTEXT_CHARS)
+            span = _cut_at_space(text, cut, MC_ENDING_CHARS) if cut > MC_CONTEXT_CHARS // 2 else None
+            if span is not None and span[0] == cut + 1:
+                items.append((text[:cut], text[span[0] : span[1]], text))
+        items = items[:per_domain]
+        for i, (context, ending, _) in enumerate(items):
+            others = [j for j in range(len(items)) if j != i]
+            endings = []
+            for j in rng.sample(others, len(others)):
+                source = items[j][2]
+                span = _cut_at_space(source, rng.randrange(len(source) // 2), MC_ENDING_CHARS)
+                if span is not None and source[span[0] : span[1]] != ending:
+                    endings.append(source[span[0] : span[1]])
+                if len(endings) == MC_CHOICES - 1:
+                    break
+            label = rng.randrange(MC_CHOICES)
+            endings.insert(label, ending)
+            mc.append({"id": f"{domain}/{i}", "domain": domain, "context": context, "endings": endings, "label": label})
+    files["heldout_mc.jsonl"] = mc
+    return files
+
+
+def prepare_eval_data(out_dir: str | Path = "data/demo", force: bool = False, quiet: bool = False) -> Path:
+    """Write the offline eval tasks' data into out_dir/evals/ (once per held-out files); return that folder."""
+    out = Path(out_dir)
+    folder = out / "evals"
+    manifest_path = folder / "manifest.json"
+    heldout = [(out / d / "heldout.jsonl").read_bytes() for d in DOMAINS]
+    sizes = [EVAL_VERSION, BPB_DOCS, BPB_CHARS, MC_ITEMS, MC_CONTEXT_CHARS, MC_ENDING_CHARS, MC_CHOICES]
+    fingerprint = hashlib.sha256(json.dumps(sizes).encode() + b"".join(heldout)).hexdigest()[:16]
+    if not force and manifest_path.is_file():
+        if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+            return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"fingerprint": fingerprint, "files": {}}
+    for name, rows in eval_task_rows(out).items():
+        with open(folder / f"{name}.tmp", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (folder / f"{name}.tmp").replace(folder / name)
+        manifest["files"][name] = len(rows)
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    if not quiet:
+        sizes = ", ".join(f"{name} {n}" for name, n in manifest["files"].items())
+        print(f"demo corpus: eval task data in {folder}: {sizes}")
+    return folder
 
 
 if __name__ == "__main__":

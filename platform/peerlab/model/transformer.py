@@ -80,6 +80,16 @@ class PeerMLAModel(nn.Module):
         With `labels` (B, T) the mean cross-entropy instead, through the fused LM-head loss
         (`peerlab.model.loss`), which never builds the (B, T, vocab) logits.
         """
+        h = self.hidden_states(input_ids, cache)  # (B, T, d)
+        if labels is not None:
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
+        return self.lm_head(h)  # (B, T, vocab)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> the final normed hidden states (B, T, d) that the LM head reads.
+
+        Evaluation applies the head only where it needs logits (the scored tokens, the last one).
+        """
         T = input_ids.shape[1]
         start = cache[0].length if cache is not None else 0
         if start + T > self.config.max_position_embeddings:
@@ -91,9 +101,7 @@ class PeerMLAModel(nn.Module):
         x = self.embed(input_ids)  # (B, T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, cache[i] if cache is not None else None)
-        if labels is not None:
-            return linear_cross_entropy(self.norm(x).flatten(0, 1), self.lm_head.weight, labels.flatten())
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        return self.norm(x)
 
     def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         """An empty latent cache for `max_len` tokens: (kv_lora_rank + qk_rope_head_dim) values per token and layer."""

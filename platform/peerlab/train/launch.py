@@ -83,7 +83,11 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
         cfg,
         dataset_config=replace(d, datasets=datasets, tokenizer_name=tokenizer),
         train_config=replace(t, output_dir=fix(t.output_dir), resume_from_checkpoint=resume),
-        eval_config=replace(e, evals_registry_path=fix(e.evals_registry_path)),
+        eval_config=replace(
+            e,
+            evals_registry_path=fix(e.evals_registry_path),
+            eval_data_dir=fix(e.eval_data_dir) if e.eval_data_dir else None,
+        ),
     )
 
 

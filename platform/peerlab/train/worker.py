@@ -5,9 +5,10 @@ One optimizer step = `gradient_accumulation_steps` micro-batches of
 are several workers). The loop resumes by itself: from `resume_from_checkpoint`, else from
 the newest complete checkpoint of its run folder, which is also how it continues after Ray
 Train restarts a failed worker group. Every `logging_steps` rank 0 writes a line of
-metrics, every `eval_steps` it adds the held-out loss of each dataset, and every
-`save_steps` (and at the end) all ranks hand their data position and random state to rank
-0, which writes a checkpoint.
+metrics, every `eval_steps` it adds the held-out loss and bits per byte of each dataset, and
+every `save_steps` (and at the end) all ranks hand their data position and random state to
+rank 0, which writes a checkpoint. The lm-eval set (`eval_config.evals`) runs after the last
+step's checkpoint, and every `eval_config.lm_eval_steps` when that is set (`lm_evaluate`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 from peerlab.config import Config, config_from_dict
 from peerlab.data.mixture import DataMixture, DataOptions
 from peerlab.data.tokenizer import load_tokenizer
-from peerlab.eval.heldout import heldout_blocks, heldout_loss
+from peerlab.eval.heldout import heldout_blocks, heldout_loss, token_bytes
 from peerlab.model import PEER, build_model
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
@@ -148,6 +149,55 @@ def resume_point(cfg: Config, run_dir: Path, place: Place) -> Path | None:
     return path
 
 
+def lm_evaluate(
+    cfg: Config, model: nn.Module, tokenizer, step: int, place: Place, amp, run_dir: Path, wandb_run
+) -> None:
+    """Run the lm-eval set on the model in memory and append the results to <run>/evals.jsonl.
+
+    With DDP rank 0 evaluates the unwrapped model while the others wait at a barrier. Under
+    FSDP every forward needs every rank, so every rank runs the same requests in the same
+    order (the same task data, batches and greedy decisions on every rank); rank 0 writes.
+    lm-eval reseeds Python's, NumPy's and torch's generators: their states are put back after,
+    so training after an evaluation draws what it would have drawn without it.
+    """
+    from peerlab.eval.harness import format_table, run_lm_eval
+    from peerlab.eval.lm import PeerlabLM
+    from peerlab.tracking import append_evals
+
+    e = cfg.eval_config
+    sharded = cfg.train_config.fsdp and place.world > 1
+    if place.rank == 0 or sharded:
+        saved = ckpt.rng_state()
+        lm = PeerlabLM(
+            model=model,
+            tokenizer=tokenizer,
+            batch_size=e.eval_batch_size,
+            max_length=cfg.dataset_config.max_seq_length,
+            autocast=amp,
+        )
+        outcome = run_lm_eval(
+            lm,
+            e.evals,
+            e.evals_registry_path,
+            data_dir=e.eval_data_dir,
+            limit=e.lm_eval_limit,
+            confirm_run_unsafe_code=e.confirm_run_unsafe_code,
+        )
+        ckpt.set_rng_state(*saved)
+        if place.rank == 0:
+            append_evals(run_dir, step, outcome.rows, wandb_run)
+            log.info(
+                "lm-eval at step %d: %d results in %.1f s%s\n%s",
+                step,
+                len(outcome.rows),
+                outcome.seconds,
+                f" ({len(outcome.skipped)} tasks skipped)" if outcome.skipped else "",
+                format_table(outcome.rows),
+            )
+    if place.world > 1:
+        dist.barrier()
+
+
 def train_loop(loop_config: dict) -> dict:
     """Ray Train's per-worker function; also runs directly in one process. Returns the last metrics."""
     cfg = config_from_dict(loop_config["config"])
@@ -221,6 +271,7 @@ def train_loop(loop_config: dict) -> dict:
     # Evaluation runs on rank 0, except under FSDP, where every forward needs every rank.
     evaluates = place.rank == 0 or (t.fsdp and place.world > 1)
     eval_blocks = heldout_blocks(d, tokenizer) if evaluates else {}
+    byte_counts = token_bytes(tokenizer) if evaluates else None
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * d.max_seq_length * place.world
     last: dict = {}
 
@@ -299,7 +350,7 @@ def train_loop(loop_config: dict) -> dict:
                     if key.startswith("tokens_seen/"):
                         record[key] = sum(s[key] for s in seen)
             if (step % t.eval_steps == 0 or step == steps) and evaluates:
-                held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
+                held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp, byte_counts)
                 record.update(with_means(held) if place.rank == 0 else {})
             if record:
                 record = {"step": step, **record}
@@ -314,6 +365,9 @@ def train_loop(loop_config: dict) -> dict:
                     usage.write(rows, run_dir, metrics.wandb)
             if step % t.save_steps == 0 or step == steps:
                 save(step, final=step == steps)
+            e = cfg.eval_config
+            if e.evals and (step == steps or (e.lm_eval_steps and step % e.lm_eval_steps == 0)):
+                lm_evaluate(cfg, model, tokenizer, step, place, amp, run_dir, metrics.wandb)
         if place.rank == 0:
             log.info("finished %d steps in %.1f s", steps - start_step, time.perf_counter() - run_start)
     metrics.close()

@@ -1,0 +1,319 @@
+"""The lm-eval adapter: the PEER/MLA model and its tokenizer as an `lm_eval` model named `peerlab`.
+
+`PeerlabLM(checkpoint=PATH)` loads a run's checkpoint (a checkpoint folder, or a run folder:
+its newest checkpoint) with the run's `resolved_config.yaml`; `PeerlabLM(model=m, tokenizer=t)`
+wraps a model in memory (the training loop's). The three request types of lm-eval:
+
+- `loglikelihood(context, continuation)`: log p(continuation | context) = sum_i log p(c_i | context, c_<i),
+  and whether greedy decoding would produce the continuation (every c_i the argmax);
+- `loglikelihood_rolling(text)`: log p(text | end-of-text) over windows of `max_length` tokens
+  (lm-eval's `get_rolling_token_windows` with context_len = 1: each token is predicted once, and
+  the last window is filled up with earlier tokens as context, as `LM.loglikelihood_rolling` documents);
+- `generate_until(context, {until, max_gen_toks})`: greedy decoding through the MLA latent cache,
+  stopped at end-of-text, at any `until` string (cut off the returned text) or after `max_gen_toks`.
+
+Requests are sorted by length (longest first, lm-eval's `Collator`) and batched by `batch_size`,
+so a batch pads little. The LM head runs only at the positions that are scored (and at the last
+position when generating), never over the whole padded (B, T, vocab) block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger("peerlab.eval")
+
+
+class EvalError(ValueError):
+    """Evaluation cannot start (a missing checkpoint, an unknown task); the message says why in one line."""
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint folder, run folder) for a checkpoint folder or a run folder (its newest checkpoint)."""
+    from peerlab.train import checkpoint as ckpt
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise EvalError(f"checkpoint {p} does not exist")
+    if (p / ckpt.MANIFEST).is_file():
+        return p, p.parent.parent  # <run>/checkpoints/step-NNNNNN
+    if (p / "checkpoints").is_dir():
+        latest = ckpt.latest(p / "checkpoints")
+        if latest is None:
+            raise EvalError(f"run folder {p} has no complete checkpoint under checkpoints/")
+        return latest, p
+    raise EvalError(f"{p} is neither a checkpoint folder (with {ckpt.MANIFEST}) nor a run folder (with checkpoints/)")
+
+
+def load_checkpoint(path: str | Path):
+    """(model in eval mode, tokenizer, Config, step, run folder) of a checkpoint or a run's newest one."""
+    from safetensors.torch import load_file
+
+    from peerlab.config import ConfigError, config_from_dict, read_yaml
+    from peerlab.data.tokenizer import load_tokenizer
+    from peerlab.model import build_model
+    from peerlab.train import checkpoint as ckpt
+
+    folder, run_dir = find_checkpoint(path)
+    config_path = run_dir / "resolved_config.yaml"
+    if not config_path.is_file():
+        raise EvalError(f"no resolved_config.yaml in {run_dir} (the run folder two levels above {folder})")
+    try:
+        cfg = config_from_dict(read_yaml(config_path), str(config_path))
+        manifest = ckpt.verify(folder)
+    except (ConfigError, ckpt.CheckpointError) as err:
+        raise EvalError(str(err)) from None
+    model = build_model(cfg.model_config)
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.eval()
+    return model, load_tokenizer(cfg.dataset_config.tokenizer_name), cfg, int(manifest["step"]), run_dir
+
+
+def _batch_size(value) -> int:
+    """lm-eval passes batch sizes as ints or strings ("16", "auto", "auto:4"); auto means 16 here."""
+    if value is None or str(value).startswith("auto"):
+        return 16
+    size = int(value)
+    if size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {size}")
+    return size
+
+
+@register_model("peerlab")
+class PeerlabLM(TemplateLM):
+    """lm-eval's model interface over a PeerMLAModel; see the module docstring."""
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        model: nn.Module | None = None,
+        tokenizer=None,
+        batch_size: int | str | None = 16,
+        max_length: int | str | None = None,
+        max_gen_toks: int | str = 256,
+        device: str | None = None,
+        use_cache: bool | str = True,
+        autocast=None,
+        max_batch_size=None,  # passed by lm-eval's command line; batches are fixed here
+    ):
+        super().__init__()
+        from peerlab.data.tokenizer import eos_id
+
+        self.step, self.run_dir, self.config = None, None, None
+        if checkpoint is not None:
+            if model is not None:
+                raise EvalError("give either checkpoint=PATH or an in-memory model, not both")
+            model, tokenizer, self.config, self.step, self.run_dir = load_checkpoint(checkpoint)
+            if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+                log.warning("device %s is not available here; evaluating on the CPU", device)  # lm-eval's default
+                device = "cpu"
+            if device:
+                model = model.to(device)
+        elif model is None or tokenizer is None:
+            raise EvalError("PeerlabLM needs checkpoint=PATH, or model= and tokenizer=")
+        self.model = model
+        self.tokenizer = tokenizer
+        self._device = next(model.parameters()).device
+        self.batch_size = _batch_size(batch_size)
+        inner = getattr(model, "config", None)
+        longest = inner.max_position_embeddings if inner is not None else None
+        if max_length is None:  # the context the model was trained on, else all its positions
+            max_length = self.config.dataset_config.max_seq_length if self.config is not None else longest
+        if max_length is None:
+            raise EvalError("max_length is needed for a model without a config")
+        self.max_length = int(max_length)
+        if longest is not None and self.max_length > longest:
+            raise EvalError(f"max_length {self.max_length} is longer than max_position_embeddings = {longest}")
+        self.max_gen_toks = int(max_gen_toks)
+        self.use_cache = str(use_cache).lower() not in ("false", "0", "no")
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+        eot = eos_id(tokenizer)
+        if eot is None:
+            raise EvalError("the tokenizer has no end-of-text token")
+        self._eot = eot
+        from torch.distributed.fsdp import FSDPModule
+
+        self._sharded = isinstance(model, FSDPModule)  # FSDP2: call the root's forward so it gathers its parameters
+        self._warned_truncation = False
+
+    # ----------------------------------------------------------------------------------- tokens
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "peerlab")).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids without special tokens (training joins documents with end-of-text only)."""
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    # ----------------------------------------------------------------------------------- model calls
+    def _logits_at(self, ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """ids (B, T); rows, cols (N,) -> log-softmax (N, vocab) of the next-token logits at those positions."""
+        with self.autocast:
+            if self._sharded:
+                logits = self.model(ids)[rows, cols]  # (N, vocab)
+            else:
+                h = self.model.hidden_states(ids)  # (B, T, d)
+                logits = self.model.lm_head(h[rows, cols])  # (N, vocab): the head only where scored
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        return F.log_softmax(logits, dim=-1)
+
+    def _last_logits(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """The next-token logits (B, vocab) after ids (B, T), through the cache when given."""
+        with self.autocast:
+            if self._sharded:
+                return self.model(ids, cache)[:, -1]
+            return self.model.lm_head(self.model.hidden_states(ids, cache)[:, -1])
+
+    # ----------------------------------------------------------------------------------- loglikelihood
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: (request strings or None, context ids, continuation ids) -> (log p, greedy) each."""
+        was_training = self.model.training
+        self.model.eval()
+        collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
+        out = []
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (peerlab)")
+        for chunk in collator.get_batched(n=self.batch_size):
+            seqs, conts = [], []
+            for _, context, continuation in chunk:
+                whole = context + continuation
+                if len(whole) > self.max_length + 1 and not self._warned_truncation:
+                    log.warning("requests longer than %d tokens lose their first tokens", self.max_length + 1)
+                    self._warned_truncation = True
+                seqs.append(whole[-(self.max_length + 1) :][:-1])  # the input; its last token is never read
+                conts.append(continuation)
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self._eot, dtype=torch.long)  # right-padded: causal, so harmless
+            rows, cols, targets = [], [], []
+            for i, (seq, cont) in enumerate(zip(seqs, conts)):
+                ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                first = len(seq) - len(cont)  # position whose logits predict cont[0]
+                rows += [i] * len(cont)
+                cols += range(first, len(seq))
+                targets += cont
+            logp = self._logits_at(
+                ids.to(self.device), torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
+            )  # (N, vocab)
+            targets_t = torch.tensor(targets, device=self.device)
+            chosen = logp.gather(1, targets_t.unsqueeze(1)).squeeze(1)  # (N,)
+            hits = logp.argmax(-1) == targets_t  # (N,)
+            start = 0
+            for (request, _, _), n in zip(chunk, (len(c) for c in conts)):
+                answer = (float(chosen[start : start + n].sum()), bool(hits[start : start + n].all()))
+                start += n
+                out.append(answer)
+                if request is not None:
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
+                bar.update(1)
+        bar.close()
+        self.model.train(was_training)
+        return collator.get_original(out)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """log p(text) per request: the sum over its rolling windows, all windows batched together."""
+        windows, owners = [], []
+        for k, (text,) in enumerate(r.args for r in requests):
+            pairs = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for context, continuation in map(lm_utils.make_disjoint_window, pairs):
+                windows.append((None, context, continuation))
+                owners.append(k)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for k, (logp, _) in zip(owners, scores):
+            totals[k] += logp
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # ----------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, stops: list[str]) -> list[list[int]]:
+        """Greedy continuations of equally long prompts (B lists of T ids), each stopped at end-of-text or a stop string."""
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)  # (B, T)
+        B, T = ids.shape
+        cache = self.model.new_cache(B, T + max_new_tokens) if self.use_cache else None
+        generated = [[] for _ in range(B)]
+        done = [False] * B
+        step_input, sequence = ids, ids
+        for _ in range(max_new_tokens):
+            logits = self._last_logits(step_input if self.use_cache else sequence, cache)  # (B, vocab)
+            next_token = logits.argmax(-1)  # (B,)
+            for b, token in enumerate(next_token.tolist()):
+                if done[b]:
+                    continue
+                if token == self._eot:
+                    done[b] = True
+                    continue
+                generated[b].append(token)
+                if stops and any(s in self.tok_decode(generated[b][-64:]) for s in stops):
+                    done[b] = True
+            if all(done):
+                break
+            step_input = next_token.unsqueeze(1)  # (B, 1)
+            sequence = torch.cat((sequence, step_input), dim=1)  # (B, T + steps): only the uncached path reads it
+        return generated
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy text after each context, cut at the first `until` string; batches of equally long prompts."""
+        was_training = self.model.training
+        self.model.eval()
+        eos_text = self.tok_decode([self._eot])
+        encoded = [(self.tok_encode(context), context, kwargs) for context, kwargs in (r.args for r in requests)]
+        collator = Collator(
+            encoded, sort_fn=lambda e: (-len(e[0]), tuple(e[0])), group_fn=lambda e: e[2], group_by="gen_kwargs"
+        )
+        out = []
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until (peerlab)")
+        for chunk in collator.get_batched(n=self.batch_size):
+            kwargs = dict(chunk[0][2])
+            if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
+                log.warning("peerlab decodes greedily; sampling settings %s are ignored", kwargs)
+            until = handle_stop_sequences(kwargs.get("until"), eos=eos_text)
+            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            max_new = min(max_new, self.max_length - 1)
+            prompts = [e[0][-(self.max_length - max_new) :] or [self._eot] for e in chunk]
+            start = 0
+            while start < len(prompts):  # runs of equal length decode together (no padding in the cache)
+                end = start
+                while end < len(prompts) and len(prompts[end]) == len(prompts[start]):
+                    end += 1
+                for tokens in self.greedy(prompts[start:end], max_new, until):
+                    text = self.tok_decode(tokens)
+                    for stop in until:
+                        text = text.split(stop)[0]
+                    out.append(text)
+                start = end
+            for (_, context, kw), text in zip(chunk, out[-len(chunk) :]):
+                self.cache_hook.add_partial("generate_until", (context, kw), text)
+            bar.update(len(chunk))
+        bar.close()
+        self.model.train(was_training)
+        return collator.get_original(out)

@@ -1,0 +1,323 @@
+"""Evaluation: the lm-eval adapter against direct computations, the offline tasks, training and the commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from peerlab.data.corpus import DOMAINS
+from peerlab.data.tokenizer import load_tokenizer
+from peerlab.eval.harness import run_lm_eval, task_manager
+from peerlab.eval.heldout import heldout_blocks, heldout_loss, token_bytes
+from peerlab.eval.lm import EvalError, PeerlabLM
+from peerlab.model import build_model
+from peerlab.tracking import read_evals, read_metrics
+from tests.conftest import ROOT, tiny_model_config
+from tests.test_train import losses, run, tiny
+
+REGISTRY = ROOT / "evals" / "registry"
+OFFLINE_TASKS = ["peerlab_bpb_prose", "peerlab_bpb_code", "peerlab_bpb_docs", "peerlab_heldout_mc"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_corpus):
+    return load_tokenizer(str(demo_corpus / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def texts(demo_corpus) -> list[str]:
+    """Real held-out text of the demo corpus."""
+    rows = [json.loads(line) for line in (demo_corpus / "evals" / "bpb_prose.jsonl").read_text().splitlines()]
+    return [r["text"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def model64():
+    """A small model over the demo tokenizer's 8,192 tokens, in float64 for exact comparisons."""
+    torch.manual_seed(0)
+    return build_model(tiny_model_config(vocab_size=8192, max_position_embeddings=64)).double().eval()
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+@torch.no_grad()
+def direct_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1, one full forward pass of one sequence: (len - 1,)."""
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(model(x[:, :-1])[0].double(), dim=-1)  # (T - 1, vocab)
+    return logp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------
+
+
+def test_loglikelihood_equals_a_direct_computation(model64, tokenizer, texts):
+    lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=3, max_length=48)
+    pairs = [(t[:40], t[40:90]) for t in texts[:4]] + [("", texts[4][:30]), (texts[5][:600], texts[5][600:650])]
+    # Choices of one context, as multiple choice asks them.
+    cut = texts[6].rfind(" ", 0, 80)
+    pairs += [(texts[6][:cut], texts[6][cut : cut + n]) for n in (6, 30, 60)] + [(texts[6][:cut], " Zebra")]
+    got = lm.loglikelihood(requests("loglikelihood", pairs))
+    for (context, continuation), (logp, greedy) in zip(pairs, got):
+        if context:
+            spaces = len(context) - len(context.rstrip())  # lm-eval moves trailing spaces to the continuation
+            context, continuation = context[: len(context) - spaces], context[len(context) - spaces :] + continuation
+            ctx = tokenizer(context)["input_ids"]
+            whole = tokenizer(context + continuation)["input_ids"]
+            cont = whole[len(ctx) :]
+        else:
+            ctx, cont = [tokenizer.eos_token_id], tokenizer(continuation)["input_ids"]
+        seq = (ctx + cont)[-49:]  # longer than max_length + 1: the oldest context tokens go
+        scores = direct_logprobs(model64, seq)[-len(cont) :]
+        assert logp == pytest.approx(float(scores.sum()), rel=1e-11, abs=1e-10)
+        assert greedy is False  # a random model does not produce real text greedily
+    # The greedy flag: the model's own greedy tokens are greedy; change one and they are not.
+    prompt = tokenizer(texts[0][:50])["input_ids"]
+    out = model64.generate(torch.tensor([prompt]), max_new_tokens=6, use_cache=False)[0, len(prompt) :].tolist()
+    changed = out[:3] + [(out[3] + 1) % 8192] + out[4:]
+    alone = tokenizer(texts[1][:50])["input_ids"]
+    alone_out = model64.generate(torch.tensor([alone]), 4, use_cache=False)[0, len(alone) :].tolist()
+    got = lm._loglikelihood_tokens([(None, prompt, out), (None, prompt, changed), (None, alone, alone_out)])
+    assert [greedy for _, greedy in got] == [True, False, True]
+
+
+def test_rolling_loglikelihood_is_the_sum_over_windows(model64, tokenizer, texts):
+    L = 16
+    lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=4, max_length=L)
+    docs = [texts[0][:400], texts[1][:20], texts[2][:250]]
+    got = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(d,) for d in docs]))
+    for doc, value in zip(docs, got):
+        tokens = [tokenizer.eos_token_id] + tokenizer(doc)["input_ids"]  # predicted: tokens[1:], each once
+        n = len(tokens) - 1
+        assert n > 2 * L or doc is docs[1]
+        expected = 0.0
+        for start in range(0, n, L):  # windows of L predictions; each sees up to L tokens of context
+            end = min(start + L, n)  # predicts tokens[start + 1 : end + 1]
+            window = tokens[max(0, end - L) : end + 1]
+            expected += float(direct_logprobs(model64, window)[-(end - start) :].sum())
+        assert value == pytest.approx(expected, rel=1e-12, abs=1e-10)
+    short = tokenizer(docs[1])["input_ids"]
+    assert len(short) < L  # one window: log p(text | end-of-text), one forward pass
+    assert got[1] == pytest.approx(float(direct_logprobs(model64, [tokenizer.eos_token_id] + short).sum()), rel=1e-12)
+
+
+def test_cached_generation_equals_uncached_greedy_decoding(model64, tokenizer, texts):
+    prompts = [texts[0][:60], texts[1][:100], texts[2][:60]]
+    same = len(tokenizer(prompts[2])["input_ids"])
+    prompts.append(next(p for p in (texts[3][:n] for n in range(10, 200)) if len(tokenizer(p)["input_ids"]) == same))
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    assert lengths[2] == lengths[3] != lengths[1]  # prompts 2 and 3 decode as one batch of two, 1 alone
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([tokenizer(p)["input_ids"]])
+        new = model64.generate(ids, max_new_tokens=8, use_cache=False)[0, ids.shape[1] :].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        expected.append(tokenizer.decode(new))
+    # A stop string taken from the middle of the first expected text: generation stops there.
+    stop = expected[0][len(expected[0]) // 2 : len(expected[0]) // 2 + 3]
+    assert stop and stop in expected[0]
+    args = [(p, {"until": [stop] if i == 0 else ["\x00never"], "max_gen_toks": 8}) for i, p in enumerate(prompts)]
+    args.append((prompts[1], {"until": ["\x00never"], "max_gen_toks": 5}))
+    for use_cache in (True, False):
+        lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=4, max_length=64, use_cache=use_cache)
+        got = lm.generate_until(requests("generate_until", args))
+        assert got[0] == expected[0].split(stop)[0]
+        assert got[1:4] == expected[1:4]
+        five = model64.generate(torch.tensor([tokenizer(prompts[1])["input_ids"]]), 5, use_cache=False)
+        assert got[4] == tokenizer.decode(five[0, lengths[1] :].tolist())  # max_gen_toks is honoured
+
+
+def test_heldout_bits_per_byte(demo_corpus, tokenizer, texts):
+    counts = token_bytes(tokenizer)
+    for text in texts[:5] + ["naïve café — ünïcode ✓\n\tx = 1"]:
+        assert int(counts[tokenizer(text)["input_ids"]].sum()) == len(text.encode("utf-8"))  # exact: byte-level BPE
+    assert counts[tokenizer.eos_token_id] == 0
+    cfg = tiny(demo_corpus)
+    blocks = heldout_blocks(cfg.dataset_config, tokenizer, blocks_per_dataset=2)
+    torch.manual_seed(0)
+    model = build_model(cfg.model_config)
+    out = heldout_loss(model, blocks, 2, torch.device("cpu"), torch.autocast("cpu", enabled=False), counts)
+    for name in DOMAINS:
+        ids = blocks[name]
+        expected = out[f"eval_loss/{name}"] * ids[:, 1:].numel() / math.log(2) / int(counts[ids[:, 1:]].sum())
+        assert out[f"eval_bpb/{name}"] == pytest.approx(expected, rel=1e-9)
+        assert 1.0 < out[f"eval_bpb/{name}"] < 20.0
+
+
+# --------------------------------------------------------------------------------------
+# The offline tasks through lm-eval
+# --------------------------------------------------------------------------------------
+
+
+def test_simple_evaluate_on_the_offline_tasks_from_another_directory(
+    model64, tokenizer, demo_corpus, tmp_path, monkeypatch
+):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(tmp_path)  # task YAML and data found without the repository as working directory
+    lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=8, max_length=64)
+    manager = TaskManager(
+        include_path=str(REGISTRY), include_defaults=False, metadata={"peerlab_eval_data": str(demo_corpus / "evals")}
+    )
+    results = lm_eval.simple_evaluate(model=lm, tasks=OFFLINE_TASKS, task_manager=manager, limit=6, bootstrap_iters=0)
+    res = results["results"]
+    for domain in DOMAINS:
+        bpb = res[f"peerlab_bpb_{domain}"]["bits_per_byte,none"]
+        assert math.isfinite(bpb) and 1.0 < bpb < 20.0
+    assert 0.0 <= res["peerlab_heldout_mc"]["acc,none"] <= 1.0
+    # lm-eval's bits per byte is the adapter's rolling log-likelihood over the documents' UTF-8 bytes.
+    rows = [json.loads(x) for x in (demo_corpus / "evals" / "bpb_prose.jsonl").read_text().splitlines()][:6]
+    logp = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(r["text"],) for r in rows]))
+    nbytes = sum(len(r["text"].encode("utf-8")) for r in rows)
+    assert res["peerlab_bpb_prose"]["bits_per_byte,none"] == pytest.approx(-sum(logp) / math.log(2) / nbytes)
+
+
+def test_the_demo_task_data_is_deterministic_and_from_heldout_text_only(demo_corpus, tmp_path):
+    from peerlab.data.corpus import eval_task_rows
+
+    first, again = eval_task_rows(demo_corpus), eval_task_rows(demo_corpus)
+    assert first == again
+    heldout = "\n".join(
+        json.loads(line)["text"]
+        for d in DOMAINS
+        for line in (demo_corpus / d / "heldout.jsonl").read_text().splitlines()
+    )
+
+    def from_heldout(text: str) -> bool:  # passages are re-joined at blank lines: compare line by line
+        return all(line in heldout for line in text.splitlines())
+
+    for domain in DOMAINS:
+        rows = first[f"bpb_{domain}.jsonl"]
+        assert 16 <= len(rows) <= 64
+        assert all(from_heldout(r["text"]) for r in rows)
+    mc = first["heldout_mc.jsonl"]
+    assert 60 <= len(mc) <= 120
+    assert all(len(r["endings"]) == 4 and len(set(r["endings"])) == 4 for r in mc)
+    assert all(from_heldout(r["context"] + " " + r["endings"][r["label"]]) for r in mc)
+    assert len({r["label"] for r in mc}) == 4  # the true ending is not always in one place
+
+
+def test_unavailable_tasks_are_skipped_with_one_warning_each(model64, tokenizer, demo_corpus, tmp_path, caplog):
+    lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=8, max_length=64)
+    with caplog.at_level(logging.WARNING, logger="peerlab.eval"):
+        out = run_lm_eval(lm, ["hellaswag", "peerlab_bpb_prose"], REGISTRY, demo_corpus / "evals", limit=2)
+    assert list(out.skipped) == ["hellaswag"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "peerlab.eval" and r.levelno == logging.WARNING]
+    assert len(lines) == 1 and "'hellaswag'" in lines[0] and "hub" in lines[0] and "HF cache" in lines[0]
+    assert {r["task"] for r in out.rows} == {"peerlab_bpb_prose"}
+    # The registry's own task without its data file: skipped, and the line says how to write it.
+    out = run_lm_eval(lm, ["peerlab_heldout_mc", "peerlab_bpb_prose"], REGISTRY, tmp_path / "empty", limit=2)
+    assert set(out.skipped) == {"peerlab_heldout_mc", "peerlab_bpb_prose"} and not out.rows
+    assert "experiments/prepare_data.py" in out.skipped["peerlab_heldout_mc"]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    with pytest.raises(EvalError, match=r"unknown lm-eval task 'peerlab_bpb_prse'.*did you mean 'peerlab_bpb_prose'"):
+        task_manager(["peerlab_bpb_prse"], REGISTRY)
+    with pytest.raises(EvalError, match="does not exist"):
+        PeerlabLM(checkpoint=str(tmp_path / "nowhere"))
+    with pytest.raises(EvalError, match="neither a checkpoint folder"):
+        PeerlabLM(checkpoint=str(tmp_path))
+    with pytest.raises(EvalError, match="is not a folder of lm-eval task YAML"):
+        task_manager(["peerlab_bpb_prose"], tmp_path / "no-registry")
+
+
+# --------------------------------------------------------------------------------------
+# In training, from a checkpoint, from the command line
+# --------------------------------------------------------------------------------------
+
+
+def eval_settings(demo_corpus: Path, *extra: str) -> list[str]:
+    return [
+        "eval_config.evals=[peerlab_bpb_prose, peerlab_heldout_mc]",
+        f"eval_config.evals_registry_path={REGISTRY}",
+        f"eval_config.eval_data_dir={demo_corpus / 'evals'}",
+        "eval_config.lm_eval_limit=4",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(demo_corpus, tmp_path_factory) -> Path:
+    """A tiny run with lm-eval every 3 steps and at the end (6 steps)."""
+    run_dir = tmp_path_factory.mktemp("eval-run") / "run"
+    cfg = tiny(demo_corpus, *eval_settings(demo_corpus, "eval_config.lm_eval_steps=3"))
+    from peerlab.train.launch import write_resolved_config
+
+    write_resolved_config(cfg, run_dir)
+    run(cfg, run_dir)
+    return run_dir
+
+
+def test_training_runs_lm_eval_every_lm_eval_steps_and_at_the_end(trained, demo_corpus, tmp_path):
+    rows = read_evals(trained)
+    assert rows and all(list(r) == ["step", "task", "metric", "value", "stderr"] for r in rows)
+    assert sorted({r["step"] for r in rows}) == [3, 6]
+    at_end = {(r["task"], r["metric"]): r for r in rows if r["step"] == 6}
+    assert math.isfinite(at_end[("peerlab_bpb_prose", "bits_per_byte")]["value"])
+    assert 0 <= at_end[("peerlab_heldout_mc", "acc")]["value"] <= 1
+    assert at_end[("peerlab_heldout_mc", "acc")]["stderr"] > 0
+    assert any("eval_bpb/prose" in r for r in read_metrics(trained))
+    # lm-eval reseeds the generators; the loop puts them back: the losses equal a run without lm-eval.
+    run(tiny(demo_corpus), tmp_path / "plain")
+    assert losses(trained) == losses(tmp_path / "plain")
+
+
+def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import evaluate
+
+    before = read_evals(trained)
+    folder = trained / "checkpoints" / "step-000003"
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(["--checkpoint", str(folder), "--tasks", "peerlab_bpb_prose", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "bits_per_byte" in out and "appended" in out
+    after = read_evals(trained)
+    assert after[: len(before)] == before  # appended, never rewritten
+    new = after[len(before) :]
+    assert {r["step"] for r in new} == {3} and {r["task"] for r in new} == {"peerlab_bpb_prose"}
+    # The run folder means its newest checkpoint (step 6); the model loads with the run's tokenizer.
+    lm = PeerlabLM(checkpoint=str(trained))
+    assert lm.step == 6 and lm.max_length == 64
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint", str(tmp_path / "nope"), "--tasks", "peerlab_bpb_prose"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line
+
+
+def test_console_script_hands_everything_to_lm_eval(trained, demo_corpus, tmp_path):
+    script = Path(sys.executable).parent / "peerlab-lm-eval"
+    common = ["--model", "peerlab", "--tasks", "peerlab_bpb_prose", "--include_path", str(REGISTRY)]
+    common += ["--limit", "2", "--metadata", json.dumps({"peerlab_eval_data": str(demo_corpus / "evals")})]
+    done = subprocess.run(
+        [str(script), *common, "--model_args", f"checkpoint={trained}", "--batch_size", "4"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "peerlab_bpb_prose" in done.stdout and "bits_per_byte" in done.stdout
+    missing = subprocess.run(
+        [str(script), *common, "--model_args", f"checkpoint={tmp_path / 'nope'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
