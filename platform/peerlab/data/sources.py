@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import time
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -348,6 +350,38 @@ def read_tasks(entry: DatasetEntry, sel: Selection, orders: list[list[int]] | No
     return tasks
 
 
+# Seconds each step of Ray Data's scheduling loop pauses in the processes that run our executions (0: no pause).
+EXECUTOR_STEP_PAUSE_S = float(os.environ.get("PEERLAB_DATA_STEP_PAUSE_S", "0.1"))
+
+
+def calm_executor() -> None:
+    """Pause each step of Ray Data's streaming-executor loop, in this process, for EXECUTOR_STEP_PAUSE_S.
+
+    A training stream is consumed far slower than it can be read, so its execution spends the
+    run backpressured, and Ray Data 2.60 then re-runs its scheduling loop without pause
+    (`ray.wait` returns at once on the outputs that wait for the consumer): a busy core share
+    per dataset, taken from training (BENCHMARKS.md, "Sweeps"). Each step still moves every
+    block that is ready, and the read tasks keep their read-ahead buffers full meanwhile.
+    """
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:  # another Ray Data layout: leave it as it is
+        return
+    if EXECUTOR_STEP_PAUSE_S <= 0 or getattr(StreamingExecutor, "_peerlab_calm", False):
+        return
+    if not hasattr(StreamingExecutor, "_scheduling_loop_step"):
+        return
+    step = StreamingExecutor._scheduling_loop_step
+
+    def calm_step(self, topology):
+        keep_going = step(self, topology)
+        time.sleep(EXECUTOR_STEP_PAUSE_S)
+        return keep_going
+
+    StreamingExecutor._scheduling_loop_step = calm_step
+    StreamingExecutor._peerlab_calm = True
+
+
 def make_datasource(
     entry: DatasetEntry,
     sel: Selection,
@@ -371,6 +405,7 @@ def make_datasource(
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            calm_executor()  # runs where the execution runs: the stream's coordinator actor
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
             tasks = read_tasks(entry, sel, orders, first_pass)
             if tokenizer is not None:
