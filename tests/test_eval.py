@@ -225,6 +225,20 @@ def test_unavailable_tasks_are_skipped_with_one_warning_each(model64, tokenizer,
     assert "experiments/prepare_data.py" in out.skipped["peerlab_heldout_mc"]
 
 
+def test_eval_config_keys_are_checked(demo_corpus):
+    from peerlab.config import ConfigError
+
+    cfg = tiny(demo_corpus, "eval_config.lm_eval_steps=50", "eval_config.lm_eval_limit=10")
+    assert cfg.eval_config.lm_eval_steps == 50 and cfg.eval_config.confirm_run_unsafe_code is False
+    for bad, message in (
+        ("eval_config.lm_eval_steps=0", r"eval_config.lm_eval_steps .*must be > 0"),
+        ("eval_config.lm_eval_limit=-1", r"eval_config.lm_eval_limit .*must be > 0"),
+        ("eval_config.lm_eval_step=5", "did you mean 'lm_eval_steps'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            tiny(demo_corpus, bad)
+
+
 def test_bad_input_gives_one_line_errors(tmp_path):
     with pytest.raises(EvalError, match=r"unknown lm-eval task 'peerlab_bpb_prse'.*did you mean 'peerlab_bpb_prose'"):
         task_manager(["peerlab_bpb_prse"], REGISTRY)
@@ -275,6 +289,7 @@ def test_training_runs_lm_eval_every_lm_eval_steps_and_at_the_end(trained, demo_
     # lm-eval reseeds the generators; the loop puts them back: the losses equal a run without lm-eval.
     run(tiny(demo_corpus), tmp_path / "plain")
     assert losses(trained) == losses(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "evals.jsonl").exists()  # evals: [] means no lm-eval
 
 
 def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_path, monkeypatch, capsys):
