@@ -292,6 +292,17 @@ def test_training_runs_lm_eval_every_lm_eval_steps_and_at_the_end(trained, demo_
     assert not (tmp_path / "plain" / "evals.jsonl").exists()  # evals: [] means no lm-eval
 
 
+def test_lm_eval_results_reach_wandb(demo_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny(
+        demo_corpus, *eval_settings(demo_corpus, "eval_config.lm_eval_limit=2"), "wandb_config.project=t", steps=2
+    )
+    run(cfg, tmp_path / "wb")
+    record = next(next((tmp_path / "wb" / "wandb").glob("offline-run-*")).glob("run-*.wandb")).read_bytes()
+    assert b"lm_eval/peerlab_bpb_prose/bits_per_byte" in record and b"lm_eval/peerlab_heldout_mc/acc" in record
+
+
 def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "experiments"))
     import evaluate
