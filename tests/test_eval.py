@@ -308,7 +308,7 @@ def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_pa
     import evaluate
 
     before = read_evals(trained)
-    folder = trained / "checkpoints" / "step-000003"
+    folder = trained / "checkpoints" / "step-000006"  # the demo config keeps the newest checkpoint only
     monkeypatch.chdir(tmp_path)
     assert evaluate.main(["--checkpoint", str(folder), "--tasks", "peerlab_bpb_prose", "--limit", "3"]) == 0
     out = capsys.readouterr().out
@@ -316,7 +316,7 @@ def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_pa
     after = read_evals(trained)
     assert after[: len(before)] == before  # appended, never rewritten
     new = after[len(before) :]
-    assert {r["step"] for r in new} == {3} and {r["task"] for r in new} == {"peerlab_bpb_prose"}
+    assert {r["step"] for r in new} == {6} and {r["task"] for r in new} == {"peerlab_bpb_prose"}
     # The run folder means its newest checkpoint (step 6); the model loads with the run's tokenizer.
     lm = PeerlabLM(checkpoint=str(trained))
     assert lm.step == 6 and lm.max_length == 64

@@ -21,8 +21,12 @@ from peerlab.train.optim import total_steps
 from peerlab.train.worker import environment, train_loop
 
 
-def start_ray(address: str | None = None) -> str | None:
-    """Connect to (or start) Ray; returns the dashboard URL when there is one."""
+def start_ray(address: str | None = None, log_to_driver: bool = True) -> str | None:
+    """Connect to (or start) Ray; returns the dashboard URL when there is one.
+
+    `log_to_driver=False` keeps the workers' logs out of this console (a sweep prints its own
+    progress; the logs stay in Ray's session folder and on the dashboard).
+    """
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token for the dashboard (FACTS.md)
@@ -31,14 +35,14 @@ def start_ray(address: str | None = None) -> str | None:
         return getattr(context, "dashboard_url", None)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        info = ray.init(address=address, runtime_env={"env_vars": environment()}, log_to_driver=True)
+        info = ray.init(address=address, runtime_env={"env_vars": environment()}, log_to_driver=log_to_driver)
     else:
         info = ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             runtime_env={"env_vars": environment()},
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
     url = info.dashboard_url
     return f"http://{url}" if url and not url.startswith("http") else url
@@ -127,8 +131,11 @@ def write_resolved_config(cfg: Config, run_dir: Path) -> Path:
     return path
 
 
-def fit(cfg: Config, run_dir: Path, quiet: bool = False, **loop_options):
-    """Run the training job; returns Ray Train's Result. Raises on a failed run."""
+def fit(cfg: Config, run_dir: Path, quiet: bool = False, callbacks: list | None = None, **loop_options):
+    """Run the training job; returns Ray Train's Result. Raises on a failed run.
+
+    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's TuneReportCallback).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -146,6 +153,7 @@ def fit(cfg: Config, run_dir: Path, quiet: bool = False, **loop_options):
             storage_path=str(run_dir.parent / ".ray"),
             failure_config=FailureConfig(max_failures=cfg.train_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks or None,
         ),
     )
     progress = None if quiet else Progress(run_dir, total_steps(cfg.train_config))

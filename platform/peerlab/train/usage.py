@@ -9,6 +9,8 @@ and summarised per layer:
     kl_uniform  KL(z || uniform) = log N + sum z log z   (0 when perfectly even)
     dead        share of experts with z = 0 (1 - usage)
     hot         experts with z > usage_threshold / N (threshold times the mean), their count and ids
+    load        z x N (1 for every expert when even): a 64-bin histogram of it, and its mean over
+                blocks of the n1 x n2 product-key grid (expert i * n2 + j), pooled to at most 64 x 64
 
 The rows go to `<run>/usage.parquet` and to wandb (with a histogram of z * N), and the sums
 restart. Keeping the sums costs one `index_add_` of (tokens x heads x k) scores per layer
@@ -28,6 +30,7 @@ from torch import nn
 from peerlab.model.peer import PEER
 
 MAX_HOT_IDS = 64  # hot expert ids kept per row (the count is always exact)
+MAX_GRID = 64  # the load grid is pooled to at most MAX_GRID x MAX_GRID cells
 
 
 def peer_layers(model: nn.Module) -> list[tuple[int, PEER]]:
@@ -39,8 +42,15 @@ def peer_layers(model: nn.Module) -> list[tuple[int, PEER]]:
     return found
 
 
-def summarise(mass: torch.Tensor, threshold: float) -> dict:
-    """Usage statistics of one layer's score mass (N,)."""
+def load_grid(load: torch.Tensor, grid: tuple[int, int]) -> tuple[list[int], list[float]]:
+    """The (n1 x n2) load grid averaged over blocks to at most MAX_GRID x MAX_GRID: (shape, row-major values)."""
+    n1, n2 = grid
+    cells = torch.nn.functional.adaptive_avg_pool2d(load.view(1, n1, n2), (min(n1, MAX_GRID), min(n2, MAX_GRID)))[0]
+    return list(cells.shape), cells.flatten().tolist()
+
+
+def summarise(mass: torch.Tensor, threshold: float, grid: tuple[int, int] | None = None) -> dict:
+    """Usage statistics of one layer's score mass (N,); `grid` = product_key_dim adds the pooled load grid."""
     n = mass.numel()
     mass = mass.double()
     total = float(mass.sum())
@@ -49,7 +59,15 @@ def summarise(mass: torch.Tensor, threshold: float) -> dict:
     kl = math.log(n) + float((z[used] * z[used].log()).sum()) if total > 0 else float("nan")
     hot = torch.nonzero(z > threshold / n).flatten()
     order = torch.argsort(z[hot], descending=True)
+    load = z * n  # (N,) mean 1
+    counts, edges = np.histogram(load.numpy(), bins=64)
+    out = {}
+    if grid is not None and grid[0] * grid[1] == n:
+        out["grid_shape"], out["load_grid"] = load_grid(load, grid)
     return {
+        **out,
+        "load_hist_counts": counts.tolist(),
+        "load_hist_edges": edges.tolist(),
         "usage": float(used.double().mean()),
         "kl_uniform": kl,
         "dead": 1.0 - float(used.double().mean()),
@@ -67,7 +85,14 @@ def collect(model: nn.Module, step: int, threshold: float, distributed: bool) ->
         mass = peer.usage.detach().clone() if peer.usage is not None else torch.zeros(peer.num_experts, device=device)
         if distributed:
             dist.all_reduce(mass)
-        rows.append({"step": step, "layer": layer, "experts": mass.numel(), **summarise(mass.cpu(), threshold)})
+        rows.append(
+            {
+                "step": step,
+                "layer": layer,
+                "experts": mass.numel(),
+                **summarise(mass.cpu(), threshold, (peer.n1, peer.n2)),
+            }
+        )
         rows[-1]["_mass"] = mass.cpu()
         if peer.usage is not None:
             peer.usage.zero_()

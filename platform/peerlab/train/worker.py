@@ -71,8 +71,17 @@ def where_am_i() -> Place:
     return Place(rank, world, device)
 
 
-def report(metrics: dict) -> None:
-    """Hand metrics to Ray Train (and so to Tune) when running under it."""
+def report(metrics: dict, to_tune: bool = False) -> None:
+    """Hand metrics to Ray Train (and, through TuneReportCallback, to Tune) when running under it.
+
+    `to_tune`: the loop runs in Train's local mode inside a Tune trial (a CPU sweep), where
+    ray.train.report only keeps the metrics; they go to ray.tune.report instead.
+    """
+    if to_tune:
+        import ray.tune
+
+        ray.tune.report(metrics)
+        return
     try:
         import ray.train
 
@@ -288,9 +297,10 @@ def train_loop(loop_config: dict) -> dict:
             if place.world > 1:
                 dist.barrier()
 
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens, window_train_s = time.perf_counter(), 0, 0.0
         run_start = time.perf_counter()
         for step in range(start_step + 1, steps + 1):
+            step_start = time.perf_counter()
             train_model.train()
             step_loss = 0.0
             for micro in range(t.gradient_accumulation_steps):
@@ -325,6 +335,7 @@ def train_loop(loop_config: dict) -> dict:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             window_tokens += tokens_per_step
+            window_train_s += time.perf_counter() - step_start
 
             record: dict = {}
             if step % t.logging_steps == 0 or step == steps:
@@ -332,6 +343,7 @@ def train_loop(loop_config: dict) -> dict:
                 rate = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
                 record = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate}
+                record["train_s"], window_train_s = window_train_s, 0.0  # seconds in training steps since the last line
                 record["eta_s"] = (steps - step) * tokens_per_step / rate if rate > 0 else None
                 seen = _gather(data.stats(), place)  # every rank's counts: the totals of the run
                 for key in seen[0]:
@@ -339,12 +351,12 @@ def train_loop(loop_config: dict) -> dict:
                         record[key] = sum(s[key] for s in seen)
             if (step % t.eval_steps == 0 or step == steps) and evaluates:
                 held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp, byte_counts)
-                record.update(held if place.rank == 0 else {})
+                record.update(with_means(held) if place.rank == 0 else {})
             if record:
                 record = {"step": step, **record}
                 metrics.write(record)
                 if "loss" in record:
-                    report(record)
+                    report(record, to_tune=loop_config.get("report_to") == "tune")
                     last = record
             peer = cfg.model_config.peer_config
             if cfg.model_config.use_peer and peer.log_expert_usage and (step % peer.log_freq == 0 or step == steps):
@@ -364,6 +376,16 @@ def train_loop(loop_config: dict) -> dict:
         lm_evaluate(cfg, model, tokenizer, steps, place, amp, run_dir, metrics.wandb)
     metrics.close()
     return last
+
+
+def with_means(held: dict) -> dict:
+    """Held-out metrics plus their mean over datasets: eval_loss/mean, eval_bpb/mean (what sweeps compare)."""
+    out = dict(held)
+    for prefix in ("eval_loss/", "eval_bpb/"):
+        values = [v for k, v in held.items() if k.startswith(prefix)]
+        if values:
+            out[f"{prefix}mean"] = sum(values) / len(values)
+    return out
 
 
 def environment() -> dict:

@@ -1,0 +1,283 @@
+"""What the trials say about the cells: leaderboard, seed noise, differences, factor effects.
+
+Statistics used (and said in the report):
+- 95% interval of a cell's mean: mean +- t(0.975, n-1) * sd / sqrt(n) over its seeds
+  (omitted with a single seed).
+- Noise floor: the seed-to-seed standard deviation pooled over cells,
+  sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)).
+- Difference of two cells: a paired t-test on the seed-matched differences when the cells
+  share at least two seeds, Welch's t-test otherwise; p-values Holm-adjusted over the
+  comparisons of one table.
+- Effect of a factor: one-way ANOVA of the metric over the factor's levels (other factors
+  averaged over).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .load import cost_columns, lower_is_better, metric_columns, peer_columns, usable, weight_columns
+
+ALPHA = 0.05
+
+
+def t_halfwidth(sd: pd.Series, n: pd.Series) -> pd.Series:
+    """Half-width of the 95% t interval of a mean (NaN for n < 2)."""
+    n = n.astype(float)
+    t = pd.Series(stats.t.ppf(1 - ALPHA / 2, np.where(n > 1, n - 1, np.nan)), index=n.index)
+    return t * sd / np.sqrt(n)
+
+
+def cell_stats(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Tidy: one row per cell and metric with n (seeds), mean, sd, lo, hi over usable trials."""
+    metrics = metrics or metric_columns(trials) + cost_columns(trials)
+    ok = trials[trials["status"] != "failed"]
+    long = ok.melt(id_vars=["cell", "mix", "setting", "seed"], value_vars=metrics, var_name="metric").dropna(
+        subset=["value"]
+    )
+    out = long.groupby(["cell", "mix", "setting", "metric"], sort=False)["value"].agg(["count", "mean", "std"])
+    out = out.rename(columns={"count": "n", "std": "sd"}).reset_index()
+    half = t_halfwidth(out["sd"], out["n"])
+    out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def leaderboard(trials: pd.DataFrame, metric: str, mode: str = "min", metrics: list[str] | None = None) -> pd.DataFrame:
+    """One row per cell, ranked on `metric`: mean, lo, hi of every metric and cost, seeds and failures.
+
+    Columns: rank, cell, mix, setting, seeds, stopped, failed, then `<m>`, `<m> lo`, `<m> hi` per metric.
+    Cells whose trials all failed come last with no rank.
+    """
+    metrics = metrics or metric_columns(trials) + cost_columns(trials)
+    metrics = [metric] + [m for m in metrics if m != metric and m in trials]
+    long = cell_stats(trials, metrics)
+    wide = long.pivot(index="cell", columns="metric", values=["mean", "lo", "hi"])
+    wide.columns = [m if s == "mean" else f"{m} {s}" for s, m in wide.columns]
+    order = [c for m in metrics for c in (m, f"{m} lo", f"{m} hi")]
+    wide = wide.reindex(columns=order)  # a metric no trial reported stays a column of NaN
+    counts = trials.groupby("cell", sort=False).agg(
+        mix=("mix", "first"),
+        setting=("setting", "first"),
+        seeds=("status", lambda s: int((s != "failed").sum())),
+        stopped=("status", lambda s: int((s == "stopped").sum())),
+        failed=("status", lambda s: int((s == "failed").sum())),
+    )
+    board = counts.join(wide[order], how="left")
+    ascending = lower_is_better(metric, metric, mode)
+    if metric in board:
+        board["rank"] = board[metric].rank(ascending=ascending, method="min").astype("Int64")
+    else:
+        board["rank"] = pd.array([pd.NA] * len(board), dtype="Int64")
+    board = board.sort_values(["rank", "cell"], na_position="last").reset_index()
+    return board[["rank", "cell", "mix", "setting", "seeds", "stopped", "failed", *order]]
+
+
+def failures(trials: pd.DataFrame) -> pd.DataFrame:
+    """The failed trials with their error, one line each."""
+    failed = trials[trials["status"] == "failed"]
+    cols = [c for c in ("trial_id", "cell", "seed", "error") if c in failed]
+    out = failed[cols].copy()
+    if "error" in out:  # the last "...Error: message" line of a traceback, else the first line
+        text = out["error"].fillna("").astype(str).str.strip()
+        last_error = text.str.findall(r"^\s*([\w.]*(?:Error|Exception)\b.*)$", flags=re.M).str[-1]
+        out["error"] = last_error.fillna(text.str.split("\n").str[0]).str.slice(0, 200)
+    return out.reset_index(drop=True)
+
+
+def noise_floor(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Seed-to-seed standard deviation per metric, pooled over cells with two or more seeds.
+
+    Columns: metric, sd (pooled), df, cells, seeds (typical per cell) and `min_diff`: the half-width
+    of the 95% interval of a difference between two cells of that many seeds (smaller differences
+    are within the noise).
+    """
+    metrics = metrics or metric_columns(trials)
+    s = cell_stats(trials, metrics)
+    s = s[s["n"] > 1].assign(ss=lambda d: (d["n"] - 1) * d["sd"] ** 2, df=lambda d: d["n"] - 1)
+    pooled = s.groupby("metric", sort=False).agg(
+        ss=("ss", "sum"), df=("df", "sum"), cells=("cell", "nunique"), seeds=("n", "median")
+    )
+    pooled["sd"] = np.sqrt(pooled["ss"] / pooled["df"])
+    t = stats.t.ppf(1 - ALPHA / 2, pooled["df"])
+    pooled["min_diff"] = t * pooled["sd"] * np.sqrt(2 / pooled["seeds"])
+    out = pooled.reindex([m for m in metrics if m in pooled.index]).reset_index()
+    return out[["metric", "sd", "df", "cells", "seeds", "min_diff"]]
+
+
+def holm(p: pd.Series) -> pd.Series:
+    """Holm-adjusted p-values (NaN stays NaN)."""
+    valid = p.dropna().sort_values()
+    m = len(valid)
+    adj = (valid * (m - np.arange(m))).cummax().clip(upper=1.0)
+    return adj.reindex(p.index)
+
+
+def compare_pair(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict:
+    """Difference a - b of `metric` (frames of trials with seed and metric): paired by seed where possible."""
+    xa, xb = a.set_index("seed")[metric].dropna(), b.set_index("seed")[metric].dropna()
+    xa, xb = xa.groupby(level=0).mean(), xb.groupby(level=0).mean()
+    common = xa.index.intersection(xb.index)
+    diff = xa.mean() - xb.mean()
+    if len(common) >= 2:
+        d = xa[common] - xb[common]
+        res = stats.ttest_rel(xa[common], xb[common])
+        half = stats.t.ppf(1 - ALPHA / 2, len(d) - 1) * d.std() / np.sqrt(len(d))
+        return dict(diff=d.mean(), lo=d.mean() - half, hi=d.mean() + half, p=res.pvalue, test="paired t", n=len(d))
+    if len(xa) >= 2 and len(xb) >= 2:
+        res = stats.ttest_ind(xa, xb, equal_var=False)
+        ci = res.confidence_interval(1 - ALPHA)
+        return dict(diff=diff, lo=ci.low, hi=ci.high, p=res.pvalue, test="Welch t", n=min(len(xa), len(xb)))
+    return dict(diff=diff, lo=np.nan, hi=np.nan, p=np.nan, test="none (one seed)", n=min(len(xa), len(xb)))
+
+
+DIFF_COLUMNS = ["cell", "reference", "diff", "lo", "hi", "p", "p_holm", "test", "n", "significant", "better"]
+
+
+def compare_pairs(ok: pd.DataFrame, pairs: pd.DataFrame, metric: str, lower: bool) -> pd.DataFrame:
+    """Test each (cell, reference) row of `pairs` on `metric`; Holm over the table."""
+    groups = dict(tuple(ok.groupby("cell")))
+    rows = [
+        {"cell": c, "reference": r, **compare_pair(groups[c], groups[r], metric)}
+        for c, r in zip(pairs["cell"], pairs["reference"])
+    ]
+    out = pd.DataFrame(rows, columns=["cell", "reference", "diff", "lo", "hi", "p", "test", "n"])
+    out["p_holm"] = holm(out["p"])
+    out["significant"] = out["p_holm"] < ALPHA
+    out["better"] = out["significant"] & ((out["diff"] < 0) if lower else (out["diff"] > 0))
+    return out[DIFF_COLUMNS]
+
+
+def differences(trials: pd.DataFrame, metric: str, mode: str = "min", reference: str | None = None) -> pd.DataFrame:
+    """Every cell against a reference cell (default: the best one) on `metric`, the runner-up first.
+
+    Columns: cell, reference, diff (cell - reference), lo, hi (95%), p, p_holm, test, n, significant,
+    better (the cell beats the reference, significantly).
+    """
+    ok = usable(trials, metric)
+    if ok.empty:
+        return pd.DataFrame(columns=DIFF_COLUMNS)
+    means = ok.groupby("cell")[metric].mean()
+    lower = lower_is_better(metric, metric, mode)
+    reference = reference or (means.idxmin() if lower else means.idxmax())
+    if reference not in means.index:
+        raise ValueError(f"no cell {reference!r} with results for {metric}; cells: {sorted(means.index)}")
+    pairs = pd.DataFrame({"cell": means.index[means.index != reference], "reference": reference})
+    out = compare_pairs(ok, pairs, metric, lower)
+    return out.sort_values("diff", ascending=lower).reset_index(drop=True)
+
+
+def pairwise(trials: pd.DataFrame, metric: str, mode: str = "min") -> pd.DataFrame:
+    """Every pair of cells (each once, the better-ranked as reference); Holm over all pairs."""
+    ok = usable(trials, metric)
+    lower = lower_is_better(metric, metric, mode)
+    ranked = ok.groupby("cell")[metric].mean().sort_values(ascending=lower).index.to_series()
+    pairs = ranked.rename("reference").to_frame().merge(ranked.rename("cell").to_frame(), how="cross")
+    order = {c: i for i, c in enumerate(ranked)}
+    pairs = pairs[pairs["reference"].map(order) < pairs["cell"].map(order)]
+    return compare_pairs(ok, pairs, metric, lower) if len(pairs) else pd.DataFrame(columns=DIFF_COLUMNS)
+
+
+def baseline_differences(
+    trials: pd.DataFrame, metric: str, mode: str = "min", baseline: str = "no_peer"
+) -> pd.DataFrame:
+    """Each cell against the `baseline` setting (the dense arm) of the same mix: what PEER buys per mix.
+
+    Empty when no cell has that setting. Columns as `differences`.
+    """
+    ok = usable(trials, metric)
+    base = ok.loc[ok["setting"] == baseline, ["mix", "cell"]].drop_duplicates().rename(columns={"cell": "reference"})
+    if base.empty:
+        return pd.DataFrame(columns=DIFF_COLUMNS)
+    pairs = ok.loc[ok["setting"] != baseline, ["mix", "cell"]].drop_duplicates().merge(base, on="mix")
+    out = compare_pairs(ok, pairs, metric, lower_is_better(metric, metric, mode))
+    return out.sort_values(["reference", "diff"], ascending=[True, lower_is_better(metric, metric, mode)]).reset_index(
+        drop=True
+    )
+
+
+def factors(trials: pd.DataFrame) -> list[str]:
+    """Columns that vary across the usable trials: mix weights and PEER settings."""
+    ok = trials[trials["status"] != "failed"]
+    cols = weight_columns(ok) + peer_columns(ok)
+    return [c for c in cols if ok[c].astype(str).nunique() > 1]
+
+
+def peer_slice(trials: pd.DataFrame, factor: str) -> pd.DataFrame:
+    """The trials that read the effect of one PEER key.
+
+    PEER trials only (a dense arm has no experts), except for peer/use_peer itself. When the swept
+    PEER keys form a full grid, all of them (the other keys are balanced over the levels); otherwise
+    (one key at a time around a default) only the trials whose other swept keys sit at their most
+    common value, so that a level is not confounded with another key's change.
+    """
+    sub = trials
+    if factor != "peer/use_peer" and "peer/use_peer" in sub:
+        sub = sub[sub["peer/use_peer"].astype(bool)]
+    swept = [c for c in peer_columns(sub) if c != "peer/use_peer" and sub[c].astype(str).nunique() > 1]
+    others = [c for c in swept if c != factor]
+    if not others or factor == "peer/use_peer":
+        return sub
+    keys = sub[swept].astype(str)
+    full_grid = len(keys.drop_duplicates()) == keys.nunique().prod()
+    if full_grid:
+        return sub
+    at_mode = (keys[others] == keys[others].mode().iloc[0]).all(axis=1)
+    return sub[at_mode]
+
+
+def factor_effects(
+    trials: pd.DataFrame, metrics: list[str] | None = None, factor_list: list[str] | None = None
+) -> pd.DataFrame:
+    """Tidy: per factor, level and metric the mean and 95% interval over trials, and the factor's ANOVA p.
+
+    PEER factors are read on the trials of `peer_slice` (PEER trials; one key at a time when the sweep is not a grid).
+    Columns: factor, level, metric, n, mean, lo, hi, p (one-way ANOVA over levels), significant.
+    """
+    metrics = metrics or metric_columns(trials)
+    factor_list = factor_list if factor_list is not None else factors(trials)
+    ok = trials[trials["status"] != "failed"]
+    frames = []
+    for factor in factor_list:
+        sub = peer_slice(ok, factor) if factor.startswith("peer/") else ok
+        long = sub.assign(level=sub[factor].map(level_name)).melt(
+            id_vars=["level"], value_vars=[m for m in metrics if m in sub], var_name="metric"
+        )
+        long = long.dropna(subset=["value"])
+        agg = long.groupby(["metric", "level"], sort=False)["value"].agg(["count", "mean", "std"]).reset_index()
+        agg = agg.rename(columns={"count": "n", "std": "sd"})
+        half = t_halfwidth(agg["sd"], agg["n"])
+        agg["lo"], agg["hi"] = agg["mean"] - half, agg["mean"] + half
+        pvals = long.groupby("metric", sort=False)[["level", "value"]].apply(_anova).rename("p")
+        agg = agg.merge(pvals, left_on="metric", right_index=True, how="left").assign(factor=factor)
+        agg["_order"] = pd.to_numeric(agg["level"], errors="coerce")
+        frames.append(agg.sort_values(["metric", "_order", "level"]).drop(columns="_order"))
+    cols = ["factor", "level", "metric", "n", "mean", "lo", "hi", "p"]
+    if not frames:
+        return pd.DataFrame(columns=[*cols, "significant"])
+    out = pd.concat(frames, ignore_index=True)[cols]
+    out["significant"] = out["p"] < ALPHA
+    return out
+
+
+def level_name(value) -> str:
+    """A factor level as text: floats to 3 significant digits (mix weights), the rest as they are."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def factor_p_values(effects: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Wide: one row per factor, its ANOVA p on each metric (columns in `metrics` order)."""
+    wide = effects.drop_duplicates(["factor", "metric"]).pivot(index="factor", columns="metric", values="p")
+    wide = wide[[m for m in (metrics or list(wide.columns)) if m in wide.columns]].reset_index()
+    wide.columns.name = None
+    return wide
+
+
+def _anova(group: pd.DataFrame) -> float:
+    samples = [g.to_numpy() for _, g in group.groupby("level")["value"] if len(g) > 0]
+    if len(samples) < 2 or sum(len(s) for s in samples) <= len(samples) or all(len(s) < 2 for s in samples):
+        return np.nan
+    return float(stats.f_oneway(*samples).pvalue)

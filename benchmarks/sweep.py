@@ -1,0 +1,100 @@
+"""Where a sweep's wall time goes, and what ASHA saves: the demo sweep, full grid against ASHA.
+
+    python benchmarks/sweep.py [--out output/bench-sweep] [--skip-asha] [ablate.py flags ...]
+
+Runs the README's demo sweep (configs/datasets.yaml x configs/search-demo.yaml on
+configs/demo.yaml) twice on one local Ray cluster: every trial to the end, then with
+`--scheduler asha`. For each it prints
+
+  training share  the seconds trials spent in training steps (train_s in metrics.jsonl: data,
+                  forward, backward, optimizer), summed over trials, over wall time x trials
+                  at once: the rest is Ray and trial start-up, evaluation, checkpoints, the report
+  trial-steps     optimizer steps run, summed over trials
+  best cell       the cell with the best --metric among trials that ran to the end
+
+Targets (issue 6, this 2-core CPU): a training share of at least 60%; ASHA at most 60% of
+the full grid's trial-steps with the same best cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ["--custom-datasets", "configs/datasets.yaml", "--config", "configs/demo.yaml",
+        "--search-space", "configs/search-demo.yaml"]  # fmt: skip
+
+
+def ablate():
+    spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / "ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(name: str, out: Path, extra: list[str]) -> dict:
+    argv = [*DEMO, "--set", f"train_config.output_dir={out}", "--name", name, *extra]
+    start = time.perf_counter()
+    code = ablate().main(argv)
+    wall = time.perf_counter() - start
+    sweep = out / name
+    trials = pd.read_parquet(sweep / "trials.parquet")
+    plan = json.loads((sweep / "sweep.json").read_text())
+    metric, mode = plan["metric"], plan["mode"]
+    concurrent = plan["resources"]["max_concurrent"]
+    finished = trials[trials["status"] == "finished"]
+    best = finished.loc[finished[metric].idxmin() if mode == "min" else finished[metric].idxmax()]
+    return {
+        "name": name,
+        "exit": code,
+        "wall_s": wall,
+        "train_s": float(trials["train_s"].sum()),
+        "share": float(trials["train_s"].sum()) / (wall * concurrent),
+        "trial_steps": int(trials["steps"].sum()),
+        "statuses": trials["status"].value_counts().to_dict(),
+        "best": best["cell"],
+        "best_value": float(best[metric]),
+        "metric": metric,
+        "concurrent": concurrent,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="output/bench-sweep", help="folder for both sweeps (emptied first)")
+    ap.add_argument("--skip-asha", action="store_true")
+    args, extra = ap.parse_known_args(argv)
+    out = Path(args.out).resolve()
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    print(f"demo sweep on {platform.machine()}, {os.cpu_count()} CPUs", flush=True)
+    full = measure("full", out, extra)
+    runs = [full]
+    if not args.skip_asha:
+        runs.append(measure("asha", out, ["--scheduler", "asha", *extra]))
+    print()
+    print(f"| sweep | wall | in training steps | share of wall x trials at once "
+          f"| trial-steps | statuses | best cell ({full['metric']}) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
+    for r in runs:
+        statuses = ", ".join(f"{n} {s}" for s, n in r["statuses"].items())
+        print(f"| {r['name']} | {r['wall_s']:.0f} s | {r['train_s']:.0f} s | {100 * r['share']:.0f}% "
+              f"| {r['trial_steps']} | {statuses} | {r['best']} ({r['best_value']:.4f}) |")  # fmt: skip
+    if len(runs) == 2:
+        asha = runs[1]
+        print(f"ASHA / full grid trial-steps: {asha['trial_steps'] / full['trial_steps']:.2f}; "
+              f"same best cell: {asha['best'] == full['best']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The sweep's result tables, built from its trials' run folders (what analysis/ reads).
+
+    trials.parquet  one row per trial: ids, mix weights, PEER settings, seed, status, error,
+                    final train loss, final held-out metrics, lm-eval metrics, tokens, steps,
+                    wall time, parameter counts and compute
+    curves.parquet  every trial's metrics.jsonl, one row per logged step
+    usage.parquet   every trial's expert-usage snapshots (layer, step, usage, KL, load grid)
+    evals.parquet   every trial's evals.jsonl (step, task, metric, value, stderr)
+
+The tables are rebuilt from the run folders each time (nothing else holds results), and
+each is written to a temporary file first and renamed, so a reader never sees half a table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from peerlab.config import config_from_dict
+from peerlab.model.size import parameter_formulas
+from peerlab.tracking import read_metrics
+from peerlab.tune import Trial, trial_dir, trial_status
+
+
+def active_parameters(model_config) -> tuple[int, int]:
+    """(all parameters, parameters used per token): a token touches heads x k experts of each PEER layer."""
+    parts = parameter_formulas(model_config)
+    total = sum(parts.values())
+    m, p = model_config, model_config.peer_config
+    peer_layers = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
+    touched = peer_layers * p.num_heads * p.num_experts_per_tok * 2 * p.expert_hidden_size * m.hidden_size
+    return total, total - parts["peer_experts"] + min(touched, parts["peer_experts"])
+
+
+def _evals(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / "evals.jsonl"
+    if not path.is_file():
+        return pd.DataFrame(columns=["step", "task", "metric", "value", "stderr"])
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows, columns=["step", "task", "metric", "value", "stderr"])
+
+
+def trial_row(trial: Trial, sweep_dir: Path) -> dict:
+    """The trials.parquet row of one trial (metrics NaN where the trial has none)."""
+    run_dir = trial_dir(sweep_dir, trial.trial_id)
+    cfg = config_from_dict(trial.config)
+    m, p = cfg.model_config, cfg.model_config.peer_config
+    status, marker = trial_status(run_dir)
+    weights = {d.name: d.weight for d in cfg.dataset_config.datasets}
+    norm = sum(weights.values())
+    total, active = active_parameters(m)
+    row = {
+        "trial_id": trial.trial_id,
+        "cell": trial.cell,
+        "mix": trial.mix,
+        "setting": trial.setting,
+        "seed": trial.seed,
+        **{f"weight/{name}": w / norm for name, w in weights.items()},
+        "peer/num_experts": p.num_experts,
+        "peer/num_experts_per_tok": p.num_experts_per_tok,
+        "peer/num_heads": p.num_heads,
+        "peer/query_dim": p.query_dim,
+        "peer/batch_norm_query": p.batch_norm_query,
+        "peer/expert_hidden_size": p.expert_hidden_size,
+        "peer/product_key_dim": "x".join(str(n) for n in p.product_key_dim),
+        "peer/peer_start_layer": m.peer_start_layer,
+        "peer/use_peer": m.use_peer,
+        "status": status,
+        "error": marker.get("error"),
+        "params_total": total,
+        "params_active": active,
+        "config_path": str(run_dir / "resolved_config.yaml"),
+    }
+    records = read_metrics(run_dir)
+    logged = [r for r in records if "loss" in r]
+    evaluated = [r for r in records if any(k.startswith("eval_") for k in r)]
+    last = logged[-1] if logged else {}
+    row["final_loss"] = last.get("loss", float("nan"))
+    row["steps"] = int(last.get("step", 0))
+    row["tokens"] = int(sum(v for k, v in last.items() if k.startswith("tokens_seen/")))
+    row["flops"] = 6.0 * active * row["tokens"]
+    row["train_s"] = float(sum(r.get("train_s", 0.0) for r in logged))
+    if evaluated:
+        row.update({k: v for k, v in evaluated[-1].items() if k.startswith("eval_")})
+    wall = marker.get("wall_s")
+    if wall is None and (run_dir / "metrics.jsonl").is_file() and (run_dir / "resolved_config.yaml").is_file():
+        wall = (run_dir / "metrics.jsonl").stat().st_mtime - (run_dir / "resolved_config.yaml").stat().st_mtime
+    row["wall_s"] = wall if wall is not None else float("nan")
+    evals = _evals(run_dir)
+    if len(evals):
+        final = evals[evals["step"] == evals["step"].max()]
+        row.update({f"lm_eval/{t}/{m_}": v for t, m_, v in zip(final["task"], final["metric"], final["value"])})
+    return row
+
+
+def _with_trial(frame: pd.DataFrame, trial_id: str) -> pd.DataFrame:
+    return frame.assign(trial_id=trial_id)[["trial_id", *frame.columns]]
+
+
+def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame]:
+    """{trials, curves, usage, evals}: the four tables of the sweep, from its run folders."""
+    sweep_dir = Path(sweep_dir)
+    rows = [trial_row(t, sweep_dir) for t in trials]
+    curves, usage, evals = [], [], []
+    for t in trials:
+        run_dir = trial_dir(sweep_dir, t.trial_id)
+        records = [r for r in read_metrics(run_dir) if "step" in r]
+        if records:  # a resumed run logs again the steps after its checkpoint: the last record of a step wins
+            frame = pd.DataFrame(records).drop_duplicates(subset="step", keep="last").sort_values("step")
+            curves.append(_with_trial(frame.reset_index(drop=True), t.trial_id))
+        if (run_dir / "usage.parquet").is_file():
+            usage.append(_with_trial(pd.read_parquet(run_dir / "usage.parquet"), t.trial_id))
+        found = _evals(run_dir)
+        if len(found):
+            evals.append(_with_trial(found, t.trial_id))
+
+    def joined(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+    return {
+        "trials": pd.DataFrame(rows),
+        "curves": joined(curves, ["trial_id", "step"]),
+        "usage": joined(usage, ["trial_id", "step", "layer"]),
+        "evals": joined(evals, ["trial_id", "step", "task", "metric", "value", "stderr"]),
+    }
+
+
+def write_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, Path]:
+    """Write trials/curves/usage/evals.parquet into the sweep folder (each atomically); returns their paths."""
+    sweep_dir = Path(sweep_dir)
+    paths = {}
+    for name, frame in build_tables(trials, sweep_dir).items():
+        path = sweep_dir / f"{name}.parquet"
+        tmp = sweep_dir / f".{name}.parquet.tmp"
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(path)
+        paths[name] = path
+    return paths

@@ -1,0 +1,239 @@
+"""Sweeps: the search space, the trial plan, bad input, and real tiny sweeps on Ray Tune (tables, failures, resume)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from peerlab.config import ConfigError, config_from_dict, load_config, load_mixes
+from peerlab.data.corpus import DOMAINS
+from peerlab.tune import plan_trials, search_space, setting_label
+from tests.conftest import ROOT
+
+
+def ablate_module():
+    spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / "ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------
+# The search space and the plan (no Ray)
+# --------------------------------------------------------------------------------------
+
+
+def test_grid_sample_and_baseline(tmp_path):
+    space = search_space(["peer_config.num_experts_per_tok=8,16", "peer_start_layer=1,2"], baseline=True)
+    settings = space.settings()
+    assert len(settings) == 5 and settings[-1] == {"use_peer": False}
+    assert {"peer_config.num_experts_per_tok": 16, "peer_start_layer": 2} in settings
+    assert setting_label(settings[-1]) == "no_peer"
+
+    file = tmp_path / "space.yaml"
+    file.write_text(
+        "search_space:\n  grid:\n    peer_config.batch_norm_query: [true, false]\n"
+        "  sample:\n    peer_config.query_dim: [16, 32, 64]\n  num_samples: 2\n"
+    )
+    space = search_space(["model_config.peer_config.num_heads=2"], path=str(file))
+    settings = space.settings(seed=3)
+    assert all(s["peer_config.num_heads"] == 2 for s in settings)
+    assert {s["peer_config.batch_norm_query"] for s in settings} == {True, False}
+    assert all(s["peer_config.query_dim"] in (16, 32, 64) for s in settings)
+    assert settings == space.settings(seed=3)  # samples are seeded
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (["train_config.learning_rate=1e-3,3e-3"], "cannot be swept"),
+        (["peer_config.num_experts_per_tok"], "expected KEY=VALUE1,VALUE2"),
+        (["peer_config.nope=1,2"], "cannot be swept"),
+    ],
+)
+def test_bad_search_space(grid, message):
+    with pytest.raises(ConfigError, match=message):
+        search_space(grid)
+
+
+def test_plan_resolves_every_trial(demo_corpus, tmp_path):
+    base = load_config(ROOT / "configs" / "demo.yaml")
+    mixes = load_mixes(ROOT / "configs" / "datasets.yaml")
+    space = search_space(["peer_config.num_experts=1024,4096", "peer_config.num_experts_per_tok=4,8"], baseline=True)
+    trials = plan_trials(base, mixes, space, seeds=2)
+    assert len(trials) == 3 * 5 * 2 and len({t.trial_id for t in trials}) == len(trials)
+    for trial in trials:
+        cfg = config_from_dict(trial.config)
+        peer = cfg.model_config.peer_config
+        assert peer.product_key_dim[0] * peer.product_key_dim[1] == peer.num_experts  # kept consistent
+        assert cfg.train_config.seed == trial.seed
+        assert sum(d.weight for d in cfg.dataset_config.datasets) > 0
+        assert [d.name for d in cfg.dataset_config.datasets] == [d.name for d in mixes[trial.mix].datasets]
+    assert {t.seed for t in trials} == {42, 43}
+    assert sum(t.setting == "no_peer" for t in trials) == 3 * 2
+
+    with pytest.raises(ConfigError, match="not a square"):
+        plan_trials(base, mixes, search_space(["peer_config.num_experts=1000"]), seeds=1)
+    with pytest.raises(ConfigError, match="trial prose_heavy_query_dim=7_s42"):  # odd query_dim fails validation
+        plan_trials(base, mixes, search_space(["peer_config.query_dim=7"]), seeds=1)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mixes", "nope"], "no mix 'nope'"),
+        (["--grid", "peer_config.num_experts=1000"], "not a square"),
+        (["--grid", "hidden_size=64,128"], "cannot be swept"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--metric", "eval_bpb/cod"], "not a metric the runs report"),
+        (["--grid", "peer_config.num_experts=16777216"], "GiB"),  # 16.7 M experts per layer cannot fit here
+    ],
+)
+def test_bad_sweeps_fail_before_ray(extra, message, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "experiments/ablate.py", "--custom-datasets", "configs/datasets.yaml",
+         "--config", "configs/demo.yaml", "--set", f"train_config.output_dir={tmp_path}", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert "Ray" not in out.stdout and not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+# --------------------------------------------------------------------------------------
+# Real sweeps on the session's Ray cluster
+# --------------------------------------------------------------------------------------
+
+
+def sweep_files(demo_corpus: Path, tmp_path: Path, broken: bool = False) -> tuple[Path, Path]:
+    """A mixes file (two real mixes, plus one whose data breaks at run time) and a tiny config."""
+    mix = "      - {{name: {n}, path: '{p}', format: jsonl, weight: {w}, text_field: text}}\n"
+    text = "data_mixes:\n"
+    for name, weights in (("prose_mix", (0.8, 0.1, 0.1)), ("code_mix", (0.1, 0.8, 0.1))):
+        text += f"  {name}:\n    datasets:\n"
+        text += "".join(mix.format(n=d, p=demo_corpus / d, w=w) for d, w in zip(DOMAINS, weights))
+    if broken:
+        # 101 tiny documents, then a record without its text: the checks before Ray read 100, training hits it.
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        rows = [{"text": f"note {i}"} for i in range(101)] + [{"title": "no text here"}]
+        (bad / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        text += "  broken_mix:\n    datasets:\n"
+        text += mix.format(n="prose", p=demo_corpus / "prose", w=0.5) + mix.format(n="notes", p=bad, w=0.5)
+    mixes = tmp_path / "mixes.yaml"
+    mixes.write_text(text)
+    return mixes, ROOT / "configs" / "demo.yaml"
+
+
+def tiny_sets(demo_corpus: Path, out: Path, steps: int = 6) -> list[str]:
+    sets = [
+        "model_config.hidden_size=32",
+        "model_config.num_hidden_layers=2",
+        "model_config.num_attention_heads=2",
+        "model_config.intermediate_size=64",
+        "model_config.peer_config.num_experts=256",
+        "model_config.peer_config.product_key_dim=[16, 16]",
+        "model_config.peer_config.num_heads=2",
+        "model_config.peer_config.query_dim=16",
+        "model_config.peer_config.log_freq=3",
+        f"train_config.max_steps={steps}",
+        "train_config.logging_steps=1",
+        "train_config.save_steps=3",
+        "train_config.eval_steps=3",
+        "train_config.per_device_train_batch_size=2",
+        "dataset_config.max_seq_length=32",
+        f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}",
+        f"train_config.output_dir={out}",
+    ]
+    return [x for s in sets for x in ("--set", s)]
+
+
+def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp_path, capsys):
+    mixes, config = sweep_files(demo_corpus, tmp_path, broken=True)
+    ablate = ablate_module()
+    argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, tmp_path / "out"),
+            "--grid", "peer_config.num_experts_per_tok=2,4", "--name", "tiny", "--max-concurrent", "2",
+            "--metric", "eval_loss/mean", "--no-report"]  # fmt: skip
+    assert ablate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Ray dashboard:" in printed and "done, " in printed and "best so far" in printed
+    sweep = tmp_path / "out" / "tiny"
+    trials = pd.read_parquet(sweep / "trials.parquet")
+    assert len(trials) == 6 and set(trials["mix"]) == {"prose_mix", "code_mix", "broken_mix"}
+    good = trials[trials["mix"] != "broken_mix"]
+    broken = trials[trials["mix"] == "broken_mix"]
+    assert (good["status"] == "finished").all() and (broken["status"] == "failed").all()
+    assert broken["error"].str.contains("text").all() and broken["error"].str.contains("notes").all()
+    assert good["error"].isna().all()
+    assert (good["steps"] == 6).all() and (good["tokens"] == 6 * 2 * 33).all()
+    assert good["final_loss"].notna().all() and good["eval_loss/mean"].notna().all()
+    assert set(good["peer/num_experts_per_tok"]) == {2, 4}
+    assert good["weight/code"].round(6).isin([0.1, 0.8]).all()
+    assert (good["params_active"] < good["params_total"]).all() and (good["flops"] > 0).all()
+    curves = pd.read_parquet(sweep / "curves.parquet")
+    assert set(curves["trial_id"]) == set(good["trial_id"]) and len(curves) >= 4 * 6
+    usage = pd.read_parquet(sweep / "usage.parquet")
+    assert set(usage["trial_id"]) == set(good["trial_id"]) and set(usage["layer"]) == {1}
+    row = usage.iloc[0]
+    assert list(row["grid_shape"]) == [16, 16] and abs(sum(row["load_grid"]) / 256 - 1) < 1e-6
+    assert (sweep / "evals.parquet").is_file()
+    for trial_id in trials["trial_id"]:
+        assert (sweep / "trials" / trial_id / "resolved_config.yaml").is_file()
+    plan = json.loads((sweep / "sweep.json").read_text())
+    assert plan["metric"] == "eval_loss/mean" and len(plan["trials"]) == 6
+
+    # Starting the same sweep again without --resume leaves it alone.
+    with pytest.raises(SystemExit) as exit_:
+        ablate.main(argv)
+    assert exit_.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_path):
+    mixes, config = sweep_files(demo_corpus, tmp_path)
+    sets = tiny_sets(demo_corpus, tmp_path / "out", steps=12)
+    argv = ["--custom-datasets", str(mixes), "--config", str(config), *sets,
+            "--grid", "peer_config.num_experts_per_tok=2,4", "--name", "resumed", "--max-concurrent", "1",
+            "--metric", "eval_loss/mean", "--no-report"]  # fmt: skip
+    address = ray_cluster.get_runtime_context().gcs_address
+    sweep = tmp_path / "out" / "resumed"
+    proc = subprocess.Popen(
+        [sys.executable, "experiments/ablate.py", *argv, "--address", address],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(sweep.glob("trials/*/done.json")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune ends the sweep; the running trial is cut short
+    assert proc.wait(timeout=180) != 0
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("trials/*/done.json")}
+    assert 1 <= len(finished) < 4
+
+    assert ablate_module().main([*argv, "--resume"]) == 0
+    trials = pd.read_parquet(sweep / "trials.parquet")
+    assert (trials["status"] == "finished").all() and (trials["steps"] == 12).all()
+    for trial_id, mtime in finished.items():  # not run again
+        assert (sweep / "trials" / trial_id / "done.json").stat().st_mtime_ns == mtime
+    curves = pd.read_parquet(sweep / "curves.parquet")
+    steps = curves.dropna(subset=["loss"]).groupby("trial_id")["step"].agg(list)
+    assert all(s == list(range(1, 13)) for s in steps)  # resumed runs continue, no step logged twice
+
+
+@pytest.mark.skipif(os.environ.get("PEERLAB_SLOW") != "1", reason="ASHA sweep: set PEERLAB_SLOW=1")
+def test_asha_stops_some_trials(ray_cluster, demo_corpus, tmp_path):
+    mixes, config = sweep_files(demo_corpus, tmp_path)
+    argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, tmp_path, steps=12),
+            "--grid", "peer_config.num_experts_per_tok=1,2,4,8", "--name", "asha", "--scheduler", "asha",
+            "--metric", "eval_loss/mean", "--grace-steps", "3", "--max-concurrent", "2", "--no-report"]  # fmt: skip
+    assert ablate_module().main(argv) == 0
+    trials = pd.read_parquet(tmp_path / "asha" / "trials.parquet")
+    assert (trials["status"] == "stopped").any() and (trials["status"] == "finished").any()
