@@ -83,6 +83,15 @@ def test_loglikelihood_equals_a_direct_computation(model64, tokenizer, texts):
         scores = direct_logprobs(model64, seq)[-len(cont) :]
         assert logp == pytest.approx(float(scores.sum()), rel=1e-11, abs=1e-10)
         assert greedy is False  # a random model does not produce real text greedily
+    # A continuation longer than the window (48): pieces of 48 tokens, each after the 48 tokens before it.
+    context, continuation = tokenizer(texts[7][:30])["input_ids"], tokenizer(texts[7][30:500])["input_ids"]
+    assert len(continuation) > 2 * 48
+    expected = 0.0
+    for a in range(0, len(continuation), 48):
+        b = min(a + 48, len(continuation))
+        expected += float(direct_logprobs(model64, (context + continuation[:b])[-49:])[-(b - a) :].sum())
+    [(logp, _)] = lm._loglikelihood_tokens([(("x", "y"), context, continuation)])
+    assert logp == pytest.approx(expected, rel=1e-11)
     # The greedy flag: the model's own greedy tokens are greedy; change one and they are not.
     prompt = tokenizer(texts[0][:50])["input_ids"]
     out = model64.generate(torch.tensor([prompt]), max_new_tokens=6, use_cache=False)[0, len(prompt) :].tolist()
