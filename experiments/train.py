@@ -4,7 +4,7 @@
         [--name RUN] [--address ray://... | RAY_ADDRESS] [--dry-run]
 
 The run's outputs go to <output_dir>/<run name>/ (the name defaults to the config file's
-name): resolved_config.yaml, metrics.jsonl, checkpoints/. Running the same name again
+name): resolved_config.yaml, metrics.jsonl, evals.jsonl (lm-eval results), checkpoints/. Running the same name again
 continues from its newest checkpoint. Ray starts a local cluster bound to 127.0.0.1 unless
 --address or RAY_ADDRESS names one; the dashboard URL is printed first.
 

@@ -83,6 +83,15 @@ def test_loglikelihood_equals_a_direct_computation(model64, tokenizer, texts):
         scores = direct_logprobs(model64, seq)[-len(cont) :]
         assert logp == pytest.approx(float(scores.sum()), rel=1e-11, abs=1e-10)
         assert greedy is False  # a random model does not produce real text greedily
+    # A continuation longer than the window (48): pieces of 48 tokens, each after the 48 tokens before it.
+    context, continuation = tokenizer(texts[7][:30])["input_ids"], tokenizer(texts[7][30:500])["input_ids"]
+    assert len(continuation) > 2 * 48
+    expected = 0.0
+    for a in range(0, len(continuation), 48):
+        b = min(a + 48, len(continuation))
+        expected += float(direct_logprobs(model64, (context + continuation[:b])[-49:])[-(b - a) :].sum())
+    [(logp, _)] = lm._loglikelihood_tokens([(("x", "y"), context, continuation)])
+    assert logp == pytest.approx(expected, rel=1e-11)
     # The greedy flag: the model's own greedy tokens are greedy; change one and they are not.
     prompt = tokenizer(texts[0][:50])["input_ids"]
     out = model64.generate(torch.tensor([prompt]), max_new_tokens=6, use_cache=False)[0, len(prompt) :].tolist()
@@ -225,6 +234,20 @@ def test_unavailable_tasks_are_skipped_with_one_warning_each(model64, tokenizer,
     assert "experiments/prepare_data.py" in out.skipped["peerlab_heldout_mc"]
 
 
+def test_eval_config_keys_are_checked(demo_corpus):
+    from peerlab.config import ConfigError
+
+    cfg = tiny(demo_corpus, "eval_config.lm_eval_steps=50", "eval_config.lm_eval_limit=10")
+    assert cfg.eval_config.lm_eval_steps == 50 and cfg.eval_config.confirm_run_unsafe_code is False
+    for bad, message in (
+        ("eval_config.lm_eval_steps=0", r"eval_config.lm_eval_steps .*must be > 0"),
+        ("eval_config.lm_eval_limit=-1", r"eval_config.lm_eval_limit .*must be > 0"),
+        ("eval_config.lm_eval_step=5", "did you mean 'lm_eval_steps'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            tiny(demo_corpus, bad)
+
+
 def test_bad_input_gives_one_line_errors(tmp_path):
     with pytest.raises(EvalError, match=r"unknown lm-eval task 'peerlab_bpb_prse'.*did you mean 'peerlab_bpb_prose'"):
         task_manager(["peerlab_bpb_prse"], REGISTRY)
@@ -275,6 +298,18 @@ def test_training_runs_lm_eval_every_lm_eval_steps_and_at_the_end(trained, demo_
     # lm-eval reseeds the generators; the loop puts them back: the losses equal a run without lm-eval.
     run(tiny(demo_corpus), tmp_path / "plain")
     assert losses(trained) == losses(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "evals.jsonl").exists()  # evals: [] means no lm-eval
+
+
+def test_lm_eval_results_reach_wandb(demo_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny(
+        demo_corpus, *eval_settings(demo_corpus, "eval_config.lm_eval_limit=2"), "wandb_config.project=t", steps=2
+    )
+    run(cfg, tmp_path / "wb")
+    record = next(next((tmp_path / "wb" / "wandb").glob("offline-run-*")).glob("run-*.wandb")).read_bytes()
+    assert b"lm_eval/peerlab_bpb_prose/bits_per_byte" in record and b"lm_eval/peerlab_heldout_mc/acc" in record
 
 
 def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_path, monkeypatch, capsys):
@@ -282,7 +317,7 @@ def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_pa
     import evaluate
 
     before = read_evals(trained)
-    folder = trained / "checkpoints" / "step-000003"
+    folder = trained / "checkpoints" / "step-000006"  # the demo config keeps the newest checkpoint only
     monkeypatch.chdir(tmp_path)
     assert evaluate.main(["--checkpoint", str(folder), "--tasks", "peerlab_bpb_prose", "--limit", "3"]) == 0
     out = capsys.readouterr().out
@@ -290,7 +325,7 @@ def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_pa
     after = read_evals(trained)
     assert after[: len(before)] == before  # appended, never rewritten
     new = after[len(before) :]
-    assert {r["step"] for r in new} == {3} and {r["task"] for r in new} == {"peerlab_bpb_prose"}
+    assert {r["step"] for r in new} == {6} and {r["task"] for r in new} == {"peerlab_bpb_prose"}
     # The run folder means its newest checkpoint (step 6); the model loads with the run's tokenizer.
     lm = PeerlabLM(checkpoint=str(trained))
     assert lm.step == 6 and lm.max_length == 64

@@ -44,6 +44,7 @@ def tiny(demo_corpus: Path, *extra: str, steps: int = 6):
         f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}",
         *[f"dataset_config.datasets.{i}.path={demo_corpus / d}" for i, d in enumerate(DOMAINS)],
         "eval_config.evals=[]",  # no lm-eval in these runs; tests/test_eval.py runs it in training
+        "train_config.save_total_limit=3",  # the demo keeps 1; these tests read the step-3 checkpoint too
         *extra,
     ]
     return load_config(ROOT / "configs" / "demo.yaml", overrides)

@@ -190,7 +190,35 @@ class PeerlabLM(TemplateLM):
     # ----------------------------------------------------------------------------------- loglikelihood
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """requests: (request strings or None, context ids, continuation ids) -> (log p, greedy) each."""
+        """requests: (request strings or None, context ids, continuation ids) -> (log p, greedy) each.
+
+        A continuation longer than `max_length` is scored in pieces of at most `max_length`
+        tokens, each piece seeing the `max_length` tokens before it (as rolling windows do);
+        its log p is the sum over the pieces, greedy when every piece is.
+        """
+        pieces, owners = [], []
+        for k, (_, context, continuation) in enumerate(requests):
+            for a in range(0, max(len(continuation), 1), self.max_length):
+                b = min(a + self.max_length, len(continuation))
+                pieces.append((None, context + continuation[:a], continuation[a:b]))
+                owners.append(k)
+        if len(pieces) == len(requests):
+            pieces = [(r[0], r[1], r[2]) for r in requests]
+        scores = self._score(pieces, disable_tqdm)
+        if len(pieces) == len(requests):
+            return scores
+        totals = [[0.0, True] for _ in requests]
+        for k, (logp, greedy) in zip(owners, scores):
+            totals[k][0] += logp
+            totals[k][1] = totals[k][1] and greedy
+        out = [(logp, greedy) for logp, greedy in totals]
+        for request, answer in zip(requests, out):
+            if request[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], answer)
+        return out
+
+    def _score(self, requests, disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """Requests whose continuation fits the window, sorted by length and batched: (log p, greedy) each."""
         was_training = self.model.training
         self.model.eval()
         collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
