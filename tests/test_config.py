@@ -26,6 +26,10 @@ def test_every_config_file_loads(path):
     if "data_mixes" in raw:
         mixes = load_mixes(path)
         assert mixes and all(m.datasets for m in mixes.values())
+    elif "search_space" in raw:  # a sweep's PEER search space (experiments/ablate.py --search-space)
+        from peerlab.tune import search_space
+
+        assert search_space(path=str(path)).settings()
     else:
         cfg = load_config(path)
         assert isinstance(cfg, Config)
