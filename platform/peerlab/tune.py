@@ -377,8 +377,9 @@ def run_sweep(
                 better = not best or (value < best["value"] if schedule.mode == "min" else value > best["value"])
                 if better:
                     best.update(value=value, cell=ours.cell, trial=ours.trial_id)
-            status = {s: sum(t.status == s and t is not trial for t in trials_now) for s in ("RUNNING", "PENDING")}
+            running = sum(t.status == "RUNNING" and t is not trial for t in trials_now)
             ended = done_before + sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials_now)
+            status = {"RUNNING": running, "PENDING": total - ended - running}  # Tune creates trials as slots free up
             shown = f"{schedule.metric} {value:.4f}" if value is not None else "no metric"
             lead = f"; best so far {best['cell']} ({best['value']:.4f})" if best else ""
             print(
