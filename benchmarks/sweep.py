@@ -40,12 +40,17 @@ def ablate():
     return module
 
 
-def measure(name: str, out: Path, extra: list[str]) -> dict:
+def measure(name: str, out: Path, extra: list[str], run: bool = True) -> dict:
+    """Run one sweep (or, with run=False, read one that ran before: its wall time from wall.json)."""
     argv = [*DEMO, "--set", f"train_config.output_dir={out}", "--name", name, *extra]
-    start = time.perf_counter()
-    code = ablate().main(argv)
-    wall = time.perf_counter() - start
     sweep = out / name
+    if run:
+        start = time.perf_counter()
+        code = ablate().main(argv)
+        wall = time.perf_counter() - start
+        (sweep / "wall.json").write_text(json.dumps({"wall_s": wall, "exit": code}))
+    saved = json.loads((sweep / "wall.json").read_text()) if (sweep / "wall.json").is_file() else {}
+    wall, code = saved.get("wall_s", float("nan")), saved.get("exit")
     trials = pd.read_parquet(sweep / "trials.parquet")
     plan = json.loads((sweep / "sweep.json").read_text())
     metric, mode = plan["metric"], plan["mode"]
@@ -71,14 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="output/bench-sweep", help="folder for both sweeps (emptied first)")
     ap.add_argument("--skip-asha", action="store_true")
+    ap.add_argument(
+        "--reuse-full", action="store_true", help="read the full grid's sweep from --out instead of running it"
+    )
     args, extra = ap.parse_known_args(argv)
     out = Path(args.out).resolve()
-    if out.exists():
+    if out.exists() and not args.reuse_full:
         import shutil
 
         shutil.rmtree(out)
     print(f"demo sweep on {platform.machine()}, {os.cpu_count()} CPUs", flush=True)
-    full = measure("full", out, extra)
+    full = measure("full", out, extra, run=not args.reuse_full)
     runs = [full]
     if not args.skip_asha:
         runs.append(measure("asha", out, ["--scheduler", "asha", *extra]))
