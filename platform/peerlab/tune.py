@@ -373,7 +373,7 @@ def run_sweep(
         def _line(self, trials_now, trial, how: str) -> None:
             ours = our_trial(trial)
             value = (trial.last_result or {}).get(schedule.metric)
-            if value is not None and how != "failed":
+            if value is not None and how == "done":  # a stopped trial's metric is from an earlier step
                 better = not best or (value < best["value"] if schedule.mode == "min" else value > best["value"])
                 if better:
                     best.update(value=value, cell=ours.cell, trial=ours.trial_id)
