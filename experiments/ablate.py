@@ -209,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         info = {k: v for k, v in saved.items() if k not in ("trials", "name", "resources")}
         args.metric, args.mode = info["metric"], info["mode"]
         print(f"resuming {sweep_dir}: the saved plan of {len(trials)} trials is used", flush=True)
-    elif plan_file.is_file():
-        raise UsageError(f"{sweep_dir} already holds a sweep: continue it with --resume, or pick another --name")
+    elif plan_file.is_file():  # the same command again continues its sweep; another sweep is refused
+        saved = json.loads(plan_file.read_text())["trials"]
+        if json.dumps(saved, sort_keys=True) != json.dumps([asdict(t) for t in trials], sort_keys=True):
+            raise UsageError(
+                f"{sweep_dir} already holds another sweep: continue it with --resume, or pick another --name"
+            )
+        args.resume = True
+        print(f"{sweep_dir} holds this sweep: continuing it (finished trials are not run again)", flush=True)
 
     for mix in {t.mix: t for t in trials}.values():  # every mix's data, before Ray starts
         checked_data(config_from_dict(mix.config))

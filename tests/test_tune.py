@@ -192,10 +192,15 @@ def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp
     plan = json.loads((sweep / "sweep.json").read_text())
     assert plan["metric"] == "eval_loss/mean" and len(plan["trials"]) == 6
 
-    # Starting the same sweep again without --resume leaves it alone.
+    # The same command again continues the sweep: finished trials stay as they are, failed ones run again.
+    done = {p: p.stat().st_mtime_ns for p in sweep.glob("trials/*/done.json")}
+    assert ablate.main(argv) == 0 and "holds this sweep" in capsys.readouterr().out
+    assert len(done) == 4 and all(p.stat().st_mtime_ns == mtime for p, mtime in done.items())
+    # Another sweep under the same name is refused, and nothing is touched.
     with pytest.raises(SystemExit) as exit_:
-        ablate.main(argv)
-    assert exit_.value.code == 2 and "--resume" in capsys.readouterr().err
+        ablate.main([*argv, "--seeds", "2"])
+    assert exit_.value.code == 2 and "another sweep" in capsys.readouterr().err
+    assert len(json.loads((sweep / "sweep.json").read_text())["trials"]) == 6
 
 
 def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_path):
