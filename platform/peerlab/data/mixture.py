@@ -22,6 +22,7 @@ state gives exactly the blocks the uninterrupted stream would have given next.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -36,6 +37,11 @@ from peerlab.data.tokenizer import cached_tokenizer, encoder_spec, eos_id, token
 
 log = logging.getLogger("peerlab.data")
 PASSES_PER_READ = 16  # passes over a dataset that one Ray Data execution plans
+# Blocks a read task may yield ahead of its execution's consumption (Ray Data's default is 2; Ray
+# also splits each of our tables into several blocks). With 2, a read task waits on every step of
+# the execution's scheduling loop, and one dataset's stream ran at half the tokenizer's speed
+# (BENCHMARKS.md, "Data pipeline").
+READ_AHEAD_BLOCKS = int(os.environ.get("PEERLAB_DATA_READ_AHEAD", "16"))
 
 
 @dataclass
@@ -99,6 +105,8 @@ class SourceStream:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # documents in file and row order: the stream is deterministic
         ctx.enable_progress_bars = False  # one stream per dataset and worker: bars would flood the log
+        if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):  # Ray 2.60's knob (private, no public one)
+            ctx._max_num_blocks_in_streaming_gen_buffer = READ_AHEAD_BLOCKS
         source = make_datasource(self.entry, sel, orders, first_pass, tokenizer=self.encoder)
         ds = ray.data.read_datasource(source, num_cpus=self.opts.data_cpus, concurrency=self.opts.concurrency)
         # streaming_split(1) runs the execution in a coordinator actor, not in this (training) process.

@@ -355,13 +355,15 @@ EXECUTOR_STEP_PAUSE_S = float(os.environ.get("PEERLAB_DATA_STEP_PAUSE_S", "0.1")
 
 
 def calm_executor() -> None:
-    """Pause each step of Ray Data's streaming-executor loop, in this process, for EXECUTOR_STEP_PAUSE_S.
+    """Pause each step of Ray Data's streaming-executor loop, in this process, for EXECUTOR_STEP_PAUSE_S,
+    unless a consumer is waiting for a block.
 
     A training stream is consumed far slower than it can be read, so its execution spends the
     run backpressured, and Ray Data 2.60 then re-runs its scheduling loop without pause
     (`ray.wait` returns at once on the outputs that wait for the consumer): a busy core share
     per dataset, taken from training (BENCHMARKS.md, "Sweeps"). Each step still moves every
-    block that is ready, and the read tasks keep their read-ahead buffers full meanwhile.
+    block that is ready, and the read tasks keep their read-ahead buffers full meanwhile. When
+    the consumer waits (the stream is behind, so training waits on it), the loop runs unpaused.
     """
     try:
         from ray.data._internal.execution.streaming_executor import StreamingExecutor
@@ -375,7 +377,9 @@ def calm_executor() -> None:
 
     def calm_step(self, topology):
         keep_going = step(self, topology)
-        time.sleep(EXECUTOR_STEP_PAUSE_S)
+        # A consumer waiting for a block (Ray Data counts them per operator): no pause, the stream is behind.
+        if not any(getattr(state, "_num_waiting_consumers", 0) for state in topology.values()):
+            time.sleep(EXECUTOR_STEP_PAUSE_S)
         return keep_going
 
     StreamingExecutor._scheduling_loop_step = calm_step

