@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from peerlab.config import PeerConfig
-from peerlab.model.peer import PEER, gather_dot, peer_experts
+from peerlab.model.peer import PEER, gather_dot, peer_experts, topk_by_groups
 
 
 def make_peer(n1, n2, k, heads, dim=16, query_dim=12, hidden=1, bn=True, seed=0) -> PEER:
@@ -46,21 +46,40 @@ def brute_force(layer: PEER, x: torch.Tensor):
 
 
 @pytest.mark.parametrize(
-    "n1,n2,k,heads", [(8, 8, 4, 1), (16, 16, 8, 4), (32, 8, 8, 2), (5, 7, 5, 3), (64, 64, 16, 8), (16, 16, 1, 2)]
+    "n1,n2,k,heads",
+    [(8, 8, 4, 1), (16, 16, 8, 4), (32, 8, 8, 2), (5, 7, 5, 3), (64, 64, 16, 8), (16, 16, 1, 2), (256, 128, 8, 2)],
 )
 @pytest.mark.parametrize("training", [False, True])
-def test_retrieval_equals_brute_force_top_k(n1, n2, k, heads, training):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_retrieval_equals_brute_force_top_k(n1, n2, k, heads, training, grad):
     layer = make_peer(n1, n2, k, heads)
     layer.train(training)
     x = torch.randn(37, 16, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):  # with gradients the scores are recomputed from the winning sub-keys
         scores, indices = layer.retrieve(x)
+    with torch.no_grad():
         want_scores, want_indices = brute_force(layer, x)
+    assert scores.requires_grad == grad
+    scores = scores.detach()
     assert scores.shape == indices.shape == (37, heads, k)
     torch.testing.assert_close(scores, want_scores, rtol=1e-10, atol=1e-10)
     # Same experts (scores are distinct in float64 on random data, so the order is the same too).
     assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values)
     assert torch.equal(indices, want_indices)
+
+
+@pytest.mark.parametrize(
+    "rows,n,k", [(300, 256, 8), (50, 1024, 16), (64, 256, 16), (10, 64, 4), (7, 100, 3), (5, 24, 8)]
+)
+def test_topk_by_groups_equals_topk(rows, n, k):
+    torch.manual_seed(n + k)
+    scores = torch.randn(rows, n)
+    scores[0] = torch.arange(n, dtype=torch.float32)  # the best k all in one group's neighbourhood
+    scores[1] = -torch.arange(n, dtype=torch.float32)
+    values, columns = topk_by_groups(scores, k)
+    want_values, want_columns = scores.topk(k, dim=-1)
+    assert torch.equal(values, want_values)
+    assert torch.equal(columns, want_columns)
 
 
 def test_retrieve_keeps_leading_dims():

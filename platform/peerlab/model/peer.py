@@ -55,6 +55,25 @@ def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
     return cdf + h * pdf
 
 
+def topk_by_groups(scores: torch.Tensor, k: int, group: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k, dim=-1)` for (R, n) scores on CPU, searching only the k most promising groups.
+
+    The n columns form n/group groups (column c is in group c mod n/group). Each of the k best
+    scores lies in one of the k groups with the highest maximum: a score outside them has k
+    group maxima, hence k scores, above it. So a top-k over the group maxima (a fast strided
+    max), then over those k groups' k * group scores, finds the same values and columns as a
+    top-k over all n, at about two thirds of the cost of torch's CPU top-k over 256 columns.
+    """
+    R, n = scores.shape
+    groups = n // group
+    if scores.device.type != "cpu" or n % group or groups < 2 * k:
+        return scores.topk(k, dim=-1)
+    best_groups = scores.view(R, group, groups).amax(1).topk(k, dim=-1, sorted=False).indices  # (R, k)
+    columns = (best_groups.unsqueeze(-1) + torch.arange(0, n, groups, device=scores.device)).view(R, k * group)
+    values, pick = scores.gather(1, columns).topk(k, dim=-1)  # (R, k) of the k * group candidates
+    return values, columns.gather(1, pick)
+
+
 class Bags:
     """Token t's "bag" holds the S rows idx[t, :] it retrieved from a table of `num_rows` rows.
 
@@ -271,17 +290,20 @@ class PEER(nn.Module):
             halves = q.view(-1, self.query_dim // 2).to(self.sub_keys.dtype)
             with torch.no_grad():
                 pairs = halves.view(-1, 2, self.query_dim // 2)  # (M*H, 2, query_dim/2)
-                top1, i1 = (pairs[:, 0] @ self.sub_keys[: self.n1].t()).topk(self.k, dim=-1)  # (M*H, k) of n1
-                top2, i2 = (pairs[:, 1] @ self.sub_keys[self.n1 :].t()).topk(self.k, dim=-1)  # (M*H, k) of n2
+                top1, i1 = topk_by_groups(pairs[:, 0] @ self.sub_keys[: self.n1].t(), self.k)  # (M*H, k) of n1
+                top2, i2 = topk_by_groups(pairs[:, 1] @ self.sub_keys[self.n1 :].t(), self.k)  # (M*H, k) of n2
                 # Only pairs of ranks (a, b) with (a+1)(b+1) <= k can be among the k best sums: every
                 # pair of lower ranks scores at least as high. For k = 16 that is 50 of the 256 pairs.
-                sums = top1[:, self.pair_rank1] + top2[:, self.pair_rank2]  # (M*H, P)
-                best = sums.topk(self.k, dim=-1).indices  # (M*H, k) into the P pairs
+                sums = top1.index_select(1, self.pair_rank1) + top2.index_select(1, self.pair_rank2)  # (M*H, P)
+                best_sums, best = sums.topk(self.k, dim=-1)  # (M*H, k) into the P pairs
                 i1 = i1.gather(-1, self.pair_rank1[best])  # (M*H, k): first sub-key of each winner
                 i2 = i2.gather(-1, self.pair_rank2[best])  # (M*H, k): second sub-key
-                key_rows = torch.stack((i1, i2 + self.n1), dim=1).view(-1, self.k)  # (M*H*2, k) rows of sub_keys
-            scores = gather_dot(self.sub_keys, key_rows, halves).view(-1, 2, self.k).sum(1)  # (M*H, k): q1.c + q2.c'
             indices = i1 * self.n2 + i2  # (M*H, k)
+            if torch.is_grad_enabled():
+                key_rows = torch.stack((i1, i2 + self.n1), dim=1).view(-1, self.k)  # (M*H*2, k) rows of sub_keys
+                scores = gather_dot(self.sub_keys, key_rows, halves).view(-1, 2, self.k).sum(1)  # (M*H, k)
+            else:  # no gradient wanted: the sums of the search are the scores
+                scores = best_sums
         shape = (*lead, self.num_heads, self.k)
         return scores.view(shape), indices.view(shape)
 
