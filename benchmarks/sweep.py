@@ -11,6 +11,8 @@ configs/demo.yaml) twice on one local Ray cluster: every trial to the end, then 
                   at once: the rest is Ray and trial start-up, evaluation, checkpoints, the report
   trial-steps     optimizer steps run, summed over trials
   best cell       the cell with the best --metric among trials that ran to the end
+  rank bound      from the full grid's curves: the fewest trial-steps that any early stopping
+                  deciding on ranks at the evaluations could run and still keep the winner
 
 Targets (issue 6, this 2-core CPU): a training share of at least 60%; ASHA at most 60% of
 the full grid's trial-steps with the same best cell.
@@ -72,6 +74,25 @@ def measure(name: str, out: Path, extra: list[str], run: bool = True) -> dict:
     }
 
 
+def rank_bound(sweep: Path, metric: str, mode: str) -> dict:
+    """The fewest trial-steps any early stopping that ranks trials at their evaluations could run
+    in this sweep and still keep its winner: a trial ranked above the winner at an evaluation
+    cannot be stopped there without stopping the winner too (it is better so far), so each other
+    trial runs at least until the first evaluation at which it is worse than the winner, and the
+    winner runs to the end. Computed from the full grid's curves, whose trials all ran to the end.
+    """
+    trials = pd.read_parquet(sweep / "trials.parquet")
+    curves = pd.read_parquet(sweep / "curves.parquet").dropna(subset=[metric])
+    by_step = curves.pivot_table(index="step", columns="trial_id", values=metric)  # (evaluations, trials)
+    finished = trials[trials["status"] == "finished"].set_index("trial_id")
+    winner = finished[metric].idxmin() if mode == "min" else finished[metric].idxmax()
+    total = int(finished.loc[winner, "steps"])
+    for trial in by_step.columns.drop(winner):
+        worse = by_step[trial] > by_step[winner] if mode == "min" else by_step[trial] < by_step[winner]
+        total += int(worse[worse].index.min()) if worse.any() else int(finished.loc[trial, "steps"])
+    return {"trial_steps": total, "share": total / int(trials["steps"].sum())}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="output/bench-sweep", help="folder for both sweeps (emptied first)")
@@ -102,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         asha = runs[1]
         print(f"ASHA / full grid trial-steps: {asha['trial_steps'] / full['trial_steps']:.2f}; "
               f"same best cell: {asha['best'] == full['best']}")  # fmt: skip
+    plan = json.loads((out / "full" / "sweep.json").read_text())
+    bound = rank_bound(out / "full", plan["metric"], plan["mode"])
+    print(f"fewest trial-steps any early stopping at these evaluations could run and keep the winner: "
+          f"{bound['trial_steps']} ({bound['share']:.2f} of the full grid)")  # fmt: skip
 
 
 if __name__ == "__main__":
