@@ -62,11 +62,15 @@ def topk_by_groups(scores: torch.Tensor, k: int, group: int = 8) -> tuple[torch.
     scores lies in one of the k groups with the highest maximum: a score outside them has k
     group maxima, hence k scores, above it. So a top-k over the group maxima (a fast strided
     max), then over those k groups' k * group scores, finds the same values and columns as a
-    top-k over all n, at about two thirds of the cost of torch's CPU top-k over 256 columns.
+    top-k over all n. Measured on this project's 2-core CPU (4,096 rows): 0.71x the time of
+    torch's top-k for k = 8 of 256, 0.65x for 16 of 512, 0.77x for 16 of 1,024. It is used where
+    it paid: at least 4k groups, and k >= 16 unless torch's top-k takes its slow path
+    (k * 64 > n; below that torch keeps a partial sort, fast for small k).
     """
     R, n = scores.shape
     groups = n // group
-    if scores.device.type != "cpu" or n % group or groups < 2 * k:
+    paid = groups >= 4 * k and (k * 64 > n or k >= 16)
+    if scores.device.type != "cpu" or n % group or not paid:
         return scores.topk(k, dim=-1)
     best_groups = scores.view(R, group, groups).amax(1).topk(k, dim=-1, sorted=False).indices  # (R, k)
     columns = (best_groups.unsqueeze(-1) + torch.arange(0, n, groups, device=scores.device)).view(R, k * group)
