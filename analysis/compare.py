@@ -14,13 +14,14 @@ Statistics used (and said in the report):
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .load import cost_columns, lower_is_better, metric_columns, peer_columns, usable, weight_columns
+from peerlab.tune import NO_PEER, error_line
+
+from .load import cost_columns, metric_columns, peer_columns, usable, weight_columns
 
 ALPHA = 0.05
 
@@ -32,6 +33,13 @@ def t_halfwidth(sd: pd.Series, n: pd.Series) -> pd.Series:
     return t * sd / np.sqrt(n)
 
 
+def mean_interval(grouped) -> pd.DataFrame:
+    """n, mean, sd and the 95% t interval (lo, hi) of each group of a grouped Series, groups as columns."""
+    out = grouped.agg(["count", "mean", "std"]).rename(columns={"count": "n", "std": "sd"}).reset_index()
+    half = t_halfwidth(out["sd"], out["n"])
+    return out.assign(lo=out["mean"] - half, hi=out["mean"] + half)
+
+
 def cell_stats(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
     """Tidy: one row per cell and metric with n (seeds), mean, sd, lo, hi over usable trials."""
     metrics = metrics or metric_columns(trials) + cost_columns(trials)
@@ -39,11 +47,7 @@ def cell_stats(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.Dat
     long = ok.melt(id_vars=["cell", "mix", "setting", "seed"], value_vars=metrics, var_name="metric").dropna(
         subset=["value"]
     )
-    out = long.groupby(["cell", "mix", "setting", "metric"], sort=False)["value"].agg(["count", "mean", "std"])
-    out = out.rename(columns={"count": "n", "std": "sd"}).reset_index()
-    half = t_halfwidth(out["sd"], out["n"])
-    out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
-    return out
+    return mean_interval(long.groupby(["cell", "mix", "setting", "metric"], sort=False)["value"])
 
 
 def leaderboard(trials: pd.DataFrame, metric: str, mode: str = "min", metrics: list[str] | None = None) -> pd.DataFrame:
@@ -67,7 +71,7 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str = "min", metrics: l
         failed=("status", lambda s: int((s == "failed").sum())),
     )
     board = counts.join(wide[order], how="left")
-    ascending = lower_is_better(metric, metric, mode)
+    ascending = mode == "min"
     if metric in board:
         board["rank"] = board[metric].rank(ascending=ascending, method="min").astype("Int64")
     else:
@@ -81,10 +85,8 @@ def failures(trials: pd.DataFrame) -> pd.DataFrame:
     failed = trials[trials["status"] == "failed"]
     cols = [c for c in ("trial_id", "cell", "seed", "error") if c in failed]
     out = failed[cols].copy()
-    if "error" in out:  # the last "...Error: message" line of a traceback, else the first line
-        text = out["error"].fillna("").astype(str).str.strip()
-        last_error = text.str.findall(r"^\s*([\w.]*(?:Error|Exception)\b.*)$", flags=re.M).str[-1]
-        out["error"] = last_error.fillna(text.str.split("\n").str[0]).str.slice(0, 200)
+    if "error" in out:  # sweeps store one line already; a whole traceback is cut to its "...Error: message" line
+        out["error"] = out["error"].fillna("").astype(str).map(lambda e: error_line(e.splitlines())[:200])
     return out.reset_index(drop=True)
 
 
@@ -161,7 +163,7 @@ def differences(trials: pd.DataFrame, metric: str, mode: str = "min", reference:
     if ok.empty:
         return pd.DataFrame(columns=DIFF_COLUMNS)
     means = ok.groupby("cell")[metric].mean()
-    lower = lower_is_better(metric, metric, mode)
+    lower = mode == "min"
     reference = reference or (means.idxmin() if lower else means.idxmax())
     if reference not in means.index:
         raise ValueError(f"no cell {reference!r} with results for {metric}; cells: {sorted(means.index)}")
@@ -173,7 +175,7 @@ def differences(trials: pd.DataFrame, metric: str, mode: str = "min", reference:
 def pairwise(trials: pd.DataFrame, metric: str, mode: str = "min") -> pd.DataFrame:
     """Every pair of cells (each once, the better-ranked as reference); Holm over all pairs."""
     ok = usable(trials, metric)
-    lower = lower_is_better(metric, metric, mode)
+    lower = mode == "min"
     ranked = ok.groupby("cell")[metric].mean().sort_values(ascending=lower).index.to_series()
     pairs = ranked.rename("reference").to_frame().merge(ranked.rename("cell").to_frame(), how="cross")
     order = {c: i for i, c in enumerate(ranked)}
@@ -181,9 +183,7 @@ def pairwise(trials: pd.DataFrame, metric: str, mode: str = "min") -> pd.DataFra
     return compare_pairs(ok, pairs, metric, lower) if len(pairs) else pd.DataFrame(columns=DIFF_COLUMNS)
 
 
-def baseline_differences(
-    trials: pd.DataFrame, metric: str, mode: str = "min", baseline: str = "no_peer"
-) -> pd.DataFrame:
+def baseline_differences(trials: pd.DataFrame, metric: str, mode: str = "min", baseline: str = NO_PEER) -> pd.DataFrame:
     """Each cell against the `baseline` setting (the dense arm) of the same mix: what PEER buys per mix.
 
     Empty when no cell has that setting. Columns as `differences`.
@@ -193,10 +193,8 @@ def baseline_differences(
     if base.empty:
         return pd.DataFrame(columns=DIFF_COLUMNS)
     pairs = ok.loc[ok["setting"] != baseline, ["mix", "cell"]].drop_duplicates().merge(base, on="mix")
-    out = compare_pairs(ok, pairs, metric, lower_is_better(metric, metric, mode))
-    return out.sort_values(["reference", "diff"], ascending=[True, lower_is_better(metric, metric, mode)]).reset_index(
-        drop=True
-    )
+    out = compare_pairs(ok, pairs, metric, mode == "min")
+    return out.sort_values(["reference", "diff"], ascending=[True, mode == "min"]).reset_index(drop=True)
 
 
 def factors(trials: pd.DataFrame) -> list[str]:
@@ -247,10 +245,7 @@ def factor_effects(
             id_vars=["level"], value_vars=[m for m in metrics if m in sub], var_name="metric"
         )
         long = long.dropna(subset=["value"])
-        agg = long.groupby(["metric", "level"], sort=False)["value"].agg(["count", "mean", "std"]).reset_index()
-        agg = agg.rename(columns={"count": "n", "std": "sd"})
-        half = t_halfwidth(agg["sd"], agg["n"])
-        agg["lo"], agg["hi"] = agg["mean"] - half, agg["mean"] + half
+        agg = mean_interval(long.groupby(["metric", "level"], sort=False)["value"])
         pvals = long.groupby("metric", sort=False)[["level", "value"]].apply(_anova).rename("p")
         agg = agg.merge(pvals, left_on="metric", right_index=True, how="left").assign(factor=factor)
         agg["_order"] = pd.to_numeric(agg["level"], errors="coerce")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .compare import t_halfwidth
+from .compare import mean_interval
 
 USAGE_STATS = ["usage", "kl_uniform", "dead", "hot_count", "max_share_x_n"]
 
@@ -21,11 +21,7 @@ def curves(curve_table: pd.DataFrame, cells: pd.DataFrame, column: str = "loss",
     if smooth > 1:
         c[column] = c.groupby("trial_id")[column].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
     c = c.merge(cells, on="trial_id")
-    out = c.groupby(["cell", "step"])[column].agg(["count", "mean", "std"]).rename(columns={"count": "n"})
-    out = out.reset_index()
-    half = t_halfwidth(out["std"], out["n"])
-    out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
-    return out[["cell", "step", "n", "mean", "lo", "hi"]]
+    return mean_interval(c.groupby(["cell", "step"])[column])[["cell", "step", "n", "mean", "lo", "hi"]]
 
 
 def eval_columns(curve_table: pd.DataFrame, prefix: str = "eval_bpb/") -> list[str]:
@@ -50,11 +46,7 @@ def eval_curves(evals: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     e = evals.dropna(subset=["value"]).assign(name="lm_eval/" + evals["task"].astype(str) + "/" + evals["metric"])
     e = e.merge(cells, on="trial_id")
-    out = e.groupby(["name", "cell", "step"])["value"].agg(["count", "mean", "std"]).rename(columns={"count": "n"})
-    out = out.reset_index().rename(columns={"name": "metric"})
-    half = t_halfwidth(out["std"], out["n"])
-    out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
-    return out[cols]
+    return mean_interval(e.groupby(["name", "cell", "step"])["value"]).rename(columns={"name": "metric"})[cols]
 
 
 def _with_cells(usage: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
@@ -111,7 +103,8 @@ def hot_turnover(usage: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     ids = u.explode("hot_ids").dropna(subset=["hot_ids"]).rename(columns={"hot_ids": "expert"})
     prev = ids[["trial_id", "layer", "step", "expert"]].rename(columns={"step": "prev_step"}).assign(kept=1)
     both = ids.dropna(subset=["prev_step"]).merge(prev, on=["trial_id", "layer", "prev_step", "expert"], how="left")
-    kept = both.groupby(["trial_id", "layer", "step"])["kept"].agg(lambda s: s.notna().mean()).rename("hot_kept")
+    kept = both.assign(kept=both["kept"].notna()).groupby(["trial_id", "layer", "step"])["kept"].mean()
+    kept = kept.rename("hot_kept")
     out = _with_cells(kept.reset_index(), cells)
     return out.groupby(["setting", "layer", "step"])["hot_kept"].mean().reset_index()[cols]
 

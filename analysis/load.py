@@ -112,10 +112,8 @@ def cost_columns(trials: pd.DataFrame) -> list[str]:
     return [c for c in ("tokens", "flops", "steps", "wall_s", "params_active", "params_total") if c in trials.columns]
 
 
-def lower_is_better(metric: str, sweep_metric: str | None = None, mode: str = "min") -> bool:
-    """Direction of a metric: the sweep's own metric follows its mode; losses and bpb are lower-better."""
-    if metric == sweep_metric:
-        return mode == "min"
+def lower_is_better(metric: str) -> bool:
+    """Direction of a metric the sweep did not rank on (its own follows its mode): losses and bpb are lower-better."""
     if metric.startswith("lm_eval/"):
         return any(word in metric.rsplit("/", 1)[-1] for word in LOWER_BETTER_WORDS)
     return True

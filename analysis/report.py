@@ -26,7 +26,6 @@ from analysis.compare import (  # noqa: E402
     differences,
     factor_effects,
     factor_p_values,
-    factors,
     failures,
     leaderboard,
     noise_floor,
@@ -178,10 +177,11 @@ def summary(
     noise: pd.DataFrame,
     rec: pd.DataFrame | None,
     effects: pd.DataFrame,
+    base: pd.DataFrame,
 ) -> list[str]:
     """The plain-words summary: best cell, how sure, what to try next."""
     t = sweep.trials
-    lower = lower_is_better(metric, metric, sweep.mode)
+    lower = sweep.mode == "min"
     lines = []
     n_failed = int((t["status"] == "failed").sum())
     ranked = board.dropna(subset=["rank"])
@@ -220,7 +220,6 @@ def summary(
         )
     else:
         lines.append("Only one seed per cell: intervals, tests and the noise floor are omitted.")
-    base = baseline_differences(t, metric, sweep.mode)
     if len(base):
         at_best = base[base["cell"] == best["cell"]]
         line = f"PEER against the dense arm: {int(base['better'].sum())} of {len(base)} PEER cells beat no_peer on the same mix"
@@ -293,6 +292,7 @@ def write_report(
     diff = differences(t, metric, sweep.mode)
     noise = noise_floor(t, metrics)
     effects = factor_effects(t, metrics)
+    base = baseline_differences(t, metric, sweep.mode)  # each PEER cell against the dense arm of its mix
     rec = recommend_mix(t, metric, sweep.mode) if len(usable(t, metric)) else None
     order = board["cell"].tolist()
 
@@ -300,7 +300,7 @@ def write_report(
     doc.heading(f"Sweep report: {sweep.meta['name']}", 1)
     doc.html.append('<div class="summary">')
     doc.heading("Summary")
-    doc.bullets(summary(sweep, metric, board, diff, noise, rec, effects))
+    doc.bullets(summary(sweep, metric, board, diff, noise, rec, effects, base))
     doc.html.append("</div>")
 
     doc.heading("The sweep")
@@ -309,7 +309,7 @@ def write_report(
     doc.bullets(
         [
             f"Folder: {sweep.path}",
-            f"Ranked on {metric} ({'lower' if lower_is_better(metric, metric, sweep.mode) else 'higher'} is better).",
+            f"Ranked on {metric} ({'lower' if sweep.mode == 'min' else 'higher'} is better).",
             f"{len(t)} trials in {t['cell'].nunique()} cells ({t['mix'].nunique()} mixes x {t['setting'].nunique()} "
             f"settings); trials by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".",
             f"Seeds per cell: {seeds.min()}"
@@ -348,7 +348,6 @@ def write_report(
         doc.table(diff, "differences", diff.drop(columns="reference"))
         floor = noise.set_index("metric")["min_diff"].get(metric, np.nan)
         doc.figure(lambda: plots.differences_plot(diff, metric, floor), "differences", f"differences in {metric}")
-    base = baseline_differences(t, metric, sweep.mode)
     if len(base):
         doc.heading("Against the dense baseline", 3)
         wins = int(base["better"].sum())
@@ -374,7 +373,7 @@ def write_report(
         doc.table(overview, "factor_p_values")
         doc.table(effects, "factor_effects", effects[effects["metric"] == metric], rows=60)
         shown = metrics[:3]
-        for i, f in enumerate(factors(t)):
+        for i, f in enumerate(effects["factor"].unique()):
             doc.figure(lambda f=f: plots.factor_plot(effects, f, shown), f"factor_{i}", f"effect of {f}")
 
     doc.heading("Training curves")

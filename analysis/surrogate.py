@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .load import lower_is_better, usable, weight_columns
+from .load import usable, weight_columns
 
 RIDGE = 1e-3
 GRID_STEP = 0.05
@@ -65,7 +65,7 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
     ok = usable(trials, metric)
     if setting is None and not ok.empty:
         best = ok.groupby("cell")[metric].mean()
-        best_cell = best.idxmin() if lower_is_better(metric, metric, mode) else best.idxmax()
+        best_cell = best.idxmin() if mode == "min" else best.idxmax()
         setting = ok.loc[ok["cell"] == best_cell, "setting"].iloc[0]
     ok = ok[ok["setting"] == setting].fillna({c: 0.0 for c in wcols})
     mixes = ok.groupby("mix")[[*wcols, metric]].mean()
@@ -94,7 +94,7 @@ def recommend_mix(trials: pd.DataFrame, metric: str, mode: str = "min", setting:
     coef = fit(x, y)
     grid = simplex_grid(q)
     pred = predict(coef, grid)
-    best = int(np.argmin(pred) if lower_is_better(metric, metric, mode) else np.argmax(pred))
+    best = int(np.argmin(pred) if mode == "min" else np.argmax(pred))
     out["predicted"] = loo
     rec = (
         pd.DataFrame([grid[best]], columns=used)

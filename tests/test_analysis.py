@@ -309,6 +309,23 @@ def test_usage_tables(tmp_path):
     assert kept["step"].eq(50).all() and kept["hot_kept"].between(0, 1).all()
 
 
+def test_hot_turnover_on_planted_hot_ids():
+    from analysis.dynamics import hot_turnover
+
+    usage = pd.DataFrame(
+        {
+            "trial_id": ["a", "a", "a", "b", "b", "b"],
+            "layer": [1] * 6,
+            "step": [0, 10, 20, 0, 10, 20],
+            "hot_ids": [[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 5, 6], [7, 8], [9, 10], [9, 10]],
+        }
+    )
+    cells = pd.DataFrame({"trial_id": ["a", "b"], "cell": ["m | k=4", "m | k=4"], "setting": ["k=4", "k=4"]})
+    kept = hot_turnover(usage, cells).set_index("step")["hot_kept"]
+    # a keeps half its hot ids at step 10 and all at 20; b none at 10 and all at 20: means over the two trials
+    assert kept.to_dict() == {10: 0.25, 20: 1.0}
+
+
 def test_report_with_failed_trial_and_single_seed(tmp_path):
     trials = fail(make_trials(MIXES3, SETTINGS_K, seeds=1, truth=planted_best), 2)
     path = write_sweep(tmp_path / "single", trials, meta=None, grids=False)  # no sweep.json, old usage format

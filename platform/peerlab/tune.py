@@ -427,11 +427,11 @@ def run_sweep(
         if result.error is not None:
             trial_id = result.config["trial"]["trial_id"]
             lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
-            mark(trial_dir(sweep_dir, trial_id), "error.json", {"error": _error_line(lines)})
+            mark(trial_dir(sweep_dir, trial_id), "error.json", {"error": error_line(lines)})
     return {t.trial_id: _status(sweep_dir, t) for t in trials}
 
 
-def _error_line(lines: list[str]) -> str:
+def error_line(lines: list[str]) -> str:
     """The line of a Ray-wrapped traceback that says what went wrong (the last 'SomethingError: ...')."""
     for line in reversed(lines):
         if re.match(r"^\s*[\w.]+(Error|Exception)\b", line):
