@@ -133,13 +133,13 @@ def tokenize_table(table, tokenizer: str):
     import pyarrow as pa
 
     texts = table["text"].to_pylist()
-    present = [t for t in texts if t is not None]
-    encoded = _encoder(tokenizer)(present) if present else []
-    lengths = iter([len(ids) for ids in encoded])
-    offsets = np.zeros(len(texts) + 1, dtype=np.int32)  # (documents + 1,)
-    np.cumsum([next(lengths) if t is not None else 0 for t in texts], out=offsets[1:])
+    present = np.array([t is not None for t in texts], dtype=bool)  # (documents,)
+    encoded = _encoder(tokenizer)([t for t in texts if t is not None]) if present.any() else []
+    offsets = np.zeros(len(texts) + 1, dtype=np.int32)  # (documents + 1,): a null document has length 0
+    offsets[1:][present] = [len(ids) for ids in encoded]
+    np.cumsum(offsets, out=offsets)
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(offsets[-1]))  # (tokens,)
-    missing = pa.array([t is None for t in texts]) if len(present) < len(texts) else None
+    missing = None if present.all() else pa.array(~present)
     ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=missing)
     columns = {name: table[name] for name in ("pass", "file", "row")}
     return pa.table({**columns, "ids": ids})
