@@ -11,7 +11,8 @@ deliver packed blocks of 257 tokens:
             -> map(tokenizer, batched) -> the same Packer
 
 For each: start-up (until the first block), the steady rate after it, and the rate from
-the first request to the last block. The run also measures how many tokens/s one training
+the first request to the last block. Then the tokenizer by itself on each file: the ceiling
+both share on this machine. The run also measures how many tokens/s one training
 worker consumes with the demo model (forward, backward and AdamW on CPU), the rate the
 pipeline must outrun.
 """
@@ -78,6 +79,29 @@ def hf_blocks(corpus, seq_len: int):
             yield packer.take()
 
 
+def tokenizer_alone(corpus, docs: int = 2048) -> dict[str, dict[str, float]]:
+    """Tokens/s of the demo tokenizer by itself in this process, 256 documents a call: the ceiling
+    both pipelines share. `encode_batch` is what the HF peer's tokenizer call runs; peerlab's
+    read tasks use `encode_batch_fast` (no character offsets)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_file(str(corpus / "tokenizer" / "tokenizer.json"))
+    out = {}
+    for d in DOMAINS:
+        with open(corpus / d / "train.jsonl") as f:
+            texts = [json.loads(line)["text"] for line, _ in zip(f, range(docs))]
+        out[d] = {}
+        for name in ("encode_batch", "encode_batch_fast"):
+            encode = getattr(fast, name)
+            t0, tokens = time.perf_counter(), 0
+            for i in range(0, len(texts), 256):
+                tokens += sum(len(e.ids) for e in encode(texts[i : i + 256], add_special_tokens=False))
+            out[d][name] = tokens / (time.perf_counter() - t0)
+    return out
+
+
 def training_consumption(config: str, corpus) -> float:
     """Tokens/s one worker trains on with the demo model (batch and length of the config)."""
     import torch
@@ -124,6 +148,7 @@ def main(argv=None) -> None:
     ours = timed(peerlab_blocks(corpus, args.seq_len), args.tokens)
     theirs = timed(hf_blocks(corpus, args.seq_len), args.tokens)
     ray.shutdown()
+    alone = tokenizer_alone(corpus)
     need = training_consumption(args.config, corpus)
     print(f"  {'':<24}{'start-up':>10}{'steady tokens/s':>18}{'overall tokens/s':>18}")
     for name, r in (("peerlab (Ray Data)", ours), ("hf interleave_datasets", theirs)):
@@ -131,6 +156,9 @@ def main(argv=None) -> None:
     print(
         f"  peerlab / hf: steady {ours['steady'] / theirs['steady']:.2f}, overall {ours['overall'] / theirs['overall']:.2f}"
     )
+    for d, rates in alone.items():
+        shown = ", ".join(f"{name} {rate:,.0f}" for name, rate in rates.items())
+        print(f"  the tokenizer alone on {d} (tokens/s, this process): {shown}")
     print(
         f"  one worker trains the demo model on {need:,.0f} tokens/s: peerlab steady / training = "
         f"{ours['steady'] / need:.0f}, overall / training = {ours['overall'] / need:.0f}"
