@@ -33,9 +33,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from peerlab.cli import UsageError, add_config_arguments, checked_data, config_from_arguments  # noqa: E402
+from peerlab.cli import UsageError, add_config_arguments, checked_data, checked_evals, config_from_arguments  # noqa: E402
 from peerlab.config import ConfigError, config_from_dict, load_mixes  # noqa: E402
-from peerlab.tune import Resources, Schedule, Trial, check_metric, plan_trials, search_space, trial_dir, trial_status  # noqa: E402
+from peerlab.tune import (  # noqa: E402
+    Resources,
+    Schedule,
+    Trial,
+    check_metric,
+    plan_trials,
+    search_space,
+    trial_dir,
+    trial_status,
+    write_json,
+)
 
 DATA_CPUS = 0.1  # what each dataset's Ray Data read task asks for (peerlab.data.mixture.DataOptions.data_cpus)
 
@@ -188,12 +198,6 @@ def print_plan(trials: list[Trial], res: Resources) -> None:
         print(f"  {t.trial_id:<48} mix {t.mix:<16} {t.setting:<32} seed {t.seed}")
 
 
-def write_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=1))
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     trials, info = plan(args)
@@ -220,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for mix in {t.mix: t for t in trials}.values():  # every mix's data, before Ray starts
         checked_data(config_from_dict(mix.config))
+    checked_evals(cfg0)  # the lm-eval tasks, the same for every trial: a misspelt one fails now, not after training
 
     local = not (args.address or os.environ.get("RAY_ADDRESS"))
     cpus, gpus, gpu_bytes = float(os.cpu_count() or 1), 0.0, None
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from peerlab.train.launch import start_ray
+    from peerlab.train.launch import start_ray, write_resolved_config
 
     joined = not local or ray.is_initialized()
     url = start_ray(args.address, log_to_driver=False)  # a line per trial here; worker logs on the dashboard
@@ -256,11 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(plan_file, {"name": name, **info, "resources": asdict(res), "trials": [asdict(t) for t in trials]})
     for t in trials:  # every trial's resolved config, also of those that never run
         folder = trial_dir(sweep_dir, t.trial_id)
-        folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "resolved_config.yaml").is_file():
-            import yaml
-
-            (folder / "resolved_config.yaml").write_text(yaml.safe_dump(t.config, sort_keys=False))
+            write_resolved_config(config_from_dict(t.config), folder)
 
     todo = [t for t in trials if trial_status(trial_dir(sweep_dir, t.trial_id))[0] not in ("finished", "stopped")]
     print_plan(todo, res)

@@ -148,10 +148,9 @@ def setting_label(setting: dict) -> str:
     """A short readable name: 'num_experts_per_tok=16,query_dim=32', 'no_peer', or 'default'."""
     if setting.get("use_peer") is False:
         return NO_PEER
-    shown = {k: v for k, v in setting.items() if not k.startswith("_")}
-    if not shown:
+    if not setting:
         return "default"
-    return ",".join(f"{k.removeprefix('peer_config.')}={_short(v)}" for k, v in shown.items())
+    return ",".join(f"{k.removeprefix('peer_config.')}={_short(v)}" for k, v in setting.items())
 
 
 def _short(value) -> str:
@@ -257,9 +256,14 @@ def mark(run_dir: Path, name: str, content: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for other in MARKERS:
         (run_dir / other).unlink(missing_ok=True)
-    tmp = run_dir / f".{name}.tmp"
+    write_json(run_dir / name, content)
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(content, indent=1))
-    tmp.replace(run_dir / name)
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -344,10 +348,10 @@ def run_sweep(
     sweep_dir = Path(sweep_dir).resolve()
     steps_of = {t.trial_id: _steps(t) for t in trials}
     steps = max(steps_of.values())
-    by_tune_id: dict[str, Trial] = {}
+    by_id = {t.trial_id: t for t in trials}
 
     def our_trial(tune_trial) -> Trial:
-        return by_tune_id.setdefault(tune_trial.trial_id, _find(trials, tune_trial.config["trial"]["trial_id"]))
+        return by_id[tune_trial.config["trial"]["trial_id"]]
 
     class RecordingASHA(AsyncHyperBandScheduler):
         """ASHA that writes stopped.json in the run folder of every trial it stops early."""
@@ -440,13 +444,11 @@ def error_line(lines: list[str]) -> str:
 
 
 def _steps(trial: Trial) -> int:
+    """The trial's optimizer steps, as its run will count them (epochs over unstreamed data included)."""
+    from peerlab.train.launch import with_steps_per_epoch
     from peerlab.train.optim import total_steps
 
-    return total_steps(config_from_dict(trial.config).train_config)
-
-
-def _find(trials: list[Trial], trial_id: str) -> Trial:
-    return next(t for t in trials if t.trial_id == trial_id)
+    return total_steps(with_steps_per_epoch(config_from_dict(trial.config)).train_config)
 
 
 def _status(sweep_dir: Path, trial: Trial) -> str:
