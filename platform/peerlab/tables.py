@@ -13,14 +13,13 @@ each is written to a temporary file first and renamed, so a reader never sees ha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from peerlab.config import config_from_dict
 from peerlab.model.size import parameter_formulas
-from peerlab.tracking import read_metrics
+from peerlab.tracking import EVAL_KEYS, read_evals, read_metrics
 from peerlab.tune import Trial, trial_dir, trial_status
 
 
@@ -34,16 +33,9 @@ def active_parameters(model_config) -> tuple[int, int]:
     return total, total - parts["peer_experts"] + min(touched, parts["peer_experts"])
 
 
-def _evals(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / "evals.jsonl"
-    if not path.is_file():
-        return pd.DataFrame(columns=["step", "task", "metric", "value", "stderr"])
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return pd.DataFrame(rows, columns=["step", "task", "metric", "value", "stderr"])
-
-
-def trial_row(trial: Trial, sweep_dir: Path) -> dict:
-    """The trials.parquet row of one trial (metrics NaN where the trial has none)."""
+def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.DataFrame) -> dict:
+    """The trials.parquet row of one trial (metrics NaN where the trial has none), from its metrics.jsonl
+    records and its evals.jsonl rows."""
     run_dir = trial_dir(sweep_dir, trial.trial_id)
     cfg = config_from_dict(trial.config)
     m, p = cfg.model_config, cfg.model_config.peer_config
@@ -73,7 +65,6 @@ def trial_row(trial: Trial, sweep_dir: Path) -> dict:
         "params_active": active,
         "config_path": str(run_dir / "resolved_config.yaml"),
     }
-    records = read_metrics(run_dir)
     logged = [r for r in records if "loss" in r]
     evaluated = [r for r in records if any(k.startswith("eval_") for k in r)]
     last = logged[-1] if logged else {}
@@ -88,7 +79,6 @@ def trial_row(trial: Trial, sweep_dir: Path) -> dict:
     if wall is None and (run_dir / "metrics.jsonl").is_file() and (run_dir / "resolved_config.yaml").is_file():
         wall = (run_dir / "metrics.jsonl").stat().st_mtime - (run_dir / "resolved_config.yaml").stat().st_mtime
     row["wall_s"] = wall if wall is not None else float("nan")
-    evals = _evals(run_dir)
     if len(evals):
         final = evals[evals["step"] == evals["step"].max()]
         row.update({f"lm_eval/{t}/{m_}": v for t, m_, v in zip(final["task"], final["metric"], final["value"])})
@@ -102,17 +92,17 @@ def _with_trial(frame: pd.DataFrame, trial_id: str) -> pd.DataFrame:
 def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame]:
     """{trials, curves, usage, evals}: the four tables of the sweep, from its run folders."""
     sweep_dir = Path(sweep_dir)
-    rows = [trial_row(t, sweep_dir) for t in trials]
-    curves, usage, evals = [], [], []
+    rows, curves, usage, evals = [], [], [], []
     for t in trials:
         run_dir = trial_dir(sweep_dir, t.trial_id)
         records = [r for r in read_metrics(run_dir) if "step" in r]
+        found = pd.DataFrame(read_evals(run_dir), columns=EVAL_KEYS)
+        rows.append(trial_row(t, sweep_dir, records, found))
         if records:  # a resumed run logs again the steps after its checkpoint: the last record of a step wins
             frame = pd.DataFrame(records).drop_duplicates(subset="step", keep="last").sort_values("step")
             curves.append(_with_trial(frame.reset_index(drop=True), t.trial_id))
         if (run_dir / "usage.parquet").is_file():
             usage.append(_with_trial(pd.read_parquet(run_dir / "usage.parquet"), t.trial_id))
-        found = _evals(run_dir)
         if len(found):
             evals.append(_with_trial(found, t.trial_id))
 
@@ -124,7 +114,7 @@ def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame
         "trials": pd.DataFrame(rows),
         "curves": joined(curves, ["trial_id", "step"]),
         "usage": joined(usage, ["trial_id", "step", "layer"]),
-        "evals": joined(evals, ["trial_id", "step", "task", "metric", "value", "stderr"]),
+        "evals": joined(evals, ["trial_id", *EVAL_KEYS]),
     }
 
 

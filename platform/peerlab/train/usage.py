@@ -62,7 +62,7 @@ def summarise(mass: torch.Tensor, threshold: float, grid: tuple[int, int] | None
     load = z * n  # (N,) mean 1
     counts, edges = np.histogram(load.numpy(), bins=64)
     out = {}
-    if grid is not None and grid[0] * grid[1] == n:
+    if grid is not None:
         out["grid_shape"], out["load_grid"] = load_grid(load, grid)
     return {
         **out,
@@ -93,7 +93,6 @@ def collect(model: nn.Module, step: int, threshold: float, distributed: bool) ->
                 **summarise(mass.cpu(), threshold, (peer.n1, peer.n2)),
             }
         )
-        rows[-1]["_mass"] = mass.cpu()
         if peer.usage is not None:
             peer.usage.zero_()
     return rows
@@ -103,7 +102,7 @@ def write(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
     """Append rows to <run>/usage.parquet (and log them to wandb)."""
     import pandas as pd
 
-    table = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    table = pd.DataFrame(rows)
     path = Path(run_dir) / "usage.parquet"
     if path.is_file():
         table = pd.concat([pd.read_parquet(path), table], ignore_index=True)
@@ -113,8 +112,7 @@ def write(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
 
         for r in rows:
             prefix = f"usage/layer{r['layer']}"
-            scaled = (r["_mass"] / max(float(r["_mass"].sum()), 1e-30) * r["experts"]).numpy()
-            counts, edges = np.histogram(scaled, bins=64)
+            counts, edges = np.array(r["load_hist_counts"]), np.array(r["load_hist_edges"])  # of load = share x N
             wandb_run.log(
                 {
                     f"{prefix}/usage": r["usage"],
