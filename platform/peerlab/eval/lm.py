@@ -197,13 +197,12 @@ class PeerlabLM(TemplateLM):
         its log p is the sum over the pieces, greedy when every piece is.
         """
         pieces, owners = [], []
-        for k, (_, context, continuation) in enumerate(requests):
+        for k, (key, context, continuation) in enumerate(requests):
+            whole = len(continuation) <= self.max_length  # one piece: _score caches it under its request
             for a in range(0, max(len(continuation), 1), self.max_length):
                 b = min(a + self.max_length, len(continuation))
-                pieces.append((None, context + continuation[:a], continuation[a:b]))
+                pieces.append((key if whole else None, context + continuation[:a], continuation[a:b]))
                 owners.append(k)
-        if len(pieces) == len(requests):
-            pieces = [(r[0], r[1], r[2]) for r in requests]
         scores = self._score(pieces, disable_tqdm)
         if len(pieces) == len(requests):
             return scores
@@ -212,9 +211,9 @@ class PeerlabLM(TemplateLM):
             totals[k][0] += logp
             totals[k][1] = totals[k][1] and greedy
         out = [(logp, greedy) for logp, greedy in totals]
-        for request, answer in zip(requests, out):
-            if request[0] is not None:
-                self.cache_hook.add_partial("loglikelihood", request[0], answer)
+        for (key, _, continuation), answer in zip(requests, out):
+            if key is not None and len(continuation) > self.max_length:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
         return out
 
     def _score(self, requests, disable_tqdm: bool) -> list[tuple[float, bool]]:
