@@ -62,8 +62,8 @@ def topk_by_groups(scores: torch.Tensor, k: int, group: int = 8) -> tuple[torch.
     scores lies in one of the k groups with the highest maximum: a score outside them has k
     group maxima, hence k scores, above it. So a top-k over the group maxima (a fast strided
     max), then over those k groups' k * group scores, finds the same values and columns as a
-    top-k over all n. Measured on this project's 2-core CPU (4,096 rows): 0.71x the time of
-    torch's top-k for k = 8 of 256, 0.65x for 16 of 512, 0.77x for 16 of 1,024. It is used where
+    top-k over all n. `benchmarks/topk.py` on this project's 2-core CPU (4,096 rows): 0.71x the
+    time of torch's top-k for k = 8 of 256, 0.65x for 16 of 512, 0.76x for 16 of 1,024. It is used where
     it paid: at least 4k groups, and k >= 16 unless torch's top-k takes its slow path
     (k * 64 > n; below that torch keeps a partial sort, fast for small k).
     """
