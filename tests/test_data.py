@@ -345,6 +345,29 @@ def test_ray_shares_within_two_points_on_two_workers(ray_cluster, demo_corpus):
             assert abs(stats[f"tokens_seen/{d}"] / total - w) <= 0.02
 
 
+def test_ray_stream_cycles_many_passes_like_the_local_one(ray_cluster, tmp_path, small_tokenizer):
+    # 4 short documents: 300 blocks take dozens of passes, all in one Ray Data read task.
+    path = write_jsonl(tmp_path / "tiny" / "train.jsonl", random_docs(4, seed=3))
+    e = entry(path.parent, name="tiny", format="jsonl")
+    opts = dict(tokenizer=small_tokenizer, seq_len=16, seed=1, heldout_fraction=0)
+    with DataMixture([e], DataOptions(**opts, engine="ray")) as ray_mix:
+        ray_blocks = [ray_mix.next_block()[1] for _ in range(300)]
+        passes = ray_mix.stats()["passes/tiny"]
+    with DataMixture([e], DataOptions(**opts, engine="local")) as local_mix:
+        local_blocks = [local_mix.next_block()[1] for _ in range(300)]
+    assert passes > 20
+    assert all(np.array_equal(x, y) for x, y in zip(ray_blocks, local_blocks))
+
+
+def test_ray_stream_without_text_for_a_worker_is_a_one_line_error(ray_cluster, tmp_path, small_tokenizer):
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": "alpha beta gamma"}])  # row 0: worker 0 of 2 only
+    opts = DataOptions(small_tokenizer, seq_len=4, rank=1, world=2, heldout_fraction=0, engine="ray")
+    with pytest.raises(DataError) as err:
+        with DataMixture([entry(path)], opts) as mix:
+            mix.next_block()
+    assert "\n" not in str(err.value) and "yields no text for worker 1 of 2" in str(err.value)
+
+
 # --------------------------------------------------------------------------------------
 # The embedded default corpus
 # --------------------------------------------------------------------------------------

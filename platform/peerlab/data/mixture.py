@@ -32,16 +32,19 @@ import torch
 
 from peerlab.config import DatasetEntry
 from peerlab.data.packing import Packer
-from peerlab.data.sources import DataError, Selection, is_local, make_datasource, read_tasks, source_files
+from peerlab.data.sources import DataError, Selection, make_datasource, read_stream
 from peerlab.data.tokenizer import cached_tokenizer, encoder_spec, eos_id, tokenize_table
 
 log = logging.getLogger("peerlab.data")
-PASSES_PER_READ = 16  # passes over a dataset that one Ray Data execution plans
-# Blocks a read task may yield ahead of its execution's consumption (Ray Data's default is 2; Ray
-# also splits each of our tables into several blocks). With 2, a read task waits on every step of
-# the execution's scheduling loop, and one dataset's stream ran at half the tokenizer's speed
-# (BENCHMARKS.md, "Data pipeline").
-READ_AHEAD_BLOCKS = int(os.environ.get("PEERLAB_DATA_READ_AHEAD", "16"))
+# Bytes of token ids per Ray Data block. Ray Data joins what a read task yields into blocks of up to
+# DataContext.target_max_block_size (128 MiB by default), so each block, the first included, would
+# wait for tens of millions of tokens. A few tables a block keep the stream moving (BENCHMARKS.md,
+# "Data pipeline").
+BLOCK_BYTES = int(os.environ.get("PEERLAB_DATA_BLOCK_BYTES", str(1 << 20)))
+# Blocks the read task may yield ahead of its execution's consumption (Ray Data's default is 2).
+READ_AHEAD_BLOCKS = int(os.environ.get("PEERLAB_DATA_READ_AHEAD", "2"))
+BUFFER_BLOCKS = 4  # object-store bytes an execution may hold, in blocks
+PREFETCH_BLOCKS = 2  # blocks the training process fetches ahead of its packer
 
 
 @dataclass
@@ -70,7 +73,30 @@ class DataOptions:
     # CPUs each Ray Data task asks for: a small fraction, because every dataset of every worker keeps
     # one long-running read task, and they must all be scheduled at once or training waits on data.
     data_cpus: float = 0.1
-    concurrency: int = 1  # read tasks at once per dataset (one: its documents stay in order cheaply)
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (three per stream start and end) go to its log file only, not the console.
+
+    The streams run in the training process, whose console is the run's log.
+    """
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler" and handler.level < logging.WARNING:  # the console one
+            handler.setLevel(logging.WARNING)
+
+
+def data_error_in(err: BaseException) -> DataError | None:
+    """The DataError a Ray task raised, from the exceptions Ray wraps it in (None if there is none)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)  # RayTaskError keeps the task's own exception here
+        if isinstance(cause, DataError):
+            return cause
+        if type(err) is DataError:
+            return err
+        err = cause if isinstance(cause, BaseException) else err.__cause__
+    return None
 
 
 class SourceStream:
@@ -81,69 +107,63 @@ class SourceStream:
         self.position = position or SourcePosition()
         self.eos = eos_id(cached_tokenizer(opts.tokenizer))
         self.encoder = encoder_spec(opts.tokenizer)
-        self.num_files = len(source_files(entry, "train")[0]) if is_local(entry) else 1
         self.packer = Packer(opts.seq_len + 1, self.eos)
         self._docs: Iterator | None = None  # documents, read lazily from the saved position
         self._resume: tuple[int, int, int] | None = None  # the document the saved offset applies to
         self._first: Future | None = None  # the first document, fetched in the background by start()
 
-    def file_order(self, passes: int) -> list[int]:
-        """The order of the files in a pass: seeded by (seed, dataset index, pass)."""
-        rng = np.random.default_rng([self.opts.seed, self.index, passes])
-        return rng.permutation(self.num_files).tolist()
-
-    def _tables(self, sel: Selection, first_pass: int):
-        """Tokenised (pass, file, row, ids) tables of PASSES_PER_READ passes, from Ray Data or this process."""
-        orders = [self.file_order(p) for p in range(first_pass, first_pass + PASSES_PER_READ)]
-        if self.opts.engine == "local":
-            for task in read_tasks(self.entry, sel, orders, first_pass):
-                for table in task():
-                    yield tokenize_table(table, self.encoder)
+    def _tables(self) -> Iterator:
+        """Tokenised (pass, file, row, ids) tables from the saved position on, from Ray Data or this process."""
+        p, o = self.position, self.opts
+        sel = Selection("train", o.rank, o.world, (p.file, p.row), o.heldout_fraction)
+        if o.engine == "local":
+            for table in read_stream(self.entry, sel, o.seed, self.index, p.passes):
+                yield tokenize_table(table, self.encoder)
             return
         import ray
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # documents in file and row order: the stream is deterministic
         ctx.enable_progress_bars = False  # one stream per dataset and worker: bars would flood the log
+        ctx.target_max_block_size = BLOCK_BYTES
+        quiet_ray_data_console()
+        # A stream's execution holds few blocks: a source read faster than the mix takes it then
+        # waits, and leaves the CPU to the sources that are behind.
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=BUFFER_BLOCKS * BLOCK_BYTES)
         if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):  # Ray 2.60's knob (private, no public one)
             ctx._max_num_blocks_in_streaming_gen_buffer = READ_AHEAD_BLOCKS
-        source = make_datasource(self.entry, sel, orders, first_pass, tokenizer=self.encoder)
-        ds = ray.data.read_datasource(source, num_cpus=self.opts.data_cpus, concurrency=self.opts.concurrency)
-        # streaming_split(1) runs the execution in a coordinator actor, not in this (training) process.
-        (iterator,) = ds.streaming_split(1)
-        yield from iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)
+        source = make_datasource(self.entry, sel, o.seed, self.index, p.passes, self.encoder)
+        # One read task; override_num_blocks=1 keeps Ray Data from cutting each block into many.
+        ds = ray.data.read_datasource(source, num_cpus=o.data_cpus, concurrency=1, override_num_blocks=1)
+        # The execution's scheduling loop runs in a thread of this process (paused by calm_executor while
+        # the stream is ahead); a coordinator actor per stream (streaming_split) cost a process each and
+        # slowed the start (BENCHMARKS.md, "Data pipeline").
+        try:
+            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=PREFETCH_BLOCKS)
+        except Exception as err:
+            bad = data_error_in(err)
+            if bad is None:
+                raise
+            # The read task's one-line message, without Ray's traceback and the notes Ray Data adds to it.
+            raise DataError(str(bad).splitlines()[0]) from None
 
     def _documents(self) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
-        """((pass, file, row), ids) of the documents from the saved position on, pass after pass.
-
-        One Ray Data execution reads PASSES_PER_READ passes (read tasks run only as far as the
-        stream is consumed), so a small dataset does not pay Ray Data's start-up every pass.
-        """
-        passes, start = self.position.passes, (self.position.file, self.position.row)
-        current = passes
-        while True:
-            sel = Selection("train", self.opts.rank, self.opts.world, start, self.opts.heldout_fraction)
-            found = False
-            for table in self._tables(sel, passes):
-                pass_no = table["pass"].to_numpy()
-                files = table["file"].to_numpy()
-                rows = table["row"].to_numpy()
-                ids = table["ids"]
-                for i in range(len(table)):
-                    if not ids[i].is_valid:
-                        self.position.skipped += 1
-                        continue
-                    found = True
-                    if pass_no[i] != current:
-                        current = int(pass_no[i])
-                        log.info("dataset '%s' starts pass %d", self.entry.name, current + 1)
-                    yield (current, int(files[i]), int(rows[i])), ids[i].values.to_numpy(zero_copy_only=False)
-            if not found and start == (0, 0):
-                raise DataError(
-                    f"dataset '{self.entry.name}' yields no text for worker {self.opts.rank} of {self.opts.world}"
-                    f" (path {self.entry.path}); check its path, split and text_field/text_template"
-                )
-            passes, start = passes + PASSES_PER_READ, (0, 0)
+        """((pass, file, row), ids) of the documents from the saved position on, pass after pass."""
+        current = self.position.passes
+        for table in self._tables():
+            pass_no = table["pass"].to_numpy()
+            files = table["file"].to_numpy()
+            rows = table["row"].to_numpy()
+            ids = table["ids"]
+            for i in range(len(table)):
+                if not ids[i].is_valid:
+                    self.position.skipped += 1
+                    continue
+                if pass_no[i] != current:
+                    current = int(pass_no[i])
+                    log.info("dataset '%s' starts pass %d", self.entry.name, current + 1)
+                yield (current, int(files[i]), int(rows[i])), ids[i].values.to_numpy(zero_copy_only=False)
 
     def start(self) -> None:
         """Begin reading now, in the background: the streams of a mix pay Ray Data's start-up together."""

@@ -19,16 +19,18 @@ file with `text_unit: file`) and `parquet`. Text comes from `text_field`, or fro
 field that is not text) is an error naming the dataset, the file, the record and the field,
 unless the entry sets `skip_bad_records: true`: then it is skipped and counted.
 
-`DocumentDatasource` is the Ray Data datasource of one entry: one read task per file, each
-yielding Arrow tables with columns `file`, `row`, `text`. Ray Data runs them on the
-cluster; `peerlab.data.mixture` tokenises and packs what they yield. (FACTS.md: Ray's own
+`read_stream` reads a source pass after pass (each pass's files in a seeded order) as Arrow
+tables with columns `pass`, `file`, `row`, `text`; `DocumentDatasource` is the Ray Data
+datasource that runs it, tokenising each table, in one read task on the cluster;
+`peerlab.data.mixture` packs and mixes what it yields. (FACTS.md: Ray's own
 `from_huggingface` asks the hub even for local data, so hub datasets are read here with
-`datasets.load_dataset(..., streaming=True)` inside a read task.)
+`datasets.load_dataset(..., streaming=True)` inside the read task.)
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import time
@@ -37,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from peerlab.config import DatasetEntry
@@ -322,32 +325,24 @@ def source_files(entry: DatasetEntry, part: str) -> tuple[list[tuple[str, Path]]
     return [(str(p.relative_to(files.root)), p) for p in chosen], hashed
 
 
-def read_tasks(entry: DatasetEntry, sel: Selection, orders: list[list[int]] | None = None, first_pass: int = 0):
-    """Zero-argument functions, each yielding the (pass, file, row, text) tables of one file of one pass.
+def read_pass(
+    entry: DatasetEntry, sel: Selection, order: list[int] | None = None, pass_: int = 0
+) -> Iterator[pa.Table]:
+    """The (pass, file, row, text) tables of one pass over a source, from `sel.start` on.
 
-    `orders` lists the file order of passes first_pass, first_pass + 1, ... (default: one
-    pass in file order); `sel.start` skips what the first of them read before.
+    `order` is the pass's file order (default: the files in sorted order); `sel.start` is
+    (ordinal in that order, row) of the first document to read.
     """
     if not is_local(entry):
-        passes = len(orders) if orders else 1
-        return [
-            lambda k=k: hub_documents(entry, sel if k == 0 else replace(sel, start=(0, 0)), first_pass + k)
-            for k in range(passes)
-        ]
+        yield from hub_documents(entry, sel, pass_)
+        return
     files, hashed = source_files(entry, sel.part)
-    orders = orders or [list(range(len(files)))]
-    tasks = []
-    for k, order in enumerate(orders):
-        start_file, start_row = sel.start if k == 0 else (0, 0)
-        for ordinal in range(start_file, len(order)):
-            name, path = files[order[ordinal]]
-            first_row = start_row if ordinal == start_file else 0
-            tasks.append(
-                lambda n=name, p=path, o=ordinal, r=first_row, q=first_pass + k: local_documents(
-                    entry, p, n, o, sel, hashed, r, q
-                )
-            )
-    return tasks
+    order = list(range(len(files))) if order is None else order
+    start_file, start_row = sel.start
+    for ordinal in range(start_file, len(order)):
+        name, path = files[order[ordinal]]
+        first_row = start_row if ordinal == start_file else 0
+        yield from local_documents(entry, path, name, ordinal, sel, hashed, first_row, pass_)
 
 
 # Seconds each step of Ray Data's scheduling loop pauses in the processes that run our executions (0: no pause).
@@ -386,20 +381,47 @@ def calm_executor() -> None:
     StreamingExecutor._peerlab_calm = True
 
 
-def make_datasource(
-    entry: DatasetEntry,
-    sel: Selection,
-    orders: list[list[int]] | None = None,
-    first_pass: int = 0,
-    tokenizer: str | None = None,
-):
-    """The Ray Data datasource of one entry and selection: one read task per file and pass.
+def pass_order(num_files: int, seed: int, index: int, pass_: int) -> list[int]:
+    """The order of a source's files in one pass: seeded by (seed, dataset index, pass)."""
+    return np.random.default_rng([seed, index, pass_]).permutation(num_files).tolist()
 
-    With `tokenizer` (an encoder spec) the read tasks also tokenise, so each table of text
-    is tokenised where it was read instead of crossing the object store first.
+
+def num_train_files(entry: DatasetEntry) -> int:
+    return len(source_files(entry, "train")[0]) if is_local(entry) else 1
+
+
+def read_stream(entry: DatasetEntry, sel: Selection, seed: int, index: int, first_pass: int = 0) -> Iterator[pa.Table]:
+    """(pass, file, row, text) tables of a source from `sel.start` of pass `first_pass` on, pass after
+    pass without end, each pass in its seeded file order (`pass_order`).
+
+    A whole pass without text (every record empty, skipped, or another worker's) raises DataError.
+    """
+    num_files = num_train_files(entry)
+    for pass_ in itertools.count(first_pass):
+        part = sel if pass_ == first_pass else replace(sel, start=(0, 0))
+        found = False
+        for table in read_pass(entry, part, pass_order(num_files, seed, index, pass_), pass_):
+            found = found or table["text"].null_count < len(table)
+            yield table
+        if not found and part.start == (0, 0):
+            raise DataError(
+                f"dataset '{entry.name}' yields no text for worker {sel.rank} of {sel.world}"
+                f" (path {entry.path}); check its path, split and text_field/text_template"
+            )
+
+
+def make_datasource(entry: DatasetEntry, sel: Selection, seed: int, index: int, first_pass: int, tokenizer: str):
+    """The Ray Data datasource of one source's training stream: a single read task that runs
+    `read_stream` (without end) and tokenises each table where it was read (`tokenize_table`,
+    with `tokenizer` an encoder spec).
+
+    One task for all passes keeps the documents in order with no task start at pass or file
+    boundaries; the stream is consumed only as fast as training needs it.
     """
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
+
+    from peerlab.data.tokenizer import tokenize_table
 
     class DocumentDatasource(Datasource):
         def get_name(self) -> str:
@@ -409,25 +431,24 @@ def make_datasource(
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            calm_executor()  # runs where the execution runs: the stream's coordinator actor
+            calm_executor()  # runs where the execution runs: the process that iterates the stream
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            tasks = read_tasks(entry, sel, orders, first_pass)
-            if tokenizer is not None:
-                from peerlab.data.tokenizer import tokenize_table
 
-                tasks = [lambda t=t: (tokenize_table(table, tokenizer) for table in t()) for t in tasks]
-            return [ReadTask(task, meta) for task in tasks]
+            def task():
+                for table in read_stream(entry, sel, seed, index, first_pass):
+                    yield tokenize_table(table, tokenizer)
+
+            return [ReadTask(task, meta)]
 
     return DocumentDatasource()
 
 
 def documents(entry: DatasetEntry, sel: Selection) -> Iterator[tuple[int, int, str]]:
     """(file, row, text) of the selected documents in one pass, read in this process: checks, tests, small reads."""
-    for task in read_tasks(entry, sel):
-        for table in task():
-            for doc in zip(table["file"].to_pylist(), table["row"].to_pylist(), table["text"].to_pylist()):
-                if doc[2] is not None:
-                    yield doc
+    for table in read_pass(entry, sel):
+        for doc in zip(table["file"].to_pylist(), table["row"].to_pylist(), table["text"].to_pylist()):
+            if doc[2] is not None:
+                yield doc
 
 
 def check_source(entry: DatasetEntry, records: int = 100) -> None:
