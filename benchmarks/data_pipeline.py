@@ -1,6 +1,6 @@
 """Packed tokens/s of the mixed data pipeline against Hugging Face `datasets.interleave_datasets`.
 
-    python benchmarks/data_pipeline.py [--tokens 3000000]
+    python benchmarks/data_pipeline.py [--tokens 10000000] [--rounds 3]
 
 Both read the embedded default corpus (the three training files of data/demo, prepared if
 missing) with the same weights (0.4 / 0.3 / 0.3) and tokenizer (the demo BPE), and both
@@ -11,7 +11,8 @@ deliver packed blocks of 257 tokens:
             -> map(tokenizer, batched) -> the same Packer
 
 For each: start-up (until the first block), the steady rate after it, and the rate from
-the first request to the last block. Then the tokenizer by itself on each file: the ceiling
+the first request to the last block; the two alternate for `--rounds` rounds on one Ray
+cluster, and the ratios are those of the medians. Then the tokenizer by itself on each file: the ceiling
 both share on this machine. The run also measures how many tokens/s one training
 worker consumes with the demo model (forward, backward and AdamW on CPU), the rate the
 pipeline must outrun.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 
 import numpy as np
@@ -44,6 +46,7 @@ def timed(blocks, tokens: int) -> dict:
         if got >= tokens:
             break
     end = time.perf_counter()
+    blocks.close()  # stop the pipeline now, so that it does not run on while the other one is timed
     return {"startup_s": first - t0, "steady": (got - 257) / (end - first), "overall": got / (end - t0)}
 
 
@@ -134,6 +137,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--corpus", default="data/demo")
     ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, each timing both pipelines; figures are medians")
     args = ap.parse_args(argv)
 
     corpus = prepare_demo_corpus(args.corpus, quiet=True)
@@ -145,17 +149,25 @@ def main(argv=None) -> None:
     print(
         f"data pipeline, {args.tokens:,} packed tokens in blocks of {args.seq_len + 1}, weights {WEIGHTS} ({machine})"
     )
-    ours = timed(peerlab_blocks(corpus, args.seq_len), args.tokens)
-    theirs = timed(hf_blocks(corpus, args.seq_len), args.tokens)
+    print(f"  {'':<32}{'start-up':>10}{'steady tokens/s':>18}{'overall tokens/s':>18}")
+    runs: dict[str, list[dict]] = {"peerlab (Ray Data)": [], "hf interleave_datasets": []}
+    for k in range(args.rounds):
+        for name, blocks in (("peerlab (Ray Data)", peerlab_blocks), ("hf interleave_datasets", hf_blocks)):
+            r = timed(blocks(corpus, args.seq_len), args.tokens)
+            runs[name].append(r)
+            print(
+                f"  {name + f', round {k + 1}':<32}{r['startup_s']:>9.1f}s{r['steady']:>18,.0f}{r['overall']:>18,.0f}"
+            )
     ray.shutdown()
+    ours, theirs = ({key: statistics.median(r[key] for r in rs) for key in rs[0]} for rs in runs.values())
+    for name, r in zip(runs, (ours, theirs)):
+        print(f"  {name + ', median':<32}{r['startup_s']:>9.1f}s{r['steady']:>18,.0f}{r['overall']:>18,.0f}")
+    print(
+        f"  peerlab / hf (medians): steady {ours['steady'] / theirs['steady']:.2f}, "
+        f"overall {ours['overall'] / theirs['overall']:.2f}"
+    )
     alone = tokenizer_alone(corpus)
     need = training_consumption(args.config, corpus)
-    print(f"  {'':<24}{'start-up':>10}{'steady tokens/s':>18}{'overall tokens/s':>18}")
-    for name, r in (("peerlab (Ray Data)", ours), ("hf interleave_datasets", theirs)):
-        print(f"  {name:<24}{r['startup_s']:>9.1f}s{r['steady']:>18,.0f}{r['overall']:>18,.0f}")
-    print(
-        f"  peerlab / hf: steady {ours['steady'] / theirs['steady']:.2f}, overall {ours['overall'] / theirs['overall']:.2f}"
-    )
     for d, rates in alone.items():
         shown = ", ".join(f"{name} {rate:,.0f}" for name, rate in rates.items())
         print(f"  the tokenizer alone on {d} (tokens/s, this process): {shown}")

@@ -45,6 +45,9 @@ BLOCK_BYTES = int(os.environ.get("PEERLAB_DATA_BLOCK_BYTES", str(1 << 20)))
 READ_AHEAD_BLOCKS = int(os.environ.get("PEERLAB_DATA_READ_AHEAD", "2"))
 BUFFER_BLOCKS = 4  # object-store bytes an execution may hold, in blocks
 PREFETCH_BLOCKS = 2  # blocks the training process fetches ahead of its packer
+# Each read task tokenises on one thread: the read tasks of all streams run side by side, one a core,
+# which beat each task's own tokenizer thread pool fighting the others for the same cores (BENCHMARKS.md).
+READ_TASK_ENV = {"TOKENIZERS_PARALLELISM": os.environ.get("PEERLAB_DATA_TOKENIZER_THREADS", "false")}
 
 
 @dataclass
@@ -135,7 +138,13 @@ class SourceStream:
             ctx._max_num_blocks_in_streaming_gen_buffer = READ_AHEAD_BLOCKS
         source = make_datasource(self.entry, sel, o.seed, self.index, p.passes, self.encoder)
         # One read task; override_num_blocks=1 keeps Ray Data from cutting each block into many.
-        ds = ray.data.read_datasource(source, num_cpus=o.data_cpus, concurrency=1, override_num_blocks=1)
+        ds = ray.data.read_datasource(
+            source,
+            num_cpus=o.data_cpus,
+            concurrency=1,
+            override_num_blocks=1,
+            runtime_env={"env_vars": READ_TASK_ENV},
+        )
         # The execution's scheduling loop runs in a thread of this process (paused by calm_executor while
         # the stream is ahead); a coordinator actor per stream (streaming_split) cost a process each and
         # slowed the start (BENCHMARKS.md, "Data pipeline").
