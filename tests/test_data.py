@@ -26,6 +26,7 @@ from peerlab.data import (
     train_bpe,
 )
 from peerlab.data.corpus import DOMAINS, prepare_demo_corpus
+from peerlab.data.sources import pass_order
 from tests.conftest import ROOT
 
 
@@ -346,17 +347,39 @@ def test_ray_shares_within_two_points_on_two_workers(ray_cluster, demo_corpus):
 
 
 def test_ray_stream_cycles_many_passes_like_the_local_one(ray_cluster, tmp_path, small_tokenizer):
-    # 4 short documents: 300 blocks take dozens of passes, all in one Ray Data read task.
-    path = write_jsonl(tmp_path / "tiny" / "train.jsonl", random_docs(4, seed=3))
-    e = entry(path.parent, name="tiny", format="jsonl")
+    # 3 files of 2 short documents: 300 blocks take over ten passes, each in its own seeded file
+    # order, all in one Ray Data read task.
+    for f in range(3):
+        write_jsonl(tmp_path / "tiny" / f"part{f}.jsonl", random_docs(2, seed=f, prefix=f"file {f}: "))
+    e = entry(tmp_path / "tiny", name="tiny", format="jsonl")
     opts = dict(tokenizer=small_tokenizer, seq_len=16, seed=1, heldout_fraction=0)
     with DataMixture([e], DataOptions(**opts, engine="ray")) as ray_mix:
         ray_blocks = [ray_mix.next_block()[1] for _ in range(300)]
         passes = ray_mix.stats()["passes/tiny"]
     with DataMixture([e], DataOptions(**opts, engine="local")) as local_mix:
         local_blocks = [local_mix.next_block()[1] for _ in range(300)]
-    assert passes > 20
+    assert passes > 10
+    assert len({tuple(pass_order(3, 1, 0, p)) for p in range(passes)}) > 1  # the passes had different orders
     assert all(np.array_equal(x, y) for x, y in zip(ray_blocks, local_blocks))
+
+
+def test_resume_at_the_end_of_a_pass_starts_the_next(ray_cluster, tmp_path, small_tokenizer):
+    for f in range(3):
+        write_jsonl(tmp_path / "src" / f"part{f}.jsonl", random_docs(3, seed=10 + f))
+    e = entry(tmp_path / "src", name="src", format="jsonl")
+    opts = DataOptions(small_tokenizer, seq_len=8, seed=2, heldout_fraction=0, engine="ray")
+
+    def state(**position):
+        return {"datasets": [{"name": "src", "path": e.path}], "sources": [position]}
+
+    # Just after the last record of pass 1's last file, against the start of pass 2.
+    at_end = state(passes=1, file=2, row=3, offset=0, blocks=0, skipped=0)
+    at_next = state(passes=2, file=0, row=0, offset=0, blocks=0, skipped=0)
+    with DataMixture([e], opts, at_end) as a, DataMixture([e], opts, at_next) as b:
+        first = [a.next_block()[1] for _ in range(20)]
+        second = [b.next_block()[1] for _ in range(20)]
+        assert a.stats()["passes/src"] == b.stats()["passes/src"] >= 2
+    assert all(np.array_equal(x, y) for x, y in zip(first, second))
 
 
 def test_ray_stream_without_text_for_a_worker_is_a_one_line_error(ray_cluster, tmp_path, small_tokenizer):

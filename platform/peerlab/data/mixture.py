@@ -21,8 +21,10 @@ state gives exactly the blocks the uninterrupted stream would have given next.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -43,11 +45,11 @@ log = logging.getLogger("peerlab.data")
 BLOCK_BYTES = int(os.environ.get("PEERLAB_DATA_BLOCK_BYTES", str(1 << 20)))
 # Blocks the read task may yield ahead of its execution's consumption (Ray Data's default is 2).
 READ_AHEAD_BLOCKS = int(os.environ.get("PEERLAB_DATA_READ_AHEAD", "2"))
-BUFFER_BLOCKS = 4  # object-store bytes an execution may hold, in blocks
+BUFFER_BLOCKS = 4  # the object-store budget of a stream's execution, in blocks (Ray may exceed it to keep moving)
 PREFETCH_BLOCKS = 2  # blocks the training process fetches ahead of its packer
 # Each read task tokenises on one thread: the read tasks of all streams run side by side, one a core,
 # which beat each task's own tokenizer thread pool fighting the others for the same cores (BENCHMARKS.md).
-READ_TASK_ENV = {"TOKENIZERS_PARALLELISM": os.environ.get("PEERLAB_DATA_TOKENIZER_THREADS", "false")}
+READ_TASK_ENV = {"TOKENIZERS_PARALLELISM": os.environ.get("PEERLAB_DATA_TOKENIZERS_PARALLELISM", "false")}
 
 
 @dataclass
@@ -76,6 +78,22 @@ class DataOptions:
     # CPUs each Ray Data task asks for: a small fraction, because every dataset of every worker keeps
     # one long-running read task, and they must all be scheduled at once or training waits on data.
     data_cpus: float = 0.1
+
+
+def configure_execution(ctx) -> None:
+    """Settings of one stream's Ray Data execution, on its Dataset's own DataContext (not the process's)."""
+    ctx.execution_options.preserve_order = True  # documents in file and row order: the stream is deterministic
+    ctx.enable_progress_bars = False  # one stream per dataset and worker: bars would flood the log
+    ctx.target_max_block_size = BLOCK_BYTES
+    # Little held in the object store: a source read faster than the mix takes it then waits, and
+    # leaves the CPU to the sources that are behind.
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=BUFFER_BLOCKS * BLOCK_BYTES)
+    if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):  # Ray 2.60's knob (private, no public one)
+        ctx._max_num_blocks_in_streaming_gen_buffer = READ_AHEAD_BLOCKS
+    # A stream waits as long as training does not take from it (a dataset of small weight, a long
+    # evaluation): that is not a stalled execution.
+    ctx.execution_no_progress_timeout_s = -1
 
 
 def quiet_ray_data_console() -> None:
@@ -123,28 +141,23 @@ class SourceStream:
             for table in read_stream(self.entry, sel, o.seed, self.index, p.passes):
                 yield tokenize_table(table, self.encoder)
             return
-        import ray
+        import ray.data  # (configures Ray Data's loggers, which quiet_ray_data_console then adjusts)
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # documents in file and row order: the stream is deterministic
-        ctx.enable_progress_bars = False  # one stream per dataset and worker: bars would flood the log
-        ctx.target_max_block_size = BLOCK_BYTES
         quiet_ray_data_console()
-        # A stream's execution holds few blocks: a source read faster than the mix takes it then
-        # waits, and leaves the CPU to the sources that are behind.
-        limits = ctx.execution_options.resource_limits
-        ctx.execution_options.resource_limits = limits.copy(object_store_memory=BUFFER_BLOCKS * BLOCK_BYTES)
-        if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):  # Ray 2.60's knob (private, no public one)
-            ctx._max_num_blocks_in_streaming_gen_buffer = READ_AHEAD_BLOCKS
         source = make_datasource(self.entry, sel, o.seed, self.index, p.passes, self.encoder)
-        # One read task; override_num_blocks=1 keeps Ray Data from cutting each block into many.
-        ds = ray.data.read_datasource(
-            source,
-            num_cpus=o.data_cpus,
-            concurrency=1,
-            override_num_blocks=1,
-            runtime_env={"env_vars": READ_TASK_ENV},
-        )
+        with warnings.catch_warnings():  # max_retries has no named parameter in Ray 2.60, only ray_remote_args
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ray.data.read_datasource(
+                source,
+                num_cpus=o.data_cpus,
+                concurrency=1,
+                override_num_blocks=1,  # one read task, and Ray Data must not cut its blocks into many
+                runtime_env={"env_vars": READ_TASK_ENV},
+                # A lost read task fails the stream (and the run, which resumes from its checkpoint)
+                # instead of being rerun from the stream's start, re-reading everything up to its position.
+                ray_remote_args={"max_retries": 0},
+            )
+        configure_execution(ds.context)
         # The execution's scheduling loop runs in a thread of this process (paused by calm_executor while
         # the stream is ahead); a coordinator actor per stream (streaming_split) cost a process each and
         # slowed the start (BENCHMARKS.md, "Data pipeline").
@@ -160,19 +173,20 @@ class SourceStream:
     def _documents(self) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
         """((pass, file, row), ids) of the documents from the saved position on, pass after pass."""
         current = self.position.passes
-        for table in self._tables():
-            pass_no = table["pass"].to_numpy()
-            files = table["file"].to_numpy()
-            rows = table["row"].to_numpy()
-            ids = table["ids"]
-            for i in range(len(table)):
-                if not ids[i].is_valid:
-                    self.position.skipped += 1
-                    continue
-                if pass_no[i] != current:
-                    current = int(pass_no[i])
-                    log.info("dataset '%s' starts pass %d", self.entry.name, current + 1)
-                yield (current, int(files[i]), int(rows[i])), ids[i].values.to_numpy(zero_copy_only=False)
+        with contextlib.closing(self._tables()) as tables:  # closing this generator ends the execution at once
+            for table in tables:
+                pass_no = table["pass"].to_numpy()
+                files = table["file"].to_numpy()
+                rows = table["row"].to_numpy()
+                ids = table["ids"]
+                for i in range(len(table)):
+                    if not ids[i].is_valid:
+                        self.position.skipped += 1
+                        continue
+                    if pass_no[i] != current:
+                        current = int(pass_no[i])
+                        log.info("dataset '%s' starts pass %d", self.entry.name, current + 1)
+                    yield (current, int(files[i]), int(rows[i])), ids[i].values.to_numpy(zero_copy_only=False)
 
     def start(self) -> None:
         """Begin reading now, in the background: the streams of a mix pay Ray Data's start-up together."""
@@ -252,8 +266,15 @@ class DataMixture:
             yield self.next_block()
 
     def close(self) -> None:
+        """Stop every stream, even when one of them fails to stop (its error is raised after)."""
+        errors = []
         for stream in self.streams:
-            stream.close()
+            try:
+                stream.close()
+            except Exception as err:  # noqa: BLE001 - re-raised below, once the others are stopped
+                errors.append(err)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "DataMixture":
         return self

@@ -33,6 +33,7 @@ import csv
 import itertools
 import json
 import os
+import threading
 import time
 import zlib
 from dataclasses import dataclass, replace
@@ -216,7 +217,7 @@ class TextOf:
 
 
 # --------------------------------------------------------------------------------------
-# Ray Data: one read task per file
+# Passes, and the Ray Data datasource that reads them
 # --------------------------------------------------------------------------------------
 
 
@@ -347,6 +348,7 @@ def read_pass(
 
 # Seconds each step of Ray Data's scheduling loop pauses in the processes that run our executions (0: no pause).
 EXECUTOR_STEP_PAUSE_S = float(os.environ.get("PEERLAB_DATA_STEP_PAUSE_S", "0.1"))
+_calm_lock = threading.Lock()
 
 
 def calm_executor() -> None:
@@ -364,11 +366,17 @@ def calm_executor() -> None:
         from ray.data._internal.execution.streaming_executor import StreamingExecutor
     except ImportError:  # another Ray Data layout: leave it as it is
         return
-    if EXECUTOR_STEP_PAUSE_S <= 0 or getattr(StreamingExecutor, "_peerlab_calm", False):
-        return
-    if not hasattr(StreamingExecutor, "_scheduling_loop_step"):
-        return
-    step = StreamingExecutor._scheduling_loop_step
+    with _calm_lock:  # the streams of a mix start in threads of their own, all at once
+        if EXECUTOR_STEP_PAUSE_S <= 0 or getattr(StreamingExecutor, "_peerlab_calm", False):
+            return
+        if not hasattr(StreamingExecutor, "_scheduling_loop_step"):
+            return
+        StreamingExecutor._scheduling_loop_step = _calm(StreamingExecutor._scheduling_loop_step)
+        StreamingExecutor._peerlab_calm = True
+
+
+def _calm(step):
+    """`step` (StreamingExecutor._scheduling_loop_step), then a pause unless a consumer waits."""
 
     def calm_step(self, topology):
         keep_going = step(self, topology)
@@ -377,8 +385,7 @@ def calm_executor() -> None:
             time.sleep(EXECUTOR_STEP_PAUSE_S)
         return keep_going
 
-    StreamingExecutor._scheduling_loop_step = calm_step
-    StreamingExecutor._peerlab_calm = True
+    return calm_step
 
 
 def pass_order(num_files: int, seed: int, index: int, pass_: int) -> list[int]:
