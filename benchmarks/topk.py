@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from peerlab.model.peer import topk_by_groups
+from peerlab.model.peer import grouped_topk_pays, topk_by_groups
 
 
 def ms(fn, reps: int) -> float:
@@ -48,8 +48,8 @@ def main(argv=None) -> None:
                 theirs.append(ms(lambda s=scores, k=k: s.topk(k, dim=-1), args.reps))
                 ours.append(ms(lambda s=scores, k=k: topk_by_groups(s, k), args.reps))
             a, b = statistics.median(theirs), statistics.median(ours)
-            grouped = n // 8 >= 4 * k and (k * 64 > n or k >= 16)  # the rule inside topk_by_groups
-            print(f"{n:>6}{k:>4}{a:>10.2f}{b:>12.2f}{b / a:>7.2f}  {'grouped' if grouped else 'torch'}")
+            path = "grouped" if grouped_topk_pays(n, k) else "torch"
+            print(f"{n:>6}{k:>4}{a:>10.2f}{b:>12.2f}{b / a:>7.2f}  {path}")
 
 
 if __name__ == "__main__":

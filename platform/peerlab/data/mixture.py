@@ -34,8 +34,8 @@ import torch
 
 from peerlab.config import DatasetEntry
 from peerlab.data.packing import Packer
-from peerlab.data.sources import DataError, Selection, make_datasource, read_stream
-from peerlab.data.tokenizer import cached_tokenizer, encoder_spec, eos_id, tokenize_table
+from peerlab.data.sources import DataError, Selection, make_datasource, tokenized_stream
+from peerlab.data.tokenizer import cached_tokenizer, encoder_spec, eos_id
 
 log = logging.getLogger("peerlab.data")
 # Bytes of token ids per Ray Data block. Ray Data joins what a read task yields into blocks of up to
@@ -138,8 +138,7 @@ class SourceStream:
         p, o = self.position, self.opts
         sel = Selection("train", o.rank, o.world, (p.file, p.row), o.heldout_fraction)
         if o.engine == "local":
-            for table in read_stream(self.entry, sel, o.seed, self.index, p.passes):
-                yield tokenize_table(table, self.encoder)
+            yield from tokenized_stream(self.entry, sel, o.seed, self.index, p.passes, self.encoder)
             return
         import ray.data  # (configures Ray Data's loggers, which quiet_ray_data_console then adjusts)
 

@@ -393,17 +393,13 @@ def pass_order(num_files: int, seed: int, index: int, pass_: int) -> list[int]:
     return np.random.default_rng([seed, index, pass_]).permutation(num_files).tolist()
 
 
-def num_train_files(entry: DatasetEntry) -> int:
-    return len(source_files(entry, "train")[0]) if is_local(entry) else 1
-
-
 def read_stream(entry: DatasetEntry, sel: Selection, seed: int, index: int, first_pass: int = 0) -> Iterator[pa.Table]:
     """(pass, file, row, text) tables of a source from `sel.start` of pass `first_pass` on, pass after
     pass without end, each pass in its seeded file order (`pass_order`).
 
     A whole pass without text (every record empty, skipped, or another worker's) raises DataError.
     """
-    num_files = num_train_files(entry)
+    num_files = len(source_files(entry, "train")[0]) if is_local(entry) else 1
     for pass_ in itertools.count(first_pass):
         part = sel if pass_ == first_pass else replace(sel, start=(0, 0))
         found = False
@@ -417,6 +413,17 @@ def read_stream(entry: DatasetEntry, sel: Selection, seed: int, index: int, firs
             )
 
 
+def tokenized_stream(
+    entry: DatasetEntry, sel: Selection, seed: int, index: int, first_pass: int, tokenizer: str
+) -> Iterator[pa.Table]:
+    """`read_stream` with each table tokenised: (pass, file, row, ids). What a stream's read task runs
+    on the cluster, and what the local engine runs in-process."""
+    from peerlab.data.tokenizer import tokenize_table
+
+    for table in read_stream(entry, sel, seed, index, first_pass):
+        yield tokenize_table(table, tokenizer)
+
+
 def make_datasource(entry: DatasetEntry, sel: Selection, seed: int, index: int, first_pass: int, tokenizer: str):
     """The Ray Data datasource of one source's training stream: a single read task that runs
     `read_stream` (without end) and tokenises each table where it was read (`tokenize_table`,
@@ -428,8 +435,6 @@ def make_datasource(entry: DatasetEntry, sel: Selection, seed: int, index: int, 
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
-    from peerlab.data.tokenizer import tokenize_table
-
     class DocumentDatasource(Datasource):
         def get_name(self) -> str:
             return f"[{entry.name}]"
@@ -440,12 +445,7 @@ def make_datasource(entry: DatasetEntry, sel: Selection, seed: int, index: int, 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             calm_executor()  # runs where the execution runs: the process that iterates the stream
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-
-            def task():
-                for table in read_stream(entry, sel, seed, index, first_pass):
-                    yield tokenize_table(table, tokenizer)
-
-            return [ReadTask(task, meta)]
+            return [ReadTask(lambda: tokenized_stream(entry, sel, seed, index, first_pass, tokenizer), meta)]
 
     return DocumentDatasource()
 

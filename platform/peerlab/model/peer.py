@@ -55,6 +55,11 @@ def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
     return cdf + h * pdf
 
 
+def grouped_topk_pays(n: int, k: int, group: int = 8) -> bool:
+    """Whether `topk_by_groups` searches by groups for k of n (on CPU) rather than hand over to torch."""
+    return n % group == 0 and n // group >= 4 * k and (k * 64 > n or k >= 16)
+
+
 def topk_by_groups(scores: torch.Tensor, k: int, group: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores.topk(k, dim=-1)` for (R, n) scores on CPU, searching only the k most promising groups.
 
@@ -69,8 +74,7 @@ def topk_by_groups(scores: torch.Tensor, k: int, group: int = 8) -> tuple[torch.
     """
     R, n = scores.shape
     groups = n // group
-    paid = groups >= 4 * k and (k * 64 > n or k >= 16)
-    if scores.device.type != "cpu" or n % group or not paid:
+    if scores.device.type != "cpu" or not grouped_topk_pays(n, k, group):
         return scores.topk(k, dim=-1)
     best_groups = scores.view(R, group, groups).amax(1).topk(k, dim=-1, sorted=False).indices  # (R, k)
     columns = (best_groups.unsqueeze(-1) + torch.arange(0, n, groups, device=scores.device)).view(R, k * group)
