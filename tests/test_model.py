@@ -57,6 +57,47 @@ def test_future_tokens_never_change_earlier_logits(use_peer, bn):
             torch.testing.assert_close(model(ids)[:, :9], model(changed)[:, :9], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("use_peer", [True, False])
+def test_packed_rows_equal_their_sequences_alone(use_peer):
+    """A row "shared, a, b, c" with segments 0, 1, 2, 3: each token as in "shared + its own segment" alone."""
+    model = float64_model(use_peer=use_peer)
+    shared, parts = torch.randint(0, 97, (7,)), [torch.randint(0, 97, (n,)) for n in (5, 1, 9)]
+    row = torch.cat([shared, *parts])  # (22,), longer than any of the sequences it holds
+    segments = torch.cat(
+        [torch.zeros(7, dtype=torch.long)] + [torch.full((len(p),), s + 1) for s, p in enumerate(parts)]
+    )
+    other = torch.randint(0, 97, (22,))  # a second row with no sharing: one segment after an empty shared part
+    with torch.no_grad():
+        packed = model.hidden_states(torch.stack([row, other]), segments=torch.stack([segments, segments.clamp(1, 1)]))
+        start = 7
+        for part in parts:
+            alone = model.hidden_states(torch.cat([shared, part]).unsqueeze(0))[0]  # (7 + n, d)
+            torch.testing.assert_close(packed[0, :7], alone[:7], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(packed[0, start : start + len(part)], alone[7:], rtol=1e-10, atol=1e-12)
+            start += len(part)
+        torch.testing.assert_close(packed[1], model.hidden_states(other.unsqueeze(0))[0], rtol=1e-10, atol=1e-12)
+        # Positions come from the segments, not from the row: a row longer than max_position_embeddings is fine.
+        long_row = torch.randint(0, 97, (1, 80))
+        long_segments = torch.tensor([[0] * 30 + [1] * 25 + [2] * 25])  # positions 0..54 only
+        assert model.hidden_states(long_row, segments=long_segments).shape == (1, 80, 32)
+        with pytest.raises(ValueError, match="max_position_embeddings"):
+            model.hidden_states(long_row, segments=torch.ones(1, 80, dtype=torch.long))
+
+
+def test_hidden_states_at_some_positions_equal_all_of_them():
+    model = float64_model()
+    ids = torch.randint(0, 97, (3, 12))
+    rows, cols = torch.tensor([0, 0, 2, 1, 2]), torch.tensor([11, 3, 0, 5, 0])  # any order, repeats allowed
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.hidden_states(ids, at=(rows, cols)), model.hidden_states(ids)[rows, cols], rtol=1e-10, atol=1e-12
+        )
+        torch.testing.assert_close(model(ids, at=(rows, cols)), model(ids)[rows, cols], rtol=1e-10, atol=1e-12)
+    model.train()  # PEER's BatchNorm would take its statistics from those positions only
+    with pytest.raises(ValueError, match="evaluation mode"):
+        model.hidden_states(ids, at=(rows, cols))
+
+
 def test_generate_same_tokens_with_and_without_cache():
     torch.manual_seed(3)
     model = build_model(tiny_model_config(initializer_range=0.3)).eval()

@@ -53,15 +53,20 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (..., T, dim), positions (T,) -> x rotated by its positions."""
-        cos = self.cos[positions].to(x.dtype)  # (T, dim/2)
+        """x (..., T, dim), positions (T,) or broadcastable to x.shape[:-1] -> x rotated by its positions."""
+        cos = self.cos[positions].to(x.dtype)  # (..., T, dim/2)
         sin = self.sin[positions].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)  # (..., T, dim/2) each
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention; `forward(x, positions, cache=None)` with x (B, T, d)."""
+    """Multi-head latent attention; `forward(x, positions, cache=None, mask=None)` with x (B, T, d).
+
+    positions: (T,), or (B, T) for rows whose tokens do not sit at 0..T-1 (packed rows, see
+    `PeerMLAModel.hidden_states`); mask: None for causal attention, else (B, T, T) bool, True
+    where a query may see a key.
+    """
 
     def __init__(self, config: MLAConfig, hidden_size: int, num_heads: int, max_positions: int, eps: float):
         super().__init__()
@@ -90,13 +95,17 @@ class MLA(nn.Module):
         q = self.q_proj(x) if self.q_proj is not None else self.q_up(self.q_norm(self.q_down(x)))
         q = q.view(B, T, self.num_heads, self.nope + self.rope).transpose(1, 2)  # (B, H, T, nope+rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        if positions.dim() == 2:  # (B, T) -> (B, 1, T): the same positions for every head
+            positions = positions.unsqueeze(1)
         return q_nope, self.rotary(q_rope, positions)  # (B, H, T, nope), (B, H, T, rope)
 
     def _latent(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, k_rope = self.kv_down(x).split([self.kv_rank, self.rope], dim=-1)  # (B, T, r), (B, T, rope)
         return self.kv_norm(c), self.rotary(k_rope, positions)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: "LayerCache | None" = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: "LayerCache | None" = None, mask=None
+    ) -> torch.Tensor:
         if cache is not None:
             return self._decode(x, positions, cache)
         B, T, _ = x.shape
@@ -110,7 +119,11 @@ class MLA(nn.Module):
         qk = self.nope + self.rope
         if self.v_dim < qk:  # fused (flash) kernels want equal head sizes: pad v with zeros, drop them after
             v = F.pad(v, (0, qk - self.v_dim))  # (B, H, T, nope+rope)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., : self.v_dim]  # (B, H, T, v)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, H, T, nope+rope)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=self.scale)
+        o = o[..., : self.v_dim]  # (B, H, T, v)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
     def _decode(self, x: torch.Tensor, positions: torch.Tensor, cache: "LayerCache") -> torch.Tensor:

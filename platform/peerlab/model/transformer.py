@@ -44,8 +44,13 @@ class Block(nn.Module):
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cache)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None, mask=None, at=None
+    ) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d); with `at` = (rows, cols), each (N,), only those positions -> (N, d)."""
+        x = x + self.attn(self.attn_norm(x), positions, cache, mask)
+        if at is not None:  # the other positions' outputs are not wanted: the feed-forward skips them
+            x = x[at]  # (N, d)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -73,35 +78,67 @@ class PeerMLAModel(nn.Module):
                 module.reset_parameters(self.config.initializer_range)
 
     def forward(
-        self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None, labels: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: list[LayerCache] | None = None,
+        labels: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). With `cache`, input_ids are the tokens after it.
 
         With `labels` (B, T) the mean cross-entropy instead, through the fused LM-head loss
-        (`peerlab.model.loss`), which never builds the (B, T, vocab) logits.
+        (`peerlab.model.loss`), which never builds the (B, T, vocab) logits. `segments` and `at`
+        as in `hidden_states` (with `at`, logits (N, vocab) at those positions only).
         """
-        h = self.hidden_states(input_ids, cache)  # (B, T, d)
+        h = self.hidden_states(input_ids, cache, segments, at)  # (B, T, d), or (N, d) with `at`
         if labels is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
         return self.lm_head(h)  # (B, T, vocab)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: list[LayerCache] | None = None,
+        segments: torch.Tensor | None = None,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> the final normed hidden states (B, T, d) that the LM head reads.
 
         Evaluation applies the head only where it needs logits (the scored tokens, the last one).
+        `at` = (rows, cols), each (N,), asks for those positions only -> (N, d): the last
+        block's feed-forward (a PEER layer, mostly) then runs at those positions alone, since no
+        later layer reads the others. Evaluation mode only: in training, PEER's BatchNorm takes
+        its statistics from all the tokens it sees.
+
+        `segments` (B, T) ints packs several sequences that share a beginning into one row (the
+        lm-eval adapter scores a question's answers this way): segment 0 is the shared
+        beginning, and a token of segment s > 0 sees the earlier tokens of segment 0 and of
+        segment s only, at the positions it would have in the sequence "segment 0, then segment
+        s". Each token's hidden state then equals the one it has in that sequence on its own.
         """
-        T = input_ids.shape[1]
+        B, T = input_ids.shape
         start = cache[0].length if cache is not None else 0
-        if start + T > self.config.max_position_embeddings:
+        mask = None
+        if segments is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        else:
+            if cache is not None:
+                raise ValueError("segments are for whole rows, not for decoding through a cache")
+            mask, positions = segment_mask(segments)  # (B, T, T), (B, T)
+        end = start + T if segments is None else int(positions.max()) + 1
+        if end > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence of {start + T} tokens is longer than max_position_embeddings = "
+                f"sequence of {end} tokens is longer than max_position_embeddings = "
                 f"{self.config.max_position_embeddings}"
             )
-        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        if at is not None and self.training:
+            raise ValueError("hidden_states(at=...) is for evaluation mode (model.eval())")
         x = self.embed(input_ids)  # (B, T, d)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, cache[i] if cache is not None else None)
-        return self.norm(x)
+            x = layer(x, positions, cache[i] if cache is not None else None, mask, at if i == last else None)
+        return self.norm(x)  # (B, T, d), or (N, d) with `at`
 
     def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         """An empty latent cache for `max_len` tokens: (kv_lora_rank + qk_rope_head_dim) values per token and layer."""
@@ -139,6 +176,19 @@ class PeerMLAModel(nn.Module):
                 break
         self.train(was_training)
         return out
+
+
+def segment_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments (B, T) -> (mask (B, T, T) bool, positions (B, T)) of packed rows (see `hidden_states`).
+
+    Query t sees key u <= t when u is in segment 0 or in t's segment. A token's position is
+    its index among the tokens it sees, the tokens of segment 0 included.
+    """
+    same = segments.unsqueeze(2) == segments.unsqueeze(1)  # (B, T, T): query t, key u of one segment
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    mask = causal & (same | (segments == 0).unsqueeze(1))  # (B, T, T)
+    return mask, mask.sum(-1) - 1
 
 
 def build_model(model_config: ModelConfig) -> PeerMLAModel:
