@@ -102,6 +102,63 @@ def test_loglikelihood_equals_a_direct_computation(model64, tokenizer, texts):
     assert [greedy for _, greedy in got] == [True, False, True]
 
 
+def test_multiple_choice_answers_share_one_row(model64, tokenizer, texts):
+    """Answers of one question are packed into one row and score as they do alone, with fewer tokens read."""
+    lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=2, max_length=48)
+    question = texts[8][:90].rstrip()
+    answers = [" " + texts[9 + i][: 8 + 9 * i] for i in range(4)]
+    pairs = [(question, a) for a in answers] + [(texts[13][:60], texts[13][60:80]), (question[:40], answers[0])]
+    encoded = lm.encode_pairs(pairs)
+    rows = lm._pack([(None, c, x) for c, x in encoded])
+    assert sorted(len(members) for _, members in rows) == [1, 1, 4]  # the four answers in one row
+    read = []
+    forward = model64.hidden_states
+    model64.hidden_states = lambda ids, *a, **k: read.append(ids.numel()) or forward(ids, *a, **k)
+    try:
+        got = lm.loglikelihood(requests("loglikelihood", pairs))
+    finally:
+        del model64.hidden_states
+    alone = sum(len(c) + len(x) - 1 for c, x in encoded)
+    assert sum(read) < alone  # the question is read once, not four times (padding included)
+    for (context, continuation), (logp, _) in zip(encoded, got):
+        expected = float(direct_logprobs(model64, context + continuation)[-len(continuation) :].sum())
+        assert logp == pytest.approx(expected, rel=1e-11)
+    # Answers too long to share one row of max_length tokens are spread over several rows.
+    long_answers = [(question, " " + texts[10 + i][:60]) for i in range(3)]
+    encoded = lm.encode_pairs(long_answers)
+    assert all(len(c) + len(x) <= 49 for c, x in encoded)  # each fits the window whole, with the same context
+    assert len(encoded[0][0]) + sum(len(x) - 1 for _, x in encoded) > 48  # all three do not
+    assert len(lm._pack([(None, c, x) for c, x in encoded])) > 1
+    for (context, continuation), (logp, _) in zip(encoded, lm.loglikelihood(requests("loglikelihood", long_answers))):
+        expected = float(direct_logprobs(model64, context + continuation)[-len(continuation) :].sum())
+        assert logp == pytest.approx(expected, rel=1e-11)
+
+
+def test_requests_are_encoded_as_lm_eval_encodes_them(model64, tokenizer, texts):
+    from lm_eval.api.model import TemplateLM
+
+    lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=2, max_length=48)
+    pairs = [(texts[0][:50], " " + texts[1][:20]), (texts[0][:50], texts[2][:9]), ("", texts[3][:30])]
+    pairs += [("A question?  ", "answer"), ("line\n", "\nnext"), ("   ", "only spaces before"), ("x", "")]
+    seen = []
+    lm._loglikelihood_tokens = lambda reqs, disable_tqdm=False: seen.extend(reqs) or []
+    TemplateLM.loglikelihood(lm, requests("loglikelihood", pairs), disable_tqdm=True)  # one request at a time
+    assert lm.encode_pairs(pairs) == [(context, continuation) for _, context, continuation in seen]
+
+
+def test_scores_are_taken_from_the_logits_in_blocks():
+    from peerlab.eval.lm import HEAD_ROWS, _target_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(2 * HEAD_ROWS + 5, 300) * 4
+    targets = torch.randint(0, 300, (len(logits),))
+    targets[::3] = logits[::3].argmax(-1)  # some targets are the greedy choice
+    logp, greedy = _target_logprobs(lambda a, b: logits[a:b].clone(), targets)
+    expected = torch.log_softmax(logits.double(), -1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(logp, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(greedy, logits.argmax(-1) == targets) and greedy.sum() >= len(logits) // 3
+
+
 def test_rolling_loglikelihood_is_the_sum_over_windows(model64, tokenizer, texts):
     L = 16
     lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=4, max_length=L)

@@ -5,16 +5,20 @@ its newest checkpoint) with the run's `resolved_config.yaml`; `PeerlabLM(model=m
 wraps a model in memory (the training loop's). The three request types of lm-eval:
 
 - `loglikelihood(context, continuation)`: log p(continuation | context) = sum_i log p(c_i | context, c_<i),
-  and whether greedy decoding would produce the continuation (every c_i the argmax);
+  and whether greedy decoding would produce the continuation (no token more likely than any c_i);
 - `loglikelihood_rolling(text)`: log p(text | end-of-text) over windows of `max_length` tokens
   (lm-eval's `get_rolling_token_windows` with context_len = 1: each token is predicted once, and
   the last window is filled up with earlier tokens as context, as `LM.loglikelihood_rolling` documents);
 - `generate_until(context, {until, max_gen_toks})`: greedy decoding through the MLA latent cache,
   stopped at end-of-text, at any `until` string (cut off the returned text) or after `max_gen_toks`.
 
-Requests are sorted by length (longest first, lm-eval's `Collator`) and batched by `batch_size`,
-so a batch pads little. The LM head runs only at the positions that are scored (and at the last
-position when generating), never over the whole padded (B, T, vocab) block.
+Loglikelihood requests that share their context (the answers of a multiple-choice question)
+are packed into one row: the context once, then each continuation, each seeing the context and
+itself only (`_pack`); that reads about half the tokens on 4-way multiple choice. Rows are
+sorted by length (longest first) and batched by `batch_size` rows, so a batch pads little; the
+other request types are sorted and batched by lm-eval's `Collator`. The LM head runs only at the
+positions that are scored (and at the last position when generating), never over the whole
+padded (B, T, vocab) block.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -78,6 +81,32 @@ def load_checkpoint(path: str | Path):
     model.load_state_dict(load_file(folder / "model.safetensors"))
     model.eval()
     return model, load_tokenizer(cfg.dataset_config.tokenizer_name), cfg, int(manifest["step"]), run_dir
+
+
+HEAD_ROWS = 64  # positions whose logits are scored at a time (64 x a 32k vocabulary in float32: 8 MiB)
+
+
+def _target_logprobs(logits_of, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p (N,) of each target token and whether it is greedy (N,) bool: no logit above its own.
+
+    logits_of(a, b) gives the logits (b - a, vocab) of positions a..b-1; they are taken
+    `HEAD_ROWS` at a time, so each block is read from cache by the passes below, and neither
+    the (N, vocab) logits nor a log-softmax of them is ever held. log p = z_t - m - log sum exp(z - m)
+    with m the largest logit; a max, not an argmax (several times slower on CPUs), decides greedy.
+    """
+    logp = torch.empty(len(targets), dtype=torch.float64, device=targets.device)  # holds float32 or float64 exactly
+    greedy = torch.empty(len(targets), dtype=torch.bool, device=targets.device)
+    for a in range(0, len(targets), HEAD_ROWS):
+        b = min(a + HEAD_ROWS, len(targets))
+        z = logits_of(a, b)  # (n, vocab)
+        if z.dtype != torch.float64:
+            z = z.float()
+        top = z.amax(-1, keepdim=True)  # (n, 1)
+        target = z.gather(1, targets[a:b].unsqueeze(1))  # (n, 1)
+        lse = z.sub_(top).exp_().sum(-1, keepdim=True).log_()  # (n, 1), in place: z is not needed after
+        logp[a:b] = (target - top - lse).squeeze(1)
+        greedy[a:b] = (target >= top).squeeze(1)
+    return logp, greedy
 
 
 def _batch_size(value) -> int:
@@ -168,17 +197,20 @@ class PeerlabLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     # ----------------------------------------------------------------------------------- model calls
-    def _logits_at(self, ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """ids (B, T); rows, cols (N,) -> log-softmax (N, vocab) of the next-token logits at those positions."""
+    def _scored(self, ids, rows, cols, targets, segments=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of each target and whether it is the greedy choice, at the given positions.
+
+        ids (B, T); rows, cols, targets (N,): the next-token distribution at ids[rows, cols] and
+        the token it is asked for. Returns log p (N,) and greedy (N,) bool: no token has a higher
+        logit. segments (B, T): packed rows (`PeerMLAModel.hidden_states`); None for plain causal rows.
+        """
         with self.autocast:
-            if self._sharded:
-                logits = self.model(ids)[rows, cols]  # (N, vocab)
-            else:
-                h = self.model.hidden_states(ids)  # (B, T, d)
-                logits = self.model.lm_head(h[rows, cols])  # (N, vocab): the head only where scored
-        if logits.dtype != torch.float64:
-            logits = logits.float()
-        return F.log_softmax(logits, dim=-1)
+            if self._sharded:  # FSDP2: through the root's forward, which gathers the parameters
+                logits = self.model(ids, segments=segments, at=(rows, cols))  # (N, vocab)
+                return _target_logprobs(lambda a, b: logits[a:b], targets)
+            # the last feed-forward and the head only where scored
+            h = self.model.hidden_states(ids, segments=segments, at=(rows, cols))  # (N, d)
+            return _target_logprobs(lambda a, b: self.model.lm_head(h[a:b]), targets)
 
     def _last_logits(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """The next-token logits (B, vocab) after ids (B, T), through the cache when given."""
@@ -188,6 +220,45 @@ class PeerlabLM(TemplateLM):
             return self.model.lm_head(self.model.hidden_states(ids, cache)[:, -1])
 
     # ----------------------------------------------------------------------------------- loglikelihood
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's `TemplateLM.loglikelihood` with the requests tokenized in two batch calls (see `encode_pairs`)."""
+        pairs = [req.args for req in requests]
+        encoded = self.encode_pairs(pairs)
+        return self._loglikelihood_tokens(
+            [(pair, context, continuation) for pair, (context, continuation) in zip(pairs, encoded)], disable_tqdm
+        )
+
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(context, continuation) strings -> token ids, exactly as `TemplateLM` encodes them one by one.
+
+        A context's trailing spaces move to its continuation; context + continuation is encoded
+        whole and split after the context's own tokens (`TemplateLM._encode_pair`); an empty
+        context becomes end-of-text (`TemplateLM.loglikelihood`). Here the wholes and the
+        distinct contexts (a multiple-choice question repeats its own for every answer) go to
+        the fast tokenizer in one batch call each.
+        """
+        moved = []
+        for context, continuation in pairs:
+            spaces = len(context) - len(context.rstrip())
+            moved.append((context[: len(context) - spaces], context[len(context) - spaces :] + continuation))
+        contexts = sorted({context for context, _ in moved if context})
+        wholes = [context + continuation for context, continuation in moved]
+        context_ids = dict(zip(contexts, self._encode_batch(contexts)))
+        out = []
+        for (original, _), (context, continuation), whole in zip(pairs, moved, self._encode_batch(wholes)):
+            if original == "":  # TemplateLM: end-of-text as the context, unless the continuation starts with it
+                ids = self.tok_encode(continuation)
+                out.append(([self.prefix_token_id], ids) if ids[:1] != [self.prefix_token_id] else (ids[:1], ids[1:]))
+            else:
+                context_enc = context_ids[context] if context else []
+                out.append((context_enc, whole[len(context_enc) :]))
+        return out
+
+    def _encode_batch(self, strings: list[str]) -> list[list[int]]:
+        if not strings:
+            return []
+        return self.tokenizer(strings, add_special_tokens=False)["input_ids"]
+
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: (request strings or None, context ids, continuation ids) -> (log p, greedy) each.
@@ -217,47 +288,94 @@ class PeerlabLM(TemplateLM):
         return out
 
     def _score(self, requests, disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """Requests whose continuation fits the window, sorted by length and batched: (log p, greedy) each."""
+        """Requests whose continuation fits the window, packed into rows and batched: (log p, greedy) each."""
         was_training = self.model.training
         self.model.eval()
-        collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
-        out = []
+        out: list = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (peerlab)")
-        for chunk in collator.get_batched(n=self.batch_size):
-            seqs, conts = [], []
-            for _, context, continuation in chunk:
-                whole = context + continuation
-                if len(whole) > self.max_length + 1 and not self._warned_truncation:
-                    log.warning("requests longer than %d tokens lose their first tokens", self.max_length + 1)
-                    self._warned_truncation = True
-                seqs.append(whole[-(self.max_length + 1) :][:-1])  # the input; its last token is never read
-                conts.append(continuation)
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self._eot, dtype=torch.long)  # right-padded: causal, so harmless
-            rows, cols, targets = [], [], []
-            for i, (seq, cont) in enumerate(zip(seqs, conts)):
-                ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                first = len(seq) - len(cont)  # position whose logits predict cont[0]
-                rows += [i] * len(cont)
-                cols += range(first, len(seq))
-                targets += cont
-            logp = self._logits_at(
-                ids.to(self.device), torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
-            )  # (N, vocab)
-            targets_t = torch.tensor(targets, device=self.device)
-            chosen = logp.gather(1, targets_t.unsqueeze(1)).squeeze(1)  # (N,)
-            hits = logp.argmax(-1) == targets_t  # (N,)
+        rows = self._pack(requests)
+        for b in range(0, len(rows), self.batch_size):
+            batch = rows[b : b + self.batch_size]
+            width = max(
+                len(context) + sum(max(len(requests[j][2]) - 1, 0) for j in members) for context, members in batch
+            )
+            ids = torch.full((len(batch), width), self._eot, dtype=torch.long)  # right-padded
+            segments = torch.zeros((len(batch), width), dtype=torch.long)
+            at, cols, targets, spans = [], [], [], []  # scored (row, position), next tokens, each request's share
+            for i, (context, members) in enumerate(batch):
+                ids[i, : len(context)] = torch.tensor(context, dtype=torch.long)
+                end = len(context)
+                for s, j in enumerate(members, start=1):
+                    continuation = requests[j][2]
+                    inputs = continuation[:-1]  # the last token is predicted, never read
+                    ids[i, end : end + len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+                    segments[i, end : end + len(inputs)] = s
+                    if continuation:  # the context's last position predicts its first token
+                        at += [i] * len(continuation)
+                        cols += [len(context) - 1, *range(end, end + len(inputs))]
+                        targets += continuation
+                    spans.append((j, len(continuation)))
+                    end += len(inputs)
+                # padding: a segment of its own for each token, so it sits at a valid position
+                segments[i, end:] = torch.arange(len(members) + 1, len(members) + 1 + width - end)
+            packed = any(len(members) > 1 for _, members in batch)
+            chosen, hits = self._scored(
+                ids.to(self.device),
+                torch.tensor(at, device=self.device),
+                torch.tensor(cols, device=self.device),
+                torch.tensor(targets, device=self.device),
+                segments.to(self.device) if packed else None,  # one request a row: plain causal rows
+            )  # (N,) each
             start = 0
-            for (request, _, _), n in zip(chunk, (len(c) for c in conts)):
+            for j, n in spans:
                 answer = (float(chosen[start : start + n].sum()), bool(hits[start : start + n].all()))
                 start += n
-                out.append(answer)
-                if request is not None:
-                    self.cache_hook.add_partial("loglikelihood", request, answer)
+                out[j] = answer
+                if requests[j][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[j][0], answer)
                 bar.update(1)
         bar.close()
         self.model.train(was_training)
-        return collator.get_original(out)
+        return out
+
+    def _pack(self, requests) -> list[tuple[list[int], list[int]]]:
+        """Rows of requests that share their context: (context, [request index, ...]), longest first.
+
+        A multiple-choice question asks for log p(answer | question) for each of its answers:
+        one row holds the question's tokens once and then each answer but its last token
+        (`PeerMLAModel.hidden_states` with segments: every answer sees the question and itself
+        only). A row stays within `max_length` tokens, so a batch of `batch_size` rows is no
+        larger than one of unpacked requests; a request with a context of its own is a row by
+        itself, as before. Contexts are compared after the window's cut (see `_cut`).
+        """
+        by_context: dict[tuple, list[int]] = {}
+        for j, (_, context, continuation) in enumerate(requests):
+            by_context.setdefault(tuple(self._cut(context, continuation)), []).append(j)
+        rows = []
+        for context, members in by_context.items():
+            row, length = [], len(context)
+            for j in members:
+                grow = max(len(requests[j][2]) - 1, 0)
+                if row and length + grow > self.max_length:
+                    rows.append((list(context), row))
+                    row, length = [], len(context)
+                row.append(j)
+                length += grow
+            rows.append((list(context), row))
+        width = {id(r): len(r[0]) + sum(max(len(requests[j][2]) - 1, 0) for j in r[1]) for r in rows}
+        return sorted(rows, key=lambda r: (-width[id(r)], r[0]))
+
+    def _cut(self, context: list[int], continuation: list[int]) -> list[int]:
+        """The context tokens the window keeps: the input is the last max_length + 1 tokens of context + continuation."""
+        if not context:  # a context of spaces only: after end-of-text, as lm-eval scores an empty one
+            return [self._eot]
+        keep = self.max_length + 1 - len(continuation)  # >= 1: a continuation longer than the window comes in pieces
+        if len(context) > keep:
+            if not self._warned_truncation:
+                log.warning("requests longer than %d tokens lose their first tokens", self.max_length + 1)
+                self._warned_truncation = True
+            return context[-keep:]
+        return context
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(text) per request: the sum over its rolling windows, all windows batched together."""
