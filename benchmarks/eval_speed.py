@@ -10,7 +10,9 @@
    MLP of `intermediate_size` in every layer, since transformers has no PEER layer), randomly
    initialised (nothing is downloaded). Both score in float32 with the same batch size. A third
    line runs the adapter over peerlab's dense baseline (`use_peer: false`, the same config):
-   the adapter against HFLM without the PEER layer's own cost.
+   the adapter against HFLM without the PEER layer's own cost. A fourth pair scores one answer
+   per question only (no two requests share a context, so the adapter packs nothing): the
+   ratio for requests that are not multiple choice.
 2. Generation tokens/s of the adapter's greedy decoding (`generate_until`'s loop) with the MLA
    latent cache against recomputing the whole sequence at every step, at `--gen-tokens` new
    tokens after a 64-token prompt, batch 1 and batch 8.
@@ -32,11 +34,13 @@ from pathlib import Path
 import torch
 
 
-def mc_requests(data_dir: Path, count: int) -> list:
+def mc_requests(data_dir: Path, count: int, distinct: bool = False) -> list:
     from lm_eval.api.instance import Instance
 
     rows = [json.loads(x) for x in (data_dir / "heldout_mc.jsonl").read_text().splitlines() if x.strip()]
     args = [(r["context"], " " + ending) for r in rows for ending in r["endings"]][:count]
+    if distinct:  # one answer per question, in turn: no two requests share a context
+        args = [(r["context"], " " + r["endings"][i % len(r["endings"])]) for i, r in enumerate(rows)][:count]
     return [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
@@ -109,6 +113,7 @@ def main(argv=None) -> None:
     hf_model = deepseek_of_the_same_shape(cfg.model_config)
     theirs = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch, max_length=max_length)
     requests = mc_requests(Path(args.data) / "evals", args.requests)
+    distinct = mc_requests(Path(args.data) / "evals", args.requests, distinct=True)
     params = {
         "peerlab": sum(p.numel() for p in ours.model.parameters()),
         "deepseek_v3": sum(p.numel() for p in hf_model.parameters()),
@@ -118,16 +123,20 @@ def main(argv=None) -> None:
     ours.loglikelihood(requests[:batch], disable_tqdm=True)  # warm-up
     theirs.loglikelihood(requests[:batch], disable_tqdm=True)
     dense.loglikelihood(requests[:batch], disable_tqdm=True)
-    t_ours, t_theirs, t_dense = [], [], []
+    t_ours, t_theirs, t_dense, t_ours_distinct, t_theirs_distinct = [], [], [], [], []
     for _ in range(args.rounds):
         t_ours.append(timed(lambda: ours.loglikelihood(requests, disable_tqdm=True)))
         t_theirs.append(timed(lambda: theirs.loglikelihood(requests, disable_tqdm=True)))
         t_dense.append(timed(lambda: dense.loglikelihood(requests, disable_tqdm=True)))
+        t_ours_distinct.append(timed(lambda: ours.loglikelihood(distinct, disable_tqdm=True)))
+        t_theirs_distinct.append(timed(lambda: theirs.loglikelihood(distinct, disable_tqdm=True)))
     a = ours.loglikelihood(requests[:4], disable_tqdm=True)
     assert all(torch.isfinite(torch.tensor(x[0])) for x in a)
     rate_ours = len(requests) / statistics.median(t_ours)
     rate_theirs = len(requests) / statistics.median(t_theirs)
     rate_dense = len(requests) / statistics.median(t_dense)
+    rate_ours_distinct = len(distinct) / statistics.median(t_ours_distinct)
+    rate_theirs_distinct = len(distinct) / statistics.median(t_theirs_distinct)
 
     # 2. generation tokens/s with and without the latent cache.
     passages = (Path(args.data) / "evals" / "bpb_prose.jsonl").read_text().splitlines()
@@ -156,6 +165,9 @@ def main(argv=None) -> None:
         "loglikelihood_ratio": rate_ours / rate_theirs,
         "loglikelihood_dense_baseline_per_s": rate_dense,
         "loglikelihood_dense_ratio": rate_dense / rate_theirs,
+        "distinct_requests": len(distinct),
+        "loglikelihood_distinct_per_s": {"peerlab": rate_ours_distinct, "hflm_deepseek_v3": rate_theirs_distinct},
+        "loglikelihood_distinct_ratio": rate_ours_distinct / rate_theirs_distinct,
         "generation_tokens_per_s": {str(k): v for k, v in gen.items()},
         "generation_cache_speedup": {str(k): v["cache"] / v["recompute"] for k, v in gen.items()},
         "gen_tokens": args.gen_tokens,
@@ -170,6 +182,11 @@ def main(argv=None) -> None:
     print(
         f"  the adapter over peerlab's dense baseline of the same config (use_peer: false, no PEER layer): "
         f"{rate_dense:.1f} req/s, {rate_dense / rate_theirs:.2f}x HFLM (the adapter's own share of the difference)"
+    )
+    print(
+        f"  {len(distinct)} requests with distinct contexts (one answer per question): peerlab "
+        f"{rate_ours_distinct:.1f} req/s, HFLM {rate_theirs_distinct:.1f} req/s, "
+        f"ratio {rate_ours_distinct / rate_theirs_distinct:.2f}x"
     )
     for rows, g in gen.items():
         print(

@@ -134,12 +134,14 @@ class MLA(nn.Module):
         c, k_rope = cache.append(c_new, k_rope_new)  # (B, L, r), (B, L, rope); L = tokens so far
         w = self.kv_up.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_rank)  # (H, nope+v, r)
         w_k, w_v = w.split([self.nope, self.v_dim], dim=1)  # (H, nope, r), (H, v, r)
-        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_k)  # (B, H, T, r): W^UK absorbed into q
+        q_latent = torch.matmul(q_nope, w_k)  # (B, H, T, r): W^UK absorbed into q
         q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r+rope)
         k = torch.cat((c, k_rope), dim=-1).unsqueeze(1)  # (B, 1, L, r+rope): one head shared by all
         L = k.shape[2]
-        # Token i of the new ones sits at position L - T + i and sees keys 0 .. L - T + i.
-        mask = torch.arange(L, device=x.device) <= torch.arange(L - T, L, device=x.device).unsqueeze(1)  # (T, L)
+        # Token i of the new ones sits at position L - T + i and sees keys 0 .. L - T + i (one new token: all).
+        mask = None
+        if T > 1:
+            mask = torch.arange(L, device=x.device) <= torch.arange(L - T, L, device=x.device).unsqueeze(1)  # (T, L)
         o_latent = F.scaled_dot_product_attention(
             q,
             k.expand(B, self.num_heads, L, -1),
@@ -147,7 +149,7 @@ class MLA(nn.Module):
             attn_mask=mask,
             scale=self.scale,
         )  # (B, H, T, r)
-        o = torch.einsum("bhtr,hvr->bthv", o_latent, w_v)  # (B, T, H, v): W^UV applied after the sum
+        o = torch.matmul(o_latent, w_v.transpose(1, 2)).transpose(1, 2)  # (B, T, H, v): W^UV applied after the sum
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
 
 
