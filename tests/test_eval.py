@@ -123,6 +123,7 @@ def test_multiple_choice_answers_share_one_row(model64, tokenizer, texts):
     for (context, continuation), (logp, _) in zip(encoded, got):
         expected = float(direct_logprobs(model64, context + continuation)[-len(continuation) :].sum())
         assert logp == pytest.approx(expected, rel=1e-11)
+    assert lm._loglikelihood_tokens([(None, encoded[0][0], []), (None, encoded[0][0], [])]) == [(0.0, True)] * 2
     # Answers too long to share one row of max_length tokens are spread over several rows.
     long_answers = [(question, " " + texts[10 + i][:60]) for i in range(3)]
     encoded = lm.encode_pairs(long_answers)

@@ -319,13 +319,16 @@ class PeerlabLM(TemplateLM):
                 # padding: a segment of its own for each token, so it sits at a valid position
                 segments[i, end:] = torch.arange(len(members) + 1, len(members) + 1 + width - end)
             packed = any(len(members) > 1 for _, members in batch)
-            chosen, hits = self._scored(
-                ids.to(self.device),
-                torch.tensor(at, device=self.device),
-                torch.tensor(cols, device=self.device),
-                torch.tensor(targets, device=self.device),
-                segments.to(self.device) if packed else None,  # one request a row: plain causal rows
-            )  # (N,) each
+            if not targets:  # empty continuations only: log p = 0, greedy
+                chosen, hits = torch.zeros(0, dtype=torch.float64), torch.ones(0, dtype=torch.bool)
+            else:
+                chosen, hits = self._scored(
+                    ids.to(self.device),
+                    torch.tensor(at, device=self.device),
+                    torch.tensor(cols, device=self.device),
+                    torch.tensor(targets, device=self.device),
+                    segments.to(self.device) if packed else None,  # one request a row: plain causal rows
+                )  # (N,) each
             start = 0
             for j, n in spans:
                 answer = (float(chosen[start : start + n].sum()), bool(hits[start : start + n].all()))
