@@ -124,6 +124,14 @@ def test_multiple_choice_answers_share_one_row(model64, tokenizer, texts):
         expected = float(direct_logprobs(model64, context + continuation)[-len(continuation) :].sum())
         assert logp == pytest.approx(expected, rel=1e-11)
     assert lm._loglikelihood_tokens([(None, encoded[0][0], []), (None, encoded[0][0], [])]) == [(0.0, True)] * 2
+    # An empty continuation after a context longer than the window, batched with a scored request.
+    long_context = tokenizer(texts[14])["input_ids"][:100]
+    assert len(long_context) == 100  # longer than max_length + 1 = 65
+    got = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=2, max_length=64)._loglikelihood_tokens(
+        [(None, long_context, []), (None, long_context[:10], long_context[10:15])]
+    )
+    assert got[0] == (0.0, True)
+    assert got[1][0] == pytest.approx(float(direct_logprobs(model64, long_context[:15])[-5:].sum()), rel=1e-11)
     # Answers too long to share one row of max_length tokens are spread over several rows.
     long_answers = [(question, " " + texts[10 + i][:60]) for i in range(3)]
     encoded = lm.encode_pairs(long_answers)
@@ -158,6 +166,8 @@ def test_scores_are_taken_from_the_logits_in_blocks():
     expected = torch.log_softmax(logits.double(), -1).gather(1, targets.unsqueeze(1)).squeeze(1)
     torch.testing.assert_close(logp, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(greedy, logits.argmax(-1) == targets) and greedy.sum() >= len(logits) // 3
+    tie = torch.tensor([[1.0, 3.0, 3.0, 0.5], [1.0, 3.0, 3.0, 0.5]])  # ties go to the first, as lm-eval's argmax
+    assert _target_logprobs(lambda a, b: tie[a:b].clone(), torch.tensor([1, 2]))[1].tolist() == [True, False]
 
 
 def test_rolling_loglikelihood_is_the_sum_over_windows(model64, tokenizer, texts):

@@ -5,7 +5,7 @@ its newest checkpoint) with the run's `resolved_config.yaml`; `PeerlabLM(model=m
 wraps a model in memory (the training loop's). The three request types of lm-eval:
 
 - `loglikelihood(context, continuation)`: log p(continuation | context) = sum_i log p(c_i | context, c_<i),
-  and whether greedy decoding would produce the continuation (no token more likely than any c_i);
+  and whether greedy decoding would produce the continuation (every c_i the argmax, the first on ties, as lm-eval's HFLM);
 - `loglikelihood_rolling(text)`: log p(text | end-of-text) over windows of `max_length` tokens
   (lm-eval's `get_rolling_token_windows` with context_len = 1: each token is predicted once, and
   the last window is filled up with earlier tokens as context, as `LM.loglikelihood_rolling` documents);
@@ -15,10 +15,11 @@ wraps a model in memory (the training loop's). The three request types of lm-eva
 Loglikelihood requests that share their context (the answers of a multiple-choice question)
 are packed into one row: the context once, then each continuation, each seeing the context and
 itself only (`_pack`); that reads about half the tokens on 4-way multiple choice. Rows are
-sorted by length (longest first) and batched by `batch_size` rows, so a batch pads little; the
-other request types are sorted and batched by lm-eval's `Collator`. The LM head runs only at the
-positions that are scored (and at the last position when generating), never over the whole
-padded (B, T, vocab) block.
+sorted by length (longest first) and batched by `batch_size` rows, so a batch pads little
+(rolling windows go the same way; `generate_until` is sorted and batched by lm-eval's
+`Collator`). The last block's feed-forward and the LM head run only at the positions that are
+scored (the LM head at the last position when generating), never over the whole padded
+(B, T, vocab) block.
 """
 
 from __future__ import annotations
@@ -87,12 +88,14 @@ HEAD_ROWS = 64  # positions whose logits are scored at a time (64 x a 32k vocabu
 
 
 def _target_logprobs(logits_of, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p (N,) of each target token and whether it is greedy (N,) bool: no logit above its own.
+    """log p (N,) of each target token and whether it is greedy (N,) bool: the argmax, as in lm-eval.
 
     logits_of(a, b) gives the logits (b - a, vocab) of positions a..b-1; they are taken
-    `HEAD_ROWS` at a time, so each block is read from cache by the passes below, and neither
-    the (N, vocab) logits nor a log-softmax of them is ever held. log p = z_t - m - log sum exp(z - m)
-    with m the largest logit; a max, not an argmax (several times slower on CPUs), decides greedy.
+    `HEAD_ROWS` at a time, so each block is read from cache by the passes below, and no
+    log-softmax of all N positions is built. log p = z_t - m - log sum exp(z - m) with m the
+    largest logit. A max decides greedy where the target's logit is below it; an argmax (first
+    index wins on ties, several times slower than a max on CPUs) runs only on the rows where it
+    equals it.
     """
     logp = torch.empty(len(targets), dtype=torch.float64, device=targets.device)  # holds float32 or float64 exactly
     greedy = torch.empty(len(targets), dtype=torch.bool, device=targets.device)
@@ -103,9 +106,13 @@ def _target_logprobs(logits_of, targets: torch.Tensor) -> tuple[torch.Tensor, to
             z = z.float()
         top = z.amax(-1, keepdim=True)  # (n, 1)
         target = z.gather(1, targets[a:b].unsqueeze(1))  # (n, 1)
+        hit = (target >= top).squeeze(1)  # (n,): the target's logit is the largest
+        if hit.any():  # ties: lm-eval's argmax takes the first of them
+            rows = hit.nonzero().squeeze(1)
+            hit[rows] = z[rows].argmax(-1) == targets[a:b][rows]
+        greedy[a:b] = hit
         lse = z.sub_(top).exp_().sum(-1, keepdim=True).log_()  # (n, 1), in place: z is not needed after
         logp[a:b] = (target - top - lse).squeeze(1)
-        greedy[a:b] = (target >= top).squeeze(1)
     return logp, greedy
 
 
@@ -201,8 +208,7 @@ class PeerlabLM(TemplateLM):
         """log p of each target and whether it is the greedy choice, at the given positions.
 
         ids (B, T); rows, cols, targets (N,): the next-token distribution at ids[rows, cols] and
-        the token it is asked for. Returns log p (N,) and greedy (N,) bool: no token has a higher
-        logit. segments (B, T): packed rows (`PeerMLAModel.hidden_states`); None for plain causal rows.
+        the token it is asked for. Returns log p (N,) and greedy (N,) bool: the target is the argmax. segments (B, T): packed rows (`PeerMLAModel.hidden_states`); None for plain causal rows.
         """
         with self.autocast:
             if self._sharded:  # FSDP2: through the root's forward, which gathers the parameters
@@ -372,7 +378,8 @@ class PeerlabLM(TemplateLM):
         """The context tokens the window keeps: the input is the last max_length + 1 tokens of context + continuation."""
         if not context:  # a context of spaces only: after end-of-text, as lm-eval scores an empty one
             return [self._eot]
-        keep = self.max_length + 1 - len(continuation)  # >= 1: a continuation longer than the window comes in pieces
+        # >= 1: a continuation longer than the window comes in pieces; an empty one still predicts nothing
+        keep = self.max_length + 1 - max(len(continuation), 1)
         if len(context) > keep:
             if not self._warned_truncation:
                 log.warning("requests longer than %d tokens lose their first tokens", self.max_length + 1)
