@@ -38,9 +38,10 @@ def mc_requests(data_dir: Path, count: int, distinct: bool = False) -> list:
     from lm_eval.api.instance import Instance
 
     rows = [json.loads(x) for x in (data_dir / "heldout_mc.jsonl").read_text().splitlines() if x.strip()]
-    args = [(r["context"], " " + ending) for r in rows for ending in r["endings"]][:count]
     if distinct:  # one answer per question, in turn: no two requests share a context
         args = [(r["context"], " " + r["endings"][i % len(r["endings"])]) for i, r in enumerate(rows)][:count]
+    else:
+        args = [(r["context"], " " + ending) for r in rows for ending in r["endings"]][:count]
     return [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 

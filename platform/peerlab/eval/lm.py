@@ -5,7 +5,8 @@ its newest checkpoint) with the run's `resolved_config.yaml`; `PeerlabLM(model=m
 wraps a model in memory (the training loop's). The three request types of lm-eval:
 
 - `loglikelihood(context, continuation)`: log p(continuation | context) = sum_i log p(c_i | context, c_<i),
-  and whether greedy decoding would produce the continuation (every c_i the argmax, the first on ties, as lm-eval's HFLM);
+  and whether greedy decoding would produce the continuation (every c_i the argmax, the first on
+  ties, as in lm-eval's HFLM);
 - `loglikelihood_rolling(text)`: log p(text | end-of-text) over windows of `max_length` tokens
   (lm-eval's `get_rolling_token_windows` with context_len = 1: each token is predicted once, and
   the last window is filled up with earlier tokens as context, as `LM.loglikelihood_rolling` documents);
@@ -116,6 +117,11 @@ def _target_logprobs(logits_of, targets: torch.Tensor) -> tuple[torch.Tensor, to
     return logp, greedy
 
 
+def _row_width(requests, context, members) -> int:
+    """Tokens of a packed row: the context, then each member's continuation but its last token."""
+    return len(context) + sum(max(len(requests[j][2]) - 1, 0) for j in members)
+
+
 def _batch_size(value) -> int:
     """lm-eval passes batch sizes as ints or strings ("16", "auto", "auto:4"); auto means 16 here."""
     if value is None or str(value).startswith("auto"):
@@ -208,7 +214,8 @@ class PeerlabLM(TemplateLM):
         """log p of each target and whether it is the greedy choice, at the given positions.
 
         ids (B, T); rows, cols, targets (N,): the next-token distribution at ids[rows, cols] and
-        the token it is asked for. Returns log p (N,) and greedy (N,) bool: the target is the argmax. segments (B, T): packed rows (`PeerMLAModel.hidden_states`); None for plain causal rows.
+        the token it is asked for. Returns log p (N,) and greedy (N,) bool: the target is the argmax.
+        segments (B, T): packed rows (`PeerMLAModel.hidden_states`); None for plain causal rows.
         """
         with self.autocast:
             if self._sharded:  # FSDP2: through the root's forward, which gathers the parameters
@@ -227,7 +234,7 @@ class PeerlabLM(TemplateLM):
 
     # ----------------------------------------------------------------------------------- loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """lm-eval's `TemplateLM.loglikelihood` with the requests tokenized in two batch calls (see `encode_pairs`)."""
+        """lm-eval's `TemplateLM.loglikelihood`, the requests tokenized in two batch calls (`encode_pairs`)."""
         pairs = [req.args for req in requests]
         encoded = self.encode_pairs(pairs)
         return self._loglikelihood_tokens(
@@ -302,9 +309,7 @@ class PeerlabLM(TemplateLM):
         rows = self._pack(requests)
         for b in range(0, len(rows), self.batch_size):
             batch = rows[b : b + self.batch_size]
-            width = max(
-                len(context) + sum(max(len(requests[j][2]) - 1, 0) for j in members) for context, members in batch
-            )
+            width = _row_width(requests, *batch[0])  # rows come longest first
             ids = torch.full((len(batch), width), self._eot, dtype=torch.long)  # right-padded
             segments = torch.zeros((len(batch), width), dtype=torch.long)
             at, cols, targets, spans = [], [], [], []  # scored (row, position), next tokens, each request's share
@@ -362,20 +367,17 @@ class PeerlabLM(TemplateLM):
             by_context.setdefault(tuple(self._cut(context, continuation)), []).append(j)
         rows = []
         for context, members in by_context.items():
-            row, length = [], len(context)
+            row = []
             for j in members:
-                grow = max(len(requests[j][2]) - 1, 0)
-                if row and length + grow > self.max_length:
+                if row and _row_width(requests, context, row + [j]) > self.max_length:
                     rows.append((list(context), row))
-                    row, length = [], len(context)
+                    row = []
                 row.append(j)
-                length += grow
             rows.append((list(context), row))
-        width = {id(r): len(r[0]) + sum(max(len(requests[j][2]) - 1, 0) for j in r[1]) for r in rows}
-        return sorted(rows, key=lambda r: (-width[id(r)], r[0]))
+        return sorted(rows, key=lambda r: (-_row_width(requests, *r), r[0]))
 
     def _cut(self, context: list[int], continuation: list[int]) -> list[int]:
-        """The context tokens the window keeps: the input is the last max_length + 1 tokens of context + continuation."""
+        """The context tokens the window keeps (the input is the last max_length + 1 of context + continuation)."""
         if not context:  # a context of spaces only: after end-of-text, as lm-eval scores an empty one
             return [self._eot]
         # >= 1: a continuation longer than the window comes in pieces; an empty one still predicts nothing

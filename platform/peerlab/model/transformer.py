@@ -117,7 +117,7 @@ class PeerMLAModel(nn.Module):
         segment s only, at the positions it would have in the sequence "segment 0, then segment
         s". Each token's hidden state then equals the one it has in that sequence on its own.
         """
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         start = cache[0].length if cache is not None else 0
         mask = None
         if segments is None:
