@@ -413,6 +413,18 @@ def test_demo_corpus_is_deterministic_and_has_three_domains(demo_corpus, tmp_pat
     assert (demo_corpus / "manifest.json").stat().st_mtime_ns == stamp
 
 
+def test_docs_domain_leaves_out_peerlabs_own_readme():
+    # An editable install's METADATA carries this repository's README: were it read, every README
+    # edit would change the corpus, its tokenizer and every demo figure on a fresh clone.
+    from importlib.metadata import distribution
+
+    from peerlab.data.corpus import docs_texts
+
+    assert len(distribution("peerlab").metadata.get_payload() or "") > 500  # it would be read
+    sources = [source for source, _ in docs_texts()]
+    assert sources and not any(s.lower() == "packages/peerlab" for s in sources)
+
+
 def test_demo_config_data_checks_pass(demo_corpus):
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",

@@ -6,7 +6,8 @@ Three domains that differ, read from the Python installation and the installed p
   of the standard library's modules, classes and functions: English prose;
 - code: the standard library's Python source files (tests left out);
 - docs: the long descriptions of the installed packages (their README files, Markdown or
-  reStructuredText, from `*.dist-info/METADATA`).
+  reStructuredText, from `*.dist-info/METADATA`), peerlab's own left out: an editable
+  install carries this repository's README, and the corpus must not move when it is edited.
 
 `prepare_demo_corpus(out_dir)` extracts them deterministically (sorted paths, fixed size
 caps), cuts long texts into documents at blank lines, and writes per domain
@@ -37,7 +38,7 @@ MAX_CHARS = {"prose": 3_000_000, "code": 6_000_000, "docs": 3_000_000}  # per do
 DOC_CHARS = 4_000  # longer texts are cut into documents of about this size, at blank lines
 HELDOUT_PER_10K = 300  # 3% of documents held out
 VOCAB_SIZE = 8192
-VERSION = 1
+VERSION = 2  # 2: peerlab's own README left out of docs
 EVAL_VERSION = 1
 # Small on purpose: the sweep runs these tasks at the end of every trial (a few seconds on a CPU).
 BPB_DOCS = 32  # passages per domain for the bits-per-byte tasks
@@ -88,9 +89,15 @@ def code_texts() -> Iterator[tuple[str, str]]:
             continue
 
 
-def docs_texts() -> Iterator[tuple[str, str]]:
+def _package_metadata() -> list[Path]:
+    """The installed packages' METADATA files, sorted, without peerlab's own (its README)."""
     site = Path(sysconfig.get_paths()["purelib"])
-    for meta in sorted(site.glob("*.dist-info/METADATA")):
+    metas = sorted(site.glob("*.dist-info/METADATA"))
+    return [m for m in metas if m.parent.name.split("-")[0].lower() != "peerlab"]
+
+
+def docs_texts() -> Iterator[tuple[str, str]]:
+    for meta in _package_metadata():
         message = HeaderParser().parsestr(meta.read_text(encoding="utf-8", errors="replace"))
         body = message.get_payload() or message.get("Description") or ""
         if len(body) > 500:
@@ -130,8 +137,7 @@ def is_heldout(doc_id: str) -> bool:
 
 def _sources_fingerprint() -> str:
     """What the corpus is made of: Python's version and the installed packages' metadata files."""
-    site = Path(sysconfig.get_paths()["purelib"])
-    names = sorted(p.parent.name for p in site.glob("*.dist-info/METADATA"))
+    names = [p.parent.name for p in _package_metadata()]
     return hashlib.sha256(json.dumps([VERSION, sys.version, names]).encode()).hexdigest()[:16]
 
 
