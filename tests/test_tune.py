@@ -85,6 +85,10 @@ def test_plan_resolves_every_trial(demo_corpus, tmp_path):
         assert [d.name for d in cfg.dataset_config.datasets] == [d.name for d in mixes[trial.mix].datasets]
     assert {t.seed for t in trials} == {42, 43}
     assert sum(t.setting == "no_peer" for t in trials) == 3 * 2
+    # Run order: every mix of a setting in turn, settings in turn, then the next seed.
+    assert [t.mix for t in trials[:3]] == list(mixes) and len({t.setting for t in trials[:3]}) == 1
+    assert [t.seed for t in trials] == [42] * 15 + [43] * 15
+    assert len({t.setting for t in trials[:15]}) == 5
 
     with pytest.raises(ConfigError, match="not a square"):
         plan_trials(base, mixes, search_space(["peer_config.num_experts=1000"]), seeds=1)

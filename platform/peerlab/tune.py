@@ -203,14 +203,19 @@ class Trial:
 
 
 def plan_trials(base: Config, mixes: dict[str, DataMix], space: SearchSpace, seeds: int) -> list[Trial]:
-    """Every trial of the sweep, each config resolved and validated; ConfigError names the trial."""
+    """Every trial of the sweep, each config resolved and validated; ConfigError names the trial.
+
+    Trials run in this order: seed by seed, setting by setting, and within a setting every mix.
+    So the first trials to finish cover every mix, and early stopping compares a trial with
+    other mixes' rungs, not only with a same-mix neighbour that is a near-tie.
+    """
     base_raw = to_dict(base)
     seed0 = base.train_config.seed
     trials, ids = [], set()
-    for mix in mixes.values():
+    for s in range(seeds):
         for setting in space.settings(seed0):
             label = setting_label(setting)
-            for s in range(seeds):
+            for mix in mixes.values():
                 trial_id = _slug(f"{mix.name}_{label}_s{seed0 + s}")
                 if trial_id in ids:  # two labels that slug alike: keep ids unique and stable
                     trial_id = f"{trial_id}_{len(trials)}"
