@@ -65,7 +65,11 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scheduler", choices=["asha", "none"], default="none", help="ASHA early stopping, or none")
     ap.add_argument("--metric", default="eval_bpb/mean", help="metric for ASHA and 'best' (default eval_bpb/mean)")
     ap.add_argument("--mode", choices=["min", "max"], default="min")
-    ap.add_argument("--grace-steps", type=int, help="ASHA: steps before the first cut (default: a quarter)")
+    ap.add_argument(
+        "--grace-steps",
+        type=int,
+        help="ASHA: steps before the first cut (default: the metric's first report, e.g. eval_steps)",
+    )
     ap.add_argument("--max-concurrent", type=int, help="trials at once (default: what the resources allow)")
     ap.add_argument("--cpus-per-trial", type=float, help="CPUs of each trial (default: shared out)")
     ap.add_argument("--gpus-per-trial", type=float, help="GPUs of each trial in local mode (default: 1 if GPUs)")

@@ -17,7 +17,7 @@ import pytest
 
 from peerlab.config import ConfigError, config_from_dict, load_config, load_mixes
 from peerlab.data.corpus import DOMAINS
-from peerlab.tune import plan_trials, search_space, setting_label
+from peerlab.tune import first_cut, plan_trials, search_space, setting_label
 from tests.conftest import ROOT
 
 
@@ -94,6 +94,17 @@ def test_plan_resolves_every_trial(demo_corpus, tmp_path):
         plan_trials(base, mixes, search_space(["peer_config.num_experts=1000"]), seeds=1)
     with pytest.raises(ConfigError, match="trial prose_heavy_query_dim=7_s42"):  # odd query_dim fails validation
         plan_trials(base, mixes, search_space(["peer_config.query_dim=7"]), seeds=1)
+
+
+def test_asha_first_cut_is_the_metrics_first_report():
+    base = load_config(ROOT / "configs" / "demo.yaml", ["train_config.eval_steps=20", "train_config.logging_steps=5"])
+    mixes = load_mixes(ROOT / "configs" / "datasets.yaml")
+    trials = plan_trials(base, mixes, search_space(["peer_config.num_experts_per_tok=4,16"]), seeds=1)
+    assert first_cut(trials, "eval_bpb/mean", 120) == 20  # held-out metrics: every eval_steps
+    assert first_cut(trials, "loss", 120) == 5  # the training loss: every logging_steps
+    trials[1].config["train_config"]["eval_steps"] = 40  # every trial must have reported before the first cut
+    assert first_cut(trials, "eval_loss/mean", 120) == 40
+    assert first_cut(trials, "eval_loss/mean", 30) == 7  # no report before the end: a quarter of the run
 
 
 @pytest.mark.parametrize(

@@ -337,7 +337,7 @@ class Schedule:
     scheduler: str | None = None
     metric: str = "eval_bpb/mean"
     mode: str = "min"
-    grace_steps: int | None = None  # steps before ASHA's first cut (default: a quarter of the run)
+    grace_steps: int | None = None  # steps before ASHA's first cut (default: the metric's first report, `first_cut`)
     reduction_factor: int = 2
 
 
@@ -405,7 +405,7 @@ def run_sweep(
 
     scheduler = None
     if schedule.scheduler == "asha":
-        grace = schedule.grace_steps or max(1, steps // 4)
+        grace = schedule.grace_steps or first_cut(trials, schedule.metric, steps)
         # max_t past the last step, and no stop at the last step (above): a trial always ends by itself.
         scheduler = RecordingASHA(
             time_attr="step", max_t=steps + 1, grace_period=grace, reduction_factor=schedule.reduction_factor
@@ -446,6 +446,20 @@ def error_line(lines: list[str]) -> str:
         if re.match(r"^\s*[\w.]+(Error|Exception)\b", line):
             return line.strip()
     return lines[-1].strip() if lines else "unknown error"
+
+
+def first_cut(trials: list[Trial], metric: str, steps: int) -> int:
+    """ASHA's default grace period: the first step at which every trial has reported `metric`.
+
+    Held-out metrics (`eval_*`) come every `eval_steps`, the training loss every
+    `logging_steps`; ASHA can compare trials from their first report on (Ray's own default
+    grace period is 1, the first report). A quarter of the run where a trial never reports
+    the metric before its end.
+    """
+    every = "eval_steps" if metric.startswith("eval_") else "logging_steps"
+    firsts = [t.config["train_config"].get(every) or 0 for t in trials]
+    first = max(firsts, default=0)
+    return first if 0 < first < steps else max(1, steps // 4)
 
 
 def _steps(trial: Trial) -> int:
