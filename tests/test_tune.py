@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import numpy as np
 import pytest
 
 from peerlab.config import ConfigError, config_from_dict, load_config, load_mixes
 from peerlab.data.corpus import DOMAINS
-from peerlab.tune import first_cut, plan_trials, search_space, setting_label
+from peerlab.tune import Rungs, first_cut, plan_trials, search_space, setting_label
 from tests.conftest import ROOT
 
 
@@ -105,6 +106,54 @@ def test_asha_first_cut_is_the_metrics_first_report():
     trials[1].config["train_config"]["eval_steps"] = 40  # every trial must have reported before the first cut
     assert first_cut(trials, "eval_loss/mean", 120) == 40
     assert first_cut(trials, "eval_loss/mean", 30) == 7  # no report before the end: a quarter of the run
+
+
+def test_rungs_recheck_stops_an_early_arrival_that_later_results_put_below_the_cut():
+    rungs = Rungs(grace=10, max_t=121, rf=2)
+    assert sorted(rungs.recorded) == [10, 20, 40, 80]  # Ray's milestones for these settings
+    assert rungs.report("a", 10, -3.40)  # first at the rung: nothing to lose to (Ray: go on)
+    assert rungs.report("b", 10, -3.37)  # better than a: go on
+    # a reaches step 20 first, so Ray, which decides once on arrival, lets it go on; b's
+    # result at step 10 now puts a in the bottom half there.
+    assert not rungs.report("a", 20, -3.05)
+    # a should not have passed rung 10, so its step-20 result leaves rung 20: b is first there.
+    assert rungs.report("b", 20, -3.07) and "a" not in rungs.recorded[20]
+    assert rungs.report("b", 30, -2.90)
+    assert not rungs.report("c", 10, -3.45)  # a late arrival below the cut: stopped as Ray stops it
+
+
+def test_rungs_decide_as_ray_one_trial_at_a_time_and_never_stop_the_best_trial():
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    class Named:  # what _Bracket reads of a Tune trial
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(3, 9))
+        curves = {i: [rng.normal() * 0.05 - 1.0 / s + rng.normal() * 0.01 for s in range(1, 13)] for i in range(n)}
+        best = int(rng.integers(n))
+        curves[best] = [max(curves[i][k] for i in range(n)) + 0.01 for k in range(12)]  # ahead at every step
+
+        # One trial at a time, each to its end or its stop: nothing lands at a rung after a trial's
+        # own decision there, so the re-checks change nothing and the rungs decide as Ray does.
+        ray_bracket, ours = _Bracket(10, 121, 2, 0), Rungs(10, 121, 2)
+        for i in range(n):
+            for s in range(1, 13):
+                ray_goes = ray_bracket.on_result(Named(i), s * 10, curves[i][s - 1]) == TrialScheduler.CONTINUE
+                assert ours.report(i, s * 10, curves[i][s - 1]) == ray_goes
+                if not ray_goes:
+                    break
+
+        # Trials at once, each with its own start and speed: the best one always runs to the end.
+        ours, going = Rungs(10, 121, 2), set(range(n))
+        start, pace = rng.uniform(0, 60, size=n), rng.uniform(0.8, 1.2, size=n)
+        for _, i, s in sorted((start[i] + s * 10 * pace[i], i, s) for i in range(n) for s in range(1, 13)):
+            if i in going and not ours.report(i, s * 10, curves[i][s - 1]):
+                going.discard(i)
+        assert best in going and len(going) < n
 
 
 @pytest.mark.parametrize(

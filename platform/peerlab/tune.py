@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from peerlab.config import Config, ConfigError, DataMix, PeerConfig, config_from_dict, to_dict
@@ -359,12 +360,21 @@ def run_sweep(
         return by_id[tune_trial.config["trial"]["trial_id"]]
 
     class RecordingASHA(AsyncHyperBandScheduler):
-        """ASHA that writes stopped.json in the run folder of every trial it stops early."""
+        """ASHA that re-checks its rungs (`Rungs`) and writes stopped.json in every trial it stops early."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.rungs = Rungs(kwargs["grace_period"], kwargs["max_t"], kwargs["reduction_factor"])
 
         def on_trial_result(self, tune_controller, trial, result):
-            action = super().on_trial_result(tune_controller, trial, result)
+            super().on_trial_result(tune_controller, trial, result)  # Ray's own bookkeeping; the rungs decide
             if result.get("step", steps) >= steps_of[our_trial(trial).trial_id]:
                 return TrialScheduler.CONTINUE  # its last step: let it write its final checkpoint and evaluations
+            value, action = result.get(schedule.metric), TrialScheduler.CONTINUE
+            if value is not None and "step" in result:
+                reward = value if schedule.mode == "max" else -value
+                if not self.rungs.report(trial.trial_id, result["step"], reward):
+                    action = TrialScheduler.STOP
             if action == TrialScheduler.STOP:
                 mark(
                     trial_dir(sweep_dir, our_trial(trial).trial_id),
@@ -438,6 +448,44 @@ def run_sweep(
             lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
             mark(trial_dir(sweep_dir, trial_id), "error.json", {"error": error_line(lines)})
     return {t.trial_id: _status(sweep_dir, t) for t in trials}
+
+
+class Rungs:
+    """ASHA's rungs (Li et al. 2020, asynchronous successive halving), with re-checks.
+
+    Rungs fall at grace x rf^k steps below max_t. A trial's reward (higher is better) is
+    recorded at each rung it reaches, and it goes on only while it is in the top 1/rf of the
+    results recorded at every rung it has passed: at or above the (1 - 1/rf) percentile of
+    the other trials' results there. Ray's AsyncHyperBandScheduler makes that decision once,
+    when the trial reaches the rung, against the results already there, so the first trials
+    to arrive always go on (the first has nothing to lose to). Here it is made again at each
+    of the trial's later reports, against every result recorded since: in a small sweep the
+    trials that happened to get there first face the same test as the rest, and a trial so
+    stopped leaves the later rungs it should not have reached. A trial that reaches a rung
+    after the others is decided exactly as Ray decides it.
+    """
+
+    def __init__(self, grace: int, max_t: int, rf: float):
+        count = int(math.log(max_t / grace) / math.log(rf) + 1)  # as Ray's _Bracket
+        self.rf = rf
+        self.recorded: dict[int, dict[str, float]] = {int(grace * rf**k): {} for k in range(count)}
+
+    def report(self, trial_id: str, step: int, reward: float) -> bool:
+        """Record `reward` at the highest rung `step` has reached (once per rung); True: go on."""
+        for milestone in sorted(self.recorded, reverse=True):
+            if step >= milestone and trial_id not in self.recorded[milestone]:
+                self.recorded[milestone][trial_id] = reward
+                break
+        milestones = sorted(self.recorded)
+        for i, milestone in enumerate(milestones):
+            results = self.recorded[milestone]
+            others = [r for t, r in results.items() if t != trial_id]
+            if trial_id in results and others:
+                if results[trial_id] < np.nanpercentile(others, (1 - 1 / self.rf) * 100):
+                    for later in milestones[i + 1 :]:  # it should not have passed this rung: its later
+                        self.recorded[later].pop(trial_id, None)  # results do not count against others
+                    return False
+        return True
 
 
 def error_line(lines: list[str]) -> str:
