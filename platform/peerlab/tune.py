@@ -461,8 +461,8 @@ class Rungs:
     to arrive always go on (the first has nothing to lose to). Here it is made again at each
     of the trial's later reports, against every result recorded since: in a small sweep the
     trials that happened to get there first face the same test as the rest, and a trial so
-    stopped leaves the later rungs it should not have reached. A trial that reaches a rung
-    after the others is decided exactly as Ray decides it.
+    stopped leaves the later rungs it should not have reached. Trials run one after another
+    are decided exactly as Ray decides them (a test checks this against Ray's _Bracket).
     """
 
     def __init__(self, grace: int, max_t: int, rf: float):
