@@ -105,8 +105,9 @@ def replay(sweep: Path, grace: int | None = None, rf: int = 2, orders: int = 200
     Trials start in the plan's order as slots free up (`max_concurrent` at once), each after
     `start_s` of set-up, and report the metric at its evaluations at its own pace (seconds a
     step from train_s, times a factor drawn in [0.85, 1.15] per order). A trial stops where
-    the rungs say so or at its last step. `grace` defaults to the sweep's own (`first_cut`). Returns the trial-steps' share of the full grid
-    (min, max over orders) and the share of orders that keep the full grid's winner.
+    the rungs say so or at its last step. `grace` defaults to the sweep's own (`first_cut`).
+    Returns the trial-steps' share of the full grid (min, max over orders) and the share of
+    orders that keep the full grid's winner.
     """
     from types import SimpleNamespace
 
