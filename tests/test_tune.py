@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -303,8 +302,8 @@ def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_pa
     assert all(s == list(range(1, 13)) for s in steps)  # resumed runs continue to the end, no step missing
 
 
-@pytest.mark.skipif(os.environ.get("PEERLAB_SLOW") != "1", reason="ASHA sweep: set PEERLAB_SLOW=1")
 def test_asha_stops_some_trials(ray_cluster, demo_corpus, tmp_path):
+    # The scheduler's real path: Tune results into RecordingASHA, peerlab.tune.Rungs deciding.
     mixes, config = sweep_files(demo_corpus, tmp_path)
     argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, tmp_path, steps=12),
             "--grid", "peer_config.num_experts_per_tok=1,2,4,8", "--name", "asha", "--scheduler", "asha",
@@ -312,3 +311,10 @@ def test_asha_stops_some_trials(ray_cluster, demo_corpus, tmp_path):
     assert ablate_module().main(argv) == 0
     trials = pd.read_parquet(tmp_path / "asha" / "trials.parquet")
     assert (trials["status"] == "stopped").any() and (trials["status"] == "finished").any()
+    for row in trials.itertuples():
+        marker = tmp_path / "asha" / "trials" / row.trial_id / "stopped.json"
+        if row.status == "stopped":  # stopped at a report of the metric, before its last step
+            stop = json.loads(marker.read_text())
+            assert stop["step"] in (3, 6, 9) and row.steps == stop["step"] and stop["eval_loss/mean"] > 0
+        else:
+            assert row.status == "finished" and row.steps == 12 and not marker.exists()
