@@ -109,8 +109,6 @@ def replay(sweep: Path, grace: int | None = None, rf: int = 2, orders: int = 200
     Returns the trial-steps' share of the full grid (min, max over orders) and the share of
     orders that keep the full grid's winner.
     """
-    from types import SimpleNamespace
-
     from peerlab.tune import Rungs, first_cut
 
     plan = json.loads((sweep / "sweep.json").read_text())
@@ -123,7 +121,7 @@ def replay(sweep: Path, grace: int | None = None, rf: int = 2, orders: int = 200
     pace = {t: trials.loc[t, "train_s"] / last[t] for t in order}
     winner = trials[metric].idxmin() if plan["mode"] == "min" else trials[metric].idxmax()
     if grace is None:
-        grace = first_cut([SimpleNamespace(config=t["config"]) for t in plan["trials"]], metric, max(last.values()))
+        grace = first_cut([t["config"] for t in plan["trials"]], metric, max(last.values()))
     slots, rng, shares, kept = plan["resources"]["max_concurrent"], random.Random(0), [], 0
     for _ in range(orders):
         seconds = {t: pace[t] * rng.uniform(0.85, 1.15) for t in order}  # a step, this order

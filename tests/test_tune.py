@@ -99,12 +99,12 @@ def test_plan_resolves_every_trial(demo_corpus, tmp_path):
 def test_asha_first_cut_is_the_metrics_first_report():
     base = load_config(ROOT / "configs" / "demo.yaml", ["train_config.eval_steps=20", "train_config.logging_steps=5"])
     mixes = load_mixes(ROOT / "configs" / "datasets.yaml")
-    trials = plan_trials(base, mixes, search_space(["peer_config.num_experts_per_tok=4,16"]), seeds=1)
-    assert first_cut(trials, "eval_bpb/mean", 120) == 20  # held-out metrics: every eval_steps
-    assert first_cut(trials, "loss", 120) == 5  # the training loss: every logging_steps
-    trials[1].config["train_config"]["eval_steps"] = 40  # every trial must have reported before the first cut
-    assert first_cut(trials, "eval_loss/mean", 120) == 40
-    assert first_cut(trials, "eval_loss/mean", 30) == 7  # no report before the end: a quarter of the run
+    configs = [t.config for t in plan_trials(base, mixes, search_space(["peer_config.num_experts_per_tok=4,16"]), 1)]
+    assert first_cut(configs, "eval_bpb/mean", 120) == 20  # held-out metrics: every eval_steps
+    assert first_cut(configs, "loss", 120) == 5  # the training loss: every logging_steps
+    configs[1]["train_config"]["eval_steps"] = 40  # every trial must have reported before the first cut
+    assert first_cut(configs, "eval_loss/mean", 120) == 40
+    assert first_cut(configs, "eval_loss/mean", 30) == 7  # no report before the end: a quarter of the run
 
 
 def test_rungs_recheck_stops_an_early_arrival_that_later_results_put_below_the_cut():

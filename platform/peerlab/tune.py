@@ -347,7 +347,7 @@ def run_sweep(
 ) -> dict[str, str]:
     """Run `trials` with Ray Tune; returns {trial id: status}. `total` counts the whole sweep (for progress)."""
     from ray import tune
-    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
     # Held-out metrics come every eval_steps, not in every report: ASHA waits for them (Tune's strict check would fail).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -359,29 +359,25 @@ def run_sweep(
     def our_trial(tune_trial) -> Trial:
         return by_id[tune_trial.config["trial"]["trial_id"]]
 
-    class RecordingASHA(AsyncHyperBandScheduler):
-        """ASHA that re-checks its rungs (`Rungs`) and writes stopped.json in every trial it stops early."""
+    class RecordingASHA(FIFOScheduler):
+        """ASHA by `Rungs` (Ray's rule with re-checks); writes stopped.json in every trial it stops early."""
 
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.rungs = Rungs(kwargs["grace_period"], kwargs["max_t"], kwargs["reduction_factor"])
+        def __init__(self, rungs: Rungs):
+            super().__init__()
+            self.rungs, self.stopped = rungs, 0
 
         def on_trial_result(self, tune_controller, trial, result):
-            super().on_trial_result(tune_controller, trial, result)  # Ray's own bookkeeping; the rungs decide
-            if result.get("step", steps) >= steps_of[our_trial(trial).trial_id]:
-                return TrialScheduler.CONTINUE  # its last step: let it write its final checkpoint and evaluations
-            value, action = result.get(schedule.metric), TrialScheduler.CONTINUE
-            if value is not None and "step" in result:
-                reward = value if schedule.mode == "max" else -value
-                if not self.rungs.report(trial.trial_id, result["step"], reward):
-                    action = TrialScheduler.STOP
-            if action == TrialScheduler.STOP:
-                mark(
-                    trial_dir(sweep_dir, our_trial(trial).trial_id),
-                    "stopped.json",
-                    {"step": result.get("step"), schedule.metric: result.get(schedule.metric)},
-                )
-            return action
+            ours, value = our_trial(trial), result.get(schedule.metric)
+            if value is None or "step" not in result or result["step"] >= steps_of[ours.trial_id]:
+                return TrialScheduler.CONTINUE  # no metric here, or its last step: it writes its final outputs
+            if self.rungs.report(ours.trial_id, result["step"], value if schedule.mode == "max" else -value):
+                return TrialScheduler.CONTINUE
+            self.stopped += 1
+            mark(trial_dir(sweep_dir, ours.trial_id), "stopped.json", {"step": result["step"], schedule.metric: value})
+            return TrialScheduler.STOP
+
+        def debug_string(self) -> str:
+            return f"ASHA (peerlab.tune.Rungs): rungs at steps {sorted(self.rungs.recorded)}, {self.stopped} stopped"
 
     done_before = total - len(trials)
     best: dict = {}
@@ -415,11 +411,9 @@ def run_sweep(
 
     scheduler = None
     if schedule.scheduler == "asha":
-        grace = schedule.grace_steps or first_cut(trials, schedule.metric, steps)
+        grace = schedule.grace_steps or first_cut([t.config for t in trials], schedule.metric, steps)
         # max_t past the last step, and no stop at the last step (above): a trial always ends by itself.
-        scheduler = RecordingASHA(
-            time_attr="step", max_t=steps + 1, grace_period=grace, reduction_factor=schedule.reduction_factor
-        )
+        scheduler = RecordingASHA(Rungs(grace, steps + 1, schedule.reduction_factor))
     trainable = tune.with_resources(run_trial, {"CPU": resources.cpus_per_trial, "GPU": resources.gpus_per_trial})
     specs = [resolved_run_config(t, sweep_dir) for t in trials]
     tuner = tune.Tuner(
@@ -496,8 +490,8 @@ def error_line(lines: list[str]) -> str:
     return lines[-1].strip() if lines else "unknown error"
 
 
-def first_cut(trials: list[Trial], metric: str, steps: int) -> int:
-    """ASHA's default grace period: the first step at which every trial has reported `metric`.
+def first_cut(configs: list[dict], metric: str, steps: int) -> int:
+    """ASHA's default grace period: the first step at which every trial (its config) has reported `metric`.
 
     Held-out metrics (`eval_*`) come every `eval_steps`, the training loss every
     `logging_steps`; ASHA can compare trials from their first report on (Ray's own default
@@ -505,7 +499,7 @@ def first_cut(trials: list[Trial], metric: str, steps: int) -> int:
     the metric before its end.
     """
     every = "eval_steps" if metric.startswith("eval_") else "logging_steps"
-    firsts = [t.config["train_config"].get(every) or 0 for t in trials]
+    firsts = [c["train_config"].get(every) or 0 for c in configs]
     first = max(firsts, default=0)
     return first if 0 < first < steps else max(1, steps // 4)
 
