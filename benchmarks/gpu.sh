@@ -1,28 +1,55 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 2, as one script for a lent GPU machine (the device tool):
-#   GPU tests, the PEER layer benchmark at the CPU setting and at N = 1024^2 / dim 768 / bf16,
-#   and the whole model's training tokens/s against its dense baseline.
-# Needs PEER-pytorch, einx and frozendict as wheels in .whl/ (see BENCHMARKS.md); writes under $OUT.
+# The GPU checks, as one script for a lent GPU machine (the device tool); each part has its own time limit.
+#
+#   issue 4 (default): tests/test_gpu.py (Float8 on the card, a Ray Train run on one GPU with nccl,
+#     its checkpoint and resume), bf16 against Float8 tokens/s and MFU at the largest config that
+#     fits (benchmarks/train_step.py --device cuda), and experiments/train.py on the embedded default.
+#   issue 2 (`benchmarks/gpu.sh peer`): the PEER layer against PEER-pytorch, and the whole model's
+#     tokens/s against its dense baseline.
+#
+# The machine has torch but not Ray or torchao: they travel as .gpu/site.tar.xz, made here with
+#   pip install --target .gpu/site --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
+#     'ray[default,train,tune,data]==2.60.0' torchao==0.18.0
+# less what the machine already has (numpy, pandas, pyarrow) and what a run never imports
+# (ray/jars, rllib, serve, llm), then `tar cJf .gpu/site.tar.xz -C .gpu/site .` (53 MB).
+# The `peer` part needs PEER-pytorch, einx and frozendict as wheels in .whl/ instead.
+# Writes its logs and JSON under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="$PWD/platform:$PWD:/tmp/site" PYTHONUNBUFFERED=1
+part=${1:-train}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt"
+if [ "$part" = peer ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PWD/platform:$PWD:/tmp/site"
+  python3 benchmarks/peer_layer.py --device cuda --dtype bfloat16 --experts 1048576 --dim 768 \
+    --rounds 7 --reps 5 --json "$OUT/peer_1m_bf16.json" 2>&1 | tee "$OUT/peer_1m_bf16.txt"
+  python3 benchmarks/peer_layer.py --device cuda --dtype float32 --rounds 7 --reps 5 \
+    --json "$OUT/peer_64k_fp32.json" 2>&1 | tee "$OUT/peer_64k_fp32.txt"
+  python3 benchmarks/model_train.py --config configs/config.yaml --device cuda --amp bf16 \
+    --set model_config.peer_start_layer=11 --batch 8 --seq 1024 --rounds 5 --steps 3 \
+    --json "$OUT/model_train.json" 2>&1 | tee "$OUT/model_train.txt"
+  exit
+fi
 
-python3 benchmarks/peer_layer.py --device cuda --dtype bfloat16 --experts 1048576 --dim 768 \
-  --rounds 7 --reps 5 --json "$OUT/peer_1m_bf16.json" 2>&1 | tee "$OUT/peer_1m_bf16.txt"
-python3 benchmarks/peer_layer.py --device cuda --dtype float32 --rounds 7 --reps 5 \
-  --json "$OUT/peer_64k_fp32.json" 2>&1 | tee "$OUT/peer_64k_fp32.txt"
+mkdir -p /tmp/site && tar xJf .gpu/site.tar.xz -C /tmp/site || exit 1
+export PYTHONPATH="/tmp/site:$PWD/platform:$PWD" PATH="/tmp/site/bin:$PATH"
+python3 -c "import torch, ray, torchao, transformers; print('torch', torch.__version__, 'ray', ray.__version__,
+  'torchao', torchao.__version__, 'transformers', transformers.__version__)" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
 
-python3 benchmarks/model_train.py --config configs/config.yaml --device cuda --amp bf16 \
-  --set model_config.peer_start_layer=11 --batch 8 --seq 1024 --rounds 5 --steps 3 \
-  --json "$OUT/model_train.json" 2>&1 | tee "$OUT/model_train.txt"
-# PEER layer at the guide's sizes with 16x more tokens (less bound by kernel launches).
-python3 benchmarks/peer_layer.py --device cuda --dtype bfloat16 --experts 1048576 --dim 768 --batch 8 --seq 2048 \
-  --rounds 5 --reps 3 --json "$OUT/peer_1m_bf16_16k.json" 2>&1 | tee "$OUT/peer_1m_bf16_16k.txt"
+# 1. Float8 on the card; a Ray Train run on one GPU worker (nccl), checkpoint and resume; the CUDA model tests.
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt"
+
+# 2. bf16 against Float8 at the largest config that fits (the guide's model, its PEER layers from the last).
+timeout 210 python3 benchmarks/train_step.py --device cuda --config configs/config.yaml --rounds 3 --reps 2 \
+  --json "$OUT/train_step_gpu.json" 2>&1 | grep -v Warning | tee "$OUT/train_step_gpu.txt"
+
+# 3. The user's command on the embedded default, on the GPU: one worker, Float8 on by default.
+timeout 150 python3 experiments/train.py --config configs/demo.yaml --set train_config.num_workers=1 \
+  --set train_config.max_steps=60 --set train_config.output_dir=/tmp/gpu-runs --set eval_config.evals=[] \
+  2>&1 | tee "$OUT/train_demo.txt" | grep -v "^(" | tail -25
+cp /tmp/gpu-runs/*/run_info.json "$OUT/run_info.json" 2>/dev/null
+cp /tmp/gpu-runs/*/metrics.jsonl "$OUT/metrics.jsonl" 2>/dev/null
+echo done

@@ -12,6 +12,14 @@
    gradients of the retrieved rows (train_config.sparse_experts). Run one after the
    other (each needs about 8 GB); the medians of --opt-steps steps after a warm-up step.
 
+On a GPU (`--device cuda`, `--config configs/config.yaml`): tokens/s and model FLOPs
+utilisation of the training step in bf16 autocast against torchao Float8 (with bf16
+autocast for the rest, and alone as the guide's note asks), at the largest config that fits
+the card: the config's model with as many of its PEER layers (counted from the last) as fit
+in memory, and its dense baseline (`use_peer: false`).
+
+    python benchmarks/train_step.py --device cuda --config configs/config.yaml
+
 One step = forward, cross-entropy, backward, clipping, AdamW, on random token ids; the
 variants alternate round by round in one process and figures are medians.
 """
@@ -19,15 +27,18 @@ variants alternate round by round in one process and figures are medians.
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from peerlab.config import load_config
-from peerlab.model import build_model
+from peerlab.model import build_model, memory_estimate, parameter_formulas, training_flops_per_token
 
 
 def deepseek_like(m):
@@ -96,7 +107,15 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--opt-experts", type=int, default=1024 * 1024, help="experts of the optimizer-step layer")
     ap.add_argument("--opt-steps", type=int, default=3, help="optimizer steps to time (0 skips that part)")
+    ap.add_argument("--device", default="cpu", help="cuda: the bf16 / Float8 comparison on the GPU instead")
+    ap.add_argument("--batch", type=int, default=None, help="GPU: sequences per step (default: the config's)")
+    ap.add_argument("--seq", type=int, default=None, help="GPU: tokens per sequence (default: the config's)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="GPU: dense bf16 peak (default: by card name)")
+    ap.add_argument("--json", help="GPU: write the figures here")
     args = ap.parse_args(argv)
+    if args.device != "cpu":
+        gpu_precision(args)
+        return
     cfg = load_config(args.config)
     m, t = cfg.model_config, cfg.train_config
     batch, seq = t.per_device_train_batch_size, cfg.dataset_config.max_seq_length
@@ -186,6 +205,179 @@ def optimizer_step(experts: int, steps: int) -> None:
     print(
         f"  optimizer step: sparse is {dense_s / sparse_s:.1f}x faster; step + backward {(dense_b + dense_s) / (sparse_b + sparse_s):.1f}x"
     )
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets; Float8's is twice these.
+BF16_PEAK_TFLOPS = {
+    "H200": 989.4,
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+}
+
+
+def bf16_peak(name: str) -> float | None:
+    for key, peak in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+PRECISIONS = {  # train_config overrides of each variant
+    "bf16 autocast": ["train_config.fp16=false", "train_config.bf16=true", "train_config.float8=false"],
+    "Float8 + bf16 autocast": ["train_config.fp16=false", "train_config.bf16=true", "train_config.float8=true"],
+    "Float8 alone": ["train_config.fp16=false", "train_config.bf16=false", "train_config.float8=true"],
+}
+
+
+def gpu_step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int) -> tuple[float, int, bool]:
+    """(tokens/s, peak bytes, Float8 on) of the platform's training step: its model, precision, AdamW, clipping."""
+    from peerlab.train.optim import build_optimizer, clip_grad_norm
+    from peerlab.train.precision import apply_float8, autocast, set_tf32
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = cfg.train_config
+    set_tf32(t)
+    torch.manual_seed(0)
+    model = optimizer = None
+
+    def step():
+        with autocast(t, device):
+            loss = model(ids[:, :-1], labels=ids[:, 1:])  # the worker's fused LM head + cross-entropy
+        loss.backward()
+        clip_grad_norm(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        if cuda:
+            gc.collect()  # what a variant that ran out of memory left behind
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with device:  # build and initialise the weights where they will live
+            model = build_model(cfg.model_config)
+        float8_on = apply_float8(model, t, device) is None
+        optimizer = build_optimizer(model, t, fused=cuda)
+        ids = torch.randint(0, cfg.model_config.vocab_size, (batch, seq + 1), device=device)
+        for _ in range(2):  # warm-up: AdamW's state, kernels, Float8's scales
+            step()
+        times = []
+        for _ in range(rounds):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            times.append((time.perf_counter() - t0) / steps)
+        return batch * seq / statistics.median(times), torch.cuda.max_memory_allocated() if cuda else 0, float8_on
+    finally:
+        model = optimizer = None  # free the card for the next variant, also after running out of memory
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def gpu_precision(args) -> None:
+    """bf16 against Float8 on the GPU: the PEER model with as many PEER layers as fit, and its dense baseline."""
+    base = load_config(args.config)
+    m = base.model_config
+    batch = args.batch or base.train_config.per_device_train_batch_size
+    seq = args.seq or base.dataset_config.max_seq_length
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or bf16_peak(name)
+    if peak is None:
+        raise SystemExit(f"no bf16 peak known for {name!r}: pass --peak-tflops")
+    total = torch.cuda.get_device_properties(0).total_memory
+    print(
+        f"training step on {name} ({total / 2**30:.0f} GiB, bf16 peak {peak} TFLOP/s), torch {torch.__version__}, "
+        f"{args.config}: batch {batch} x {seq} tokens, tf32 {base.train_config.tf32}; MFU is against the dense bf16 peak (Float8 peak: 2x)"
+    )
+    # The most PEER layers whose weights, gradients and AdamW state fill at most 3/4 of the card
+    # (activations take the rest); fewer when a step runs out of memory.
+    most = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
+    fits = [
+        n
+        for n in range(most, 0, -1)
+        if memory_estimate(sum(parameter_formulas(replace_layers(m, n)).values()))["total"] <= 0.75 * total
+    ]
+    results = []
+    for n in fits:
+        try:
+            results = measure(args, f"model_config.peer_start_layer={m.num_hidden_layers - n}", batch, seq, peak)
+            break
+        except torch.OutOfMemoryError:
+            print(f"  {n} PEER layers: out of memory; trying {n - 1}")
+            results = []
+    results += measure(args, "model_config.use_peer=false", batch, seq, peak)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "machine": name,
+                    "torch": torch.__version__,
+                    "batch": batch,
+                    "seq": seq,
+                    "bf16_peak_tflops": peak,
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
+
+
+def replace_layers(m, peer_layers: int):
+    return replace(m, peer_start_layer=m.num_hidden_layers - peer_layers)
+
+
+def measure(args, model_override: str, batch: int, seq: int, peak: float) -> list[dict]:
+    """Each precision at one model size. Only the first (bf16) running out of memory means 'too big':
+    a later variant that does not fit is reported as such."""
+    rows = []
+    for i, (precision, overrides) in enumerate(PRECISIONS.items()):
+        cfg = load_config(args.config, [model_override, *overrides])
+        m = cfg.model_config
+        params = sum(parameter_formulas(m).values())
+        peer_layers = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
+        row = {
+            "model": f"{peer_layers} PEER layers" if peer_layers else "dense (use_peer: false)",
+            "params": params,
+            "precision": precision,
+        }
+        try:
+            rate, peak_bytes, float8_on = gpu_step_rate(
+                cfg, torch.device(args.device), batch, seq, args.reps, args.rounds
+            )
+        except torch.OutOfMemoryError:
+            if i == 0:
+                raise
+            rows.append({**row, "out_of_memory": True})
+            print(f"  {row['model']:<24} {params / 1e9:6.2f} G params  {precision:<24} out of memory")
+            continue
+        flops = training_flops_per_token(m, seq)
+        mfu = rate * flops / (peak * 1e12)
+        row.update(
+            float8_on=float8_on,
+            tokens_per_s=rate,
+            flops_per_token=flops,
+            mfu_vs_bf16_peak=mfu,
+            peak_gib=peak_bytes / 2**30,
+        )
+        rows.append(row)
+        note = "" if float8_on == ("Float8" in precision) else "  (Float8 not applied)"
+        print(
+            f"  {row['model']:<24} {params / 1e9:6.2f} G params  {precision:<24} {rate:>10,.0f} tokens/s  "
+            f"MFU {100 * mfu:5.1f}%  peak {row['peak_gib']:6.1f} GiB{note}"
+        )
+    base = rows[0]["tokens_per_s"]
+    for row in rows[1:]:
+        if "tokens_per_s" in row:
+            print(f"    {row['precision']} / bf16 autocast: {row['tokens_per_s'] / base:.2f}")
+    return rows
 
 
 if __name__ == "__main__":

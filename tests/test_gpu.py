@@ -1,6 +1,11 @@
-"""GPU checks: the same model on CUDA agrees with the CPU float64 reference. Skipped without a GPU."""
+"""GPU checks: the same model on CUDA agrees with the CPU float64 reference; Float8 and a Ray Train run on the GPU.
+
+Skipped without a GPU (CI has none): `benchmarks/gpu.sh` runs them on a lent GPU machine.
+"""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -72,3 +77,60 @@ def test_model_trains_on_cuda_with_bf16_autocast():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_float8_on_a_capable_gpu_converts_trains_and_stays_close_to_bf16():
+    from torchao.float8.float8_linear import Float8Linear
+
+    from peerlab.config import TrainConfig
+    from peerlab.train.precision import apply_float8, float8_reason
+
+    device = torch.device("cuda")
+    if float8_reason(TrainConfig(), device) is not None:
+        pytest.skip(float8_reason(TrainConfig(), device))
+    cfg = tiny_model_config(hidden_size=64, intermediate_size=128, q_lora_rank=32)
+    torch.manual_seed(0)
+    reference = build_model(cfg).to(device)
+    model = build_model(cfg).to(device)
+    model.load_state_dict(reference.state_dict())
+    assert apply_float8(model, TrainConfig(bf16=True), device) is None  # on by default on this card
+    converted = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
+    assert any("attn" in n or "mlp" in n for n in converted) and not any("lm_head" in n for n in converted)
+    ids = torch.randint(0, cfg.vocab_size, (8, 33), device=device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want, got = reference(ids[:, :-1]).float(), model(ids[:, :-1]).float()
+    assert ((got - want).norm() / want.norm()).item() < 0.1  # e4m3 rounding, not a wrong kernel (errors near 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], labels=ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_ray_train_run_on_the_gpu_uses_nccl_and_float8_and_resumes(ray_cluster, demo_corpus, tmp_path):
+    """One GPU worker through TorchTrainer (nccl), Float8 on by default, a checkpoint, then a resumed run."""
+    from peerlab.tracking import read_metrics
+    from peerlab.train.launch import fit
+    from tests.test_train import tiny
+
+    if ray_cluster.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("Ray sees no GPU")
+    run_dir = tmp_path / "gpu"
+    cfg = tiny(demo_corpus, "train_config.num_workers=1", "train_config.bf16=true", steps=6)
+    assert fit(cfg, run_dir, quiet=True).error is None
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert (info["device"], info["backend"], info["workers"], info["start_step"]) == ("cuda", "nccl", 1, 0)
+    major, minor = torch.cuda.get_device_capability()
+    assert info["float8"] is ((major, minor) >= (8, 9)) and info["autocast"] == "bf16"
+    first = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert len(first) == 6 and all(x == x for x in first)  # finite (NaN != NaN)
+    more = tiny(demo_corpus, "train_config.num_workers=1", "train_config.bf16=true", steps=9)
+    assert fit(more, run_dir, quiet=True).error is None  # the same run name: continues after step 6
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, 10))
+    assert json.loads((run_dir / "run_info.json").read_text())["start_step"] == 6

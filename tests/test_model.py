@@ -183,6 +183,38 @@ def test_parameter_counts_match_formulas(overrides):
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    "overrides", [{}, {"use_peer": False}, {"q_lora_rank": None}, {"expert_hidden_size": 3}, {"peer_start_layer": 0}]
+)
+def test_forward_flops_match_torch_flop_counter(overrides):
+    """The MFU numerator's matrix products against what torch counts in a real forward pass.
+
+    torch's counter sees the weight products, PEER's sub-key scoring and attention, not the
+    experts (embedding_bag kernels), so those are checked against their formula alone.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from peerlab.model import forward_flops_per_token, training_flops_per_token
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(**overrides)
+    model = build_model(cfg).eval()
+    B, T = 2, 20
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids)  # attention as plain batched products, which the counter sees on CPU
+    f = forward_flops_per_token(cfg, T)
+    a = cfg.mla_config
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    padding = cfg.num_hidden_layers * 2 * cfg.num_attention_heads * T * (qk - a.v_head_dim)  # v padded to qk for sdpa
+    assert counter.get_total_flops() == B * T * (f["linear"] + f["attention"] + padding + f["peer_search"])
+    p = cfg.peer_config
+    layers = cfg.num_hidden_layers - cfg.peer_start_layer if cfg.use_peer else 0
+    assert f["peer_experts"] == layers * p.num_heads * p.num_experts_per_tok * p.expert_hidden_size * 4 * 32
+    assert training_flops_per_token(cfg, T) == 3 * (f["linear"] + f["attention"] + f["peer_experts"]) + f["peer_search"]
+
+
 def test_reference_config_sizes_on_meta_device():
     cfg = load_config(ROOT / "configs" / "config.yaml")
     with torch.device("meta"):

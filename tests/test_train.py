@@ -218,6 +218,9 @@ def test_two_worker_ray_train_run_end_to_end(ray_cluster, demo_corpus, tmp_path)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-000006" / "data.json").read_text())
     assert len(state["ranks"]) == 2
     assert (tmp_path / "two" / "resolved_config.yaml").is_file()
+    info = json.loads((tmp_path / "two" / "run_info.json").read_text())
+    assert (info["workers"], info["device"], info["backend"], info["start_step"]) == (2, "cpu", "gloo", 0)
+    assert info["float8"] is False and "no CUDA GPU" in info["float8_off_reason"]  # the default asks for it
     import pandas as pd
 
     usage = pd.read_parquet(tmp_path / "two" / "usage.parquet")  # both workers' router mass, summed
@@ -253,6 +256,8 @@ def test_killed_worker_is_restarted_and_the_run_completes(ray_cluster, demo_corp
     assert result.error is None
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps[-1] == 16 and len(steps) > 16  # steps after the last checkpoint ran twice
+    restarted_at = json.loads((run_dir / "run_info.json").read_text())["start_step"]
+    assert restarted_at >= 4 and restarted_at % 2 == 0  # the restarted attempt began at a checkpoint
 
 
 def test_wandb_offline_rank_zero_logs_and_checkpoints(demo_corpus, tmp_path, monkeypatch):

@@ -2,7 +2,13 @@
 
 from peerlab.model.mla import MLA, LayerCache
 from peerlab.model.peer import PEER, peer_experts
-from peerlab.model.size import count_parameters, memory_estimate, parameter_formulas
+from peerlab.model.size import (
+    count_parameters,
+    forward_flops_per_token,
+    memory_estimate,
+    parameter_formulas,
+    training_flops_per_token,
+)
 from peerlab.model.transformer import PeerMLAModel, build_model
 
 __all__ = [
@@ -12,7 +18,9 @@ __all__ = [
     "PeerMLAModel",
     "build_model",
     "count_parameters",
+    "forward_flops_per_token",
     "memory_estimate",
     "parameter_formulas",
     "peer_experts",
+    "training_flops_per_token",
 ]

@@ -74,3 +74,43 @@ def memory_estimate(total_params: int, shards: int = 1) -> dict[str, int]:
     """
     per = -(-total_params // shards)
     return {"weights": 4 * per, "gradients": 4 * per, "adamw_state": 8 * per, "total": 16 * per}
+
+
+def forward_flops_per_token(m: ModelConfig, seq_len: int) -> dict[str, int]:
+    """Forward-pass FLOPs per token of each kind of work (a multiply-add counts 2).
+
+    - `linear`: every matrix product with a weight (MLA's projections, dense MLPs, PEER's
+      query projection, the LM head); the token embedding is a lookup and counts nothing.
+    - `attention`: QK^T and AV over the whole sequence, 2*H*T*(qk + v) per token and layer,
+      without the causal half (PaLM's convention, appendix B).
+    - `peer_search`: scoring every sub-key, H * (n1 + n2) * query_dim/2 multiply-adds.
+    - `peer_experts`: the k*h retrieved neurons of each head, down and up (2*d each).
+    """
+    d, H, a, p = m.hidden_size, m.num_attention_heads, m.mla_config, m.peer_config
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    query = d * a.q_lora_rank + a.q_lora_rank * H * qk if a.q_lora_rank else d * H * qk
+    projections = (
+        query + d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
+    )
+    projections += H * a.v_head_dim * d
+    peer_layers = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
+    dense_layers = m.num_hidden_layers - peer_layers
+    linear = m.num_hidden_layers * projections + dense_layers * 2 * d * m.intermediate_size
+    linear += peer_layers * d * p.num_heads * p.query_dim + d * m.vocab_size
+    return {
+        "linear": 2 * linear,
+        "attention": m.num_hidden_layers * 2 * H * seq_len * (qk + a.v_head_dim),
+        "peer_search": peer_layers * 2 * p.num_heads * sum(p.product_key_dim) * (p.query_dim // 2),
+        "peer_experts": peer_layers * 2 * p.num_heads * p.num_experts_per_tok * p.expert_hidden_size * 2 * d,
+    }
+
+
+def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
+    """Model FLOPs of one training token: 3x the forward (backward = 2x, Kaplan et al. 2020, 2.1).
+
+    The product-key search counts once: its backward touches only the k winning scores
+    (recomputed from their sub-keys), so the full scores get no gradient. This is the
+    numerator of model FLOPs utilisation (MFU, PaLM appendix B).
+    """
+    f = forward_flops_per_token(m, seq_len)
+    return 3 * (f["linear"] + f["attention"] + f["peer_experts"]) + f["peer_search"]

@@ -57,15 +57,15 @@ def _float8_filter(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear) and "lm_head" not in name and all(d % 16 == 0 for d in module.weight.shape)
 
 
-def apply_float8(model: nn.Module, train: TrainConfig, device: torch.device, force: bool = False) -> bool:
-    """Convert the model's linear layers to Float8 training where it applies; log why when it does not.
+def apply_float8(model: nn.Module, train: TrainConfig, device: torch.device, force: bool = False) -> str | None:
+    """Convert the model's linear layers to Float8 training where it applies; returns None, or why it does not.
 
     `force` applies it whatever the device (torchao emulates it on CPU: tests use this).
     """
     reason = None if force else float8_reason(train, device)
     if reason is not None:
         log.info("Float8 training is off: %s", reason)
-        return False
+        return reason
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     convert_to_float8_training(
@@ -77,4 +77,15 @@ def apply_float8(model: nn.Module, train: TrainConfig, device: torch.device, for
         )
     else:
         log.info("Float8 training is on for the linear layers")
-    return True
+    return None
+
+
+def describe(train: TrainConfig, float8_off: str | None) -> dict:
+    """The precision a run trains in, for run_info.json: autocast dtype, loss scaling, tf32, Float8 (or why not)."""
+    return {
+        "autocast": "fp16" if train.fp16 else "bf16" if train.bf16 else None,
+        "loss_scaling": train.fp16,
+        "tf32": train.tf32,
+        "float8": float8_off is None,
+        "float8_off_reason": float8_off,
+    }

@@ -14,6 +14,7 @@ step's checkpoint, and every `eval_config.lm_eval_steps` when that is set (`lm_e
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
 from peerlab.train.optim import build_optimizer, build_scheduler, clip_grad_norm, total_steps
-from peerlab.train.precision import apply_float8, autocast, grad_scaler, set_tf32
+from peerlab.train.precision import apply_float8, autocast, describe, grad_scaler, set_tf32
 
 log = logging.getLogger("peerlab.train")
 
@@ -212,7 +213,7 @@ def train_loop(loop_config: dict) -> dict:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model_config).to(place.device)
-    apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
+    float8_off = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
     steps = total_steps(t)
     if t.sparse_experts:
         if t.fsdp and place.world > 1:
@@ -260,6 +261,9 @@ def train_loop(loop_config: dict) -> dict:
             log.info("resuming from %s at step %d", source, start_step)
     else:
         torch.manual_seed(t.seed + place.rank)  # per-rank streams of randomness from here on
+
+    if place.rank == 0:
+        write_run_info(run_dir, place, describe(t, float8_off), start_step)
 
     train_model = model
     if place.world > 1 and not t.fsdp:
@@ -376,6 +380,29 @@ def train_loop(loop_config: dict) -> dict:
         lm_evaluate(cfg, model, tokenizer, steps, place, amp, run_dir, metrics.wandb)
     metrics.close()
     return last
+
+
+def write_run_info(run_dir: Path, place: Place, precision: dict, start_step: int) -> Path:
+    """<run>/run_info.json: where and how this attempt trains (workers, device, backend, precision).
+
+    Rewritten at every start, so after a resume or a restart it describes the latest attempt.
+    """
+    gpu = torch.cuda.get_device_name(place.device) if place.device.type == "cuda" else None
+    info = {
+        "workers": place.world,
+        "device": place.device.type,
+        "gpu": gpu,
+        "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+        "start_step": start_step,
+        "torch": torch.__version__,
+        **precision,
+    }
+    path = run_dir / "run_info.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def with_means(held: dict) -> dict:
