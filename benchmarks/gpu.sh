@@ -39,8 +39,15 @@ export PYTHONPATH="/tmp/site:$PWD/platform:$PWD" PATH="/tmp/site/bin:$PATH"
 python3 -c "import torch, ray, torchao, transformers; print('torch', torch.__version__, 'ray', ray.__version__,
   'torchao', torchao.__version__, 'transformers', transformers.__version__)" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
 
+# A machine kept warm from an earlier command may still run that command's Ray processes: stop them.
+python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
+
 # 1. Float8 on the card; a Ray Train run on one GPU worker (nccl), checkpoint and resume; the CUDA model tests.
 timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt"
+if [ "${PIPESTATUS[0]}" != 0 ]; then  # keep Ray's logs of the failed run (the tests' Ray session)
+  tar czf "$OUT/ray_logs.tar.gz" -C /tmp/ray/session_latest logs 2>/dev/null
+fi
+python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
 
 # 2. bf16 against Float8 at the largest config that fits (the guide's model, its PEER layers from the last).
 timeout 210 python3 benchmarks/train_step.py --device cuda --config configs/config.yaml --rounds 3 --reps 2 \

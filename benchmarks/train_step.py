@@ -115,6 +115,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.device != "cpu":
         gpu_precision(args)
+        if args.opt_steps:
+            optimizer_step(args.opt_experts, args.opt_steps, torch.device(args.device))
         return
     cfg = load_config(args.config)
     m, t = cfg.model_config, cfg.train_config
@@ -165,10 +167,8 @@ def main(argv=None) -> None:
         optimizer_step(args.opt_experts, args.opt_steps)
 
 
-def optimizer_step(experts: int, steps: int) -> None:
+def optimizer_step(experts: int, steps: int, device=torch.device("cpu")) -> None:
     """Optimizer step (and backward) of one large PEER layer: dense AdamW against RowSparseAdamW."""
-    import gc
-
     from peerlab.config import PeerConfig
     from peerlab.model.peer import PEER
     from peerlab.train.optim import RowSparseAdamW
@@ -177,30 +177,41 @@ def optimizer_step(experts: int, steps: int) -> None:
     cfg = PeerConfig(
         num_experts=experts, product_key_dim=[root, root], num_experts_per_tok=16, num_heads=8, query_dim=256
     )
-    x = torch.randn(4, 256, 256, generator=torch.Generator().manual_seed(0))
-    print(f"optimizer step of one PEER layer, N = {experts:,}, dim 256, 8 heads, k = 16, 4 x 256 tokens:")
+    x = torch.randn(4, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"optimizer step of one PEER layer, N = {experts:,}, dim 256, 8 heads, k = 16, 4 x 256 tokens, {device}:")
     results = {}
     for name in ("AdamW (dense gradients)", "RowSparseAdamW (sparse rows)"):
         torch.manual_seed(0)
-        layer = PEER(cfg, 256)
+        layer = PEER(cfg, 256).to(device)
         sparse = name.startswith("Row")
         layer.sparse_grad = sparse
-        opt = (RowSparseAdamW if sparse else torch.optim.AdamW)(layer.parameters(), lr=1e-3, weight_decay=0.01)
+        if sparse:
+            opt = RowSparseAdamW(layer.parameters(), lr=1e-3, weight_decay=0.01)
+        else:  # fused on a GPU, as the worker builds it there
+            opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, weight_decay=0.01, fused=cuda)
         backward, stepping = [], []
         for i in range(steps + 1):
             opt.zero_grad(set_to_none=True)
+            sync()
             t0 = time.perf_counter()
             layer(x).pow(2).mean().backward()
+            sync()
             t1 = time.perf_counter()
             opt.step()
+            sync()
             t2 = time.perf_counter()
             if i:  # the first step allocates the moments
                 backward.append(t1 - t0)
                 stepping.append(t2 - t1)
         results[name] = (statistics.median(backward), statistics.median(stepping))
-        print(f"  {name:<30} forward+backward {results[name][0]:6.2f} s   optimizer step {results[name][1]:6.2f} s")
+        b, o = results[name]
+        print(f"  {name:<30} forward+backward {1000 * b:8.1f} ms   optimizer step {1000 * o:8.1f} ms")
         del layer, opt
         gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
     (dense_b, dense_s), (sparse_b, sparse_s) = results.values()
     print(
         f"  optimizer step: sparse is {dense_s / sparse_s:.1f}x faster; step + backward {(dense_b + dense_s) / (sparse_b + sparse_s):.1f}x"

@@ -134,3 +134,24 @@ def test_ray_train_run_on_the_gpu_uses_nccl_and_float8_and_resumes(ray_cluster, 
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == list(range(1, 10))
     assert json.loads((run_dir / "run_info.json").read_text())["start_step"] == 6
+
+
+def test_sparse_experts_on_cuda_match_dense_gradients_and_train(demo_corpus, tmp_path):
+    """train_config.sparse_experts on one GPU: sparse table gradients equal dense ones; RowSparseAdamW trains."""
+    from tests.test_train import losses, run, tiny
+
+    dense = make_peer(64, 64, 8, 4, dim=64, query_dim=32, hidden=2).float().cuda().train()
+    sparse = make_peer(64, 64, 8, 4, dim=64, query_dim=32, hidden=2).float().cuda().train()
+    sparse.load_state_dict(dense.state_dict())
+    sparse.sparse_grad = True
+    x = torch.randn(200, 64, device="cuda")
+    dense(x).pow(2).sum().backward()
+    sparse(x).pow(2).sum().backward()
+    for name in ("down", "up"):
+        g = getattr(sparse, name).grad
+        assert g.is_sparse and g.is_cuda
+        torch.testing.assert_close(g.to_dense(), getattr(dense, name).grad, rtol=1e-4, atol=1e-5)
+    run(tiny(demo_corpus, "train_config.sparse_experts=true", steps=6), tmp_path / "sp")
+    assert json.loads((tmp_path / "sp" / "run_info.json").read_text())["device"] == "cuda"
+    got = losses(tmp_path / "sp")
+    assert len(got) == 6 and got[-1] < got[0]
