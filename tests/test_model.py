@@ -211,7 +211,9 @@ def test_forward_flops_match_torch_flop_counter(overrides):
     assert counter.get_total_flops() == B * T * (f["linear"] + f["attention"] + padding + f["peer_search"])
     p = cfg.peer_config
     layers = cfg.num_hidden_layers - cfg.peer_start_layer if cfg.use_peer else 0
-    assert f["peer_experts"] == layers * p.num_heads * p.num_experts_per_tok * p.expert_hidden_size * 4 * 32
+    assert (
+        f["peer_experts"] == layers * p.num_heads * p.num_experts_per_tok * p.expert_hidden_size * 4 * cfg.hidden_size
+    )
     assert training_flops_per_token(cfg, T) == 3 * (f["linear"] + f["attention"] + f["peer_experts"]) + f["peer_search"]
 
 
