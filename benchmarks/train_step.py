@@ -38,7 +38,13 @@ from dataclasses import replace
 import torch
 
 from peerlab.config import load_config
-from peerlab.model import build_model, memory_estimate, parameter_formulas, training_flops_per_token
+from peerlab.model import (
+    build_model,
+    memory_estimate,
+    parameter_formulas,
+    peer_layer_count,
+    training_flops_per_token,
+)
 
 
 def deepseek_like(m):
@@ -245,7 +251,7 @@ PRECISIONS = {  # train_config overrides of each variant
 }
 
 
-def gpu_step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int) -> tuple[float, int, bool]:
+def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int) -> tuple[float, int, bool]:
     """(tokens/s, peak bytes, Float8 on) of the platform's training step: its model, precision, AdamW, clipping."""
     from peerlab.train.optim import build_optimizer, clip_grad_norm
     from peerlab.train.precision import apply_float8, autocast, set_tf32
@@ -308,14 +314,15 @@ def gpu_precision(args) -> None:
         f"training step on {name} ({total / 2**30:.0f} GiB, bf16 peak {peak} TFLOP/s), torch {torch.__version__}, "
         f"{args.config}: batch {batch} x {seq} tokens, tf32 {base.train_config.tf32}; MFU is against the dense bf16 peak (Float8 peak: 2x)"
     )
+
     # The most PEER layers whose weights, gradients and AdamW state fill at most 3/4 of the card
     # (activations take the rest); fewer when a step runs out of memory.
-    most = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
-    fits = [
-        n
-        for n in range(most, 0, -1)
-        if memory_estimate(sum(parameter_formulas(replace_layers(m, n)).values()))["total"] <= 0.75 * total
-    ]
+    def state_bytes(peer_layers: int) -> int:
+        return memory_estimate(
+            sum(parameter_formulas(replace(m, peer_start_layer=m.num_hidden_layers - peer_layers)).values())
+        )["total"]
+
+    fits = [n for n in range(peer_layer_count(m), 0, -1) if state_bytes(n) <= 0.75 * total]
     results = []
     for n in fits:
         try:
@@ -341,10 +348,6 @@ def gpu_precision(args) -> None:
             )
 
 
-def replace_layers(m, peer_layers: int):
-    return replace(m, peer_start_layer=m.num_hidden_layers - peer_layers)
-
-
 def measure(args, model_override: str, batch: int, seq: int, peak: float) -> list[dict]:
     """Each precision at one model size. Only the first (bf16) running out of memory means 'too big':
     a later variant that does not fit is reported as such."""
@@ -353,16 +356,14 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
         cfg = load_config(args.config, [model_override, *overrides])
         m = cfg.model_config
         params = sum(parameter_formulas(m).values())
-        peer_layers = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
+        peer_layers = peer_layer_count(m)
         row = {
             "model": f"{peer_layers} PEER layers" if peer_layers else "dense (use_peer: false)",
             "params": params,
             "precision": precision,
         }
         try:
-            rate, peak_bytes, float8_on = gpu_step_rate(
-                cfg, torch.device(args.device), batch, seq, args.reps, args.rounds
-            )
+            rate, peak_bytes, float8_on = step_rate(cfg, torch.device(args.device), batch, seq, args.reps, args.rounds)
         except torch.OutOfMemoryError:
             if i == 0:
                 raise

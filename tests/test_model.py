@@ -210,7 +210,7 @@ def test_forward_flops_match_torch_flop_counter(overrides):
     padding = cfg.num_hidden_layers * 2 * cfg.num_attention_heads * T * (qk - a.v_head_dim)  # v padded to qk for sdpa
     assert counter.get_total_flops() == B * T * (f["linear"] + f["attention"] + padding + f["peer_search"])
     p = cfg.peer_config
-    layers = cfg.num_hidden_layers - cfg.peer_start_layer if cfg.use_peer else 0
+    layers = sum(isinstance(layer.mlp, PEER) for layer in model.layers)
     assert (
         f["peer_experts"] == layers * p.num_heads * p.num_experts_per_tok * p.expert_hidden_size * 4 * cfg.hidden_size
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from peerlab.config import config_from_dict
-from peerlab.model.size import parameter_formulas
+from peerlab.model.size import parameter_formulas, peer_layer_count
 from peerlab.tracking import EVAL_KEYS, read_evals, read_metrics
 from peerlab.tune import Trial, trial_dir, trial_status
 
@@ -28,8 +28,7 @@ def active_parameters(model_config) -> tuple[int, int]:
     parts = parameter_formulas(model_config)
     total = sum(parts.values())
     m, p = model_config, model_config.peer_config
-    peer_layers = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
-    touched = peer_layers * p.num_heads * p.num_experts_per_tok * 2 * p.expert_hidden_size * m.hidden_size
+    touched = peer_layer_count(m) * p.num_heads * p.num_experts_per_tok * 2 * p.expert_hidden_size * m.hidden_size
     return total, total - parts["peer_experts"] + min(touched, parts["peer_experts"])
 
 

@@ -7,6 +7,7 @@ from peerlab.model.size import (
     forward_flops_per_token,
     memory_estimate,
     parameter_formulas,
+    peer_layer_count,
     training_flops_per_token,
 )
 from peerlab.model.transformer import PeerMLAModel, build_model
@@ -22,5 +23,6 @@ __all__ = [
     "memory_estimate",
     "parameter_formulas",
     "peer_experts",
+    "peer_layer_count",
     "training_flops_per_token",
 ]

@@ -14,6 +14,11 @@ from peerlab.config import ModelConfig
 PARTS = ("embeddings", "attention", "dense_mlp", "peer_experts", "peer_keys_query", "norms")
 
 
+def peer_layer_count(m: ModelConfig) -> int:
+    """Layers whose MLP is a PEER layer: peer_start_layer to the last (none with use_peer false)."""
+    return m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
+
+
 def parameter_formulas(m: ModelConfig) -> dict[str, int]:
     """Parameters of each part of the model `m` describes."""
     d, H, a, p = m.hidden_size, m.num_attention_heads, m.mla_config, m.peer_config
@@ -29,7 +34,7 @@ def parameter_formulas(m: ModelConfig) -> dict[str, int]:
         + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)  # W^UK, W^UV
         + H * a.v_head_dim * d  # W^O
     )
-    peer_layers = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
+    peer_layers = peer_layer_count(m)
     dense_layers = m.num_hidden_layers - peer_layers
     q = p.num_heads * p.query_dim
     keys_query = d * q + sum(p.product_key_dim) * p.query_dim // 2 + (2 * q if p.batch_norm_query else 0)
@@ -88,15 +93,9 @@ def forward_flops_per_token(m: ModelConfig, seq_len: int) -> dict[str, int]:
     """
     d, H, a, p = m.hidden_size, m.num_attention_heads, m.mla_config, m.peer_config
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    query = d * a.q_lora_rank + a.q_lora_rank * H * qk if a.q_lora_rank else d * H * qk
-    projections = (
-        query + d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
-    )
-    projections += H * a.v_head_dim * d
-    peer_layers = m.num_hidden_layers - m.peer_start_layer if m.use_peer else 0
-    dense_layers = m.num_hidden_layers - peer_layers
-    linear = m.num_hidden_layers * projections + dense_layers * 2 * d * m.intermediate_size
-    linear += peer_layers * d * p.num_heads * p.query_dim + d * m.vocab_size
+    peer_layers = peer_layer_count(m)
+    parts = parameter_formulas(m)  # a weight matrix's parameters are its multiply-adds per token
+    linear = parts["attention"] + parts["dense_mlp"] + peer_layers * d * p.num_heads * p.query_dim + d * m.vocab_size
     return {
         "linear": 2 * linear,
         "attention": m.num_hidden_layers * 2 * H * seq_len * (qk + a.v_head_dim),
