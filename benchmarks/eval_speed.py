@@ -47,30 +47,11 @@ def mc_requests(data_dir: Path, count: int, distinct: bool = False) -> list:
 
 def deepseek_of_the_same_shape(model_config):
     """transformers' DeepseekV3ForCausalLM with the config's attention and sizes, every MLP dense."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3ForCausalLM
 
-    m, a = model_config, model_config.mla_config
-    config = DeepseekV3Config(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_attention_heads,
-        q_lora_rank=a.q_lora_rank,
-        kv_lora_rank=a.kv_lora_rank,
-        qk_rope_head_dim=a.qk_rope_head_dim,
-        qk_nope_head_dim=a.qk_nope_head_dim,
-        v_head_dim=a.v_head_dim,
-        first_k_dense_replace=m.num_hidden_layers,  # dense MLP in every layer
-        n_routed_experts=1,
-        max_position_embeddings=m.max_position_embeddings,
-        initializer_range=m.initializer_range,
-        rms_norm_eps=m.layer_norm_eps,
-        rope_interleave=False,
-        num_mtp_layers=0,
-    )
-    return DeepseekV3ForCausalLM(config).eval()
+    from peerlab.model.deepseek import deepseek_v3_config
+
+    return DeepseekV3ForCausalLM(deepseek_v3_config(model_config)).eval()
 
 
 def timed(fn) -> float:
