@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -188,9 +189,69 @@ def test_precision_paths_and_dense_baseline_train(demo_corpus, tmp_path, setting
     assert len(got) == 3 and all(math.isfinite(x) for x in got)
 
 
-def test_float8_code_path_on_cpu(demo_corpus, tmp_path):
+# Two of `tiny`'s linear layers made wide enough for Float8 to pay (torchao's tensorwise rule keeps a layer
+# out when in_features <= 4096 and out_features <= 1024): layer 0's dense fc_in (2048 x 64), and layer 1's
+# PEER router (2 heads x query_dim 1024 = 2048 x 64), which stays out because it picks the experts.
+FLOAT8_WIDE = ["model_config.intermediate_size=2048", "model_config.peer_config.query_dim=1024"]
+
+
+def test_float8_plan_of_the_reference_config():
+    """Which layers of the guide's model Float8 converts (on the meta device: no memory)."""
+    from torch import nn
+
+    from peerlab.model import build_model
+    from peerlab.train.precision import float8_plan
+
+    cfg = load_config(ROOT / "configs" / "config.yaml").model_config
+    with torch.device("meta"):
+        model = build_model(cfg)
+    plan = float8_plan(model)
+    # At hidden 768: q_down 1536x768, q_up 2304x1536, kv_up 3072x512 and the dense layers' fc_in 3072x768 have
+    # out_features > 1024 and convert; kv_down 576x768, o_proj 768x1536 and fc_out 768x3072 are too small.
+    kinds = {i: ["attn.q_down", "attn.q_up", "attn.kv_up"] + (["mlp.fc_in"] if i < 2 else []) for i in range(12)}
+    assert plan.converted == [f"layers.{i}.{kind}" for i in range(12) for kind in kinds[i]]
+    for i in range(12):
+        for kind in ("attn.kv_down", "attn.o_proj") + (("mlp.fc_out",) if i < 2 else ()):
+            assert "too small" in plan.skipped[f"layers.{i}.{kind}"]
+    for i in range(2, 12):  # each PEER router is as large as q_down (2048x768): out because it routes
+        assert model.layers[i].mlp.query.weight.shape == (2048, 768)
+        assert "router" in plan.skipped[f"layers.{i}.mlp.query"]
+    assert plan.skipped["lm_head"] == "LM head"
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(plan.converted + list(plan.skipped)) == sorted(linear)
+
+
+def test_float8_converts_its_plan_and_bf16_runs_the_rest(demo_corpus):
+    """The guide's defaults (float8 true, fp16 and bf16 false): fp32 where Float8 is off, bf16 autocast where on."""
+    from torch import nn
+    from torchao.float8.float8_linear import Float8Linear
+
+    from peerlab.model import build_model
+    from peerlab.train.precision import apply_float8, autocast_dtype
+
+    cfg = tiny(demo_corpus, *FLOAT8_WIDE)
+    t, cpu = cfg.train_config, torch.device("cpu")
+    assert (t.float8, t.fp16, t.bf16) == (True, False, False)
+    off = apply_float8(build_model(cfg.model_config), t, cpu)  # no GPU: off, and nothing else changes
+    assert not off.on and "no CUDA GPU" in off.off and off.converted == []
+    assert autocast_dtype(t, off) is None
+    model = build_model(cfg.model_config)
+    plan = apply_float8(model, t, cpu, force=True)  # emulated on CPU
+    assert plan.on and plan.converted == ["layers.0.mlp.fc_in"]
+    assert "router" in plan.skipped["layers.1.mlp.query"] and plan.skipped["lm_head"] == "LM head"
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds == {n: Float8Linear if n in plan.converted else nn.Linear for n in kinds}
+    assert autocast_dtype(t, plan) == "bf16"
+    assert autocast_dtype(replace(t, fp16=True), plan) == "fp16"  # a config that sets fp16 keeps it
+
+
+def test_float8_run_on_cpu_lists_its_layers_and_trains(demo_corpus, tmp_path):
     """torchao's Float8 training, emulated on CPU (forced: it is off without a capable GPU)."""
-    run(tiny(demo_corpus, steps=2), tmp_path / "f8", force_float8=True)
+    run(tiny(demo_corpus, *FLOAT8_WIDE, steps=2), tmp_path / "f8", force_float8=True)
+    info = json.loads((tmp_path / "f8" / "run_info.json").read_text())
+    assert info["float8"] is True and info["autocast"] == "bf16"
+    assert info["float8_layers"] == ["layers.0.mlp.fc_in"]
+    assert "router" in info["float8_skipped"]["layers.1.mlp.query"] and "lm_head" in info["float8_skipped"]
     got = losses(tmp_path / "f8")
     assert len(got) == 2 and all(math.isfinite(x) for x in got)
 

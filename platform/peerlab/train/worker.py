@@ -213,7 +213,7 @@ def train_loop(loop_config: dict) -> dict:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model_config).to(place.device)
-    float8_off = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
+    float8 = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
     steps = total_steps(t)
     if t.sparse_experts:
         if t.fsdp and place.world > 1:
@@ -262,8 +262,9 @@ def train_loop(loop_config: dict) -> dict:
     else:
         torch.manual_seed(t.seed + place.rank)  # per-rank streams of randomness from here on
 
+    pids = _gather(os.getpid(), place)  # every rank's process id, in rank order
     if place.rank == 0:
-        write_run_info(run_dir, place, describe(t, float8_off), start_step)
+        write_run_info(run_dir, place, describe(t, float8), start_step, pids)
 
     train_model = model
     if place.world > 1 and not t.fsdp:
@@ -271,7 +272,7 @@ def train_loop(loop_config: dict) -> dict:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
 
     metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0)
-    amp = autocast(t, place.device)
+    amp = autocast(t, place.device, float8)
     # Evaluation runs on rank 0, except under FSDP, where every forward needs every rank.
     evaluates = place.rank == 0 or (t.fsdp and place.world > 1)
     eval_blocks = heldout_blocks(d, tokenizer) if evaluates else {}
@@ -382,14 +383,16 @@ def train_loop(loop_config: dict) -> dict:
     return last
 
 
-def write_run_info(run_dir: Path, place: Place, precision: dict, start_step: int) -> Path:
-    """<run>/run_info.json: where and how this attempt trains (workers, device, backend, precision).
+def write_run_info(run_dir: Path, place: Place, precision: dict, start_step: int, pids: list[int]) -> Path:
+    """<run>/run_info.json: where and how this attempt trains (workers and their process ids, device, backend,
+    precision).
 
     Rewritten at every start, so after a resume or a restart it describes the latest attempt.
     """
     gpu = torch.cuda.get_device_name(place.device) if place.device.type == "cuda" else None
     info = {
         "workers": place.world,
+        "pids": pids,
         "device": place.device.type,
         "gpu": gpu,
         "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
