@@ -70,6 +70,15 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def test_resume_continues_bit_for_bit(demo_corpus, tmp_path):
+    """A resumed run's losses equal an uninterrupted run's, and so do its random states.
+
+    Training draws no global randomness today, so the losses alone cannot show whether the
+    Python, NumPy and torch generators were restored: the next checkpoint's states can.
+    """
+    import random
+
+    import numpy as np
+
     cfg = tiny(demo_corpus, "train_config.gradient_accumulation_steps=2")
     run(cfg, tmp_path / "straight")
     straight = losses(tmp_path / "straight")
@@ -78,8 +87,14 @@ def test_resume_continues_bit_for_bit(demo_corpus, tmp_path):
     resumed_cfg = tiny(
         demo_corpus, "train_config.gradient_accumulation_steps=2", f"train_config.resume_from_checkpoint={middle}"
     )
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)  # as a fresh process would: other states than the run's
     run(resumed_cfg, tmp_path / "resumed")
     assert losses(tmp_path / "resumed") == straight[3:]  # exactly equal floats
+    want = ckpt.load(tmp_path / "straight" / "checkpoints" / "step-000006")
+    got = ckpt.load(tmp_path / "resumed" / "checkpoints" / "step-000006")
+    assert got.rng_plain == want.rng_plain  # Python's and NumPy's states
+    assert got.rng_tensors.keys() == want.rng_tensors.keys()
+    assert all(torch.equal(got.rng_tensors[k], want.rng_tensors[k]) for k in want.rng_tensors)  # torch's
 
 
 def test_rerunning_a_run_name_continues_it(demo_corpus, tmp_path):
@@ -160,26 +175,48 @@ def test_weight_decay_skips_one_dimensional_parameters(demo_corpus):
 
 
 def test_gradient_accumulation_equals_one_big_batch(demo_corpus, tmp_path):
-    """4 micro-batches of 2 give the update of 8 at once (BatchNorm's batch statistics would differ, so off)."""
-    common = [
-        "model_config.peer_config.batch_norm_query=false",
-        "train_config.save_steps=1",
-        "train_config.max_grad_norm=0",
-    ]
-    big = tiny(demo_corpus, *common, "train_config.per_device_train_batch_size=8", steps=1)
-    small = tiny(
+    """4 micro-batches of 2 give the gradient of the mean loss over all 8 sequences.
+
+    After AdamW's first step its moments are exactly (1 - b1) g and (1 - b2) g^2 of the gradient g
+    it stepped with (no clipping here); g is computed independently, in one forward and backward of
+    the same initial model on the same 8 blocks. (A step's weights would hardly show a wrong scale of
+    g: Adam's update is nearly scale-free. BatchNorm's batch statistics differ between 4 x 2 and 8: off.)
+    """
+    from peerlab.data.mixture import DataMixture, DataOptions
+    from peerlab.model import build_model
+
+    cfg = tiny(
         demo_corpus,
-        *common,
+        "model_config.peer_config.batch_norm_query=false",
         "train_config.per_device_train_batch_size=2",
         "train_config.gradient_accumulation_steps=4",
+        "train_config.save_steps=1",
+        "train_config.max_grad_norm=0",
         steps=1,
     )
-    run(big, tmp_path / "big")
-    run(small, tmp_path / "small")
-    a = ckpt.load(tmp_path / "big" / "checkpoints" / "step-000001").model
-    b = ckpt.load(tmp_path / "small" / "checkpoints" / "step-000001").model
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    run(cfg, tmp_path / "acc")
+    state = ckpt.load(tmp_path / "acc" / "checkpoints" / "step-000001").optimizer
+    b1, b2 = state["param_groups"][0]["betas"]
+
+    t, d = cfg.train_config, cfg.dataset_config
+    torch.manual_seed(t.seed)  # the worker's initial weights
+    model = build_model(cfg.model_config).train()
+    opts = DataOptions(
+        d.tokenizer_name, d.max_seq_length, seed=t.seed, heldout_fraction=d.heldout_fraction, engine="local"
+    )
+    with DataMixture(d.datasets, opts) as data:  # the blocks the run read, in its order
+        ids = torch.cat([data.next_batch(2)[0] for _ in range(4)])  # (8, seq + 1)
+    model(ids[:, :-1], labels=ids[:, 1:]).backward()  # the mean over all 8 sequences' tokens
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert set(state["state"]) == set(grads)
+    for name, g in grads.items():
+        scale = g.abs().max().item()
+        torch.testing.assert_close(
+            state["state"][name]["exp_avg"], (1 - b1) * g, rtol=1e-4, atol=1e-5 * scale, msg=name
+        )
+        torch.testing.assert_close(
+            state["state"][name]["exp_avg_sq"], (1 - b2) * g * g, rtol=1e-4, atol=1e-5 * scale**2, msg=name
+        )
 
 
 @pytest.mark.parametrize("setting", ["train_config.bf16=true", "train_config.fp16=true", "model_config.use_peer=false"])
@@ -290,6 +327,7 @@ def test_two_worker_ray_train_run_end_to_end(ray_cluster, demo_corpus, tmp_path)
 
 
 def test_killed_worker_is_restarted_and_the_run_completes(ray_cluster, demo_corpus, tmp_path):
+    """Rank 1 of this run (its pid from run_info.json, not any Ray Train worker on the host) dies at step 5."""
     import psutil
 
     from peerlab.train.launch import fit
@@ -302,23 +340,25 @@ def test_killed_worker_is_restarted_and_the_run_completes(ray_cluster, demo_corp
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             if any(r.get("step", 0) >= 5 for r in read_metrics(run_dir)):
-                for proc in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        break
+                pid = json.loads((run_dir / "run_info.json").read_text())["pids"][1]
+                command = " ".join(psutil.Process(pid).cmdline())
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, command))
             time.sleep(0.2)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     result = fit(cfg, run_dir, quiet=True)
     thread.join(timeout=5)
-    assert killed, "no training worker was found to kill"
+    assert killed, "rank 1 was not killed"
+    pid, command = killed[0]
+    assert "RayTrainWorker" in command  # the pid run_info.json gave is a Ray Train worker's
     assert result.error is None
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps[-1] == 16 and len(steps) > 16  # steps after the last checkpoint ran twice
-    restarted_at = json.loads((run_dir / "run_info.json").read_text())["start_step"]
-    assert restarted_at >= 4 and restarted_at % 2 == 0  # the restarted attempt began at a checkpoint
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["start_step"] >= 4 and info["start_step"] % 2 == 0  # the restarted attempt began at a checkpoint
+    assert len(info["pids"]) == 2 and pid not in info["pids"]  # a new worker group
 
 
 def test_wandb_offline_rank_zero_logs_and_checkpoints(demo_corpus, tmp_path, monkeypatch):
