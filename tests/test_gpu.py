@@ -81,31 +81,48 @@ def test_model_trains_on_cuda_with_bf16_autocast():
 
 
 def test_float8_on_a_capable_gpu_converts_trains_and_stays_close_to_bf16():
+    """The guide's defaults (float8 true, fp16 and bf16 false) on the card: Float8 where it pays, bf16 elsewhere."""
+    from dataclasses import replace
+
+    from torch import nn
     from torchao.float8.float8_linear import Float8Linear
 
     from peerlab.config import TrainConfig
-    from peerlab.train.precision import apply_float8, float8_reason
+    from peerlab.train.precision import apply_float8, autocast, autocast_dtype, float8_reason
 
     device = torch.device("cuda")
-    if float8_reason(TrainConfig(), device) is not None:
-        pytest.skip(float8_reason(TrainConfig(), device))
-    cfg = tiny_model_config(hidden_size=64, intermediate_size=128, q_lora_rank=32)
+    t = TrainConfig()
+    if float8_reason(t, device) is not None:
+        pytest.skip(float8_reason(t, device))
+    # Wide enough for torchao's rule (out_features > 1024): every q_down (1040 x 64) and layer 0's fc_in
+    # (2048 x 64); the PEER router (2 heads x 1024 = 2048 x 64) would be too, and stays out.
+    cfg = tiny_model_config(hidden_size=64, intermediate_size=2048, q_lora_rank=1040)
+    cfg = replace(cfg, peer_config=replace(cfg.peer_config, query_dim=1024))
     torch.manual_seed(0)
     reference = build_model(cfg).to(device)
     model = build_model(cfg).to(device)
     model.load_state_dict(reference.state_dict())
-    assert apply_float8(model, TrainConfig(bf16=True), device) is None  # on by default on this card
-    converted = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
-    assert {n.split(".")[2] for n in converted if n.startswith("layers.")} == {"attn", "mlp"}  # both kinds
-    assert not any("lm_head" in n for n in converted)
+    plan = apply_float8(model, t, device)
+    assert plan.on and autocast_dtype(t, plan) == "bf16"
+    assert plan.converted == [
+        "layers.0.attn.q_down",
+        "layers.0.mlp.fc_in",
+        "layers.1.attn.q_down",
+        "layers.2.attn.q_down",
+    ]
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds == {n: Float8Linear if n in plan.converted else nn.Linear for n in kinds}
+    assert "router" in plan.skipped["layers.1.mlp.query"] and plan.skipped["lm_head"] == "LM head"
     ids = torch.randint(0, cfg.vocab_size, (8, 33), device=device)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        want, got = reference(ids[:, :-1]).float(), model(ids[:, :-1]).float()
+        want = reference(ids[:, :-1]).float()
+    with torch.no_grad(), autocast(t, device, plan):
+        got = model(ids[:, :-1]).float()
     assert ((got - want).norm() / want.norm()).item() < 0.1  # e4m3 rounding, not a wrong kernel (errors near 1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
     losses = []
     for _ in range(30):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(t, device, plan):
             loss = model(ids[:, :-1], labels=ids[:, 1:])
         opt.zero_grad()
         loss.backward()
@@ -118,20 +135,21 @@ def test_ray_train_run_on_the_gpu_uses_nccl_and_float8_and_resumes(ray_cluster, 
     """One GPU worker through TorchTrainer (nccl), Float8 on by default, a checkpoint, then a resumed run."""
     from peerlab.tracking import read_metrics
     from peerlab.train.launch import fit
-    from tests.test_train import tiny
+    from tests.test_train import FLOAT8_WIDE, tiny
 
     if ray_cluster.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("Ray sees no GPU")
     run_dir = tmp_path / "gpu"
-    cfg = tiny(demo_corpus, "train_config.num_workers=1", "train_config.bf16=true", steps=6)
+    cfg = tiny(demo_corpus, "train_config.num_workers=1", *FLOAT8_WIDE, steps=6)  # the guide's precision defaults
     assert fit(cfg, run_dir, quiet=True).error is None
     info = json.loads((run_dir / "run_info.json").read_text())
     assert (info["device"], info["backend"], info["workers"], info["start_step"]) == ("cuda", "nccl", 1, 0)
-    major, minor = torch.cuda.get_device_capability()
-    assert info["float8"] is ((major, minor) >= (8, 9)) and info["autocast"] == "bf16"
+    capable = torch.cuda.get_device_capability() >= (8, 9)
+    assert info["float8"] is capable and info["autocast"] == ("bf16" if capable else None)
+    assert info["float8_layers"] == (["layers.0.mlp.fc_in"] if capable else [])
     first = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     assert len(first) == 6 and all(math.isfinite(x) for x in first)
-    more = tiny(demo_corpus, "train_config.num_workers=1", "train_config.bf16=true", steps=9)
+    more = tiny(demo_corpus, "train_config.num_workers=1", *FLOAT8_WIDE, steps=9)
     assert fit(more, run_dir, quiet=True).error is None  # the same run name: continues after step 6
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == list(range(1, 10))
