@@ -148,6 +148,40 @@ def test_held_out_split_files_and_hash_rule(tmp_path):
     assert not rows_train & rows_held
 
 
+def test_held_out_and_test_files_are_never_trained_on(tmp_path):
+    """No train* files: the other files are trained on, never test*/validation*/heldout* ones."""
+    folder = tmp_path / "ds"
+    for split in ("test", "validation", "misc"):
+        write_jsonl(folder / f"{split}.jsonl", random_docs(20, len(split), f"{split} "))
+    write_jsonl(folder / "heldout_extra.jsonl", random_docs(5, 9, "heldout "))
+    e = entry(folder, format="jsonl")
+    assert {t.split()[0] for t in texts_of(e, heldout_fraction=0)} == {"misc"}
+    assert {t.split()[0] for t in heldout_texts(e)} == {"validation", "heldout"}  # test* files: not read
+    (folder / "misc.jsonl").unlink()
+    with pytest.raises(DataError, match="no files to train on for split 'train'.*test\\* files are never trained on"):
+        texts_of(e)
+    # A file named as the dataset is the user's choice: trained on, with the hash rule holding out its share.
+    single = entry(folder / "validation.jsonl")
+    assert len(texts_of(single, heldout_fraction=0.2)) + len(heldout_texts(single, 0.2)) == 20
+    assert 0 < len(heldout_texts(single, 0.2)) < 20
+
+
+@pytest.mark.parametrize("split", ["validation", "heldout", "test", "Test"])
+def test_a_held_out_split_name_on_a_local_source_is_refused_at_load(demo_corpus, split):
+    from peerlab.config import ConfigError
+
+    overrides = [f"dataset_config.datasets.{i}.path={demo_corpus / d}" for i, d in enumerate(DOMAINS)]
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"dataset_config.datasets.1.split={split}"])
+    message = str(err.value)
+    assert "\n" not in message and "dataset_config.datasets.1.split" in message and "use split: train" in message
+    with pytest.raises(DataError, match="use split: train"):  # the data layer refuses it too
+        texts_of(entry(demo_corpus / "code", format="jsonl", split=split))
+    hub = ["dataset_config.datasets.0.path=someone/corpus", f"dataset_config.datasets.0.split={split}"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, *hub])  # a hub split is the hub's own
+    assert cfg.dataset_config.datasets[0].split == split
+
+
 def test_hub_path_reads_through_load_dataset(tmp_path, small_tokenizer):
     """The hub reader (datasets.load_dataset(path, subset, split, streaming)) on a local dataset folder, offline."""
     from peerlab.data.sources import hub_documents, is_local
