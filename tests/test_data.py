@@ -419,7 +419,9 @@ def test_hub_rows_are_shared_like_local_ones(tmp_path):
     e = DatasetEntry(name="hub", path=str(tmp_path / "hubby"), split="train", streaming=True, text_field="text")
 
     def share(**sel):
-        return [t for table in hub_documents(e, Selection(heldout_fraction=0.1, **sel)) for t in table["text"].to_pylist()]
+        return [
+            t for table in hub_documents(e, Selection(heldout_fraction=0.1, **sel)) for t in table["text"].to_pylist()
+        ]
 
     assert_shared_fairly([share(rank=k, world=3) for k in range(3)], share())
 
