@@ -310,7 +310,13 @@ def test_bytes_of_a_documents_tokens_add_up_to_its_text_for_any_tokenizer(demo_c
     train = [json.loads(line)["text"] for line in (demo_corpus / "prose" / "train.jsonl").open()][:150]
     tok = (train_wordpiece if kind == "wordpiece" else train_sentencepiece_bpe)(train)
     eos = tok.eos_token_id
-    cases = [*(t[:600] for t in texts[:4]), UNICODE, "  leading and trailing  \n", "CamelCase HTTPServer x=1", "   \n\t "]
+    cases = [
+        *(t[:600] for t in texts[:4]),
+        UNICODE,
+        "  leading and trailing  \n",
+        "CamelCase HTTPServer x=1",
+        "   \n\t ",
+    ]
     tokens = [t for text in cases for t in tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])]
     hard = ("##", "[UNK]") if kind == "wordpiece" else ("▁", "<0x")
     assert all(any(t.startswith(h) for t in tokens) for h in hard)  # the cases the token strings miscount
