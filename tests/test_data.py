@@ -67,7 +67,7 @@ def test_packing_keeps_every_token_except_the_last_partial_block():
     packer = Packer(17, eos=0)
     blocks = []
     for row, ids in enumerate(docs):
-        packer.add((0, 0, row), ids)
+        packer.add((0, 0, row, row), ids)
         while packer.ready():
             blocks.append(packer.take())
     stream = np.concatenate([np.append(d, 0) for d in docs])
@@ -82,16 +82,17 @@ def test_packer_resume_point_rebuilds_the_rest():
     full = Packer(8, eos=0)
     out, points = [], []
     for row, ids in enumerate(docs):
-        full.add((0, 0, row), ids)
+        full.add((0, 0, row, row), ids)
         while full.ready():
             out.append(full.take())
             points.append(full.resume_point())
     for cut in (0, 5, len(out) // 2, len(out) - 2):
-        (_, _, row), offset = points[cut]
+        (_, _, row, index), offset = points[cut]
+        assert index == row  # (every record is a document here)
         again = Packer(8, eos=0)
         rest = []
         for r in range(row, len(docs)):
-            again.add((0, 0, r), docs[r], skip=offset if r == row else 0)
+            again.add((0, 0, r, r), docs[r], skip=offset if r == row else 0)
             while again.ready():
                 rest.append(again.take())
         assert all(np.array_equal(a, b) for a, b in zip(rest, out[cut + 1 :]))
@@ -145,6 +146,40 @@ def test_held_out_split_files_and_hash_rule(tmp_path):
     rows_train = {r for _, r, _ in documents(single, Selection(heldout_fraction=0.1))}
     rows_held = {r for _, r, _ in documents(single, Selection(part="heldout", heldout_fraction=0.1))}
     assert not rows_train & rows_held
+
+
+def test_held_out_and_test_files_are_never_trained_on(tmp_path):
+    """No train* files: the other files are trained on, never test*/validation*/heldout* ones."""
+    folder = tmp_path / "ds"
+    for split in ("test", "validation", "misc"):
+        write_jsonl(folder / f"{split}.jsonl", random_docs(20, len(split), f"{split} "))
+    write_jsonl(folder / "heldout_extra.jsonl", random_docs(5, 9, "heldout "))
+    e = entry(folder, format="jsonl")
+    assert {t.split()[0] for t in texts_of(e, heldout_fraction=0)} == {"misc"}
+    assert {t.split()[0] for t in heldout_texts(e)} == {"validation", "heldout"}  # test* files: not read
+    (folder / "misc.jsonl").unlink()
+    with pytest.raises(DataError, match="no files to train on for split 'train'.*test\\* files are never trained on"):
+        texts_of(e)
+    # A file named as the dataset is the user's choice: trained on, with the hash rule holding out its share.
+    single = entry(folder / "validation.jsonl")
+    assert len(texts_of(single, heldout_fraction=0.2)) + len(heldout_texts(single, 0.2)) == 20
+    assert 0 < len(heldout_texts(single, 0.2)) < 20
+
+
+@pytest.mark.parametrize("split", ["validation", "heldout", "test", "Test"])
+def test_a_held_out_split_name_on_a_local_source_is_refused_at_load(demo_corpus, split):
+    from peerlab.config import ConfigError
+
+    overrides = [f"dataset_config.datasets.{i}.path={demo_corpus / d}" for i, d in enumerate(DOMAINS)]
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "demo.yaml", [*overrides, f"dataset_config.datasets.1.split={split}"])
+    message = str(err.value)
+    assert "\n" not in message and "dataset_config.datasets.1.split" in message and "use split: train" in message
+    with pytest.raises(DataError, match="use split: train"):  # the data layer refuses it too
+        texts_of(entry(demo_corpus / "code", format="jsonl", split=split))
+    hub = ["dataset_config.datasets.0.path=someone/corpus", f"dataset_config.datasets.0.split={split}"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, *hub])  # a hub split is the hub's own
+    assert cfg.dataset_config.datasets[0].split == split
 
 
 def test_hub_path_reads_through_load_dataset(tmp_path, small_tokenizer):
@@ -270,6 +305,40 @@ def test_exact_resume_at_any_block(tmp_path, small_tokenizer):
         assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(rest, blocks[cut:]))
 
 
+def test_exact_resume_on_a_worker_of_several(tmp_path, small_tokenizer):
+    """The position carries the running document index, so worker 1 of 3 resumes exactly, even in a pass
+    of many small files with held-out and empty records; a position saved without it still loads."""
+    rng = np.random.default_rng(5)
+    for k in range(12):
+        docs = random_docs(int(rng.integers(1, 5)), seed=50 + k, prefix=f"s{k} ")
+        write_jsonl(tmp_path / "s" / f"part-{k:02d}.jsonl", docs + [{"text": ""}] * int(rng.integers(0, 2)))
+    sources = [*mixed_sources(tmp_path), entry(tmp_path / "s", name="s", format="jsonl", weight=2.0)]
+    opts = DataOptions(small_tokenizer, seq_len=8, seed=4, rank=1, world=3, heldout_fraction=0.15, engine="local")
+    with DataMixture(sources, opts) as full:
+        blocks = [full.next_block() for _ in range(150)]
+        assert full.stats()["passes/s"] >= 1
+    for cut in (7, 64, 111):
+        with DataMixture(sources, opts) as first:
+            for _ in range(cut):
+                first.next_block()
+            state = json.loads(json.dumps(first.state_dict()))
+        assert any(p["index"] > 0 for p in state["sources"])
+        with DataMixture(sources, opts, state) as resumed:
+            rest = [resumed.next_block() for _ in range(150 - cut)]
+        assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(rest, blocks[cut:]))
+    one = DataOptions(small_tokenizer, seq_len=8, seed=4, heldout_fraction=0.15, engine="local")
+    with DataMixture(sources, one) as full:
+        blocks = [full.next_block() for _ in range(60)]
+    with DataMixture(sources, one) as first:
+        for _ in range(30):
+            first.next_block()
+        state = first.state_dict()
+    for position in state["sources"]:
+        del position["index"]  # as written before positions had it
+    with DataMixture(sources, one, state) as resumed:  # one worker: still exact
+        assert all(np.array_equal(resumed.next_block()[1], x) for _, x in blocks[30:])
+
+
 def test_same_seed_same_blocks_other_seed_other_order(tmp_path, small_tokenizer):
     sources = mixed_sources(tmp_path)
 
@@ -298,6 +367,63 @@ def test_workers_read_disjoint_documents(tmp_path):
     e = entry(write_jsonl(tmp_path / "w.jsonl", random_docs(100, 5)))
     rows = [{r for _, r, _ in documents(e, Selection(rank=k, world=2))} for k in (0, 1)]
     assert not rows[0] & rows[1] and len(rows[0]) + len(rows[1]) == len(texts_of(e))
+
+
+def shares_of(e, world, **sel) -> list[list[str]]:
+    """Each worker's texts of one pass."""
+    return [texts_of(e, rank=k, world=world, **sel) for k in range(world)]
+
+
+def assert_shared_fairly(shares, everything):
+    """Disjoint, together everything, and each worker within one document of 1/W of it."""
+    together = [t for share in shares for t in share]
+    assert sorted(together) == sorted(everything) and len(set(together)) == len(together)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1, [len(x) for x in shares]
+
+
+def test_files_as_documents_are_shared_by_every_worker(tmp_path, small_tokenizer):
+    """text_unit: file makes every document row 0 of its file: workers share them by a running index."""
+    folder = tmp_path / "essays"
+    folder.mkdir()
+    for k in range(7):
+        (folder / f"essay-{k}.txt").write_text(f"essay {k}\n" + " ".join(WORDS[k:]) + "\n")
+    e = entry(folder, format="text", text_unit="file")
+    everything = texts_of(e, heldout_fraction=0)
+    assert len(everything) == 7
+    for world in (2, 3):
+        assert_shared_fairly(shares_of(e, world, heldout_fraction=0), everything)
+        for rank in range(world):  # every worker trains (none "yields no text")
+            opts = DataOptions(small_tokenizer, seq_len=8, rank=rank, world=world, heldout_fraction=0, engine="local")
+            with DataMixture([e], opts) as mix:
+                assert len(mix.next_block()[1]) == 9
+
+
+def test_workers_share_the_training_documents_of_many_small_files(tmp_path):
+    """Balanced on the documents each worker trains on: held-out and empty records take no share."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "small"
+    for k in range(40):
+        docs = random_docs(int(rng.integers(1, 4)), seed=k, prefix=f"f{k} ")
+        write_jsonl(folder / f"part-{k:02d}.jsonl", docs + [{"text": ""}] * int(rng.integers(0, 2)))
+    e = entry(folder, format="jsonl")
+    everything = texts_of(e, heldout_fraction=0.2)
+    assert 20 < len(everything) < len(texts_of(e, heldout_fraction=0))  # some are held out
+    for world in (2, 3, 4):
+        assert_shared_fairly(shares_of(e, world, heldout_fraction=0.2), everything)
+
+
+def test_hub_rows_are_shared_like_local_ones(tmp_path):
+    from peerlab.data.sources import hub_documents
+
+    write_jsonl(tmp_path / "hubby" / "train.jsonl", [{"text": f"hub doc {i}" if i % 7 else ""} for i in range(90)])
+    e = DatasetEntry(name="hub", path=str(tmp_path / "hubby"), split="train", streaming=True, text_field="text")
+
+    def share(**sel):
+        return [
+            t for table in hub_documents(e, Selection(heldout_fraction=0.1, **sel)) for t in table["text"].to_pylist()
+        ]
+
+    assert_shared_fairly([share(rank=k, world=3) for k in range(3)], share())
 
 
 def test_saved_state_of_another_mix_is_refused(tmp_path, small_tokenizer):

@@ -16,7 +16,7 @@ from lm_eval.api.instance import Instance
 from peerlab.data.corpus import DOMAINS
 from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.harness import run_lm_eval, task_manager
-from peerlab.eval.heldout import heldout_blocks, heldout_loss, token_bytes
+from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.eval.lm import EvalError, PeerlabLM
 from peerlab.model import build_model
 from peerlab.tracking import read_evals, read_metrics
@@ -217,21 +217,162 @@ def test_cached_generation_equals_uncached_greedy_decoding(model64, tokenizer, t
         assert got[4] == tokenizer.decode(five[0, lengths[1] :].tolist())  # max_gen_toks is honoured
 
 
-def test_heldout_bits_per_byte(demo_corpus, tokenizer, texts):
-    counts = token_bytes(tokenizer)
-    for text in texts[:5] + ["naïve café — ünïcode ✓\n\tx = 1"]:
-        assert int(counts[tokenizer(text)["input_ids"]].sum()) == len(text.encode("utf-8"))  # exact: byte-level BPE
-    assert counts[tokenizer.eos_token_id] == 0
-    cfg = tiny(demo_corpus)
-    blocks = heldout_blocks(cfg.dataset_config, tokenizer, blocks_per_dataset=2)
-    torch.manual_seed(0)
-    model = build_model(cfg.model_config)
-    out = heldout_loss(model, blocks, 2, torch.device("cpu"), torch.autocast("cpu", enabled=False), counts)
-    for name in DOMAINS:
-        ids = blocks[name]
-        expected = out[f"eval_loss/{name}"] * ids[:, 1:].numel() / math.log(2) / int(counts[ids[:, 1:]].sum())
-        assert out[f"eval_bpb/{name}"] == pytest.approx(expected, rel=1e-9)
-        assert 1.0 < out[f"eval_bpb/{name}"] < 20.0
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+UNICODE = "Naïve café — ünïcode ✓ 🙂 漢字\n\tx = 1;  TWO  spaces\n\n"
+
+
+@torch.no_grad()
+def direct_bits_per_byte(model, tokenizer, texts: list[str], length: int, blocks: int) -> tuple[float, float]:
+    """(mean loss, bits per byte) of the packed held-out stream, computed here from scratch in float64.
+
+    The stream: each text's tokens then end-of-text, cut into blocks of `length` (the last one shorter);
+    position t of a block predicts token t + 1. Bytes per token: a byte-level BPE token's characters
+    are one byte each (GPT-2's byte alphabet); end-of-text counts 0.
+    """
+    eos = tokenizer.eos_token_id
+    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    nbytes = {i: len(tokenizer.convert_ids_to_tokens(i)) for doc in docs for i in doc} | {eos: 0}
+    assert all(sum(nbytes[i] for i in doc) == len(t.encode("utf-8")) for doc, t in zip(docs, texts))
+    stream = [i for doc in docs for i in [*doc, eos]][: length * blocks]
+    nll, targets, byte_total = 0.0, 0, 0
+    for start in range(0, len(stream), length):
+        block = torch.tensor(stream[start : start + length])
+        if len(block) < 2:
+            continue
+        logp = torch.log_softmax(model(block[None, :-1])[0].double(), dim=-1)  # (len - 1, vocab)
+        nll -= float(logp.gather(1, block[1:, None]).sum())
+        targets += len(block) - 1
+        byte_total += sum(nbytes[int(i)] for i in block[1:])
+    return nll / targets, nll / math.log(2) / byte_total
+
+
+def test_heldout_bits_per_byte_against_a_direct_float64_computation(tokenizer, texts, model64, tmp_path):
+    """eval_loss and eval_bpb of the fast path against a float64 computation from the model's logits and the
+    texts' own bytes: a dataset whose held-out part fills the blocks, and one that ends in a shorter block."""
+    from peerlab.config import DatasetConfig, DatasetEntry
+
+    large = texts[:12]
+    small = [texts[0][:200], UNICODE]  # about 90 tokens: one block of 64 and a shorter one
+    for name, held in (("large", large), ("small", small)):
+        write_jsonl(tmp_path / name / "train.jsonl", texts[-3:])
+        write_jsonl(tmp_path / name / "heldout.jsonl", held)
+    data = DatasetConfig(
+        datasets=[DatasetEntry(name=n, path=str(tmp_path / n), text_field="text") for n in ("large", "small")],
+        max_seq_length=63,
+    )
+    blocks = heldout_blocks(data, tokenizer, blocks_per_dataset=6)
+    assert blocks["large"].ids.shape == (6, 64) and blocks["small"].ids.shape[0] == 2  # the second one shorter
+    out = heldout_loss(model64, blocks, 4, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    for name, held in (("large", large), ("small", small)):
+        loss, bpb = direct_bits_per_byte(model64, tokenizer, held, 64, 6)
+        assert out[f"eval_loss/{name}"] == pytest.approx(loss, rel=1e-5)
+        assert out[f"eval_bpb/{name}"] == pytest.approx(bpb, rel=1e-5)
+
+
+def train_wordpiece(texts: list[str]):
+    """A BERT-style WordPiece (lowercasing, accents stripped, ## continuations, [UNK] for rare characters)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=700, special_tokens=["[UNK]", "[SEP]"], limit_alphabet=50)
+    wp.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", sep_token="[SEP]", eos_token="[SEP]")
+
+
+def train_sentencepiece_bpe(texts: list[str]):
+    """A SentencePiece-style BPE: Metaspace (▁ for spaces) and byte fallback (<0xC3><0xA9>) for rare characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    sp.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # in the vocabulary, as SentencePiece has them
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "</s>", *byte_tokens], limit_alphabet=60)
+    sp.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "sentencepiece"])
+def test_bytes_of_a_documents_tokens_add_up_to_its_text_for_any_tokenizer(demo_corpus, texts, tmp_path, kind):
+    from peerlab.config import DatasetConfig, DatasetEntry
+    from peerlab.eval.heldout import document_tokens
+
+    train = [json.loads(line)["text"] for line in (demo_corpus / "prose" / "train.jsonl").open()][:150]
+    tok = (train_wordpiece if kind == "wordpiece" else train_sentencepiece_bpe)(train)
+    eos = tok.eos_token_id
+    cases = [
+        *(t[:600] for t in texts[:4]),
+        UNICODE,
+        "  leading and trailing  \n",
+        "CamelCase HTTPServer x=1",
+        "   \n\t ",
+    ]
+    tokens = [t for text in cases for t in tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])]
+    hard = ("##", "[UNK]") if kind == "wordpiece" else ("▁", "<0x")
+    assert all(any(t.startswith(h) for t in tokens) for h in hard)  # the cases the token strings miscount
+    for text in cases:
+        ids, nbytes = document_tokens(tok, text, eos)
+        assert ids == [*tok(text, add_special_tokens=False)["input_ids"], eos]
+        assert sum(nbytes) == len(text.encode("utf-8")) and min(nbytes) >= 0, text
+        assert nbytes[-1] == (len(text.encode("utf-8")) if len(ids) == 1 else 0)  # end-of-text: 0 bytes
+    # Through the held-out blocks: every byte of the held-out text is a target's, but the stream's first token.
+    write_jsonl(tmp_path / "d" / "train.jsonl", train[:3])
+    write_jsonl(tmp_path / "d" / "heldout.jsonl", cases)
+    data = DatasetConfig(datasets=[DatasetEntry(name="d", path=str(tmp_path / "d"), text_field="text")])
+    held = heldout_blocks(data, tok, blocks_per_dataset=1)["d"]
+    first_end = tok(cases[0], return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"][0][1]
+    assert cases[0][:first_end].isalpha() and cases[0][:first_end].isascii()  # the first token: a plain word
+    assert held.ids.shape[0] == 1 and held.tokens < held.labels.numel()  # everything in one shorter block
+    assert held.nbytes == sum(len(t.encode("utf-8")) for t in cases) - first_end
+
+
+def test_every_dataset_with_held_out_text_is_evaluated(tokenizer, texts, model64, tmp_path, caplog):
+    """Three small local sources (JSON, CSV with a template, text), each with held-out documents adding up
+    to less than a block: each is evaluated, warned about, and counted in the means."""
+    from peerlab.config import DatasetConfig, DatasetEntry
+    from peerlab.data import heldout_texts
+    from peerlab.train.worker import with_means
+
+    sentences = [s.strip()[:50] for t in texts for s in t.split(".") if len(s.strip()) > 20][:240]
+    (tmp_path / "notes.json").write_text(json.dumps([{"body": s} for s in sentences[:80]]))
+    rows = "".join(
+        f'"{q.replace(chr(34), "")}","{a.replace(chr(34), "")}"\n'
+        for q, a in zip(sentences[80:160:2], sentences[81:160:2])
+    )
+    (tmp_path / "qa.csv").write_text("question,answer\n" + rows)
+    (tmp_path / "lines.txt").write_text("\n".join(s.replace("\n", " ") for s in sentences[160:]) + "\n")
+    entries = [
+        DatasetEntry(name="notes", path=str(tmp_path / "notes.json"), text_field="body", weight=0.6),
+        DatasetEntry(name="qa", path=str(tmp_path / "qa.csv"), text_template="Q: {question}\nA: {answer}", weight=0.3),
+        DatasetEntry(name="lines", path=str(tmp_path / "lines.txt"), text_field="text", weight=0.1),
+    ]
+    data = DatasetConfig(datasets=entries, max_seq_length=63, heldout_fraction=0.04)
+    assert all(heldout_texts(e, 0.04) for e in entries)  # each has held-out documents...
+    with caplog.at_level(logging.WARNING, logger="peerlab.eval"):
+        blocks = heldout_blocks(data, tokenizer)
+    assert all(blocks[e.name].tokens < 64 for e in entries), {n: b.tokens for n, b in blocks.items()}
+    for e in entries:
+        assert any(f"dataset '{e.name}'" in r.message and "only" in r.message for r in caplog.records)
+    out = with_means(heldout_loss(model64, blocks, 8, torch.device("cpu"), torch.autocast("cpu", enabled=False)))
+    per_dataset = [out[f"eval_bpb/{e.name}"] for e in entries]
+    assert out["eval_bpb/mean"] == pytest.approx(sum(per_dataset) / 3)
+    for e in entries:
+        _, bpb = direct_bits_per_byte(model64, tokenizer, heldout_texts(e, 0.04), 64, 8)
+        assert out[f"eval_bpb/{e.name}"] == pytest.approx(bpb, rel=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peerlab.eval"):  # nothing held out: said, with the fix
+        assert heldout_blocks(DatasetConfig(datasets=entries[:1], heldout_fraction=0), tokenizer) == {}
+    assert any("'notes' has no held-out text" in r.message and "heldout_fraction" in r.message for r in caplog.records)
 
 
 # --------------------------------------------------------------------------------------

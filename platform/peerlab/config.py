@@ -463,6 +463,10 @@ def check_dataset_entry(entry: DatasetEntry, path: str, src: _Source) -> None:
             raise src.error(f"{path}.text_template", str(err)) from None
     if entry.text_field is not None and not entry.text_field.strip():
         raise src.error(f"{path}.text_field", "must not be empty")
+    from peerlab.data.sources import NOT_TRAINING_SPLITS, is_local, split_refusal  # (it imports this module)
+
+    if entry.split.lower() in NOT_TRAINING_SPLITS and is_local(entry):
+        raise src.error(f"{path}.split", split_refusal(entry.split))
 
 
 def check_datasets(entries: list[DatasetEntry], path: str, src: _Source) -> None:

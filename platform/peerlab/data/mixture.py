@@ -9,14 +9,16 @@ share of blocks.
 `DataMixture` picks the dataset of each next block by the deficit rule: the dataset whose
 blocks so far fall furthest below its normalised weight times the blocks drawn (ties
 broken in a seeded order). On every worker, after n blocks each dataset's count is within
-one block of weight x n. Worker r of W reads the documents with `row % W == r` of each
-dataset, so workers see different text and need no coordination.
+one block of weight x n. Worker r of W reads the documents whose running index in the pass
+is r modulo W (`peerlab.data.sources.select`), so workers see different text, each about
+1/W of it, and need no coordination.
 
 A finite dataset that runs out starts another pass (its files in a new seeded order, the
 pass logged and counted); a dataset with no text at all is an error. `state_dict()` holds,
-for every dataset, the pass, the (file, row) of the document the next block starts in and
-how many of its tokens were already used, plus the block counts; a stream built with that
-state gives exactly the blocks the uninterrupted stream would have given next.
+for every dataset, the pass, the (file, row) and running index of the document the next
+block starts in and how many of its tokens were already used, plus the block counts; a
+stream built with that state gives exactly the blocks the uninterrupted stream would have
+given next.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class SourcePosition:
     passes: int = 0  # completed passes over the dataset before the document the next block starts in
     file: int = 0  # ordinal of that document's file in its pass's (seeded) file order
     row: int = 0  # that document's record number in its file
+    # That document's running index in the pass (it decides the worker). Saved positions without it
+    # (written before workers shared passes by this index) load with 0: exact on one worker.
+    index: int = 0
     offset: int = 0  # tokens of that document (with its end-of-text token) already used
     blocks: int = 0  # blocks drawn from this dataset so far
     skipped: int = 0  # bad records skipped so far (skip_bad_records: true)
@@ -130,13 +135,13 @@ class SourceStream:
         self.encoder = encoder_spec(opts.tokenizer)
         self.packer = Packer(opts.seq_len + 1, self.eos)
         self._docs: Iterator | None = None  # documents, read lazily from the saved position
-        self._resume: tuple[int, int, int] | None = None  # the document the saved offset applies to
+        self._resume: tuple[int, int, int, int] | None = None  # the document the saved offset applies to
         self._first: Future | None = None  # the first document, fetched in the background by start()
 
     def _tables(self) -> Iterator:
-        """Tokenised (pass, file, row, ids) tables from the saved position on, from Ray Data or this process."""
+        """Tokenised (pass, file, row, ids, index) tables from the saved position on, from Ray Data or here."""
         p, o = self.position, self.opts
-        sel = Selection("train", o.rank, o.world, (p.file, p.row), o.heldout_fraction)
+        sel = Selection("train", o.rank, o.world, (p.file, p.row), o.heldout_fraction, p.index)
         if o.engine == "local":
             yield from tokenized_stream(self.entry, sel, o.seed, self.index, p.passes, self.encoder)
             return
@@ -169,14 +174,15 @@ class SourceStream:
             # The read task's one-line message, without Ray's traceback and the notes Ray Data adds to it.
             raise DataError(str(bad).splitlines()[0]) from None
 
-    def _documents(self) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
-        """((pass, file, row), ids) of the documents from the saved position on, pass after pass."""
+    def _documents(self) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray]]:
+        """((pass, file, row, index), ids) of the documents from the saved position on, pass after pass."""
         current = self.position.passes
         with contextlib.closing(self._tables()) as tables:  # closing this generator ends the execution at once
             for table in tables:
                 pass_no = table["pass"].to_numpy()
                 files = table["file"].to_numpy()
                 rows = table["row"].to_numpy()
+                indices = table["index"].to_numpy()
                 ids = table["ids"]
                 for i in range(len(table)):
                     if not ids[i].is_valid:
@@ -185,13 +191,15 @@ class SourceStream:
                     if pass_no[i] != current:
                         current = int(pass_no[i])
                         log.info("dataset '%s' starts pass %d", self.entry.name, current + 1)
-                    yield (current, int(files[i]), int(rows[i])), ids[i].values.to_numpy(zero_copy_only=False)
+                    where = (current, int(files[i]), int(rows[i]), int(indices[i]))
+                    yield where, ids[i].values.to_numpy(zero_copy_only=False)
 
     def start(self) -> None:
         """Begin reading now, in the background: the streams of a mix pay Ray Data's start-up together."""
         if self._docs is None:
             self._docs = self._documents()
-            self._resume = (self.position.passes, self.position.file, self.position.row)
+            p = self.position
+            self._resume = (p.passes, p.file, p.row, p.index)
             self._first = ThreadPoolExecutor(1, thread_name_prefix=f"data-{self.entry.name}").submit(next, self._docs)
 
     def _next_document(self):
@@ -210,7 +218,7 @@ class SourceStream:
             self.packer.add(where, ids, skip)
         block = self.packer.take()
         p = self.position
-        (p.passes, p.file, p.row), p.offset = self.packer.resume_point()
+        (p.passes, p.file, p.row, p.index), p.offset = self.packer.resume_point()
         p.blocks += 1
         return block
 

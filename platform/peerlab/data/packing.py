@@ -4,9 +4,10 @@ A block holds `max_seq_length + 1` tokens (inputs and the labels shifted by one)
 follow each other without overlap or gap, so every token of the stream lands in exactly
 one block; only the last, partial block of a finite stream is dropped.
 
-The packer remembers where the next block starts: the document (pass, file, row) and how many
-of its tokens (counting its end-of-text token) earlier blocks already took. That
-position, saved with a checkpoint, is enough to rebuild the stream exactly.
+The packer remembers where the next block starts: the document (pass, file, row, running
+index in the pass) and how many of its tokens (counting its end-of-text token) earlier
+blocks already took. That position, saved with a checkpoint, is enough to rebuild the
+stream exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections import deque
 
 import numpy as np
 
-Position = tuple[int, int, int]  # (pass, file, row) of a document in its source
+Position = tuple[int, int, int, int]  # (pass, file, row, running index in the pass) of a document in its source
 
 
 class Packer:
@@ -37,7 +38,8 @@ class Packer:
             self.offset = skip
         self.pieces.append((position, doc))
         self.buffered += len(doc) - skip
-        self.after = (position[0], position[1], position[2] + 1)
+        pass_, file, row, index = position
+        self.after = (pass_, file, row + 1, index + 1)  # the next record, and the next document's index
 
     def ready(self) -> bool:
         return self.buffered >= self.length

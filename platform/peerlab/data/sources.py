@@ -3,14 +3,19 @@
 A dataset entry of the config (`DatasetEntry`) names either a local path (a file, or a
 folder of files) or a hub dataset. Either way it becomes a sequence of documents in a fixed
 order, each identified by `(file, row)`: the file's place in the source's file list (0 for
-a hub dataset) and the record's place in that file. That identity is what makes streams
-shardable (worker r of W keeps rows with `row % W == r`), resumable (restart reading at a
-`(file, row)`), and splittable into training and held-out parts:
+a hub dataset) and the record's place in that file. That identity makes streams resumable
+(restart reading at a `(file, row)`) and splittable into training and held-out parts:
 
 - a local folder with files of a held-out split (`heldout*` or `validation*`, next to the
-  `train*` files) holds those files out;
+  `train*` files) holds those files out; `test*` files are never read;
 - any other source holds out the documents whose stable hash of `(file name, row)` falls
   below `dataset_config.heldout_fraction` (1% by default). Training never sees them.
+
+Workers share a pass by a running document index: the documents of the part a stream reads
+(not empty, not the other part's), numbered from 0 in the pass's file order, go to worker
+`index % W`, so each of W workers gets within one document of 1/W of them, whatever the
+number of files and of records per file. A bad record skipped under `skip_bad_records`
+takes no number; the worker of the next number counts it.
 
 Local formats: `json`/`jsonl` (one JSON object per line, or one JSON array per file),
 `csv` (a header row, then records), `text` (one document per line by default, or one per
@@ -20,7 +25,7 @@ field that is not text) is an error naming the dataset, the file, the record and
 unless the entry sets `skip_bad_records: true`: then it is skipped and counted.
 
 `read_stream` reads a source pass after pass (each pass's files in a seeded order) as Arrow
-tables with columns `pass`, `file`, `row`, `text`; `DocumentDatasource` is the Ray Data
+tables with columns `pass`, `file`, `row`, `index`, `text`; `DocumentDatasource` is the Ray Data
 datasource that runs it, tokenising each table, in one read task on the cluster;
 `peerlab.data.mixture` packs and mixes what it yields. (FACTS.md: Ray's own
 `from_huggingface` asks the hub even for local data, so hub datasets are read here with
@@ -46,7 +51,8 @@ import pyarrow as pa
 from peerlab.config import DatasetEntry
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "text", ".text": "text", ".parquet": "parquet"}
-HELDOUT_SPLITS = ("heldout", "validation")
+HELDOUT_SPLITS = ("heldout", "validation")  # files of these splits are a local folder's held-out part
+NOT_TRAINING_SPLITS = (*HELDOUT_SPLITS, "test")  # files never trained on (test files are not read at all)
 ROWS_PER_TABLE = 256  # documents per Arrow table (and per tokenising call): big enough for the tokenizer
 
 
@@ -89,7 +95,9 @@ def list_files(entry: DatasetEntry) -> FileList:
     root = Path(entry.path).expanduser()
     if not root.exists():
         raise DataError(f"dataset '{entry.name}': path {entry.path} does not exist")
-    if root.is_file():
+    if entry.split.lower() in NOT_TRAINING_SPLITS:  # config loading refuses it too (check_dataset_entry)
+        raise DataError(f"dataset '{entry.name}': {split_refusal(entry.split)}")
+    if root.is_file():  # a file named as the dataset is trained on, whatever its name (the hash rule holds out)
         return FileList(root.parent, (root,), ())
     suffixes = {
         s for s, f in EXTENSIONS.items() if entry.format in (None, f) or (entry.format == "json" and f == "jsonl")
@@ -100,10 +108,21 @@ def list_files(entry: DatasetEntry) -> FileList:
         raise DataError(f"dataset '{entry.name}': folder {entry.path} holds no {kinds} files")
     heldout = tuple(p for p in files if _split_of(p) in HELDOUT_SPLITS)
     named = tuple(p for p in files if _split_of(p) == entry.split.lower())
-    train = named or tuple(p for p in files if p not in heldout)
+    train = named or tuple(p for p in files if _split_of(p) not in NOT_TRAINING_SPLITS)
     if not train:
-        raise DataError(f"dataset '{entry.name}': folder {entry.path} has no files for split '{entry.split}'")
+        raise DataError(
+            f"dataset '{entry.name}': folder {entry.path} has no files to train on for split '{entry.split}' "
+            f"({', '.join(f'{s}*' for s in NOT_TRAINING_SPLITS)} files are never trained on); add train* files"
+        )
     return FileList(root, train, heldout)
+
+
+def split_refusal(split: str) -> str:
+    """Why a local source cannot train on a held-out split name, and the fix."""
+    return (
+        f"split '{split}' would train on the files held out for evaluation; use split: train "
+        f"(a local folder's {'*, '.join(HELDOUT_SPLITS)}* files are found by name and held out, test* files are not read)"
+    )
 
 
 def is_heldout_row(name: str, row: int, fraction: float) -> bool:
@@ -225,8 +244,9 @@ class TextOf:
 class Selection:
     """Which documents of a source a stream takes.
 
-    part: "train" or "heldout"; rank/world: keep rows with row % world == rank;
-    start: (file, row) to begin at, for resuming; heldout_fraction: for the hash rule.
+    part: "train" or "heldout"; rank/world: keep the documents whose running index (in the
+    pass) is rank modulo world; start: (file, row) to begin at, for resuming, and index: the
+    running index of the first document at or after it; heldout_fraction: for the hash rule.
     """
 
     part: str = "train"
@@ -234,86 +254,70 @@ class Selection:
     world: int = 1
     start: tuple[int, int] = (0, 0)
     heldout_fraction: float = 0.01
+    index: int = 0
 
 
-def _table(pass_: int, files: list[int], rows: list[int], texts: list[str | None]) -> pa.Table:
-    """A block of documents; a null text marks a bad record that was skipped (and is counted)."""
-    return pa.table(
-        {
-            "pass": pa.array([pass_] * len(rows), pa.int32()),
-            "file": pa.array(files, pa.int32()),
-            "row": pa.array(rows, pa.int64()),
-            "text": pa.array(texts, pa.large_string()),
-        }
-    )
+def _tables(pass_: int, docs: Iterator[tuple[int, int, int, str | None]]) -> Iterator[pa.Table]:
+    """(file, row, index, text) documents as tables of up to ROWS_PER_TABLE; a null text marks a bad
+    record that was skipped (and is counted)."""
+    while chunk := list(itertools.islice(docs, ROWS_PER_TABLE)):
+        files, rows, indices, texts = zip(*chunk)
+        yield pa.table(
+            {
+                "pass": pa.array([pass_] * len(rows), pa.int32()),
+                "file": pa.array(files, pa.int32()),
+                "row": pa.array(rows, pa.int64()),
+                "index": pa.array(indices, pa.int64()),
+                "text": pa.array(texts, pa.large_string()),
+            }
+        )
 
 
-def local_documents(
-    entry: DatasetEntry,
-    path: Path,
-    name: str,
-    ordinal: int,
-    sel: Selection,
-    hash_heldout: bool,
-    first_row: int = 0,
-    pass_: int = 0,
-) -> Iterator[pa.Table]:
-    """Tables of (pass, file, row, text) for the selected documents of one local file."""
+def select(
+    entry: DatasetEntry, sel: Selection, records: Iterator[tuple[int, str, str, int, dict | str]], hashed: bool
+) -> Iterator[tuple[int, int, int, str | None]]:
+    """(file, row, index, text) of this worker's documents among `records`: (file, its stable name (for the
+    hash rule), its path (for errors), row, record).
+
+    The documents of the selected part (by the hash rule where `hashed`), without empty ones,
+    are numbered from `sel.index` on; worker `sel.rank` keeps those with index % world == rank.
+    A bad record (text None, skip_bad_records) takes no number and goes to the worker of the next one.
+    """
     text_of = TextOf(entry)
-    files: list[int] = []
-    rows: list[int] = []
-    texts: list[str | None] = []
-    for row, record in read_records(entry, path):
-        if row < first_row or row % sel.world != sel.rank:
+    index = sel.index
+    heldout = sel.part == "heldout"
+    for ordinal, name, where, row, record in records:
+        if hashed and is_heldout_row(name, row, sel.heldout_fraction) != heldout:
             continue
-        if hash_heldout and is_heldout_row(name, row, sel.heldout_fraction) != (sel.part == "heldout"):
-            continue
-        text = text_of(record, f"{path} record {row + 1}")  # None: a bad record to skip and count
+        text = text_of(record, f"{where} record {row + 1}")  # None: a bad record to skip and count
         if text == "":
             continue
-        files.append(ordinal)
-        rows.append(row)
-        texts.append(text)
-        if len(texts) == ROWS_PER_TABLE:
-            yield _table(pass_, files, rows, texts)
-            files, rows, texts = [], [], []
-    if texts:
-        yield _table(pass_, files, rows, texts)
+        if index % sel.world == sel.rank:
+            yield ordinal, row, index, text
+        if text is not None:
+            index += 1
 
 
 def hub_documents(entry: DatasetEntry, sel: Selection, pass_: int = 0) -> Iterator[pa.Table]:
-    """Tables of (pass, file=0, row, text) from `datasets.load_dataset(path, subset, split, streaming)`.
+    """Tables of (pass, file=0, row, index, text) from `datasets.load_dataset(path, subset, split, streaming)`.
 
     The same call reads a hub name (pile-uncopyrighted, c4) or a local dataset folder; held-out
     documents are chosen by the hash rule.
     """
     import datasets
 
+    if sel.part == "heldout" and sel.heldout_fraction <= 0:
+        return  # nothing is held out: no need to read the whole dataset to find that out
     try:
         ds = datasets.load_dataset(entry.path, entry.subset, split=entry.split, streaming=entry.streaming)
     except Exception as err:  # the hub's errors come in many types; all mean "cannot load"
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"dataset '{entry.name}': cannot load '{entry.path}' from the hub: {message}") from None
-    text_of = TextOf(entry)
     first_row = sel.start[1]
     if first_row:
         ds = ds.skip(first_row)
-    rows: list[int] = []
-    texts: list[str | None] = []
-    for row, record in enumerate(ds, start=first_row):
-        if row % sel.world != sel.rank:
-            continue
-        if is_heldout_row(entry.path, row, sel.heldout_fraction) != (sel.part == "heldout"):
-            continue
-        text = text_of(record, f"{entry.path} record {row + 1}")  # None: a bad record to skip and count
-        if text != "":
-            rows.append(row)
-            texts.append(text)
-        if len(texts) == ROWS_PER_TABLE:
-            yield _table(pass_, [0] * len(rows), rows, texts)
-            rows, texts = [], []
-    if texts:
-        yield _table(pass_, [0] * len(rows), rows, texts)
+    records = ((0, entry.path, entry.path, row, record) for row, record in enumerate(ds, start=first_row))
+    yield from _tables(pass_, select(entry, sel, records, hashed=True))
 
 
 def source_files(entry: DatasetEntry, part: str) -> tuple[list[tuple[str, Path]], bool]:
@@ -329,21 +333,29 @@ def source_files(entry: DatasetEntry, part: str) -> tuple[list[tuple[str, Path]]
 def read_pass(
     entry: DatasetEntry, sel: Selection, order: list[int] | None = None, pass_: int = 0
 ) -> Iterator[pa.Table]:
-    """The (pass, file, row, text) tables of one pass over a source, from `sel.start` on.
+    """The (pass, file, row, index, text) tables of one pass over a source, from `sel.start` on.
 
     `order` is the pass's file order (default: the files in sorted order); `sel.start` is
-    (ordinal in that order, row) of the first document to read.
+    (ordinal in that order, row) of the first record to read, `sel.index` the running index there.
     """
     if not is_local(entry):
         yield from hub_documents(entry, sel, pass_)
         return
     files, hashed = source_files(entry, sel.part)
+    if hashed and sel.part == "heldout" and sel.heldout_fraction <= 0:
+        return
     order = list(range(len(files))) if order is None else order
     start_file, start_row = sel.start
-    for ordinal in range(start_file, len(order)):
-        name, path = files[order[ordinal]]
-        first_row = start_row if ordinal == start_file else 0
-        yield from local_documents(entry, path, name, ordinal, sel, hashed, first_row, pass_)
+
+    def records() -> Iterator[tuple[int, str, str, int, dict | str]]:
+        for ordinal in range(start_file, len(order)):
+            name, path = files[order[ordinal]]
+            first_row = start_row if ordinal == start_file else 0
+            for row, record in read_records(entry, path):
+                if row >= first_row:
+                    yield ordinal, name, str(path), row, record
+
+    yield from _tables(pass_, select(entry, sel, records(), hashed))
 
 
 # Seconds each step of Ray Data's scheduling loop pauses in the processes that run our executions (0: no pause).
@@ -394,14 +406,14 @@ def pass_order(num_files: int, seed: int, index: int, pass_: int) -> list[int]:
 
 
 def read_stream(entry: DatasetEntry, sel: Selection, seed: int, index: int, first_pass: int = 0) -> Iterator[pa.Table]:
-    """(pass, file, row, text) tables of a source from `sel.start` of pass `first_pass` on, pass after
+    """(pass, file, row, index, text) tables of a source from `sel.start` of pass `first_pass` on, pass after
     pass without end, each pass in its seeded file order (`pass_order`).
 
     A whole pass without text (every record empty, skipped, or another worker's) raises DataError.
     """
     num_files = len(source_files(entry, "train")[0]) if is_local(entry) else 1
     for pass_ in itertools.count(first_pass):
-        part = sel if pass_ == first_pass else replace(sel, start=(0, 0))
+        part = sel if pass_ == first_pass else replace(sel, start=(0, 0), index=0)
         found = False
         for table in read_pass(entry, part, pass_order(num_files, seed, index, pass_), pass_):
             found = found or table["text"].null_count < len(table)
@@ -416,12 +428,12 @@ def read_stream(entry: DatasetEntry, sel: Selection, seed: int, index: int, firs
 def tokenized_stream(
     entry: DatasetEntry, sel: Selection, seed: int, index: int, first_pass: int, tokenizer: str
 ) -> Iterator[pa.Table]:
-    """`read_stream` with each table tokenised: (pass, file, row, ids). What a stream's read task runs
-    on the cluster, and what the local engine runs in-process."""
+    """`read_stream` with each table tokenised: (pass, file, row, ids, index). What a stream's read task
+    runs on the cluster, and what the local engine runs in-process."""
     from peerlab.data.tokenizer import tokenize_table
 
     for table in read_stream(entry, sel, seed, index, first_pass):
-        yield tokenize_table(table, tokenizer)
+        yield tokenize_table(table, tokenizer).append_column("index", table["index"])
 
 
 def make_datasource(entry: DatasetEntry, sel: Selection, seed: int, index: int, first_pass: int, tokenizer: str):

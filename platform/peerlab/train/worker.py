@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from peerlab.config import Config, config_from_dict
 from peerlab.data.mixture import DataMixture, DataOptions
 from peerlab.data.tokenizer import load_tokenizer
-from peerlab.eval.heldout import heldout_blocks, heldout_loss, token_bytes
+from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.model import PEER, build_model
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
@@ -276,7 +276,6 @@ def train_loop(loop_config: dict) -> dict:
     # Evaluation runs on rank 0, except under FSDP, where every forward needs every rank.
     evaluates = place.rank == 0 or (t.fsdp and place.world > 1)
     eval_blocks = heldout_blocks(d, tokenizer) if evaluates else {}
-    byte_counts = token_bytes(tokenizer) if evaluates else None
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * d.max_seq_length * place.world
     last: dict = {}
 
@@ -355,7 +354,7 @@ def train_loop(loop_config: dict) -> dict:
                     if key.startswith("tokens_seen/"):
                         record[key] = sum(s[key] for s in seen)
             if (step % t.eval_steps == 0 or step == steps) and evaluates:
-                held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp, byte_counts)
+                held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
                 record.update(with_means(held) if place.rank == 0 else {})
             if record:
                 record = {"step": step, **record}
