@@ -14,6 +14,7 @@ gives. Training on Ray Train, with checkpoints, is experiments/train.py (issue 4
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ import torch
 
 from peerlab.cli import add_config_arguments, checked_data, config_from_arguments
 from peerlab.data import DataMixture, DataOptions
-from peerlab.eval.heldout import heldout_blocks
+from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = DataOptions(
         cfg.dataset_config.tokenizer_name, seq, seed=t.seed, heldout_fraction=cfg.dataset_config.heldout_fraction
     )
-    held = torch.cat(list(heldout_blocks(cfg.dataset_config, tokenizer, blocks_per_dataset=4).values()))
+    held = heldout_blocks(cfg.dataset_config, tokenizer, blocks_per_dataset=4)
     params = sum(p.numel() for p in model.parameters())
     names = ", ".join(f"{d.name} {d.weight:g}" for d in cfg.dataset_config.datasets)
     print(f"smoke demo: {params:,} parameters; batch {batch} x {seq} tokens; mix: {names}")
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             if step == 1:
                 start = time.perf_counter()  # rates after the first step (which waits for the data start-up)
             if step % 10 == 0 or step == 1:
-                model.eval()
-                with torch.no_grad():
-                    last_held = loss_of(held).item()
+                scores = heldout_loss(model, held, batch, torch.device("cpu"), contextlib.nullcontext())
+                losses = [v for k, v in scores.items() if k.startswith("eval_loss/")]
+                last_held = sum(losses) / len(losses)  # the mean over the datasets
                 first_held = last_held if first_held is None else first_held
                 rate = (step - 1) * batch * seq / max(time.perf_counter() - start, 1e-9)
                 seen = ", ".join(
