@@ -1,12 +1,12 @@
 """Command-line plumbing shared by the scripts in experiments/: --config, --set, --verbose, checks, exit statuses.
 
-Exit statuses of experiments/train.py and ablate.py:
+Exit statuses of experiments/train.py (ablate.py uses 0, 2 and 130: its failed trials are recorded, not fatal):
 
     0    done
     1    the run failed: Ray Train gave up after restarting lost workers max_failures times, or an unexpected error
     2    refused before anything started: a config, data, tokenizer, checkpoint path or flag that cannot be used
     3    the run stopped on an error no restart can fix (a non-finite loss, bad data met in training)
-    130  interrupted (Ctrl-C); ablate.py: trials left to run (continue with --resume)
+    130  ablate.py: trials were left unfinished (Ctrl-C); continue with --resume
 """
 
 from __future__ import annotations
