@@ -1,12 +1,18 @@
 """Ablation sweep: data mixes x PEER settings x seeds, one training run per trial, on Ray Tune.
 
     python experiments/ablate.py --custom-datasets configs/datasets.yaml
-        [--config configs/config.yaml] [--set KEY=VALUE ...] [--mixes a,b]
+        [--config FILE] [--set KEY=VALUE ...] [--mixes a,b]
         [--grid peer_config.num_experts_per_tok=8,16 ...] [--sample KEY=V1,V2 ... --num-samples N]
         [--baseline] [--search-space FILE] [--seeds N] [--name SWEEP]
         [--scheduler asha] [--metric eval_bpb/mean] [--mode min] [--grace-steps N]
         [--max-concurrent N] [--cpus-per-trial X] [--gpus-per-trial X] [--workers-per-trial N]
-        [--address ADDR] [--resume] [--dry-run] [--no-report]
+        [--address ADDR] [--resume] [--dry-run] [--no-report] [--verbose]
+
+The mixes file may name the sweep's base config (`base_config:`) and its PEER search space
+(`search_space:`, a file or the section inline), relative to itself: configs/datasets.yaml
+names configs/demo.yaml and configs/search-demo.yaml, so the command above alone runs the
+embedded default sweep. --config and --search-space override them; without either, the
+base config is configs/config.yaml.
 
 Every trial's config is resolved and validated, every mix's data checked, and the memory
 each trial needs held against the machine, before Ray starts: a sweep that cannot run
@@ -19,6 +25,8 @@ ASHA stopped) are not run again; the others continue from their newest checkpoin
 Trials run in Ray Train's local mode (`--workers-per-trial 0`, the default on CPU: no
 worker-group start-up per trial) or on N Ray Train workers each (`--workers-per-trial N`,
 for GPUs and clusters). Ctrl-C stops the sweep cleanly; run it again with --resume.
+The console shows the plan, a line per trial per evaluation and a line per trial that ends;
+Ray's own output stays in its logs unless --verbose.
 """
 
 from __future__ import annotations
@@ -33,8 +41,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from peerlab.cli import UsageError, add_config_arguments, checked_data, checked_evals, config_from_arguments  # noqa: E402
-from peerlab.config import ConfigError, config_from_dict, load_mixes  # noqa: E402
+from peerlab.cli import (  # noqa: E402
+    INTERRUPTED,
+    UsageError,
+    add_config_arguments,
+    add_verbose_argument,
+    checked_data,
+    checked_evals,
+    config_from_arguments,
+)
+from peerlab.config import ConfigError, config_from_dict, load_mixes_file  # noqa: E402
 from peerlab.tune import (  # noqa: E402
     Resources,
     Schedule,
@@ -48,18 +64,26 @@ from peerlab.tune import (  # noqa: E402
 )
 
 DATA_CPUS = 0.1  # what each dataset's Ray Data read task asks for (peerlab.data.mixture.DataOptions.data_cpus)
+DEFAULT_CONFIG = "configs/config.yaml"  # the base config when neither --config nor the mixes file names one
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(ap, "configs/config.yaml")
-    ap.add_argument("--custom-datasets", required=True, help="YAML file of named data mixes (data_mixes:)")
+    add_config_arguments(ap, None, help=f"base config (default: the mixes file's base_config, else {DEFAULT_CONFIG})")
+    ap.add_argument(
+        "--custom-datasets",
+        required=True,
+        help="YAML file of named data mixes (data_mixes:), and optionally base_config: and search_space:",
+    )
     ap.add_argument("--mixes", help="comma-separated mix names to sweep (default: every mix in the file)")
     ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="grid over a PEER key")
     ap.add_argument("--sample", action="append", default=[], metavar="KEY=V1,V2", help="random picks of a PEER key")
     ap.add_argument("--num-samples", type=int, default=0, help="random PEER points drawn from the --sample values")
     ap.add_argument("--baseline", action="store_true", help="add a use_peer: false arm (dense MLP everywhere)")
-    ap.add_argument("--search-space", help="YAML file with a search_space: section (grid, sample, num_samples)")
+    ap.add_argument(
+        "--search-space",
+        help="YAML file with a search_space: section (grid, sample, num_samples); default: the mixes file's",
+    )
     ap.add_argument("--seeds", type=int, default=1, help="seeds per cell (train_config.seed, +1, ...)")
     ap.add_argument("--name", help="sweep name: results go to <output_dir>/<name> (default: sweep_<mixes file>)")
     ap.add_argument("--scheduler", choices=["asha", "none"], default="none", help="ASHA early stopping, or none")
@@ -78,15 +102,26 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="continue the sweep of this name")
     ap.add_argument("--dry-run", action="store_true", help="plan, validate and print the trials; start nothing")
     ap.add_argument("--no-report", action="store_true", help="skip the analysis report at the end")
+    add_verbose_argument(ap)
     return ap.parse_args(argv)
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Trial], dict]:
     """The trials and the sweep's description; ConfigError/UsageError on anything wrong."""
-    base = config_from_arguments(args)
     try:
-        mixes = load_mixes(args.custom_datasets)
-        space = search_space(args.grid, args.sample, args.num_samples, args.baseline, args.search_space)
+        mixes_file = load_mixes_file(args.custom_datasets)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    mixes = mixes_file.mixes
+    config_from = "--config" if args.config else args.custom_datasets if mixes_file.base_config else "default"
+    args.config = args.config or str(mixes_file.base_config or DEFAULT_CONFIG)
+    base = config_from_arguments(args)
+    named = mixes_file.search_space  # the mixes file's: a file, or the section inline; --search-space overrides it
+    section = named if isinstance(named, dict) and not args.search_space else None
+    space_file = args.search_space or (str(named) if named is not None and section is None else None)
+    try:
+        origin = f"{args.custom_datasets}: search_space"
+        space = search_space(args.grid, args.sample, args.num_samples, args.baseline, space_file, section, origin)
     except ConfigError as err:
         raise UsageError(str(err)) from None
     if args.mixes:
@@ -121,7 +156,9 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict]:
         "seeds": args.seeds,
         "search_space": {**space.grid, **space.sample} | ({"use_peer": [True, False]} if space.baseline else {}),
         "search": space.to_dict(),
+        "search_space_from": space_file or (f"{args.custom_datasets} (inline)" if section else None),
         "base_config": args.config,
+        "base_config_from": config_from,
         "overrides": args.overrides,
         "custom_datasets": args.custom_datasets,
     }
@@ -190,7 +227,10 @@ def available_memory() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def print_plan(trials: list[Trial], res: Resources) -> None:
+def print_plan(trials: list[Trial], res: Resources, info: dict) -> None:
+    space = (info.get("search_space_from") or "the command line") if info.get("search_space") else "none"
+    config_from = {"--config": "--config", "default": "the default"}.get(info.get("base_config_from"), "the mixes file")
+    print(f"base config {info['base_config']} (from {config_from}); search space: {space}", flush=True)
     print(
         f"{len(trials)} trials ({len({t.cell for t in trials})} cells), {res.max_concurrent} at once, each with "
         f"{res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU, "
@@ -243,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         res = resources(args, trials, cpus, gpus)
         check_fits(trials, res, available_memory(), gpu_bytes)
     if args.dry_run:
-        print_plan(trials, res if local else resources(args, trials, cpus, gpus))
+        print_plan(trials, res if local else resources(args, trials, cpus, gpus), info)
         return 0
 
     import ray
@@ -251,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     from peerlab.train.launch import start_ray, write_resolved_config
 
     joined = not local or ray.is_initialized()
-    url = start_ray(args.address, log_to_driver=False)  # a line per trial here; worker logs on the dashboard
+    url, logs = start_ray(args.address, verbose=args.verbose)  # without --verbose Ray's output stays in its logs
     if joined:  # a cluster that already existed: size the trials by it
         cluster = ray.cluster_resources()
         cpus, gpus = cluster.get("CPU", cpus), cluster.get("GPU", 0.0)
@@ -259,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         node_memory = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         check_fits(trials, res, node_memory or available_memory(), gpu_bytes)
     print(f"Ray dashboard: {url or 'not running'}", flush=True)
+    if logs and not args.verbose:
+        print(f"Ray's logs: {logs} (--verbose shows them here)", flush=True)
     print(f"sweep folder: {sweep_dir}", flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
@@ -269,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             write_resolved_config(config_from_dict(t.config), folder)
 
     todo = [t for t in trials if trial_status(trial_dir(sweep_dir, t.trial_id))[0] not in ("finished", "stopped")]
-    print_plan(todo, res)
+    print_plan(todo, res, info)
     if len(todo) < len(trials):
         print(f"{len(trials) - len(todo)} trials already done; running {len(todo)}", flush=True)
     schedule = Schedule(None if args.scheduler == "none" else args.scheduler, args.metric, args.mode, args.grace_steps)
@@ -277,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if todo:
         from peerlab.tune import run_sweep
 
-        run_sweep(todo, sweep_dir, res, schedule, total=len(trials))
+        run_sweep(todo, sweep_dir, res, schedule, total=len(trials), verbose=args.verbose)
     wall = time.time() - start
 
     from peerlab.tables import write_tables
@@ -297,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         report(sweep_dir, args.metric)
     if unfinished:
         print(f"{unfinished} trials did not finish: continue with the same command and --resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     return 0
 
 

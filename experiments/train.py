@@ -1,16 +1,20 @@
 """Train one PEER/MLA model from a config, as one Ray Train job.
 
     python experiments/train.py --config configs/demo.yaml [--set train_config.learning_rate=3e-4 ...]
-        [--name RUN] [--address ray://... | RAY_ADDRESS] [--dry-run]
+        [--name RUN] [--address ray://... | RAY_ADDRESS] [--dry-run] [--verbose]
 
 The run's outputs go to <output_dir>/<run name>/ (the name defaults to the config file's
 name): resolved_config.yaml, metrics.jsonl, evals.jsonl (lm-eval results), checkpoints/. Running the same name again
 continues from its newest checkpoint. Ray starts a local cluster bound to 127.0.0.1 unless
---address or RAY_ADDRESS names one; the dashboard URL is printed first.
+--address or RAY_ADDRESS names one; the dashboard URL and the folder of Ray's logs are
+printed first, then a line per logged step and the lm-eval results. Ray's own output stays
+in its logs unless --verbose.
 
---dry-run validates the config, prints it resolved, the parameter count of each part of the
-model and the memory each worker needs for weights, gradients and AdamW state, and starts
-nothing. A config or data that cannot be used gives a one-line error and exit status 2.
+--dry-run validates the config, checks that every local dataset path exists, prints the config
+resolved, the parameter count of each part of the model and the memory each worker needs for
+weights, gradients and AdamW state, and starts nothing. A config, data or resume_from_checkpoint
+that cannot be used gives a one-line error and exit status 2; a run that stops on an error no
+restart can fix (a non-finite loss, say) prints it once and exits 3 (peerlab.cli lists the statuses).
 """
 
 from __future__ import annotations
@@ -19,7 +23,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from peerlab.cli import UsageError, add_config_arguments, checked_data, checked_evals, config_from_arguments
+from peerlab.cli import (
+    DONE,
+    FAILED,
+    STOPPED,
+    UsageError,
+    add_config_arguments,
+    add_verbose_argument,
+    checked_data,
+    checked_evals,
+    checked_paths,
+    checked_resume,
+    config_from_arguments,
+)
 from peerlab.config import dump_config
 from peerlab.model.size import memory_estimate, parameter_formulas
 
@@ -64,36 +80,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="training workers (for the dry run's memory estimate)")
     ap.add_argument("--name", help="run name: outputs go to <output_dir>/<name> (default: the config file's name)")
     ap.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
+    add_verbose_argument(ap)
     args = ap.parse_args(argv)
     cfg = config_from_arguments(args)
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
     if args.dry_run:
+        prepared = checked_paths(cfg)
+        checked_resume(cfg)
         print(f"# resolved config of {args.config}")
         print(dump_config(cfg).rstrip())
         print()
         print(describe(cfg, args.workers))
-        return 0
+        if prepared:
+            print(f"data: {', '.join(prepared)}: the embedded default corpus, prepared by the run (about 10 s)")
+        return DONE
 
     checked_data(cfg)
     checked_evals(cfg)
+    cfg = checked_resume(cfg)
     run_dir = Path(cfg.train_config.output_dir) / (args.name or Path(args.config).stem)
 
+    from peerlab.train.failures import not_retried
     from peerlab.train.launch import fit, start_ray
 
-    print(f"Ray dashboard: {start_ray(args.address) or 'not running'}", flush=True)
+    url, logs = start_ray(args.address, verbose=args.verbose)
+    print(f"Ray dashboard: {url or 'not running'}", flush=True)
+    if logs and not args.verbose:
+        print(f"Ray's logs: {logs} (--verbose shows them here)", flush=True)
     print(f"run folder: {run_dir}", flush=True)
     try:
         result = fit(cfg, run_dir)
-    except Exception as err:  # Ray wraps the worker's error; its first line says what happened
-        message = str(err).strip().splitlines()
+    except Exception as err:
+        if not_retried(err):  # the worker's own one-line error; the workers were not restarted for it
+            print(f"error: the run stopped: {err}", file=sys.stderr)
+            return STOPPED
+        message = str(err).strip().splitlines()  # Ray wraps the worker's error; its last line says what happened
         print(f"error: the run failed: {message[-1] if message else type(err).__name__}", file=sys.stderr)
-        return 1
+        return FAILED
     if result.error is not None:
         print(f"error: the run failed: {result.error}", file=sys.stderr)
-        return 1
+        return FAILED
     print(f"done: metrics in {run_dir / 'metrics.jsonl'}, checkpoints in {run_dir / 'checkpoints'}")
-    return 0
+    return DONE
 
 
 if __name__ == "__main__":

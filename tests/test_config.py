@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peerlab.config import Config, ConfigError, DatasetEntry, dump_config, load_config, load_mixes
+from peerlab.config import Config, ConfigError, DatasetEntry, dump_config, load_config, load_mixes, load_mixes_file
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -26,6 +26,8 @@ def test_every_config_file_loads(path):
     if "data_mixes" in raw:
         mixes = load_mixes(path)
         assert mixes and all(m.datasets for m in mixes.values())
+        named = load_mixes_file(path)  # the base config it names loads too
+        assert named.base_config is None or isinstance(load_config(named.base_config), Config)
     elif "search_space" in raw:  # a sweep's PEER search space (experiments/ablate.py --search-space)
         from peerlab.tune import search_space
 
@@ -423,6 +425,37 @@ def test_bad_mixes(tmp_path, raw, expected):
     with pytest.raises(ConfigError) as err:
         load_mixes(write(tmp_path, raw, "mixes.yaml"))
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_mixes_file_names_its_base_config_and_search_space(tmp_path):
+    (tmp_path / "base.yaml").write_text("model_config: {}\n")
+    (tmp_path / "space.yaml").write_text("search_space:\n  grid:\n    peer_config.num_experts_per_tok: [4, 16]\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    raw = {"base_config": "../base.yaml", "search_space": "../space.yaml", "data_mixes": {"m1": mix("m1", ENTRY)}}
+    named = load_mixes_file(write(sub, raw, "mixes.yaml"))  # names are relative to the mixes file, not the cwd
+    assert named.base_config == sub / "../base.yaml" and named.search_space == sub / "../space.yaml"
+    assert list(named.mixes) == ["m1"]
+    inline = {"grid": {"peer_config.num_experts_per_tok": [4, 16]}, "baseline": True}
+    named = load_mixes_file(write(tmp_path, {"search_space": inline, "data_mixes": {"m1": mix("m1", ENTRY)}}, "m.yaml"))
+    assert named.search_space == inline and named.base_config is None
+    assert load_mixes_file(write(tmp_path, {"data_mixes": {"m1": mix("m1", ENTRY)}}, "m.yaml")).search_space is None
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ({"base_confg": "base.yaml"}, "base_confg: unknown key; did you mean 'base_config'?"),
+        ({"base_config": "missing.yaml"}, "base_config: no file"),
+        ({"base_config": 3}, "base_config: expected a config file"),
+        ({"search_space": "nowhere.yaml"}, "search_space: no file"),
+        ({"search_space": ["grid"]}, "search_space: expected a search space file, or a mapping"),
+    ],
+)
+def test_bad_base_config_or_search_space_in_mixes(tmp_path, extra, expected):
+    with pytest.raises(ConfigError) as err:
+        load_mixes_file(write(tmp_path, {**extra, "data_mixes": {"m1": mix("m1", ENTRY)}}, "mixes.yaml"))
+    assert expected in str(err.value) and "mixes.yaml" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_mix_name_twice_as_yaml_key(tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -178,6 +180,55 @@ def test_bad_sweeps_fail_before_ray(extra, message, tmp_path):
     assert "Ray" not in out.stdout and not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
+def test_the_cards_command_alone_plans_the_embedded_default_sweep():
+    # configs/datasets.yaml names its base config and search space: the card's command needs no other flag,
+    # and plans exactly the trials of the longer command line that ran the demo sweep before.
+    ablate = ablate_module()
+    mixes = str(ROOT / "configs" / "datasets.yaml")
+    trials, info = ablate.plan(ablate.arguments(["--custom-datasets", mixes]))
+    old = [
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--search-space",
+        str(ROOT / "configs" / "search-demo.yaml"),
+    ]
+    old_trials, _ = ablate.plan(ablate.arguments(["--custom-datasets", mixes, *old]))
+    assert [asdict(t) for t in trials] == [asdict(t) for t in old_trials]
+    assert len(trials) == 6 and {t.setting for t in trials} == {"num_experts_per_tok=4", "num_experts_per_tok=16"}
+    assert {t.mix for t in trials} == {"prose_heavy", "code_heavy", "balanced"}
+    assert trials[0].config["model_config"]["hidden_size"] == 128  # demo.yaml's model, not config.yaml's 768
+    assert info["base_config"] == str(ROOT / "configs" / "demo.yaml") and info["base_config_from"] == mixes
+    assert info["search_space_from"] == str(ROOT / "configs" / "search-demo.yaml")  # recorded in sweep.json
+
+
+def test_readme_main_command_is_the_cards_command():
+    first_block = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert first_block.startswith("python3 -m venv .venv && ")  # set-up, then the main job
+    assert first_block.endswith(" && .venv/bin/python experiments/ablate.py --custom-datasets configs/datasets.yaml")
+
+
+def test_command_line_overrides_the_mixes_files_base_config_and_search_space(tmp_path, capsys):
+    ablate = ablate_module()
+    mixes = tmp_path / "mixes.yaml"
+    body = (ROOT / "configs" / "datasets.yaml").read_text().split("data_mixes:", 1)[1]
+    head = f"base_config: {ROOT / 'configs' / 'demo.yaml'}\nsearch_space:\n  grid:\n    peer_config.num_experts_per_tok: [2, 8]\n"
+    mixes.write_text(head + "data_mixes:" + body)
+    trials, info = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes)]))
+    assert {t.setting for t in trials} == {"num_experts_per_tok=2", "num_experts_per_tok=8"}  # inline section
+    assert info["search_space_from"] == f"{mixes} (inline)"
+    space = str(ROOT / "configs" / "search-demo.yaml")
+    trials, info = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes), "--search-space", space]))
+    assert {t.setting for t in trials} == {"num_experts_per_tok=4", "num_experts_per_tok=16"}
+    config = str(ROOT / "configs" / "config.yaml")
+    trials, info = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes), "--config", config]))
+    assert trials[0].config["model_config"]["hidden_size"] == 768 and info["base_config_from"] == "--config"
+    mixes.write_text(head.replace("peer_config.num_experts_per_tok", "hidden_size") + "data_mixes:" + body)
+    with pytest.raises(SystemExit) as exit_:
+        ablate.plan(ablate.arguments(["--custom-datasets", str(mixes)]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"{mixes}: search_space.grid" in err
+
+
 # --------------------------------------------------------------------------------------
 # Real sweeps on the session's Ray cluster
 # --------------------------------------------------------------------------------------
@@ -226,7 +277,7 @@ def tiny_sets(demo_corpus: Path, out: Path, steps: int = 6) -> list[str]:
     return [x for s in sets for x in ("--set", s)]
 
 
-def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp_path, capsys):
+def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp_path, capsys, caplog):
     mixes, config = sweep_files(demo_corpus, tmp_path, broken=True)
     ablate = ablate_module()
     argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, tmp_path / "out"),
@@ -235,6 +286,13 @@ def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp
     assert ablate.main(argv) == 0
     printed = capsys.readouterr().out
     assert "Ray dashboard:" in printed and "done, " in printed and "best so far" in printed
+    for trial_id in ("prose_mix_num_experts_per_tok=2_s42", "code_mix_num_experts_per_tok=4_s42"):
+        for step in (3, 6):  # a line per trial per evaluation, as the results arrive
+            assert re.search(rf"{re.escape(trial_id)} step {step}/6: eval_loss/mean \d+\.\d{{4}}", printed), printed
+    assert "Reporting training result" not in printed and "TrainingReport" not in printed
+    assert "Configuration for experiment" not in printed and "Traceback" not in printed  # Tune's own output ...
+    assert not [r for r in caplog.records if r.name.startswith("ray.tune")]  # ... and its log go to tune.log
+    assert "Trial task failed for trial broken_mix" in (tmp_path / "out" / "tiny" / ".ray" / "tune.log").read_text()
     sweep = tmp_path / "out" / "tiny"
     trials = pd.read_parquet(sweep / "trials.parquet")
     assert len(trials) == 6 and set(trials["mix"]) == {"prose_mix", "code_mix", "broken_mix"}

@@ -1,11 +1,25 @@
-"""Command-line plumbing shared by the scripts in experiments/: --config, --set, one-line errors."""
+"""Command-line plumbing shared by the scripts in experiments/: --config, --set, --verbose, checks, exit statuses.
+
+Exit statuses of experiments/train.py (ablate.py uses 0, 2 and 130: its failed trials are recorded, not fatal):
+
+    0    done
+    1    the run failed: Ray Train gave up after restarting lost workers max_failures times, or an unexpected error
+    2    refused before anything started: a config, data, tokenizer, checkpoint path or flag that cannot be used
+    3    the run stopped on an error no restart can fix (a non-finite loss, bad data met in training)
+    130  ablate.py: trials were left unfinished (Ctrl-C); continue with --resume
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 from peerlab.config import Config, ConfigError, load_config
+
+DONE, FAILED, REFUSED, STOPPED, INTERRUPTED = 0, 1, 2, 3, 130
+DEMO_DATA = "./data/demo"  # where configs read the embedded default corpus; the run prepares it (checked_data)
 
 
 class UsageError(SystemExit):
@@ -13,11 +27,11 @@ class UsageError(SystemExit):
 
     def __init__(self, message: str):
         print(f"error: {message}", file=sys.stderr)
-        super().__init__(2)
+        super().__init__(REFUSED)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
-    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None, help: str | None = None) -> None:
+    parser.add_argument("--config", default=default_config, help=help or f"YAML config (default: {default_config})")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -36,6 +50,20 @@ def config_from_arguments(args: argparse.Namespace) -> Config:
         raise UsageError(str(err)) from None
 
 
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own output (worker and controller logs, Ray Train's reports, warnings) here; "
+        "by default it stays in Ray's log folder, printed at the start",
+    )
+
+
+def reads_demo_corpus(path: str) -> bool:
+    """A dataset path of the embedded default corpus, which the run prepares itself when it is missing."""
+    return str(path).startswith(DEMO_DATA)
+
+
 def checked_data(cfg: Config):
     """Prepare the demo corpus when the config reads it, then check the data; returns the tokenizer.
 
@@ -44,8 +72,8 @@ def checked_data(cfg: Config):
     from peerlab.data import DataError, TokenizerError, check_data
     from peerlab.data.corpus import prepare_demo_corpus
 
-    if any(str(d.path).startswith("./data/demo") for d in cfg.dataset_config.datasets):
-        prepare_demo_corpus("data/demo")
+    if any(reads_demo_corpus(d.path) for d in cfg.dataset_config.datasets):
+        prepare_demo_corpus(DEMO_DATA)
     try:
         return check_data(cfg.dataset_config, cfg.model_config)
     except (DataError, TokenizerError) as err:
@@ -66,3 +94,44 @@ def checked_evals(cfg: Config) -> None:
         task_manager(cfg.eval_config.evals, cfg.eval_config.evals_registry_path, cfg.eval_config.eval_data_dir)
     except EvalError as err:
         raise UsageError(str(err)) from None
+
+
+def checked_paths(cfg: Config) -> list[str]:
+    """Every local dataset path exists (files are not read); else exit 2 with one line. For dry runs.
+
+    Paths of the embedded default corpus are prepared by the run itself: while they are
+    missing they are returned (to be reported) instead of refused.
+    """
+    from peerlab.data import DataError, list_files
+    from peerlab.data.sources import is_local
+
+    prepared_by_the_run = []
+    for entry in cfg.dataset_config.datasets:
+        if not is_local(entry):
+            continue
+        if reads_demo_corpus(entry.path) and not Path(entry.path).exists():
+            prepared_by_the_run.append(entry.path)
+            continue
+        try:
+            list_files(entry)
+        except DataError as err:
+            raise UsageError(str(err)) from None
+    return prepared_by_the_run
+
+
+def checked_resume(cfg: Config) -> Config:
+    """The config with resume_from_checkpoint resolved to one complete checkpoint, before Ray starts.
+
+    It may name a checkpoint folder, a run folder or a run's checkpoints/ folder (their
+    newest complete checkpoint). Anything else exits 2 with one line.
+    """
+    from peerlab.train.checkpoint import CheckpointError, resolve
+
+    t = cfg.train_config
+    if not t.resume_from_checkpoint:
+        return cfg
+    try:
+        folder = resolve(t.resume_from_checkpoint)
+    except CheckpointError as err:
+        raise UsageError(f"train_config.resume_from_checkpoint: {err}") from None
+    return dataclasses.replace(cfg, train_config=dataclasses.replace(t, resume_from_checkpoint=str(folder)))

@@ -7,7 +7,8 @@ overrides, converts every value to its declared type, and checks every range and
 combination of keys. Anything wrong raises `ConfigError` with a one-line message that names
 the file, the key path and, where it is obvious, the fix.
 
-`load_mixes(path)` does the same for the `data_mixes:` file of ablations (`configs/datasets.yaml`).
+`load_mixes(path)` does the same for the `data_mixes:` file of ablations (`configs/datasets.yaml`);
+`load_mixes_file(path)` also gives the base config and search space such a file may name.
 """
 
 from __future__ import annotations
@@ -671,15 +672,34 @@ def config_from_dict(raw: dict, origin: str = "<resolved config>") -> Config:
     return cfg
 
 
-def load_mixes(path: str | Path) -> dict[str, DataMix]:
+MIXES_KEYS = ["data_mixes", "base_config", "search_space"]
+
+
+@dataclass
+class MixesFile:
+    """A `data_mixes:` file: its mixes, and the base config and sweep search space it may name.
+
+    `base_config` is a config file; `search_space` a file with a `search_space:` section, or
+    that section itself (a mapping of grid, sample, num_samples, baseline). File names are
+    relative to the mixes file. Both are defaults the command line overrides (--config,
+    --search-space).
+    """
+
+    path: Path
+    mixes: dict[str, DataMix]
+    base_config: Path | None = None
+    search_space: Path | dict | None = None
+
+
+def load_mixes_file(path: str | Path) -> MixesFile:
     """Read a `data_mixes:` file; each mix is checked like dataset_config.datasets."""
     raw = read_yaml(path)
     src = _Source(path)
     if not isinstance(raw, dict) or "data_mixes" not in raw:
         raise ConfigError(f"{path}: expected a top-level 'data_mixes:' mapping of named mixes")
-    extra = [k for k in raw if k != "data_mixes"]
+    extra = [k for k in raw if k not in MIXES_KEYS]
     if extra:
-        raise _unknown_key("", extra[0], ["data_mixes"], src)
+        raise _unknown_key("", extra[0], MIXES_KEYS, src)
     mixes_raw = raw["data_mixes"]
     if not isinstance(mixes_raw, dict) or not mixes_raw:
         raise src.error("data_mixes", "expected a mapping of one or more named mixes")
@@ -701,7 +721,29 @@ def load_mixes(path: str | Path) -> dict[str, DataMix]:
             raise src.error(f"{mpath}.name", f"mix name '{name}' is already used by data_mixes.{by_name[name]}")
         by_name[name] = str(key)
         mixes[str(key)] = DataMix(key=str(key), name=name, datasets=datasets)
-    return mixes
+    base = _named_file(raw.get("base_config"), "base_config", "a config file", src)
+    space = raw.get("search_space")
+    if not isinstance(space, dict):
+        space = _named_file(space, "search_space", "a search space file, or a mapping of grid, sample, ...", src)
+    return MixesFile(Path(path), mixes, base, space)
+
+
+def _named_file(value: Any, key: str, what: str, src: _Source) -> Path | None:
+    """A file named in a mixes file, relative to that file; it must exist."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise src.error(key, f"expected {what}, got {value!r}")
+    named = Path(value).expanduser()
+    named = named if named.is_absolute() else Path(src.file).parent / named
+    if not named.is_file():
+        raise src.error(key, f"no file {named} (the name is relative to this file)")
+    return named
+
+
+def load_mixes(path: str | Path) -> dict[str, DataMix]:
+    """The mixes of a `data_mixes:` file (`load_mixes_file` also gives its base config and search space)."""
+    return load_mixes_file(path).mixes
 
 
 def to_dict(cfg: Any) -> Any:

@@ -4,7 +4,8 @@ Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step; `eval
 per lm-eval result (`append_evals`: step, task, metric, value, stderr), appended, never rewritten. Loss and
 tokens/s are also Ray metrics (`ray.util.metrics.Gauge`), which the Ray dashboard shows.
 wandb runs only when the config has a `wandb_config`; `WANDB_MODE=offline` works without an
-account. The driver follows `metrics.jsonl` and prints a progress line per logged step.
+account. The driver follows the run folder (`Progress`) and prints a line per start of the
+workers, per logged step and per lm-eval evaluation.
 """
 
 from __future__ import annotations
@@ -121,15 +122,30 @@ def read_evals(run_dir: Path) -> list[dict]:
 
 
 class Progress(threading.Thread):
-    """Follows metrics.jsonl in the driver and prints step, loss, tokens/s and ETA as lines arrive."""
+    """Follows a run folder in the driver and prints the run's lines as they arrive.
+
+    A line when the workers start (and again when Ray Train restarts them after losing one),
+    a line per logged step (`format_progress`) and a table per lm-eval evaluation. Files that
+    exist when it starts belong to earlier runs of the folder: only what is new is printed.
+    """
 
     def __init__(self, run_dir: Path, total_steps: int, every: float = 1.0):
         super().__init__(daemon=True)
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
         self.total = total_steps
         self.every = every
         self.stop = threading.Event()
-        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+        self.offsets = {name: self._size(name) for name in ("metrics.jsonl", "evals.jsonl")}
+        self.info_stamp = self._stamp()
+        self.attempts = 0
+
+    def _size(self, name: str) -> int:
+        path = self.run_dir / name
+        return path.stat().st_size if path.is_file() else 0
+
+    def _stamp(self) -> int | None:
+        path = self.run_dir / "run_info.json"
+        return path.stat().st_mtime_ns if path.is_file() else None
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -137,16 +153,44 @@ class Progress(threading.Thread):
             self.stop.wait(self.every)
         self.poll()
 
-    def poll(self) -> None:
-        if not self.path.is_file():
-            return
-        with open(self.path) as f:
-            f.seek(self.offset)
+    def _new_records(self, name: str) -> list[dict]:
+        path = self.run_dir / name
+        if not path.is_file():
+            return []
+        records = []
+        with open(path) as f:
+            f.seek(self.offsets[name])
             for line in f:
                 if not line.endswith("\n"):
                     break
-                self.offset += len(line)
-                print(format_progress(json.loads(line), self.total), flush=True)
+                self.offsets[name] += len(line)
+                records.append(json.loads(line))
+        return records
+
+    def poll(self) -> None:
+        stamp = self._stamp()
+        if stamp is not None and stamp != self.info_stamp:  # run_info.json is rewritten at every start of the workers
+            self.info_stamp = stamp
+            self.attempts += 1
+            print(format_start(json.loads((self.run_dir / "run_info.json").read_text()), self.attempts), flush=True)
+        for record in self._new_records("metrics.jsonl"):
+            print(format_progress(record, self.total), flush=True)
+        rows = self._new_records("evals.jsonl")
+        if rows:
+            from peerlab.eval.harness import format_table
+
+            for step in sorted({r["step"] for r in rows}):
+                table = format_table([r for r in rows if r["step"] == step])
+                print(f"lm-eval at step {step}:\n{table}", flush=True)
+
+
+def format_start(info: dict, attempt: int) -> str:
+    """The line of a start of the workers, from its run_info.json."""
+    where = f"{info.get('workers', 1)} {info.get('device', '?')} worker(s)"
+    start = info.get("start_step", 0)
+    if attempt > 1:
+        return f"workers restarted (attempt {attempt}): {where}, continuing from the checkpoint of step {start}"
+    return f"training on {where}" + (f", continuing from the checkpoint of step {start}" if start else "")
 
 
 def format_progress(record: dict, total: int) -> str:

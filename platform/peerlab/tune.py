@@ -22,8 +22,10 @@ of peer_config), `peer_start_layer` and `use_peer`. Setting `num_experts` alone 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -89,12 +91,20 @@ def parse_values(text: str) -> list:
 
 
 def search_space(
-    grid: list[str] = (), sample: list[str] = (), num_samples: int = 0, baseline: bool = False, path: str | None = None
+    grid: list[str] = (),
+    sample: list[str] = (),
+    num_samples: int = 0,
+    baseline: bool = False,
+    path: str | Path | None = None,
+    section: dict | None = None,
+    origin: str = "search_space",
 ) -> SearchSpace:
-    """The search space of `--grid KEY=V1,V2`, `--sample KEY=V1,V2`, `--baseline` and a YAML file.
+    """The search space of `--grid KEY=V1,V2`, `--sample KEY=V1,V2`, `--baseline` and a YAML section.
 
-    The file has a `search_space:` section with `grid:` and `sample:` mappings of key ->
-    list of values, `num_samples:` and `baseline:`; the command line adds to it.
+    The section comes from a file's top-level `search_space:` (`path`), or is given as it is
+    (`section`, e.g. written inline in a mixes file; `origin` names it in error messages). It
+    holds `grid:` and `sample:` mappings of key -> list of values, `num_samples:` and
+    `baseline:`; the command line adds to it.
     """
     space = SearchSpace()
     if path:
@@ -102,24 +112,29 @@ def search_space(
             raw = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: cannot read the search space: {str(err).splitlines()[0]}") from None
-        body = (raw or {}).get("search_space") if isinstance(raw, dict) else None
-        if not isinstance(body, dict):
+        section = (raw or {}).get("search_space") if isinstance(raw, dict) else None
+        if not isinstance(section, dict):
             raise ConfigError(
                 f"{path}: expected a top-level 'search_space:' mapping (grid, sample, num_samples, baseline)"
             )
-        for k in body:
+        origin = f"{path}: search_space"
+    if section is not None:
+        for k in section:
             if k not in ("grid", "sample", "num_samples", "baseline"):
-                raise ConfigError(f"{path}: search_space.{k}: unknown key (known: grid, sample, num_samples, baseline)")
+                raise ConfigError(f"{origin}.{k}: unknown key (known: grid, sample, num_samples, baseline)")
         for part in ("grid", "sample"):
-            section = body.get(part) or {}
-            if not isinstance(section, dict):
-                raise ConfigError(f"{path}: search_space.{part}: expected a mapping of key -> list of values")
-            for key, values in section.items():
+            body = section.get(part) or {}
+            if not isinstance(body, dict):
+                raise ConfigError(f"{origin}.{part}: expected a mapping of key -> list of values")
+            for key, values in body.items():
                 if not isinstance(values, list) or not values:
-                    raise ConfigError(f"{path}: search_space.{part}.{key}: expected a non-empty list of values")
-                getattr(space, part)[_key(str(key), f"{path}: search_space.{part}")] = values
-        space.num_samples = int(body.get("num_samples", 0) or 0)
-        space.baseline = bool(body.get("baseline", False))
+                    raise ConfigError(f"{origin}.{part}.{key}: expected a non-empty list of values")
+                getattr(space, part)[_key(str(key), f"{origin}.{part}")] = values
+        space.num_samples, space.baseline = section.get("num_samples") or 0, section.get("baseline", False)
+        if not isinstance(space.num_samples, int) or isinstance(space.num_samples, bool) or space.num_samples < 0:
+            raise ConfigError(f"{origin}.num_samples: expected a whole number >= 0, got {space.num_samples!r}")
+        if not isinstance(space.baseline, bool):
+            raise ConfigError(f"{origin}.baseline: expected true or false, got {space.baseline!r}")
     for flag, items in (("--grid", grid), ("--sample", sample)):
         for item in items:
             key, eq, text = item.partition("=")
@@ -343,9 +358,13 @@ class Schedule:
 
 
 def run_sweep(
-    trials: list[Trial], sweep_dir: Path, resources: Resources, schedule: Schedule, total: int
+    trials: list[Trial], sweep_dir: Path, resources: Resources, schedule: Schedule, total: int, verbose: bool = False
 ) -> dict[str, str]:
-    """Run `trials` with Ray Tune; returns {trial id: status}. `total` counts the whole sweep (for progress)."""
+    """Run `trials` with Ray Tune; returns {trial id: status}. `total` counts the whole sweep (for progress).
+
+    Prints a line per trial per report of the sweep's metric (each evaluation) and per trial
+    that ends; `verbose` adds Tune's own status output.
+    """
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
@@ -383,7 +402,18 @@ def run_sweep(
     best: dict = {}
 
     class Progress(tune.Callback):
-        """A line per trial that ends: how many are done, running and pending, and the best so far."""
+        """A line per trial per report of the metric, and per trial that ends: done, running, pending, the best."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(schedule.metric)
+            if value is None or "step" not in result:
+                return
+            ours = our_trial(trial)
+            print(
+                f"  {ours.trial_id} step {result['step']}/{steps_of[ours.trial_id]}: "
+                f"{schedule.metric} {value:.4f}  ({result.get('time_total_s', 0.0):.0f} s)",
+                flush=True,
+            )
 
         def _line(self, trials_now, trial, how: str) -> None:
             ours = our_trial(trial)
@@ -431,17 +461,46 @@ def run_sweep(
             name="tune",
             storage_path=str(sweep_dir / ".ray"),
             callbacks=[Progress()],
-            verbose=0,
+            verbose=1 if verbose else 0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    results = tuner.fit()
+    with contextlib.nullcontext() if verbose else tune_output_to(sweep_dir / ".ray" / "tune.log"):
+        results = tuner.fit()
     for result in results:
         if result.error is not None:
             trial_id = result.config["trial"]["trial_id"]
             lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
             mark(trial_dir(sweep_dir, trial_id), "error.json", {"error": error_line(lines)})
     return {t.trial_id: _status(sweep_dir, t) for t in trials}
+
+
+@contextlib.contextmanager
+def tune_output_to(path: Path):
+    """Tune's own console output (its experiment table, trial error tracebacks, warnings) into `path`.
+
+    Tune logs through the `ray.tune` logger, and its default reporter prints its experiment
+    table and every trial error whatever the verbosity: the legacy reporter
+    (RAY_AIR_NEW_OUTPUT=0) prints nothing at verbose=0. The sweep prints its own lines.
+    """
+    logger = logging.getLogger("ray.tune")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = logger.propagate, os.environ.get("RAY_AIR_NEW_OUTPUT")
+    logger.addHandler(handler)
+    logger.propagate = False
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.propagate = saved[0]
+        if saved[1] is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved[1]
 
 
 class Rungs:

@@ -2,6 +2,7 @@
 
 sources.py    local files and hub datasets as ordered documents; Ray Data read tasks; held-out split
 tokenizer.py  AutoTokenizer lookup (offline first) and the embedded default's BPE
+hub.py        whether the Hugging Face hub can be reached (asked once, in seconds); hub datasets' cache
 packing.py    documents joined with end-of-text and cut into blocks, with a resume point
 mixture.py    one Ray Data stream per dataset, mixed at the token level, resumable
 corpus.py     the embedded default's offline corpus (prose, code, docs) and its prepare step
@@ -39,15 +40,17 @@ def __getattr__(name: str):
 def check_data(dataset_config, model_config=None):
     """Everything about the data that can be checked before Ray starts; returns the tokenizer.
 
-    Local sources: paths, formats, the first records' JSON, fields and text. The tokenizer
-    must load (offline first) and fit the model's vocabulary. Raises DataError or
-    TokenizerError with a one-line message.
+    Local sources: paths, formats, the first records' JSON, fields and text. Hub sources: the
+    hub is reachable or `datasets` has them cached. The tokenizer must load (offline first) and
+    fit the model's vocabulary. Raises DataError or TokenizerError with a one-line message.
     """
+    from peerlab.data.hub import check_hub_dataset
     from peerlab.data.sources import check_source
     from peerlab.data.tokenizer import TokenizerError, load_tokenizer
 
     for entry in dataset_config.datasets:
         check_source(entry)
+        check_hub_dataset(entry)
     tokenizer = load_tokenizer(dataset_config.tokenizer_name)
     if model_config is not None and len(tokenizer) > model_config.vocab_size:
         raise TokenizerError(

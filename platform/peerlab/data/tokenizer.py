@@ -1,9 +1,9 @@
 """Tokenizers: any Hugging Face tokenizer by name or path, and the embedded default's own BPE.
 
 `load_tokenizer(name)` is `AutoTokenizer.from_pretrained` with an offline-first lookup: a
-local folder, then the local Hugging Face cache, then (only when the hub may be reached)
-a download. A name that cannot be found gives a one-line `TokenizerError` that says how to
-make it available.
+local folder, then the local Hugging Face cache, then (only when the hub can be reached,
+`peerlab.data.hub.hub_reachable`: a few seconds to find out) a download. A name that cannot
+be found gives a one-line `TokenizerError` that says how to make it available.
 
 The embedded default trains its own tokenizer once: a byte-level BPE (the `tokenizers`
 library, GPT-2's pre-tokenisation, no unknown tokens) on the training split of the demo
@@ -14,19 +14,16 @@ the same file through the same `AutoTokenizer` call as a hub tokenizer.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Iterable
+
+from peerlab.data.hub import hub_reachable, unreachable_reason
 
 EOS = "<|endoftext|>"
 
 
 class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded; the message says how to fix it."""
-
-
-def hub_reachable() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no")
 
 
 def load_tokenizer(name: str):
@@ -44,8 +41,8 @@ def load_tokenizer(name: str):
         except Exception:
             if not hub_reachable():
                 raise TokenizerError(
-                    f"tokenizer '{name}' is not a local folder and not in the Hugging Face cache, and this run is "
-                    f"offline (HF_HUB_OFFLINE); fetch it once where the hub is reachable "
+                    f"tokenizer '{name}' is not a local folder and not in the Hugging Face cache, and "
+                    f"{unreachable_reason()}; fetch it once where the hub is reachable "
                     f"(python -c \"import transformers; transformers.AutoTokenizer.from_pretrained('{name}')\") "
                     f"or set dataset_config.tokenizer_name to a local tokenizer folder"
                 ) from None

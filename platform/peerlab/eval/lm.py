@@ -45,20 +45,14 @@ class EvalError(ValueError):
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(checkpoint folder, run folder) for a checkpoint folder or a run folder (its newest checkpoint)."""
+    """(checkpoint folder, run folder) for a checkpoint folder, or a run's (or its checkpoints/ folder's) newest."""
     from peerlab.train import checkpoint as ckpt
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise EvalError(f"checkpoint {p} does not exist")
-    if (p / ckpt.MANIFEST).is_file():
-        return p, p.parent.parent  # <run>/checkpoints/step-NNNNNN
-    if (p / "checkpoints").is_dir():
-        latest = ckpt.latest(p / "checkpoints")
-        if latest is None:
-            raise EvalError(f"run folder {p} has no complete checkpoint under checkpoints/")
-        return latest, p
-    raise EvalError(f"{p} is neither a checkpoint folder (with {ckpt.MANIFEST}) nor a run folder (with checkpoints/)")
+    try:
+        folder = ckpt.resolve(path)
+    except ckpt.CheckpointError as err:
+        raise EvalError(str(err)) from None
+    return folder, folder.parent.parent  # <run>/checkpoints/step-NNNNNN
 
 
 def load_checkpoint(path: str | Path):

@@ -178,6 +178,28 @@ def latest(checkpoints: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def resolve(path: str | Path) -> Path:
+    """The complete checkpoint `path` names: a checkpoint folder (its files are checked when it
+    loads), or the newest complete one of a run's `checkpoints/` folder or of a run folder.
+    CheckpointError with one line for anything else."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if (p / MANIFEST).is_file():
+        return p
+    if p.name.startswith("step-"):
+        raise CheckpointError(f"{p} is not a complete checkpoint (no {MANIFEST})")
+    checkpoints = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    newest = latest(checkpoints)
+    if newest is not None:
+        return newest
+    if checkpoints is p and p.name != "checkpoints":
+        raise CheckpointError(
+            f"{p} is neither a checkpoint folder (with {MANIFEST}) nor a run folder (with checkpoints/)"
+        )
+    raise CheckpointError(f"{checkpoints} holds no complete checkpoint")
+
+
 def prune(checkpoints: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints, and remove unfinished `.tmp` folders."""
     folders = sorted(p for p in Path(checkpoints).glob("step-*") if p.is_dir() and p.suffix != ".tmp")

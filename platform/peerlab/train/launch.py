@@ -5,8 +5,15 @@ one bound to 127.0.0.1 with its dashboard. `scaling_config(cfg)` sizes the worke
 config and the cluster: one GPU per worker (nccl) where there are enough GPUs, otherwise
 CPU workers (gloo) that ask for at most one CPU each and leave one for Ray Data, so that
 2 workers on a 2-core machine do not wait forever for resources (FACTS.md).
-`fit(cfg, run_dir)` runs `peerlab.train.worker.train_loop` on them with Ray Train restarting
-a failed worker group up to `max_failures` times, and prints a progress line per logged step.
+`fit(cfg, run_dir)` runs `peerlab.train.worker.train_loop` on them and prints a progress line
+per logged step. Ray Train restarts the worker group up to `max_failures` times when workers
+are lost; an error no restart can fix (bad config, data, tokenizer or checkpoint, a
+non-finite loss: `peerlab.train.failures`) ends the run at once, and `fit` raises it as the
+worker did.
+
+By default Ray's own output (the workers' and the controller's logs, Ray Train's report
+dumps, its warnings) stays in Ray's log files; `start_ray(verbose=True)` sends it to the
+console as well.
 """
 
 from __future__ import annotations
@@ -21,31 +28,35 @@ from peerlab.train.optim import total_steps
 from peerlab.train.worker import environment, train_loop
 
 
-def start_ray(address: str | None = None, log_to_driver: bool = True) -> str | None:
-    """Connect to (or start) Ray; returns the dashboard URL when there is one.
+def start_ray(address: str | None = None, verbose: bool = False) -> tuple[str | None, str | None]:
+    """Connect to (or start) Ray; returns the dashboard URL and the folder of Ray's logs (None where unknown).
 
-    `log_to_driver=False` keeps the workers' logs out of this console (a sweep prints its own
-    progress; the logs stay in Ray's session folder and on the dashboard).
+    Without `verbose` the workers' and Ray's own logs stay in that folder (and on the
+    dashboard): the console shows the platform's lines only.
     """
+    import logging
+
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token for the dashboard (FACTS.md)
     if ray.is_initialized():
         context = ray.get_runtime_context()
-        return getattr(context, "dashboard_url", None)
+        return getattr(context, "dashboard_url", None), None
     address = address or os.environ.get("RAY_ADDRESS")
+    console = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
-        info = ray.init(address=address, runtime_env={"env_vars": environment()}, log_to_driver=log_to_driver)
+        info = ray.init(address=address, runtime_env={"env_vars": environment()}, **console)
     else:
         info = ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             runtime_env={"env_vars": environment()},
-            log_to_driver=log_to_driver,
+            **console,
         )
     url = info.dashboard_url
-    return f"http://{url}" if url and not url.startswith("http") else url
+    session = info.address_info.get("session_dir")
+    return (f"http://{url}" if url and not url.startswith("http") else url), (session and f"{session}/logs")
 
 
 def scaling_config(cfg: Config):
@@ -132,19 +143,21 @@ def write_resolved_config(cfg: Config, run_dir: Path) -> Path:
 
 
 def fit(cfg: Config, run_dir: Path, quiet: bool = False, callbacks: list | None = None, **loop_options):
-    """Run the training job; returns Ray Train's Result. Raises on a failed run.
+    """Run the training job; returns Ray Train's Result.
 
-    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's TuneReportCallback).
+    Raises a worker's own error as it was raised (`peerlab.train.failures.NOT_RETRIED`: the
+    workers are not restarted for it), and Ray Train's error when it gave up on lost workers. `callbacks` go to Ray
+    Train's RunConfig (a sweep passes Tune's TuneReportCallback).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     from peerlab.tracking import Progress
+    from peerlab.train.failures import Trainer, own_error
 
     run_dir = Path(run_dir).resolve()
     cfg = with_steps_per_epoch(absolute_paths(cfg))
     write_resolved_config(cfg, run_dir)
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), **loop_options},
         scaling_config=scaling_config(cfg),
@@ -161,6 +174,11 @@ def fit(cfg: Config, run_dir: Path, quiet: bool = False, callbacks: list | None 
         progress.start()
     try:
         return trainer.fit()
+    except Exception as err:
+        original = own_error(err)
+        if original is None:
+            raise
+        raise original from None
     finally:
         if progress:
             progress.stop.set()

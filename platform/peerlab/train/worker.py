@@ -131,14 +131,14 @@ def resume_point(cfg: Config, run_dir: Path, place: Place) -> Path | None:
 
     The run folder's own newest complete checkpoint comes first (it is the run's latest
     progress, also after Ray Train restarted the workers); only a run with none of its own
-    starts from resume_from_checkpoint. Every rank must see the same storage.
+    starts from resume_from_checkpoint (a checkpoint, or the newest of a run or its
+    checkpoints/ folder: `ckpt.resolve`). Every rank must see the same storage.
     """
     path = None
     if place.rank == 0:
         path = ckpt.latest(run_dir / "checkpoints")
         if path is None and cfg.train_config.resume_from_checkpoint:
-            path = Path(cfg.train_config.resume_from_checkpoint)
-            ckpt.verify(path)
+            path = ckpt.resolve(cfg.train_config.resume_from_checkpoint)
     if place.world > 1:
         shared = [str(path) if path else None]
         dist.broadcast_object_list(shared, src=0)
