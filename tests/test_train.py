@@ -299,10 +299,14 @@ def test_float8_run_on_cpu_lists_its_layers_and_trains(demo_corpus, tmp_path):
 
 
 def test_two_worker_ray_train_run_end_to_end(ray_cluster, demo_corpus, tmp_path):
+    """2 Ray Train workers (DDP on gloo) with row-sparse expert updates, the path users take.
+
+    (That the workers train as one process on the global batch: test_sparse_experts_on_two_workers.)
+    """
     from peerlab.train.launch import fit
 
-    cfg = tiny(demo_corpus, "train_config.num_workers=2", *lm_eval_settings(demo_corpus), steps=6)
-    result = fit(cfg, tmp_path / "two", quiet=True)
+    settings = ["train_config.num_workers=2", "train_config.sparse_experts=true", *lm_eval_settings(demo_corpus)]
+    result = fit(tiny(demo_corpus, *settings, steps=6), tmp_path / "two", quiet=True)
     assert result.error is None
     from peerlab.tracking import read_evals
 
@@ -311,6 +315,8 @@ def test_two_worker_ray_train_run_end_to_end(ray_cluster, demo_corpus, tmp_path)
     records = read_metrics(tmp_path / "two")
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
+    trained = [r["loss"] for r in records if "loss" in r]
+    assert trained[-1] < trained[0]
     last = [r for r in records if "loss" in r][-1]
     assert sum(last[f"tokens_seen/{d}"] for d in DOMAINS) == 6 * 2 * 2 * 65  # both workers' blocks
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-000006" / "data.json").read_text())
@@ -465,6 +471,243 @@ def test_fsdp_on_two_cpu_workers_trains_and_resumes(ray_cluster, demo_corpus, tm
     more = tiny(demo_corpus, "train_config.num_workers=2", "train_config.fsdp=true", steps=6)
     assert fit(more, tmp_path / "fsdp", quiet=True).error is None  # the same run name: continues at step 5
     assert [r["step"] for r in read_metrics(tmp_path / "fsdp") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sparse_experts_with_fsdp_is_refused_at_load_time(demo_corpus):
+    from peerlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train_config\.sparse_experts.*does not combine with fsdp: true"):
+        tiny(demo_corpus, "train_config.sparse_experts=true", "train_config.fsdp=true")
+
+
+# --------------------------------------------------------------------------------------
+# Workers agree: 2 processes (gloo, as Ray Train joins its CPU workers) against one process
+# --------------------------------------------------------------------------------------
+
+STEPS, ACCUMULATION, PER_WORKER = 2, 2, 2  # 2 optimizer steps of 2 micro-batches of 2 blocks per worker
+
+
+def _member(fn, rank: int, world: int, port: int, args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two processes on a 2-core machine
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def in_two_processes(fn, *args, timeout: float = 300) -> None:
+    """fn(*args) in 2 fresh processes joined by a gloo process group on 127.0.0.1; fails if one hangs or fails."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_member, args=(fn, rank, 2, port, args)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0))
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"ranks {hung} were still running after {timeout} s (waiting in a collective?)"
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def replica_steps(cfg_dict: dict, batches: torch.Tensor, out: str | None = None) -> dict:
+    """STEPS optimizer steps through `DataParallel` on this rank's share of each global batch, in float64.
+
+    batches: (steps, accumulation, global batch, T+1); rank r of W takes rows r*B/W .. (r+1)*B/W - 1
+    of every micro-batch. Returns (rank 0 also saves to `out`) the losses and gradient norms, the
+    gradients the optimizer was handed at each step, the weights after each step, and, where the
+    model has BatchNorm, every rank's running statistics before and after `sync_buffers`.
+    Float64, because AdamW's first step is lr * g / (|g| + eps): float32 rounding of a gradient
+    near zero (summed in another order on 2 workers) can flip its sign, and the weight by 2 lr.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from peerlab.config import config_from_dict
+    from peerlab.model import build_model
+    from peerlab.train.distributed import DataParallel, gather, sync_buffers, where_am_i
+    from peerlab.train.precision import autocast, grad_scaler
+
+    cfg = config_from_dict(cfg_dict)
+    t = cfg.train_config
+    place = where_am_i()
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model_config).double()
+    parallel = DataParallel(model, place, fsdp=t.fsdp, sparse_experts=t.sparse_experts)
+    optimizer = build_optimizer(model, t)
+    scaler, amp = grad_scaler(t, place.device), autocast(t, place.device)
+    share = batches.shape[2] // place.world
+    mine = batches[:, :, place.rank * share : (place.rank + 1) * share]
+    full = StateDictOptions(full_state_dict=True, cpu_offload=place.world > 1)
+    got: dict = {"loss": [], "norm": [], "grads": [], "weights": []}
+
+    def keep_gradients(loss: float, norm: float) -> None:  # what the optimizer is about to apply
+        grads = {}
+        for name, p in model.named_parameters():
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[name] = (g.to_dense() if g.is_sparse else g).clone()
+        got["grads"].append(grads)
+
+    for step in mine[: cfg.train_config.max_steps]:
+        loss, norm = parallel.step(iter(step), optimizer, scaler, amp, t, keep_gradients)
+        got["loss"].append(loss)
+        got["norm"].append(norm)
+        got["weights"].append({k: v.clone() for k, v in get_model_state_dict(model, options=full).items()})
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    if stats:
+        got["stats_before"] = gather(stats, place)
+        sync_buffers(model, place.world)
+        got["stats_after"] = gather({k: v for k, v in model.state_dict().items() if "running_" in k}, place)
+    if out is not None and place.rank == 0:
+        torch.save(got, out)
+    return got
+
+
+def replica_runs(runs: list[tuple[dict, str]], batches: torch.Tensor) -> None:
+    for cfg_dict, out in runs:
+        replica_steps(cfg_dict, batches, out)
+
+
+@pytest.fixture(scope="module")
+def replicas(demo_corpus, tmp_path_factory):
+    """The same 2 steps on 2 workers (DDP, FSDP2, DDP with sparse_experts) and in one process.
+
+    One global batch = 2 workers x 2 blocks, in 2 micro-batches; the blocks are held-out text
+    of the demo corpus, fixed (independent of how the data stream shards documents). The one
+    process takes the whole global batch in each micro-batch. BatchNorm off: in training it
+    normalises with each worker's own batch statistics, which differ from the global batch's
+    (its own run below checks the statistics' averaging). Weight decay off, so that the first
+    AdamW step on a dense gradient leaves untouched rows where they are, as RowSparseAdamW does;
+    clipping on (max_grad_norm below the norms), so the norm must be the averaged gradient's.
+    """
+    from peerlab.data.tokenizer import load_tokenizer
+    from peerlab.eval.heldout import heldout_blocks
+
+    common = [
+        "dataset_config.max_seq_length=32",
+        "model_config.peer_config.batch_norm_query=false",
+        "train_config.weight_decay=0",
+        "train_config.max_grad_norm=0.5",
+        f"train_config.gradient_accumulation_steps={ACCUMULATION}",
+        f"train_config.per_device_train_batch_size={PER_WORKER}",
+    ]
+    settings = {
+        "dense": [],
+        "fsdp": ["train_config.fsdp=true"],
+        "sparse": ["train_config.sparse_experts=true"],
+        "fsdp_bn": ["train_config.fsdp=true", "model_config.peer_config.batch_norm_query=true"],
+    }
+    cfgs = {name: to_dict(tiny(demo_corpus, *common, *extra, steps=STEPS)) for name, extra in settings.items()}
+    cfgs["fsdp_bn"]["train_config"]["max_steps"] = 1  # (only its statistics are looked at)
+    d = tiny(demo_corpus, *common).dataset_config
+    blocks = torch.cat(list(heldout_blocks(d, load_tokenizer(d.tokenizer_name), 8).values()))
+    batches = blocks[: STEPS * ACCUMULATION * 2 * PER_WORKER].view(STEPS, ACCUMULATION, 2 * PER_WORKER, -1)
+    folder = tmp_path_factory.mktemp("replicas")
+    in_two_processes(replica_runs, [(cfg, str(folder / f"{name}.pt")) for name, cfg in cfgs.items()], batches)
+    two = {name: torch.load(folder / f"{name}.pt") for name in cfgs}
+    one = {name: replica_steps(cfgs[name], batches) for name in ("dense", "sparse")}
+    return two, one
+
+
+def assert_same_training(got: dict, want: dict) -> None:
+    """Losses, gradient norms, the gradients each step applied and the weights after each step agree."""
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-9)
+    assert got["norm"] == pytest.approx(want["norm"], rel=1e-9)
+    assert all(norm > 0.5 for norm in want["norm"])  # clipping was at work
+    for step in range(STEPS):
+        assert got["grads"][step].keys() == want["grads"][step].keys()
+        for name, grad in want["grads"][step].items():  # (RMSNorm computes in float32: 1e-7 apart here)
+            torch.testing.assert_close(got["grads"][step][name], grad, rtol=1e-6, atol=1e-9, msg=f"{name} {step}")
+        for name, weight in want["weights"][step].items():
+            torch.testing.assert_close(got["weights"][step][name], weight, rtol=1e-6, atol=1e-7, msg=f"{name} {step}")
+
+
+def test_ddp_workers_train_as_one_process_on_the_global_batch(replicas):
+    two, one = replicas
+    assert_same_training(two["dense"], one["dense"])
+
+
+def test_fsdp_workers_train_as_one_process_on_the_global_batch(replicas):
+    two, one = replicas
+    assert_same_training(two["fsdp"], one["dense"])
+
+
+def test_sparse_experts_on_two_workers(replicas):
+    """2 DDP workers with sparse_experts train as one process with sparse_experts on the global batch.
+
+    The one-process run is the reference for both steps (same optimizer, same touched rows). The
+    exchanged gradient also equals DDP's all-reduced dense gradient (first step, same weights),
+    and with weight decay off the weights after that first step equal the dense run's: AdamW's
+    first step moves no row whose gradient is zero. Later steps differ by design (RowSparseAdamW
+    leaves untouched rows alone; AdamW moves them by momentum).
+    """
+    two, one = replicas
+    assert_same_training(two["sparse"], one["sparse"])
+    sparse, dense = two["sparse"], two["dense"]
+    assert sparse["loss"][0] == pytest.approx(dense["loss"][0], rel=1e-9)
+    for name, grad in dense["grads"][0].items():
+        torch.testing.assert_close(sparse["grads"][0][name], grad, rtol=1e-6, atol=1e-9, msg=name)
+    for name, weight in dense["weights"][0].items():
+        torch.testing.assert_close(sparse["weights"][0][name], weight, rtol=1e-6, atol=1e-7, msg=name)
+    touched = (sparse["grads"][0]["layers.1.mlp.down"] != 0).any(1)
+    assert 0 < touched.sum() < len(touched)  # some expert rows were retrieved, not all
+
+
+def test_fsdp_batchnorm_statistics_are_averaged_across_workers(replicas):
+    """FSDP2 keeps buffers per worker: after training the ranks' running statistics differ; synced, both
+    ranks hold their mean."""
+    two, _ = replicas
+    before, after = two["fsdp_bn"]["stats_before"], two["fsdp_bn"]["stats_after"]
+    assert before[0].keys() == after[0].keys() and len(before[0]) == 2  # running_mean, running_var of 1 PEER layer
+    for name in before[0]:
+        assert not torch.allclose(before[0][name], before[1][name])  # the workers saw different batches
+        mean = (before[0][name].double() + before[1][name].double()) / 2
+        torch.testing.assert_close(after[0][name].double(), mean)
+        assert torch.equal(after[0][name], after[1][name])
+
+
+def loop_member(cfg_dict: dict, run_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    last = train_loop({"config": cfg_dict, "run_dir": run_dir, "data_engine": "local"})
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(last))
+
+
+def test_fsdp_ranks_evaluate_the_same_model_and_generate_in_step(demo_corpus, tmp_path):
+    """The training loop on 2 FSDP workers: every rank evaluates (each forward needs all shards).
+
+    With BatchNorm's running statistics averaged before evaluations and saves, both ranks
+    compute the same held-out losses, and a greedy generation task finishes (with statistics
+    of their own, ranks can stop decoding after different steps and wait for each other forever).
+    """
+    from peerlab.tracking import read_evals
+
+    cfg = tiny(
+        demo_corpus,
+        "train_config.fsdp=true",
+        "eval_config.evals=[peerlab_heldout_gen]",
+        f"eval_config.evals_registry_path={ROOT / 'evals' / 'registry'}",
+        f"eval_config.eval_data_dir={demo_corpus / 'evals'}",
+        "eval_config.lm_eval_limit=2",
+        steps=2,
+    )
+    in_two_processes(loop_member, to_dict(cfg), str(tmp_path / "run"), str(tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    held = {k: v for k, v in rank0.items() if k.startswith(("eval_loss/", "eval_bpb/"))}
+    assert len(held) >= 2 * len(DOMAINS)
+    assert {k: rank1[k] for k in held} == held  # the same numbers on both ranks
+    evals = read_evals(tmp_path / "run")
+    assert {(r["step"], r["task"], r["metric"]) for r in evals} == {(2, "peerlab_heldout_gen", "exact_match")}
 
 
 def test_epochs_over_non_streamed_data_count_one_pass(demo_corpus, tmp_path):

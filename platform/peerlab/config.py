@@ -604,6 +604,11 @@ def check_config(cfg: Config, src: _Source) -> None:
     _one_of(t.log_level, LOG_LEVELS, "train_config.log_level", src)
     if t.fp16 and t.bf16:
         raise src.error("train_config", "fp16 and bf16 are both true; choose one (or neither, for float32/Float8)")
+    if t.sparse_experts and t.fsdp:
+        raise src.error(
+            "train_config.sparse_experts",
+            "does not combine with fsdp: true (FSDP shards dense gradients only); set one of them false",
+        )
     if not t.output_dir.strip():
         raise src.error("train_config.output_dir", "must not be empty")
 

@@ -31,7 +31,8 @@ the gradient of each table as a bag sum over the retrievals sorted by table row.
 are computed only for the rows the batch retrieved and no other row of a table is read.
 The gradient tensor itself is dense, filled with zeros elsewhere, so AdamW, DDP and FSDP
 work with it unchanged; with `sparse_grad` (train_config.sparse_experts) it is a sparse COO
-tensor of the retrieved rows only, for `peerlab.train.optim.RowSparseAdamW`.
+tensor of the retrieved rows only, for `peerlab.train.optim.RowSparseAdamW` (several workers
+exchange such gradients row by row: `peerlab.train.distributed.exchange_rows`).
 """
 
 from __future__ import annotations

@@ -1,25 +1,25 @@
 """The training loop every Ray Train worker runs (`train_loop`), and the run it belongs to.
 
 One optimizer step = `gradient_accumulation_steps` micro-batches of
-`per_device_train_batch_size` blocks on every worker (data-parallel through DDP when there
-are several workers). The loop resumes by itself: from `resume_from_checkpoint`, else from
-the newest complete checkpoint of its run folder, which is also how it continues after Ray
-Train restarts a failed worker group. Every `logging_steps` rank 0 writes a line of
-metrics, every `eval_steps` it adds the held-out loss and bits per byte of each dataset, and
-every `save_steps` (and at the end) all ranks hand their data position and random state to
-rank 0, which writes a checkpoint. The lm-eval set (`eval_config.evals`) runs after the last
-step's checkpoint, and every `eval_config.lm_eval_steps` when that is set (`lm_evaluate`).
+`per_device_train_batch_size` blocks on every worker (data-parallel through DDP or FSDP2
+when there are several workers: `peerlab.train.distributed.DataParallel`). The loop resumes
+by itself: from `resume_from_checkpoint`, else from the newest complete checkpoint of its
+run folder, which is also how it continues after Ray Train restarts a failed worker group.
+Every `logging_steps` rank 0 writes a line of metrics, every `eval_steps` it adds the
+held-out loss and bits per byte of each dataset, and every `save_steps` (and at the end) all
+ranks hand their data position and random state to rank 0, which writes a checkpoint. The
+lm-eval set (`eval_config.evals`) runs after the last step's checkpoint, and every
+`eval_config.lm_eval_steps` when that is set (`lm_evaluate`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,11 +37,12 @@ from peerlab.config import Config, config_from_dict
 from peerlab.data.mixture import DataMixture, DataOptions
 from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.heldout import heldout_blocks, heldout_loss
-from peerlab.model import PEER, build_model
+from peerlab.model import build_model
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
-from peerlab.train.optim import build_optimizer, build_scheduler, clip_grad_norm, total_steps
+from peerlab.train.distributed import DataParallel, Place, gather, mean_across, sync_buffers, where_am_i
+from peerlab.train.optim import build_optimizer, build_scheduler, total_steps
 from peerlab.train.precision import apply_float8, autocast, describe, grad_scaler, set_tf32
 
 log = logging.getLogger("peerlab.train")
@@ -49,27 +50,6 @@ log = logging.getLogger("peerlab.train")
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, say); the message names the step and the last good checkpoint."""
-
-
-@dataclass
-class Place:
-    rank: int
-    world: int
-    device: torch.device
-
-
-def where_am_i() -> Place:
-    """Rank, world size and device: from Ray Train's context when there is one, else a single process."""
-    rank, world, local = 0, 1, 0
-    try:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    except Exception:  # not inside Ray Train (a direct call): one process
-        pass
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    return Place(rank, world, device)
 
 
 def report(metrics: dict, to_tune: bool = False) -> None:
@@ -100,32 +80,6 @@ def report(metrics: dict, to_tune: bool = False) -> None:
             log.debug("metrics not reported to Ray: %s", err)
 
 
-def _gather(obj, place: Place) -> list:
-    """Every rank's `obj`, on every rank."""
-    if place.world == 1:
-        return [obj]
-    out = [None] * place.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _mean_across(value: float, place: Place) -> float:
-    if place.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=place.device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(t)
-    return t.item() / place.world
-
-
-def shard(model: nn.Module) -> None:
-    """FSDP2: shard every block's parameters (and then the rest) across the workers."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-
-
 def resume_point(cfg: Config, run_dir: Path, place: Place) -> Path | None:
     """The checkpoint to continue from, chosen by rank 0 and shared with every rank.
 
@@ -150,6 +104,23 @@ def resume_point(cfg: Config, run_dir: Path, place: Place) -> Path | None:
     return path
 
 
+def stop_if_not_finite(step: int, loss: float, grad_norm: float, fp16: bool, place: Place, run_dir: Path) -> None:
+    """Raise TrainingError on a non-finite loss, or non-finite gradients that no fp16 loss scaler will skip.
+
+    It runs before the optimizer applies the gradients: no checkpoint ever holds such a step.
+    """
+    bad = "loss" if not math.isfinite(loss) else None
+    if bad is None and not fp16 and not math.isfinite(mean_across(grad_norm, place)):
+        bad = "gradient norm"
+    if bad is not None:
+        good = ckpt.latest(run_dir / "checkpoints")
+        value = loss if bad == "loss" else grad_norm
+        raise TrainingError(
+            f"the {bad} is {value} at step {step}; the run stops here. "
+            f"The last good checkpoint is {good or 'none (no checkpoint was written yet)'}"
+        )
+
+
 def lm_evaluate(
     cfg: Config, model: nn.Module, tokenizer, step: int, place: Place, amp, run_dir: Path, wandb_run
 ) -> None:
@@ -166,6 +137,7 @@ def lm_evaluate(
     from peerlab.tracking import append_evals
 
     e = cfg.eval_config
+    sync_buffers(model, place.world)  # the same BatchNorm statistics on every rank, so the same greedy decisions
     sharded = cfg.train_config.fsdp and place.world > 1
     if place.rank == 0 or sharded:
         saved = ckpt.rng_state()
@@ -215,18 +187,7 @@ def train_loop(loop_config: dict) -> dict:
     model = build_model(cfg.model_config).to(place.device)
     float8 = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
     steps = total_steps(t)
-    if t.sparse_experts:
-        if t.fsdp and place.world > 1:
-            raise TrainingError("sparse_experts and fsdp do not combine: FSDP reduces dense gradient shards")
-        if place.world > 1 and place.device.type == "cuda":
-            raise TrainingError(
-                "sparse_experts needs sparse all-reduce, which NCCL lacks: use it on CPU workers or 1 GPU"
-            )
-        for module in model.modules():
-            if isinstance(module, PEER):
-                module.sparse_grad = True
-    if t.fsdp and place.world > 1:
-        shard(model)
+    parallel = DataParallel(model, place, fsdp=t.fsdp, sparse_experts=t.sparse_experts)  # DDP, FSDP2 or as it is
     optimizer = build_optimizer(model, t, fused=place.device.type == "cuda")
     scheduler = build_scheduler(optimizer, t, steps)
     scaler = grad_scaler(t, place.device)
@@ -262,14 +223,9 @@ def train_loop(loop_config: dict) -> dict:
     else:
         torch.manual_seed(t.seed + place.rank)  # per-rank streams of randomness from here on
 
-    pids = _gather(os.getpid(), place)  # every rank's process id, in rank order
+    pids = gather(os.getpid(), place)  # every rank's process id, in rank order
     if place.rank == 0:
         write_run_info(run_dir, place, describe(t, float8), start_step, pids)
-
-    train_model = model
-    if place.world > 1 and not t.fsdp:
-        devices = [place.device.index] if place.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
 
     metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0)
     amp = autocast(t, place.device, float8)
@@ -282,7 +238,8 @@ def train_loop(loop_config: dict) -> dict:
     with DataMixture(d.datasets, opts, data_state) as data:
 
         def save(step: int, final: bool = False) -> None:
-            states = _gather((data.state_dict(), ckpt.rng_state()), place)
+            sync_buffers(model, place.world)  # every rank's BatchNorm statistics, averaged, go in the checkpoint
+            states = gather((data.state_dict(), ckpt.rng_state()), place)
             full = StateDictOptions(full_state_dict=True, cpu_offload=place.world > 1)  # gathered on rank 0
             model_state = get_model_state_dict(model, options=full)
             optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
@@ -305,37 +262,10 @@ def train_loop(loop_config: dict) -> dict:
         run_start = time.perf_counter()
         for step in range(start_step + 1, steps + 1):
             step_start = time.perf_counter()
-            train_model.train()
-            step_loss = 0.0
-            for micro in range(t.gradient_accumulation_steps):
-                ids, _ = data.next_batch(t.per_device_train_batch_size)
-                ids = ids.to(place.device, non_blocking=True)
-                sync = micro == t.gradient_accumulation_steps - 1 or place.world == 1
-                if t.fsdp and place.world > 1:
-                    model.set_requires_gradient_sync(sync)  # FSDP2: reduce-scatter on the last micro-batch only
-                with train_model.no_sync() if not sync and not t.fsdp else contextlib.nullcontext():
-                    with amp:
-                        loss = train_model(ids[:, :-1], labels=ids[:, 1:])  # fused LM head + cross-entropy
-                    scaler.scale(loss / t.gradient_accumulation_steps).backward()
-                step_loss += loss.item() / t.gradient_accumulation_steps
-            scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm(model.parameters(), t.max_grad_norm)
-            step_loss = _mean_across(step_loss, place)
-            # A non-finite loss, or non-finite gradients that no fp16 loss scaler will skip, end the run
-            # before the optimizer applies them: no checkpoint ever holds such a step.
-            bad = "loss" if not math.isfinite(step_loss) else None
-            if bad is None and not t.fp16 and not math.isfinite(_mean_across(grad_norm, place)):
-                bad = "gradient norm"
-            if bad is not None:
-                good = ckpt.latest(run_dir / "checkpoints")
-                value = step_loss if bad == "loss" else grad_norm
-                raise TrainingError(
-                    f"the {bad} is {value} at step {step}; the run stops here. "
-                    f"The last good checkpoint is {good or 'none (no checkpoint was written yet)'}"
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = range(t.gradient_accumulation_steps)
+            batches = (data.next_batch(t.per_device_train_batch_size)[0] for _ in micro_batches)
+            check = functools.partial(stop_if_not_finite, step, fp16=t.fp16, place=place, run_dir=run_dir)
+            step_loss, grad_norm = parallel.step(batches, optimizer, scaler, amp, t, check)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             window_tokens += tokens_per_step
@@ -349,13 +279,15 @@ def train_loop(loop_config: dict) -> dict:
                 record = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate}
                 record["train_s"], window_train_s = window_train_s, 0.0  # seconds in training steps since the last line
                 record["eta_s"] = (steps - step) * tokens_per_step / rate if rate > 0 else None
-                seen = _gather(data.stats(), place)  # every rank's counts: the totals of the run
+                seen = gather(data.stats(), place)  # every rank's counts: the totals of the run
                 for key in seen[0]:
                     if key.startswith("tokens_seen/"):
                         record[key] = sum(s[key] for s in seen)
-            if (step % t.eval_steps == 0 or step == steps) and evaluates:
-                held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
-                record.update(with_means(held) if place.rank == 0 else {})
+            if step % t.eval_steps == 0 or step == steps:
+                sync_buffers(model, place.world)  # every rank evaluates the same BatchNorm statistics
+                if evaluates:  # (under FSDP every rank computes the same numbers; rank 0 writes them)
+                    held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
+                    record.update(with_means(held))
             if record:
                 record = {"step": step, **record}
                 metrics.write(record)

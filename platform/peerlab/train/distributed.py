@@ -1,0 +1,219 @@
+"""Data-parallel training across workers: where a worker is, the model's replicas, one optimizer step.
+
+`DataParallel` wraps the model as the workers train it: as it is (one worker), in DDP, or
+sharded by FSDP2 (`fully_shard`). Its `step` runs one optimizer step over a worker's
+micro-batches; the gradient that reaches the optimizer is the mean over all workers' tokens,
+as if one process had taken the whole global batch. What the wrappers leave to us:
+
+- Row-sparse expert gradients (`train_config.sparse_experts`). DDP's reducer accepts sparse
+  gradients only from `nn.Embedding(sparse=True)`, and NCCL has no sparse all-reduce, so the
+  PEER tables stay out of DDP's buckets and `exchange_rows` averages their gradients itself:
+  every worker all-gathers the others' touched row ids and rows (dense tensors, padded to the
+  longest, so NCCL does it too), sums them and divides by the number of workers. FSDP shards
+  dense tensors only and does not combine with sparse gradients (the config refuses it).
+- BatchNorm's running statistics. FSDP2 does not synchronise buffers, and DDP broadcasts rank
+  0's before each forward, after which every worker updates its own copy. `sync_buffers`
+  averages them over the workers before every evaluation and save, so every rank evaluates
+  (and rank 0 saves) the same model. In training BatchNorm normalises with each worker's own
+  micro-batch statistics (as DDP does by default and the paper's per-batch statistics), not
+  with the global batch's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from peerlab.config import TrainConfig
+from peerlab.model import PEER
+from peerlab.train.optim import clip_grad_norm
+
+log = logging.getLogger("peerlab.train")
+
+
+@dataclass
+class Place:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def where_am_i() -> Place:
+    """Rank, world size and device: from Ray Train's context, else from an initialised torch.distributed
+    process group (torchrun, a test's processes), else a single process."""
+    rank, world, local = 0, 1, 0
+    try:
+        if "ray" not in sys.modules:  # a Ray worker has imported it; elsewhere that import costs seconds
+            raise RuntimeError("not in Ray")
+        import ray.train
+
+        ctx = ray.train.get_context()
+        rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    except (ImportError, RuntimeError):  # not inside Ray Train (a direct call)
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+            local = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    return Place(rank, world, device)
+
+
+def gather(obj, place: Place) -> list:
+    """Every rank's `obj`, on every rank."""
+    if place.world == 1:
+        return [obj]
+    out = [None] * place.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across(value: float, place: Place) -> float:
+    if place.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=place.device)  # NCCL reduces device tensors only
+    dist.all_reduce(t)
+    return t.item() / place.world
+
+
+def shard(model: nn.Module) -> None:
+    """FSDP2: shard every block's parameters (and then the rest) across the workers."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def exchange_rows(tables: list[nn.Parameter], world: int) -> None:
+    """Replace each table's sparse gradient by its mean over the workers (what DDP does for dense ones).
+
+    Each worker's gradient holds the rows its batch retrieved. The row ids and rows are
+    all-gathered (sizes first, then padded to the longest, since they differ per worker),
+    summed where workers touched the same row, and divided by the number of workers. The
+    result is the same coalesced sparse tensor on every worker. Dense collectives only (NCCL has
+    no sparse all-reduce); the tensors stay on the tables' device. Each worker receives
+    workers x (most rows touched) x d values: less than a dense all-reduce of the table while
+    the workers touch a small share of its rows, more once each touches most of them.
+    """
+    if world == 1 or not tables:
+        return
+    device = tables[0].device
+    local = []
+    for p in tables:
+        if p.grad is None:  # nothing retrieved here: an empty gradient, so the collectives still match up
+            empty = torch.empty(0, p.shape[1], dtype=p.dtype, device=device)
+            no_rows = torch.empty(1, 0, dtype=torch.long, device=device)
+            p.grad = torch.sparse_coo_tensor(no_rows, empty, p.shape, check_invariants=False)
+        g = p.grad.coalesce()
+        local.append((g.indices()[0], g.values()))  # (U,), (U, d)
+    counts = torch.tensor([len(rows) for rows, _ in local], device=device)  # (P,)
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts)
+    all_counts = torch.stack(all_counts).tolist()  # world x P
+    for i, (p, (rows, values)) in enumerate(zip(tables, local)):
+        sizes = [c[i] for c in all_counts]
+        longest = max(sizes)
+        padded_rows = rows.new_zeros(longest)
+        padded_rows[: len(rows)] = rows
+        padded_values = values.new_zeros(longest, values.shape[1])
+        padded_values[: len(rows)] = values
+        got_rows = [torch.empty_like(padded_rows) for _ in range(world)]
+        got_values = [torch.empty_like(padded_values) for _ in range(world)]
+        dist.all_gather(got_rows, padded_rows)
+        dist.all_gather(got_values, padded_values)
+        rows = torch.cat([r[:n] for r, n in zip(got_rows, sizes)])  # (sum of U,)
+        values = torch.cat([v[:n] for v, n in zip(got_values, sizes)])  # (sum of U, d)
+        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values / world, p.shape, check_invariants=False).coalesce()
+
+
+@torch.no_grad()
+def sync_buffers(model: nn.Module, world: int) -> None:
+    """Average every BatchNorm's running mean and variance over the workers (all ranks must call it).
+
+    Under FSDP2 each worker's statistics follow its own batches; evaluated as they are, the ranks'
+    logits differ, and a greedy generation can stop after different steps on different ranks and
+    hang the next all-gather. The step counters are the same on every rank.
+    """
+    if world == 1:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for stat in (module.running_mean, module.running_var):
+                dist.all_reduce(stat)
+                stat.div_(world)
+
+
+class DataParallel:
+    """The model as `place.world` workers train it: as it is, in DDP, or sharded by FSDP2 (`fsdp`).
+
+    Build it before the optimizer: FSDP replaces the parameters by sharded ones. `model` is the
+    module itself (evaluate and save it); `module` is what the training forward runs through.
+    """
+
+    def __init__(self, model: nn.Module, place: Place, fsdp: bool = False, sparse_experts: bool = False):
+        self.model, self.module, self.place = model, model, place
+        self.fsdp = fsdp and place.world > 1
+        self.tables: list[nn.Parameter] = []  # expert tables with sparse gradients, exchanged by exchange_rows
+        if sparse_experts:
+            if self.fsdp:  # load_config refuses it; a direct call gets the same answer
+                raise ValueError("sparse_experts and fsdp do not combine: FSDP reduces dense gradient shards")
+            for module in model.modules():
+                if isinstance(module, PEER):
+                    module.sparse_grad = True
+                    self.tables += [module.down, module.up]
+        if self.fsdp:
+            shard(model)
+        elif place.world > 1:
+            ids = {id(p) for p in self.tables}
+            ignored = [name for name, p in model.named_parameters() if id(p) in ids]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+            devices = [place.device.index] if place.device.type == "cuda" else None
+            self.module = nn.parallel.DistributedDataParallel(model, device_ids=devices)
+
+    def step(
+        self,
+        batches: Iterator[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        amp,
+        train: TrainConfig,
+        check: Callable[[float, float], None] | None = None,
+    ) -> tuple[float, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches (ids (B, T+1) each) from `batches`.
+
+        Returns (loss, gradient norm): the loss is the mean over all workers, the norm that of the
+        averaged gradient before clipping (the same on every worker). `check(loss, norm)` runs
+        before the optimizer applies the gradients (it may raise to stop the run).
+        """
+        accumulation = train.gradient_accumulation_steps
+        self.module.train()
+        loss_sum = 0.0
+        for micro in range(accumulation):
+            ids = next(batches).to(self.place.device, non_blocking=True)
+            # Gradients are reduced on the last micro-batch only (FSDP's reduce-scatter, DDP's all-reduce).
+            last = micro == accumulation - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            ddp = self.module is not self.model
+            with self.module.no_sync() if ddp and not last else contextlib.nullcontext():
+                with amp:
+                    loss = self.module(ids[:, :-1], labels=ids[:, 1:])  # fused LM head + cross-entropy
+                scaler.scale(loss / accumulation).backward()
+            loss_sum += loss.item() / accumulation
+        exchange_rows(self.tables, self.place.world)
+        scaler.unscale_(optimizer)
+        grad_norm = clip_grad_norm(self.model.parameters(), train.max_grad_norm)
+        step_loss = mean_across(loss_sum, self.place)
+        if check is not None:
+            check(step_loss, grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm
