@@ -610,7 +610,7 @@ def replicas(demo_corpus, tmp_path_factory):
     cfgs = {name: to_dict(tiny(demo_corpus, *common, *extra, steps=STEPS)) for name, extra in settings.items()}
     cfgs["fsdp_bn"]["train_config"]["max_steps"] = 1  # (only its statistics are looked at)
     d = tiny(demo_corpus, *common).dataset_config
-    blocks = torch.cat(list(heldout_blocks(d, load_tokenizer(d.tokenizer_name), 8).values()))
+    blocks = torch.cat([b.ids for b in heldout_blocks(d, load_tokenizer(d.tokenizer_name), 8).values()])
     batches = blocks[: STEPS * ACCUMULATION * 2 * PER_WORKER].view(STEPS, ACCUMULATION, 2 * PER_WORKER, -1)
     folder = tmp_path_factory.mktemp("replicas")
     in_two_processes(replica_runs, [(cfg, str(folder / f"{name}.pt")) for name, cfg in cfgs.items()], batches)
