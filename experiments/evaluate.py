@@ -3,8 +3,8 @@
     python experiments/evaluate.py --checkpoint PATH [--tasks a,b] [--batch-size N] [--limit N]
         [--registry DIR] [--data-dir DIR] [--confirm-run-unsafe-code]
 
-PATH is a checkpoint folder (<run>/checkpoints/step-NNNNNN) or a run folder (its newest
-checkpoint). The tasks default to the run's eval_config.evals, the registry to its
+PATH is a checkpoint folder (<run>/checkpoints/step-NNNNNN), a run's checkpoints/ folder or a
+run folder (their newest complete checkpoint). The tasks default to the run's eval_config.evals, the registry to its
 evals_registry_path, the batch size to its eval_batch_size. Prints a table of the results
 and appends them to the run's evals.jsonl (step = the checkpoint's step), and to wandb when
 the run's config has a wandb_config. A task that cannot be loaded offline is skipped with one
@@ -22,7 +22,7 @@ from peerlab.cli import UsageError
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its newest checkpoint)")
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint folder, a checkpoints/ folder or a run folder (the newest checkpoint)")
     ap.add_argument("--tasks", help="comma-separated lm-eval task names (default: the run's eval_config.evals)")
     ap.add_argument("--batch-size", type=int, help="requests per forward pass (default: eval_batch_size)")
     ap.add_argument("--limit", type=int, help="at most this many documents per task (default: all)")

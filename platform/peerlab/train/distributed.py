@@ -57,7 +57,8 @@ def where_am_i() -> Place:
 
         ctx = ray.train.get_context()
         rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    except (ImportError, RuntimeError):  # not inside Ray Train (a direct call)
+    except Exception:  # noqa: BLE001 - not inside Ray Train: a direct call (RuntimeError), or Train's local
+        # mode inside a Tune trial, where get_context raises a DeprecationWarning as an error (FACTS.md)
         if dist.is_available() and dist.is_initialized():
             rank, world = dist.get_rank(), dist.get_world_size()
             local = int(os.environ.get("LOCAL_RANK", rank))
