@@ -305,7 +305,7 @@ def test_exact_resume_at_any_block(tmp_path, small_tokenizer):
         assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(rest, blocks[cut:]))
 
 
-def test_exact_resume_on_a_worker_of_several(tmp_path, small_tokenizer):
+def test_exact_resume_on_a_worker_of_several(tmp_path, small_tokenizer, caplog):
     """The position carries the running document index, so worker 1 of 3 resumes exactly, even in a pass
     of many small files with held-out and empty records; a position saved without it still loads."""
     rng = np.random.default_rng(5)
@@ -337,6 +337,9 @@ def test_exact_resume_on_a_worker_of_several(tmp_path, small_tokenizer):
         del position["index"]  # as written before positions had it
     with DataMixture(sources, one, state) as resumed:  # one worker: still exact
         assert all(np.array_equal(resumed.next_block()[1], x) for _, x in blocks[30:])
+    with caplog.at_level("WARNING", logger="peerlab.data"):  # several workers: approximate, and it says so
+        DataMixture(sources, opts, state).close()
+    assert "predates the running document index" in caplog.text
 
 
 def test_same_seed_same_blocks_other_seed_other_order(tmp_path, small_tokenizer):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -325,6 +327,29 @@ def test_bytes_of_a_documents_tokens_add_up_to_its_text_for_any_tokenizer(demo_c
         assert ids == [*tok(text, add_special_tokens=False)["input_ids"], eos]
         assert sum(nbytes) == len(text.encode("utf-8")) and min(nbytes) >= 0, text
         assert nbytes[-1] == (len(text.encode("utf-8")) if len(ids) == 1 else 0)  # end-of-text: 0 bytes
+        assert document_tokens(tok, text, eos, limit=5) == (ids[:5], nbytes[:5])  # what a caller keeps
+    # Token by token, against bytes counted from the token strings where they spell the text exactly.
+    if kind == "sentencepiece":  # every case: ▁ is a space, <0xNN> one byte; "always" prepends a ▁ (not to a space)
+        for text in cases:
+            ids, nbytes = document_tokens(tok, text, eos)
+            strings = tok.convert_ids_to_tokens(ids[:-1])
+            want = [1 if re.fullmatch(r"<0x[0-9A-F]{2}>", t) else len(t.replace("▁", " ").encode()) for t in strings]
+            want[0] -= not text.startswith(" ")  # the prepended ▁ stands for no byte of the text
+            # Where a token ends on a character boundary both counts agree on the bytes so far (inside a
+            # character split over byte tokens, the first of them takes all its bytes)
+            raw, got_sum, want_sum = text.encode("utf-8"), np.cumsum(nbytes[:-1]), np.cumsum(want)
+            # (not after the prepended ▁ alone, which spells no byte and may share its offsets with the next token)
+            boundary = [n > 0 and (w == len(raw) or (raw[w] & 0xC0) != 0x80) for n, w in zip(want, want_sum)]
+            assert got_sum[boundary].tolist() == want_sum[boundary].tolist(), text
+            assert sum(boundary) > len(strings) // 2
+    else:  # lowercase words of the vocabulary's alphabet, one space apart: a word-initial token also takes its space
+        words = [w for w in re.findall(r"[a-z]+", " ".join(train).lower()) if len(w) > 3][:300]
+        text = " ".join(words)
+        ids, nbytes = document_tokens(tok, text, eos)
+        strings = tok.convert_ids_to_tokens(ids[:-1])
+        assert "[UNK]" not in strings and any(t.startswith("##") for t in strings)
+        want = [len(t) - 2 if t.startswith("##") else len(t) + (i > 0) for i, t in enumerate(strings)]
+        assert nbytes[:-1] == want
     # Through the held-out blocks: every byte of the held-out text is a target's, but the stream's first token.
     write_jsonl(tmp_path / "d" / "train.jsonl", train[:3])
     write_jsonl(tmp_path / "d" / "heldout.jsonl", cases)

@@ -663,17 +663,71 @@ def test_sparse_experts_on_two_workers(replicas):
     assert 0 < touched.sum() < len(touched)  # some expert rows were retrieved, not all
 
 
-def test_fsdp_batchnorm_statistics_are_averaged_across_workers(replicas):
+def test_fsdp_batchnorm_statistics_are_pooled_across_workers(replicas):
     """FSDP2 keeps buffers per worker: after training the ranks' running statistics differ; synced, both
-    ranks hold their mean."""
+    ranks hold the statistics of the workers' features together: the mean of the means, and the mean
+    of the variances plus the variance of the means."""
     two, _ = replicas
     before, after = two["fsdp_bn"]["stats_before"], two["fsdp_bn"]["stats_after"]
     assert before[0].keys() == after[0].keys() and len(before[0]) == 2  # running_mean, running_var of 1 PEER layer
     for name in before[0]:
         assert not torch.allclose(before[0][name], before[1][name])  # the workers saw different batches
-        mean = (before[0][name].double() + before[1][name].double()) / 2
-        torch.testing.assert_close(after[0][name].double(), mean)
         assert torch.equal(after[0][name], after[1][name])
+    (mean_key,) = [k for k in before[0] if k.endswith("running_mean")]
+    var_key = mean_key.replace("running_mean", "running_var")
+    means = torch.stack([before[r][mean_key].double() for r in range(2)])  # (ranks, features)
+    variances = torch.stack([before[r][var_key].double() for r in range(2)])
+    torch.testing.assert_close(after[0][mean_key].double(), means.mean(0))
+    pooled = variances.mean(0) + means.var(0, unbiased=False)  # law of total variance over equal shares
+    torch.testing.assert_close(after[0][var_key].double(), pooled)
+    assert (pooled > variances.mean(0)).any()  # the means differ, so pooling differs from averaging
+
+
+def exchange_member(out: str) -> None:
+    """Rank r's sparse gradients on three tables (one it never touched), exchanged both ways."""
+    import torch.distributed as dist
+
+    from peerlab.train.distributed import exchange_rows
+
+    rank = dist.get_rank()
+    results = {}
+    for dense_share in (0.0, float("inf")):  # 0: always the dense all-reduce; inf: always the all-gather of rows
+        tables = [torch.nn.Parameter(torch.zeros(10, 3, dtype=torch.float64)) for _ in range(3)]
+        for i, table in enumerate(tables):
+            rows = sparse_rows(rank, i)
+            if rows:
+                values = torch.randn(len(rows), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+                table.grad = torch.sparse_coo_tensor(torch.tensor([rows]), values, (10, 3))
+        exchange_rows(tables, dist.get_world_size(), dense_share=dense_share)
+        results[dense_share] = [(t.grad.is_sparse, t.grad.coalesce().indices()[0], t.grad.to_dense()) for t in tables]
+    torch.save(results, Path(out, f"rank{rank}.pt"))
+
+
+def sparse_rows(rank: int, table: int) -> list[int]:
+    """The rows rank `rank` touched in table `table` (a repeated row, as several tokens give; none for rank 1 in
+    table 2)."""
+    return [[1, 4, 4, 7], [0, 1, 2, 3, 9], [5, 6]][table] if rank == 0 else [[4, 8], [3, 9], []][table]
+
+
+def test_sparse_rows_exchanged_by_either_path_equal_the_mean_of_the_dense_gradients(tmp_path):
+    """`exchange_rows`, through all-gathered rows and through the dense all-reduce: on both workers, each
+    table's gradient is the mean of the workers' dense gradients, sparse over the rows any worker touched."""
+    in_two_processes(exchange_member, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for i in range(3):
+        want = torch.zeros(10, 3, dtype=torch.float64)
+        for rank in range(2):
+            rows = sparse_rows(rank, i)
+            if rows:
+                values = torch.randn(len(rows), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+                want.index_add_(0, torch.tensor(rows), values)
+        want /= 2
+        union = sorted(set(sparse_rows(0, i)) | set(sparse_rows(1, i)))
+        for results in ranks:
+            for dense_share in results:
+                is_sparse, rows, got = results[dense_share][i]
+                assert is_sparse and rows.tolist() == union, (i, dense_share)
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
 def loop_member(cfg_dict: dict, run_dir: str, out: str) -> None:

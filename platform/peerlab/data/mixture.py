@@ -245,6 +245,14 @@ class DataMixture:
         self.weights = weights / weights.sum()
         self.opts = opts
         positions = [SourcePosition(**p) for p in state["sources"]] if state else [None] * len(datasets)
+        if state and opts.world > 1 and any("index" not in p for p in state["sources"]):
+            log.warning(
+                "the saved data position predates the running document index by which workers share a pass: "
+                "worker %d of %d continues the rest of the current pass approximately (documents may be "
+                "repeated or skipped until the next pass begins)",
+                opts.rank,
+                opts.world,
+            )
         if state and [d["name"] for d in state["datasets"]] != [d.name for d in datasets]:
             raise DataError("the saved data position belongs to another mix of datasets")
         self.streams = [SourceStream(d, i, opts, positions[i]) for i, d in enumerate(datasets)]

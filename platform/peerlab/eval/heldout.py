@@ -49,7 +49,7 @@ class HeldoutBlocks:
     nbytes: int  # their bytes: target_bytes.sum()
 
 
-def document_tokens(tokenizer, text: str, eos: int) -> tuple[list[int], list[int]]:
+def document_tokens(tokenizer, text: str, eos: int, limit: int | None = None) -> tuple[list[int], list[int]]:
     """(token ids of `text` then `eos`, UTF-8 bytes of `text` each covers); the bytes add up to
     len(text.encode("utf-8")) for any tokenizer.
 
@@ -61,6 +61,8 @@ def document_tokens(tokenizer, text: str, eos: int) -> tuple[list[int], list[int
     byte-level BPE token holding part of a character) the first takes its bytes. The end-of-text
     token counts 0 bytes, except after a text with no tokens at all (whitespace under WordPiece).
     A tokenizer without offsets (a slow one) gives the bytes of its decoded prefixes instead.
+    `limit`: the caller keeps at most this many tokens (ids and bytes are cut there); the decoded
+    prefixes are then taken of those tokens only, not of a whole long document (quadratic).
     """
     raw = text.encode("utf-8")
     if getattr(tokenizer, "is_fast", False):
@@ -71,12 +73,15 @@ def document_tokens(tokenizer, text: str, eos: int) -> tuple[list[int], list[int
         ends = char_to_byte[[end for _, end in enc["offset_mapping"]]] if ids else np.zeros(0, np.int64)
     else:  # transformers' slow tokenizers give no offsets
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ends = np.array([len(tokenizer.decode(ids[: k + 1]).encode("utf-8")) for k in range(len(ids))], np.int64)
+        kept = len(ids) if limit is None else min(len(ids), limit)
+        ends = np.array([len(tokenizer.decode(ids[: k + 1]).encode("utf-8")) for k in range(kept)], np.int64)
+        ends = np.append(ends, np.full(len(ids) - kept, len(raw), np.int64))  # (the tokens past the limit are cut)
     ends = np.minimum(np.maximum.accumulate(ends), len(raw))  # (tokens,) furthest byte covered so far
     if len(ends):
         ends[-1] = len(raw)
     nbytes = np.diff(ends, prepend=0).tolist()
-    return [*ids, eos], [*nbytes, len(raw) - sum(nbytes)]
+    ids, nbytes = [*ids, eos], [*nbytes, len(raw) - sum(nbytes)]
+    return (ids, nbytes) if limit is None else (ids[:limit], nbytes[:limit])
 
 
 def heldout_blocks(data: DatasetConfig, tokenizer, blocks_per_dataset: int = 8) -> dict[str, HeldoutBlocks]:
@@ -97,7 +102,7 @@ def heldout_blocks(data: DatasetConfig, tokenizer, blocks_per_dataset: int = 8) 
         nbytes: list[int] = []
         docs, everything = 0, True
         for _, _, text in documents(entry, Selection(part="heldout", heldout_fraction=data.heldout_fraction)):
-            doc_ids, doc_bytes = document_tokens(tokenizer, text, eos)
+            doc_ids, doc_bytes = document_tokens(tokenizer, text, eos, limit=wanted - len(ids))
             ids += doc_ids
             nbytes += doc_bytes
             docs += 1

@@ -9,11 +9,12 @@ as if one process had taken the whole global batch. What the wrappers leave to u
   gradients only from `nn.Embedding(sparse=True)`, and NCCL has no sparse all-reduce, so the
   PEER tables stay out of DDP's buckets and `exchange_rows` averages their gradients itself:
   every worker all-gathers the others' touched row ids and rows (dense tensors, padded to the
-  longest, so NCCL does it too), sums them and divides by the number of workers. FSDP shards
+  longest, so NCCL does it too), sums them and divides by the number of workers; when the
+  workers touch most of a table, one dense all-reduce of its gradient does it instead. FSDP shards
   dense tensors only and does not combine with sparse gradients (the config refuses it).
 - BatchNorm's running statistics. FSDP2 does not synchronise buffers, and DDP broadcasts rank
   0's before each forward, after which every worker updates its own copy. `sync_buffers`
-  averages them over the workers before every evaluation and save, so every rank evaluates
+  pools them over the workers before every evaluation and save, so every rank evaluates
   (and rank 0 saves) the same model. In training BatchNorm normalises with each worker's own
   micro-batch statistics (as DDP does by default and the paper's per-batch statistics), not
   with the global batch's.
@@ -92,16 +93,23 @@ def shard(model: nn.Module) -> None:
     fully_shard(model)
 
 
-def exchange_rows(tables: list[nn.Parameter], world: int) -> None:
+def exchange_rows(tables: list[nn.Parameter], world: int, dense_share: float = 0.5) -> None:
     """Replace each table's sparse gradient by its mean over the workers (what DDP does for dense ones).
 
-    Each worker's gradient holds the rows its batch retrieved. The row ids and rows are
-    all-gathered (sizes first, then padded to the longest, since they differ per worker),
-    summed where workers touched the same row, and divided by the number of workers. The
-    result is the same coalesced sparse tensor on every worker. Dense collectives only (NCCL has
-    no sparse all-reduce); the tensors stay on the tables' device. Each worker receives
-    workers x (most rows touched) x d values: less than a dense all-reduce of the table while
-    the workers touch a small share of its rows, more once each touches most of them.
+    Each worker's gradient holds the rows its batch retrieved; the mean is a sparse gradient of
+    the rows any worker retrieved, the same coalesced tensor on every worker. The workers first
+    all-gather how many rows each touched (one small tensor), then, per table:
+
+    - few rows (all workers' rows together at most `dense_share` of the table): the row ids and
+      rows are all-gathered (padded to the longest, since they differ per worker), summed where
+      workers touched the same row, and divided by the number of workers. Each worker receives
+      workers x (most rows touched) x d values, less than a dense all-reduce moves;
+    - many rows (at the guide's sizes a step retrieves nearly every row of each table): the
+      gradient is made dense and all-reduced, as DDP would, and a mask of touched rows is
+      all-reduced with it to keep the gradient sparse over the rows any worker retrieved. Then
+      no worker ever holds more than one dense copy of the table.
+
+    Dense collectives only (NCCL has no sparse all-reduce); the tensors stay on the tables' device.
     """
     if world == 1 or not tables:
         return
@@ -120,35 +128,63 @@ def exchange_rows(tables: list[nn.Parameter], world: int) -> None:
     all_counts = torch.stack(all_counts).tolist()  # world x P
     for i, (p, (rows, values)) in enumerate(zip(tables, local)):
         sizes = [c[i] for c in all_counts]
-        longest = max(sizes)
-        padded_rows = rows.new_zeros(longest)
-        padded_rows[: len(rows)] = rows
-        padded_values = values.new_zeros(longest, values.shape[1])
-        padded_values[: len(rows)] = values
-        got_rows = [torch.empty_like(padded_rows) for _ in range(world)]
-        got_values = [torch.empty_like(padded_values) for _ in range(world)]
-        dist.all_gather(got_rows, padded_rows)
-        dist.all_gather(got_values, padded_values)
-        rows = torch.cat([r[:n] for r, n in zip(got_rows, sizes)])  # (sum of U,)
-        values = torch.cat([v[:n] for v, n in zip(got_values, sizes)])  # (sum of U, d)
-        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values / world, p.shape, check_invariants=False).coalesce()
+        if sum(sizes) > dense_share * p.shape[0]:  # the same decision on every worker: sizes are shared
+            p.grad = _dense_mean(p.shape, rows, values, world)
+        else:
+            p.grad = _gathered_mean(p.shape, rows, values, sizes, world)
+
+
+def _gathered_mean(shape, rows: torch.Tensor, values: torch.Tensor, sizes: list[int], world: int) -> torch.Tensor:
+    """The workers' sparse gradients (rows (U,), values (U, d) here; `sizes` every worker's U), all-gathered
+    and averaged: a coalesced sparse tensor."""
+    longest = max(sizes)
+    padded_rows = rows.new_zeros(longest)
+    padded_rows[: len(rows)] = rows
+    padded_values = values.new_zeros(longest, values.shape[1])
+    padded_values[: len(rows)] = values
+    got_rows = [torch.empty_like(padded_rows) for _ in range(world)]
+    got_values = [torch.empty_like(padded_values) for _ in range(world)]
+    dist.all_gather(got_rows, padded_rows)
+    dist.all_gather(got_values, padded_values)
+    rows = torch.cat([r[:n] for r, n in zip(got_rows, sizes)])  # (sum of U,)
+    values = torch.cat([v[:n] for v, n in zip(got_values, sizes)])  # (sum of U, d)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values / world, shape, check_invariants=False).coalesce()
+
+
+def _dense_mean(shape, rows: torch.Tensor, values: torch.Tensor, world: int) -> torch.Tensor:
+    """The same mean through one dense all-reduce of the table's gradient and one of a touched-rows mask."""
+    dense = values.new_zeros(shape).index_add_(0, rows, values)  # (N, d)
+    touched = torch.zeros(shape[0], dtype=torch.int32, device=rows.device)  # (N,)
+    touched[rows] = 1
+    dist.all_reduce(dense)
+    dist.all_reduce(touched)
+    union = touched.nonzero().squeeze(1)  # (U,) rows any worker retrieved, sorted
+    return torch.sparse_coo_tensor(
+        union.unsqueeze(0), dense[union] / world, shape, is_coalesced=True, check_invariants=False
+    )
 
 
 @torch.no_grad()
 def sync_buffers(model: nn.Module, world: int) -> None:
-    """Average every BatchNorm's running mean and variance over the workers (all ranks must call it).
+    """Pool every BatchNorm's running statistics over the workers (all ranks must call it).
 
     Under FSDP2 each worker's statistics follow its own batches; evaluated as they are, the ranks'
     logits differ, and a greedy generation can stop after different steps on different ranks and
-    hang the next all-gather. The step counters are the same on every rank.
+    hang the next all-gather. The pooled statistics are those of all workers' features together:
+    mean = mean_r(m_r), var = mean_r(v_r) + mean_r(m_r^2) - mean^2 (the variance of a mixture of
+    the workers' equal shares). The step counters are the same on every rank.
     """
     if world == 1:
         return
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for stat in (module.running_mean, module.running_var):
-                dist.all_reduce(stat)
-                stat.div_(world)
+            mean, var = module.running_mean, module.running_var
+            stats = torch.stack((mean, var, mean * mean))  # (3, features)
+            dist.all_reduce(stats)
+            stats /= world
+            spread = (stats[2] - stats[0] * stats[0]).clamp_(min=0)  # variance of the workers' means
+            mean.copy_(stats[0])
+            var.copy_(stats[1] + spread)
 
 
 class DataParallel:

@@ -6,7 +6,8 @@ Float8 (`train_config.float8`, on by default) converts the model's linear layers
 is there; everywhere else the run says once why it is not used, and nothing else changes.
 Float8 manages precision itself, as the configuration guide notes (set fp16 and bf16 false
 with it): with Float8 on and both false, bf16 autocast runs the rest of the model (attention,
-norms, PEER's retrieval, the layers left out), not fp32. When a config also sets fp16 or
+the layers left out, PEER's query projection; PEER's key search and experts keep the tables'
+dtype and RMSNorm computes in fp32, under any autocast), not fp32. When a config also sets fp16 or
 bf16, Float8 wins for the converted layers and that dtype's autocast covers the rest. The
 log says which.
 """
