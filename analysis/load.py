@@ -2,7 +2,8 @@
 
 The folder holds sweep.json, trials.parquet, curves.parquet, usage.parquet and evals.parquet;
 everything but trials.parquet is optional, and so is every column the analysis does not
-strictly need.
+strictly need. A mixture search (peerlab.mixsearch) adds mix_search.parquet, mix_fit.json and
+recommendation.json: `load_mix_search`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,50 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     meta.setdefault("metric", DEFAULT_METRIC if DEFAULT_METRIC in trials.columns else "final_loss")
     meta.setdefault("mode", "min")
     return Sweep(path=path, meta=meta, trials=trials, **frames)
+
+
+@dataclass
+class MixSearchResult:
+    """The files of a mixture search: one row per trial (`table`), mix_fit.json (`fit`), recommendation.json (`rec`).
+
+    `fit` is {} and `rec` None where the search has not written them (yet).
+    """
+
+    table: pd.DataFrame
+    fit: dict
+    rec: dict | None
+
+    @property
+    def domains(self) -> list[str]:
+        return [c.split("/", 1)[1] for c in weight_columns(self.table)]
+
+    @property
+    def metric(self) -> str:
+        return (self.rec or {}).get("metric") or self.fit.get("metric") or "the search's metric"
+
+
+def load_mix_search(sweep_dir: str | Path) -> MixSearchResult | None:
+    """The mixture search's files in a sweep folder; None without mix_search.parquet."""
+    path = Path(sweep_dir)
+    if not (path / "mix_search.parquet").is_file():
+        return None
+    table = pd.read_parquet(path / "mix_search.parquet")
+    numeric = ["round", "seed", "step", "metric", "prediction", "fitted"]
+    for col in numeric:
+        if col not in table:
+            table[col] = float("nan")
+    for col, default in (("id", ""), ("kind", "proxy"), ("status", "finished"), ("label", ""), ("setting", "{}")):
+        table[col] = table[col].fillna(default) if col in table else default
+    numeric += [c for c in table.columns if c.startswith(("weight/", "value/"))]
+    table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")  # all-null columns may arrive as objects
+    return MixSearchResult(table, _read_json(path / "mix_fit.json") or {}, _read_json(path / "recommendation.json"))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:  # written by hand or cut short: read as absent
+        return None
 
 
 def _read(path: Path) -> pd.DataFrame:

@@ -268,3 +268,106 @@ def compute_plot(trials: pd.DataFrame, metric: str) -> plt.Figure:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+KIND_MARKERS = {"proxy": "o", "anchor": "s", "validation": "^"}
+MARKS = {  # the mixes a mixture search singles out: marker, size, face colour
+    "recommended": ("*", 320, "gold"),
+    "best tried": ("s", 150, "none"),
+    "prior": ("D", 90, "lightgrey"),
+}
+
+
+def _rounds(points: pd.DataFrame, ax, x: np.ndarray, y: np.ndarray) -> list:
+    """Scatter the search's trials: colour by round, marker by kind, hollow where a trial has no metric.
+    Returns the legend handles."""
+    rounds = sorted(points["round"].dropna().unique())
+    colour = {r: f"C{i % 10}" for i, r in enumerate(rounds)}
+    measured = points["metric"].notna().to_numpy()
+    for (r, kind), g in points.groupby(["round", "kind"], sort=True):
+        i = points.index.get_indexer(g.index)
+        marker = KIND_MARKERS.get(kind, "o")
+        for done in (True, False):
+            j = i[measured[i] == done]
+            if len(j):
+                face = colour[r] if done else "none"
+                ax.scatter(x[j], y[j], marker=marker, s=40, facecolors=face, edgecolors=colour[r], zorder=3)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=f"round {r:g}") for r, c in colour.items()]
+    for kind in [k for k in KIND_MARKERS if k in set(points["kind"])]:
+        handles.append(plt.Line2D([], [], ls="", marker=KIND_MARKERS[kind], color="k", label=kind))
+    if not measured.all():
+        handles.append(plt.Line2D([], [], ls="", marker="o", mfc="none", color="k", label="no metric (failed, queued)"))
+    return handles
+
+
+def mix_fit_plot(points: pd.DataFrame, metric: str, model: str, rho: float) -> plt.Figure:
+    """The final fit's prediction at each proxy's mix (x) against the metric it measured (y), identity dashed."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    x, y = points["fitted"].to_numpy(), points["metric"].to_numpy()
+    handles = _rounds(points, ax, x, y)
+    ahead = points["prediction"].notna().to_numpy()  # proposals of round 2 on: the fit's prediction before they ran
+    if ahead.any():
+        ax.scatter(points["prediction"][ahead], y[ahead], marker="x", color="0.4", zorder=2)
+        handles.append(plt.Line2D([], [], ls="", marker="x", color="0.4", label="predicted when proposed"))
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    both = np.concatenate([x, y, points["prediction"][ahead]])
+    ax.plot([both.min(), both.max()], [both.min(), both.max()], "k--", lw=0.8)
+    ax.set_xlabel(f"fitted {label(metric)} ({model}, final fit)")
+    ax.set_ylabel(f"measured {label(metric)}")
+    ax.set_title(f"Mixture search: fitted against measured (leave-one-out Spearman {rho:.2f})", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+CORNERS = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])  # the simplex's vertices in the plane
+
+
+def ternary(w: np.ndarray) -> np.ndarray:
+    """Barycentric to 2-D: each mix (a row of 3 weights) as the weighted mean of the triangle's corners."""
+    w = np.atleast_2d(np.asarray(w, float))
+    return (w / w.sum(1, keepdims=True)) @ CORNERS
+
+
+def simplex_plot(points: pd.DataFrame, domains: list[str], marks: dict[str, np.ndarray], metric: str) -> plt.Figure:
+    """The search's proposals on the 3-domain simplex, with the recommendation, the best tried and the prior."""
+    fig, ax = plt.subplots(figsize=(7, 6.4))
+    ax.plot(*np.vstack([CORNERS, CORNERS[:1]]).T, color="k", lw=1)
+    for i in range(3):  # grid lines where domain i holds 0.2, 0.4, ...
+        j, k = [a for a in range(3) if a != i]
+        for t in (0.2, 0.4, 0.6, 0.8):
+            ends = np.zeros((2, 3))
+            ends[:, i] = t
+            ends[0, j], ends[1, k] = 1 - t, 1 - t
+            ax.plot(*ternary(ends).T, color="0.85", lw=0.6, zorder=0)
+    for corner, name, offset in zip(CORNERS, domains, [(-8, -14), (8, -14), (0, 8)]):
+        ax.annotate(f"{name} = 1", corner, xytext=offset, textcoords="offset points", ha="center", fontsize=9)
+    xy = ternary(points[[f"weight/{d}" for d in domains]].to_numpy())
+    handles = _rounds(points, ax, xy[:, 0], xy[:, 1])
+    for name, w in marks.items():
+        marker, size, face = MARKS[name]
+        p = ternary(w)[0]
+        ax.scatter(*p, marker=marker, s=size, facecolors=face, edgecolors="k", linewidths=1.5, zorder=5)
+        handles.append(plt.Line2D([], [], ls="", marker=marker, ms=np.sqrt(size) * 0.7, mfc=face, mec="k", label=name))
+    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(f"Mixture search proposals ({metric}); colour: round, marker: kind", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def mix_weights_plot(weights: pd.DataFrame) -> plt.Figure:
+    """Grouped bars: one group per domain, one bar per mix (rows of `weights`: index mix name, columns domains)."""
+    n, k = weights.shape
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * k + 3), 4.5))
+    width = 0.8 / max(n, 1)
+    for i, (name, row) in enumerate(weights.iterrows()):
+        ax.bar(np.arange(k) + (i - (n - 1) / 2) * width, row.to_numpy(float), width, color=f"C{i % 10}", label=name)
+    ax.set_xticks(np.arange(k), weights.columns)
+    ax.set_ylabel("weight (share of tokens)")
+    ax.set_title("Mixture search: weights of the recommendation, the best tried, the prior and the top proxies")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -2,7 +2,8 @@
 
 Writes report.md, a self-contained report.html (images embedded), one PNG per figure and one
 CSV per table into SWEEP_DIR/report/ (or --out), and prints the path of report.md.
-From code: `write_report(sweep_dir, metric=None) -> Path`.
+From code: `write_report(sweep_dir, metric=None) -> Path`. A sweep folder with a mixture
+search (mix_search.parquet, from peerlab.mixsearch) gets a "Mixture search" section too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from analysis.compare import (  # noqa: E402
     factor_p_values,
     failures,
     leaderboard,
+    mean_interval,
     noise_floor,
     pairwise,
 )
@@ -43,8 +45,10 @@ from analysis.dynamics import (  # noqa: E402
     usage_summary,
 )
 from analysis.load import (  # noqa: E402
+    MixSearchResult,
     Sweep,
     cost_columns,
+    load_mix_search,
     load_sweep,
     lower_is_better,
     metric_columns,
@@ -178,8 +182,9 @@ def summary(
     rec: pd.DataFrame | None,
     effects: pd.DataFrame,
     base: pd.DataFrame,
+    mix: MixSearchResult | None = None,
 ) -> list[str]:
-    """The plain-words summary: best cell, how sure, what to try next."""
+    """The plain-words summary: best cell, how sure, the mixture search's answer, what to try next."""
     t = sweep.trials
     lower = sweep.mode == "min"
     lines = []
@@ -232,6 +237,8 @@ def summary(
         lines.append(line + ".")
     if n_failed:
         lines.append(f"{n_failed} of {len(t)} trials failed (listed under Failed trials).")
+    if mix is not None:
+        lines.append(mix_summary(mix))
     nxt = []
     sig = effects[(effects["metric"] == metric) & effects["significant"]].drop_duplicates("factor")
     if not sig.empty:
@@ -294,13 +301,14 @@ def write_report(
     effects = factor_effects(t, metrics)
     base = baseline_differences(t, metric, sweep.mode)  # each PEER cell against the dense arm of its mix
     rec = recommend_mix(t, metric, sweep.mode) if len(usable(t, metric)) else None
+    mix = load_mix_search(sweep.path)
     order = board["cell"].tolist()
 
     doc = Doc(out, figures)
     doc.heading(f"Sweep report: {sweep.meta['name']}", 1)
     doc.html.append('<div class="summary">')
     doc.heading("Summary")
-    doc.bullets(summary(sweep, metric, board, diff, noise, rec, effects, base))
+    doc.bullets(summary(sweep, metric, board, diff, noise, rec, effects, base, mix))
     doc.html.append("</div>")
 
     doc.heading("The sweep")
@@ -448,7 +456,306 @@ def write_report(
             doc.figure(
                 lambda: plots.surrogate_plot(rec, metric), "surrogate", "surrogate predictions against observations"
             )
+    if mix is not None:
+        mix_section(doc, mix, sweep.mode)
     return doc.write(f"Sweep report: {sweep.meta['name']}")
+
+
+# --------------------------------------------------------------------------------------
+# The mixture search (peerlab.mixsearch): its files read back into tables and a section
+# --------------------------------------------------------------------------------------
+
+MIX_ARMS = {"recommended": "val_recommended", "best tried": "val_best_tried", "prior": "val_prior"}
+TOP_PROXIES = 3  # proxies shown beside the recommendation, the best tried and the prior in the weights bars
+
+
+def mix_text(weights: dict) -> str:
+    """{'a': 0.5, 'b': 0.5} -> 'a 0.50, b 0.50'."""
+    return ", ".join(f"{d} {float(w):.2f}" for d, w in weights.items())
+
+
+def mix_measured(mix: MixSearchResult) -> pd.DataFrame:
+    """The proxies and anchors with a metric: what the search's fit learns from."""
+    t = mix.table
+    return t[(t["kind"] != "validation") & t["status"].isin(["finished", "stopped"]) & t["metric"].notna()]
+
+
+def mix_validated(mix: MixSearchResult) -> pd.DataFrame:
+    """The finished validation runs (the recommendation's own rule: stopped or failed runs do not count)."""
+    t = mix.table
+    return t[(t["kind"] == "validation") & (t["status"] == "finished") & t["metric"].notna()]
+
+
+def mix_final_fit(mix: MixSearchResult) -> dict:
+    """The fit behind the recommendation and the `fitted` column: {"n", "scores", "chosen"} ({} before any fit)."""
+    rec = mix.rec or {}
+    if mix.fit.get("final"):
+        return mix.fit["final"]
+    if rec.get("model"):
+        return {"n": rec.get("proxies"), "scores": rec.get("fit") or {}, "chosen": rec["model"]}
+    return (mix.fit.get("fits") or [{}])[-1]
+
+
+def mix_best_measured(mix: MixSearchResult, mode: str) -> pd.Series | None:
+    """The measured proxy with the best metric: the best tried mix while there is no recommendation."""
+    m = mix_measured(mix)
+    if m.empty:
+        return None
+    return m.loc[m["metric"].idxmin() if mode != "max" else m["metric"].idxmax()]
+
+
+def mix_arm_weights(mix: MixSearchResult, mode: str) -> dict[str, dict]:
+    """The weights of the recommendation, the best tried mix and the prior, as far as the files have them.
+
+    Before a recommendation the best tried mix is the best measured proxy, and there is no prior to show.
+    """
+    rec, t = mix.rec or {}, mix.table
+    out = {}
+    for arm, label in MIX_ARMS.items():
+        w = rec.get("weights") if arm == "recommended" else (rec.get(arm.replace(" ", "_")) or {}).get("weights")
+        rows = t[t["label"] == label]
+        if not w and len(rows):
+            w = {d: float(rows[f"weight/{d}"].iloc[0]) for d in mix.domains}
+        best = mix_best_measured(mix, mode) if not w and arm == "best tried" else None
+        if best is not None:
+            w = {d: float(best[f"weight/{d}"]) for d in mix.domains}
+        if w:
+            out[arm] = w
+    return out
+
+
+def mix_arms(mix: MixSearchResult, mode: str) -> pd.DataFrame:
+    """The validation arms: mix, seeds, mean and 95% interval over seeds; the fit's prediction for the recommendation."""
+    rec = mix.rec or {}
+    stats = mean_interval(mix_validated(mix).groupby("label")["metric"]).set_index("label")
+    stats = stats.reindex(list(MIX_ARMS.values()))  # an arm with no finished seed: NaN
+    pred = rec.get("predicted") or {}
+    rows = []
+    for arm, w in mix_arm_weights(mix, mode).items():
+        s = stats.loc[MIX_ARMS[arm]]
+        mine = arm == "recommended"
+        rows.append(
+            {
+                "arm": arm,
+                "mix": mix_text(w),
+                "seeds": int(np.nan_to_num(s["n"])),
+                "mean": s["mean"],
+                "lo": s["lo"],
+                "hi": s["hi"],
+                "predicted": pred.get("mean", np.nan) if mine else np.nan,
+                "predicted lo": pred.get("lo", np.nan) if mine else np.nan,
+                "predicted hi": pred.get("hi", np.nan) if mine else np.nan,
+                "as a proxy": (rec.get("best_tried") or {}).get("measured", np.nan) if arm == "best tried" else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def mix_fits(mix: MixSearchResult) -> pd.DataFrame:
+    """Every fit of mix_fit.json, the final one last: points, each model's cross-validated Spearman and RMSE, the chosen."""
+    fits = [(f"for round {f.get('round')}", f) for f in mix.fit.get("fits") or []]
+    final = mix_final_fit(mix) if mix.fit.get("final") or mix.rec else None
+    fits += [("final", final)] if final else []
+    rows = []
+    for name, f in fits:
+        row = {"fit": name, "n": f.get("n")}
+        for model, s in (f.get("scores") or {}).items():
+            row[f"{model} spearman"] = s.get("spearman", np.nan)
+            row[f"{model} rmse"] = s.get("rmse", np.nan)
+        rows.append({**row, "chosen": f.get("chosen")})
+    frame = pd.DataFrame(rows)
+    return frame[[c for c in frame.columns if c != "chosen"] + ["chosen"]] if len(frame) else frame
+
+
+def mix_weights(mix: MixSearchResult, mode: str) -> pd.DataFrame:
+    """The weights of the recommendation, the best tried, the prior and the best few other proxies, a row each."""
+    rows = mix_arm_weights(mix, mode)
+    measured = dict.fromkeys(rows, np.nan)
+    best_id = ((mix.rec or {}).get("best_tried") or {}).get("id")
+    if best_id is not None:
+        measured["best tried"] = mix.rec["best_tried"].get("measured", np.nan)
+    elif (best := mix_best_measured(mix, mode)) is not None:
+        best_id, measured["best tried"] = best["id"], best["metric"]
+    m = mix_measured(mix)
+    top = m[m["id"] != best_id].sort_values("metric", ascending=mode != "max")
+    for _, r in top.head(TOP_PROXIES).iterrows():
+        rows[r["id"]] = {d: r[f"weight/{d}"] for d in mix.domains}
+        measured[r["id"]] = r["metric"]
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=mix.domains)
+    return frame.assign(measured=pd.Series(measured)).rename_axis("mix").reset_index()
+
+
+def mix_tradeoffs(mix: MixSearchResult, mode: str) -> tuple[pd.DataFrame, str]:
+    """Each `value/...` metric of the recommendation, the best tried and the prior: the validation runs' means over
+    seeds, else the measured proxy nearest each arm's mix. Returns the table and a sentence of where it came from."""
+    t = mix.table
+    values = [c for c in t.columns if c.startswith("value/")]
+    if not values:
+        return pd.DataFrame(), "No trial of the search reported its metrics yet: no per-domain trade-offs to show."
+    val = mix_validated(mix)
+    means = {}
+    if val[values].notna().any().any():
+        for arm, label in MIX_ARMS.items():
+            if (val["label"] == label).any():
+                means[arm] = val.loc[val["label"] == label, values].mean()
+        note = "Mean over the seeds of each validation arm of every metric the trials reported"
+    else:
+        m = mix_measured(mix)
+        m = m[m[values].notna().any(axis=1)]
+        arms = mix_arm_weights(mix, mode) if mix.rec else {}
+        if m.empty or not arms:
+            return pd.DataFrame(), (
+                "No validation runs and no recommendation yet: the per-domain trade-offs of a recommendation "
+                "cannot be shown."
+            )
+        grid = m[[f"weight/{d}" for d in mix.domains]].to_numpy()
+        near = []
+        for arm, w in arms.items():
+            dist = 0.5 * np.abs(grid - np.array([w[d] for d in mix.domains])).sum(1)
+            i = int(np.argmin(dist))
+            means[arm] = m.iloc[i][values]
+            near.append(f"{arm} {m['id'].iloc[i]} (total-variation distance {dist[i]:.2f})")
+        note = (
+            "No validation runs yet: each arm is read off the measured proxy nearest its mix ("
+            + "; ".join(near)
+            + "), one seed each"
+        )
+    keys = [c.split("/", 1)[1] for c in values]
+    frame = pd.DataFrame({"metric": keys, "better": ["lower" if lower_is_better(k) else "higher" for k in keys]})
+    for arm in MIX_ARMS:
+        frame[arm] = means[arm].to_numpy(float) if arm in means else np.nan
+    frame["recommended - best tried"] = frame["recommended"] - frame["best tried"]
+    return frame, note
+
+
+def mix_summary(mix: MixSearchResult) -> str:
+    """One line for the summary: the recommended mix, its interval and the verdict."""
+    rec, metric = mix.rec, mix.metric
+    if rec is None:
+        return (
+            f"Mixture search: {len(mix_measured(mix))} of {int((mix.table['kind'] != 'validation').sum())} proxies "
+            f"measured, no recommendation yet (the fit needs 3)."
+        )
+    line = f"Mixture search: recommended mix **{mix_text(rec['weights'])}**"
+    v, p = rec.get("validated"), rec.get("predicted") or {}
+    if v:
+        half = f"95% interval {fmt(v['lo'])} to {fmt(v['hi'])}" if np.isfinite(v["lo"]) else "no interval"
+        line += f", validated {metric} = {fmt(v['mean'])} ({half}, {v['n']} seeds)"
+        best = (rec.get("best_tried") or {}).get("validated")
+        line += f" against {fmt(best['mean'])} for the best tried mix" if best else ""
+        return line + f": {rec.get('verdict', 'not validated')}."
+    if p:
+        line += f", predicted {metric} = {fmt(p['mean'])} (interval {fmt(p['lo'])} to {fmt(p['hi'])})"
+    return line + "; not validated on fresh seeds (yet)."
+
+
+def mix_section(doc: Doc, mix: MixSearchResult, mode: str) -> None:
+    """The "Mixture search" section: predicted against measured, the proposals, the fits and the trade-offs."""
+    t, rec, metric, domains = mix.table, mix.rec, mix.metric, mix.domains
+    mode = (rec or {}).get("mode") or mode
+    search, measured = t[t["kind"] != "validation"], mix_measured(mix)
+    doc.heading("Mixture search")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(t["status"].value_counts().items()))
+    rounds, runs = search["round"].nunique(), int((t["kind"] == "validation").sum())
+    direction = "" if rec else ", taken from the sweep until recommendation.json names the search's own"
+    doc.para(
+        f"A closed-loop mixture search (peerlab.mixsearch) over {len(domains)} domains ({', '.join(domains)}) on "
+        f"{metric} ({'lower' if mode != 'max' else 'higher'} is better{direction}): {len(search)} proxies and anchors in "
+        f"{rounds} round{'s' * (rounds != 1)} and {runs} validation run{'s' * (runs != 1)}; trials by status: "
+        f"{counts}. Failed proxies are left out of the fit."
+    )
+    if t["setting"].nunique() > 1:
+        doc.para(
+            f"Each mix ran under {t['setting'].nunique()} settings: the fit gives each setting an offset, and the "
+            "means below pool the settings."
+        )
+    if rec is None:
+        doc.para(
+            f"No recommendation.json yet: {len(measured)} proxies have a metric and the fit needs 3. "
+            "What the search has measured so far is shown below."
+        )
+    else:
+        doc.para(
+            f"Recommended mix: **{mix_text(rec['weights'])}** (the optimum of the {rec.get('model')} fit on "
+            f"{rec.get('proxies')} proxies, inside the constraints and the trust region; recommended_mix.yaml)."
+        )
+
+    doc.heading("Predicted against measured", 3)
+    final = mix_final_fit(mix)
+    points = measured[measured["fitted"].notna()]
+    if points.empty:
+        doc.para("No fitted values yet (the fit needs 3 proxies with a metric): nothing to compare.")
+    else:
+        chosen = final.get("chosen", "fit")
+        score = (final.get("scores") or {}).get(chosen, {})
+        rho = score.get("spearman", np.nan)
+        doc.para(
+            f"The final fit ({chosen}, on {final.get('n', len(points))} proxies) at each proxy's mix against the "
+            f"{metric} it measured; on the dashed line they agree. These are in-sample predictions; the honest "
+            f"measure is the chosen model's leave-one-out Spearman, {fmt(rho)} (RMSE {fmt(score.get('rmse', np.nan))}). "
+            "The grey crosses are out of sample: what the fit of the time predicted for a proposal before it ran."
+        )
+        doc.figure(lambda: plots.mix_fit_plot(points, metric, chosen, rho), "mix_fit", "fitted against measured")
+    arms = mix_arms(mix, mode)
+    if len(arms) and (rec is not None or len(mix_validated(mix))):
+        doc.para(
+            f"The validation arms: mean and 95% t-interval of {metric} over fresh seeds (validation runs that "
+            "finished), the fit's predicted interval for the recommendation (mean ± 1.96 cross-validated RMSE), "
+            "and the best tried mix's own proxy run."
+        )
+        doc.table(arms, "mix_validation")
+    if rec is not None:
+        line = f"Verdict: the recommendation is **{rec.get('verdict', 'not validated')}**"
+        d = rec.get("difference")
+        if d:
+            line += (
+                f" (recommended minus best tried {fmt(d['mean'])}, Welch 95% interval {fmt(d['lo'])} to {fmt(d['hi'])})"
+            )
+        doc.para(line + ".")
+    if not len(mix_validated(mix)):
+        doc.para(
+            "No validation run has finished (the search is still running, or ran without a validation round): "
+            "the recommendation, the best tried mix and the prior have no measured means over seeds."
+        )
+
+    doc.heading("The proposals on the simplex", 3)
+    weights = mix_weights(mix, mode)
+    marks = {arm: np.array([w[d] for d in domains]) for arm, w in mix_arm_weights(mix, mode).items()}
+    if len(domains) == 3:
+        doc.para(
+            "Every proxy's mix on the simplex (a corner is all of one domain): colour by round, marker by kind, "
+            "hollow where the trial has no metric (failed or not run yet); the recommendation is the star."
+        )
+        doc.figure(
+            lambda: plots.simplex_plot(search, domains, marks, metric), "mix_simplex", "proposals on the simplex"
+        )
+    else:
+        doc.para(
+            f"With {len(domains)} domains the simplex is not drawn: the weights of the recommendation, the best "
+            f"tried mix, the prior and the best {TOP_PROXIES} other proxies, as bars."
+        )
+        doc.figure(lambda: plots.mix_weights_plot(weights.set_index("mix")[domains]), "mix_weights_bars", "mix weights")
+    doc.table(weights, "mix_weights", weights.round(dict.fromkeys(domains, 4)))
+
+    doc.heading("Fit quality", 3)
+    fits = mix_fits(mix)
+    if fits.empty:
+        doc.para("No fit yet (the fit needs 3 proxies with a metric).")
+    else:
+        doc.para(
+            "Each fit of the search (the one that proposed a round, and the final one behind the recommendation): "
+            "each model's cross-validated (leave-one-out; 5-fold past 40 points) Spearman and RMSE. The chosen "
+            "model has the best Spearman, or the lowest RMSE of those within 0.05 of it."
+        )
+        doc.table(fits, "mix_fits")
+
+    doc.heading("Per-domain trade-offs of the recommendation", 3)
+    trade, note = mix_tradeoffs(mix, mode)
+    if trade.empty:
+        doc.para(note)
+    else:
+        doc.para(note + "; `recommended - best tried` is the difference (read it with `better`).")
+        doc.table(trade, "mix_tradeoffs")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -408,6 +408,170 @@ def test_report_cli_errors(tmp_path):
     assert "(higher is better)" in Path(run.stdout.strip()).read_text()
 
 
+MIX_OPTIMUM = {"web": 0.5, "code": 0.3, "books": 0.2}
+
+
+def run_mix_search(domains: list[str], optimum: list[float], fail=(), stop_after: int | None = None, **kwargs):
+    """Drive peerlab.mixsearch.MixSearch as Tune would, without Ray: take trials until it waits, report each, repeat.
+
+    The response is loss = 1 + 3 ||w - optimum||^2 + noise, and eval_bpb/<domain> falls with the domain's share.
+    `fail`: mix ids reported as errors. `stop_after`: report only that many trials of round 1 and stop there
+    (the rest stay running: a search cut short)."""
+    from peerlab.mixsearch import MixSearch
+
+    search = MixSearch(domains, metric="loss", mode="min", seed=0, **kwargs)
+    rng = np.random.default_rng(0)
+    n = 0
+    while True:
+        batch = []
+        while isinstance(config := search.suggest(f"trial{n}"), dict):
+            batch.append((f"trial{n}", config))
+            n += 1
+        if not batch:
+            return search
+        for trial, config in batch[:stop_after]:
+            if config["mix_id"] in fail:
+                search.on_trial_complete(trial, error=True)
+                continue
+            w = np.array([config["mix"][d] for d in domains])
+            loss = 1 + 3 * float(((w - optimum) ** 2).sum()) + 0.003 * rng.standard_normal()
+            bpb = {f"eval_bpb/{d}": 1.5 - 0.5 * w[i] + 0.003 * rng.standard_normal() for i, d in enumerate(domains)}
+            search.on_trial_complete(trial, {"loss": loss, **bpb, "step": 100})
+        if stop_after is not None:
+            return search
+
+
+def mix_sweep(path: Path, search) -> Path:
+    """A minimal sweep folder (the key columns and final_loss, as in test_report_on_a_minimal_folder: few
+    figures of its own) with the mixture search's files written into it."""
+    from peerlab.mixsearch import write_outputs
+
+    path.mkdir(parents=True)
+    trials = make_trials(MIXES3, {"default": {}}, 2, planted_best)[["trial_id", "cell", "seed", "final_loss"]]
+    trials.to_parquet(path / "trials.parquet", index=False)
+    datasets = {d: {"name": d, "path": f"data/{d}"} for d in search.domains}
+    write_outputs(search, path, datasets)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mix3_sweep(tmp_path_factory) -> Path:
+    """A 3-domain search: 6 proxies in round 1 (one fails), a fitted round 2, 2 validation seeds per arm."""
+    search = run_mix_search(
+        DATASETS, list(MIX_OPTIMUM.values()), fail={"r1_03_s0"}, num_mixes=6, rounds=2, validate_seeds=2
+    )
+    return mix_sweep(tmp_path_factory.mktemp("mix") / "sweep", search)
+
+
+def test_ternary_transform_puts_corners_and_centre_in_place():
+    from analysis.plots import ternary
+
+    xy = ternary([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [2, 2, 0]])
+    np.testing.assert_allclose(xy, [[0, 0], [1, 0], [0.5, np.sqrt(3) / 2], [0.5, np.sqrt(3) / 6], [0.5, 0]], atol=1e-12)
+
+
+def test_report_mixture_search_three_domains(mix3_sweep):
+    """The section's tables against the search's own files, read back independently with pandas and scipy."""
+    from scipy.stats import t as student
+
+    md = write_report(mix3_sweep)
+    out, text = md.parent, md.read_text()
+    table = pd.read_parquet(mix3_sweep / "mix_search.parquet")
+    rec = json.loads((mix3_sweep / "recommendation.json").read_text())
+    fits = json.loads((mix3_sweep / "mix_fit.json").read_text())
+    assert "## Mixture search" in text and "### Predicted against measured" in text and "### Fit quality" in text
+    assert (out / "mix_simplex.png").is_file() and (out / "mix_fit.png").is_file()
+    assert not (out / "mix_weights_bars.png").exists()
+    assert (table["status"] == "failed").sum() == 1  # the failed proxy is in the file and the report still runs
+    mix = ", ".join(f"{d} {rec['weights'][d]:.2f}" for d in DATASETS)
+    assert f"Mixture search: recommended mix **{mix}**" in text and rec["verdict"] in text
+
+    # validation arms: mean and 95% t-interval over the finished seeds of each arm
+    arms = pd.read_csv(out / "mix_validation.csv").set_index("arm")
+    val = table[(table["kind"] == "validation") & (table["status"] == "finished")]
+    assert len(val) == 6
+    for arm, label in {"recommended": "val_recommended", "best tried": "val_best_tried", "prior": "val_prior"}.items():
+        x = val.loc[val["label"] == label, "metric"].to_numpy()
+        half = student.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+        assert arms.loc[arm, "seeds"] == len(x) == 2
+        np.testing.assert_allclose(
+            arms.loc[arm, ["mean", "lo", "hi"]].to_numpy(float), [x.mean(), x.mean() - half, x.mean() + half]
+        )
+    np.testing.assert_allclose(arms.loc["recommended", "mean"], rec["validated"]["mean"])
+    np.testing.assert_allclose(
+        arms.loc["recommended", ["predicted lo", "predicted hi"]].to_numpy(float),
+        [rec["predicted"]["lo"], rec["predicted"]["hi"]],
+    )
+
+    # every fit of mix_fit.json, and every model it tried, with its scores
+    fit_table = pd.read_csv(out / "mix_fits.csv")
+    assert list(fit_table["fit"]) == [f"for round {f['round']}" for f in fits["fits"]] + ["final"]
+    for (_, row), f in zip(fit_table.iterrows(), fits["fits"] + [fits["final"]]):
+        assert row["chosen"] == f["chosen"] and row["n"] == f["n"] and len(f["scores"]) == 3
+        for model, score in f["scores"].items():
+            np.testing.assert_allclose(
+                row[[f"{model} spearman", f"{model} rmse"]].to_numpy(float), [score["spearman"], score["rmse"]]
+            )
+
+    # per-domain trade-offs: the validation arms' means of every value/ column
+    trade = pd.read_csv(out / "mix_tradeoffs.csv").set_index("metric")
+    values = [c for c in table.columns if c.startswith("value/")]
+    assert sorted(trade.index) == sorted(c.split("/", 1)[1] for c in values)
+    for c in values:
+        rec_mean = val.loc[val["label"] == "val_recommended", c].mean()
+        best_mean = val.loc[val["label"] == "val_best_tried", c].mean()
+        np.testing.assert_allclose(
+            trade.loc[c.split("/", 1)[1], ["recommended", "recommended - best tried"]].to_numpy(float),
+            [rec_mean, rec_mean - best_mean],
+        )
+
+    html = md.with_name("report.html").read_text()
+    assert html.count("<img") == len(list(out.glob("*.png")))
+    # --no-plots: the same section, tables and text only
+    quiet = write_report(mix3_sweep, out=mix3_sweep / "quiet", figures=False)
+    assert "## Mixture search" in quiet.read_text() and not list(quiet.parent.glob("*.png"))
+
+
+def test_report_mixture_search_five_domains_draws_bars(tmp_path):
+    """Five domains: bars, not a ternary plot; with no validation round the trade-offs come from the nearest proxies."""
+    domains = ["web", "code", "books", "math", "wiki"]
+    search = run_mix_search(domains, [0.3, 0.25, 0.2, 0.15, 0.1], num_mixes=6, rounds=1, validate_seeds=0)
+    md = write_report(mix_sweep(tmp_path / "sweep", search))
+    out, text = md.parent, md.read_text()
+    assert (out / "mix_weights_bars.png").is_file() and not (out / "mix_simplex.png").exists()
+    weights = pd.read_csv(out / "mix_weights.csv")
+    assert list(weights["mix"][:3]) == ["recommended", "best tried", "prior"] and len(weights) == 6
+    np.testing.assert_allclose(weights[domains].sum(axis=1), 1)
+    rec = json.loads((out.parent / "recommendation.json").read_text())
+    np.testing.assert_allclose(
+        weights.loc[1, domains].to_numpy(float), [rec["best_tried"]["weights"][d] for d in domains]
+    )
+    assert "not validated" in text and "nearest its mix" in text
+    # no validation round: the best tried arm is read off its own proxy run (distance 0)
+    trade = pd.read_csv(out / "mix_tradeoffs.csv").set_index("metric")
+    table = pd.read_parquet(out.parent / "mix_search.parquet").set_index("id")
+    own = table.loc[rec["best_tried"]["id"], [f"value/{k}" for k in trade.index]].to_numpy(float)
+    assert len(trade) == 1 + len(domains) and np.allclose(trade["best tried"], own)  # loss and eval_bpb/<domain>
+
+
+def test_report_mixture_search_without_recommendation(tmp_path):
+    """A two-domain search cut short in round 1: two results, one failure, the rest running; no recommendation.json."""
+    search = run_mix_search(["web", "code"], [0.7, 0.3], fail={"r1_02_s0"}, stop_after=3, num_mixes=6)
+    path = mix_sweep(tmp_path / "sweep", search)
+    assert not (path / "recommendation.json").exists()
+    md = write_report(path)
+    text = md.read_text()
+    assert "## Mixture search" in text and "No recommendation.json yet" in text
+    assert "Mixture search: 2 of 6 proxies measured, no recommendation yet" in text
+    assert "No fit yet" in text and "No fitted values yet" in text
+    assert (md.parent / "mix_weights_bars.png").is_file()
+    table = pd.read_parquet(path / "mix_search.parquet")
+    assert table["status"].value_counts().to_dict() == {"running": 3, "finished": 2, "failed": 1}
+    weights = pd.read_csv(md.parent / "mix_weights.csv").set_index("mix")
+    best = table.loc[table["metric"].idxmin()]  # before a recommendation, the best measured proxy
+    assert weights.index[0] == "best tried" and weights.loc["best tried", "measured"] == best["metric"]
+
+
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
