@@ -7,6 +7,16 @@
         [--scheduler asha] [--metric eval_bpb/mean] [--mode min] [--grace-steps N]
         [--max-concurrent N] [--cpus-per-trial X] [--gpus-per-trial X] [--workers-per-trial N]
         [--address ADDR] [--resume] [--dry-run] [--no-report] [--verbose]
+        [--mix-search N [--mix-prior tokens|uniform|MIX] [--mix-concentration C]
+         [--mix-bounds name=lo:hi,...] [--max-repeats R] [--mix-rounds K] [--validate-seeds S]]
+
+`--mix-search N` searches the mix instead of ranking the file's: the domains are the datasets
+the mixes file names; round 1 runs N mixes drawn around the prior plus the file's own mixes,
+each later round the optimum of a regression fitted to every result so far, and a validation
+round runs the recommended mix, the best tried one and the prior with S seeds each
+(peerlab.mixsearch). It writes mix_search.parquet, mix_fit.json, recommendation.json and
+recommended_mix.yaml. The same settings can sit in the search space's `mix_search:` section.
+--metric may be a weighted sum: 'eval_bpb/code*0.5+eval_bpb/prose*0.5'.
 
 The mixes file may name the sweep's base config (`base_config:`) and its PEER search space
 (`search_space:`, a file or the section inline), relative to itself: configs/datasets.yaml
@@ -50,12 +60,15 @@ from peerlab.cli import (  # noqa: E402
     checked_evals,
     config_from_arguments,
 )
-from peerlab.config import ConfigError, config_from_dict, load_mixes_file  # noqa: E402
+from peerlab.config import ConfigError, config_from_dict, load_mixes_file, to_dict  # noqa: E402
+from peerlab.mixsearch import MixPlan, mix_options, plan_mix_search  # noqa: E402
 from peerlab.tune import (  # noqa: E402
+    OptunaPlan,
     Resources,
     Schedule,
     Trial,
     check_metric,
+    check_optuna_space,
     plan_trials,
     search_space,
     trial_dir,
@@ -78,7 +91,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mixes", help="comma-separated mix names to sweep (default: every mix in the file)")
     ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="grid over a PEER key")
     ap.add_argument("--sample", action="append", default=[], metavar="KEY=V1,V2", help="random picks of a PEER key")
-    ap.add_argument("--num-samples", type=int, default=0, help="random PEER points drawn from the --sample values")
+    ap.add_argument(
+        "--num-samples", type=int, default=0, help="random points drawn from the --sample values (or Optuna's trials)"
+    )
+    ap.add_argument(
+        "--search",
+        choices=["grid", "optuna"],
+        default="grid",
+        help="grid: the grid x seeded random samples; optuna: Ray Tune's OptunaSearch (TPE) over the --sample "
+        "ranges ('KEY=int:4:32', 'KEY=loguniform:1e-4:3e-3') and the mixes, --num-samples trials",
+    )
     ap.add_argument("--baseline", action="store_true", help="add a use_peer: false arm (dense MLP everywhere)")
     ap.add_argument(
         "--search-space",
@@ -87,7 +109,11 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=1, help="seeds per cell (train_config.seed, +1, ...)")
     ap.add_argument("--name", help="sweep name: results go to <output_dir>/<name> (default: sweep_<mixes file>)")
     ap.add_argument("--scheduler", choices=["asha", "none"], default="none", help="ASHA early stopping, or none")
-    ap.add_argument("--metric", default="eval_bpb/mean", help="metric for ASHA and 'best' (default eval_bpb/mean)")
+    ap.add_argument(
+        "--metric",
+        help="metric for ASHA, the search and 'best', or a weighted sum 'eval_bpb/code*0.5+eval_bpb/prose*0.5' "
+        "(default eval_bpb/mean)",
+    )
     ap.add_argument("--mode", choices=["min", "max"], default="min")
     ap.add_argument(
         "--grace-steps",
@@ -102,12 +128,25 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="continue the sweep of this name")
     ap.add_argument("--dry-run", action="store_true", help="plan, validate and print the trials; start nothing")
     ap.add_argument("--no-report", action="store_true", help="skip the analysis report at the end")
+    mix = ap.add_argument_group("mixture search (peerlab.mixsearch)")
+    mix.add_argument("--mix-search", type=int, metavar="N", help="search the mix: N mixes in round 1")
+    mix.add_argument("--mix-prior", help="uniform, tokens (each source's share of the tokens) or a mix's name")
+    mix.add_argument("--mix-concentration", type=float, help="Dirichlet concentration around the prior")
+    mix.add_argument("--mix-bounds", metavar="NAME=LO:HI,...", help="bounds on each domain's weight")
+    mix.add_argument("--max-repeats", type=float, help="no source read more passes than this in a trial")
+    mix.add_argument("--mix-rounds", type=int, help="rounds of proxies (default 2)")
+    mix.add_argument("--validate-seeds", type=int, help="seeds per arm of the validation round (default 3)")
     add_verbose_argument(ap)
     return ap.parse_args(argv)
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Trial], dict]:
-    """The trials and the sweep's description; ConfigError/UsageError on anything wrong."""
+def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaPlan | None]:
+    """The trials, the sweep's description and its mixture search (if any); UsageError on anything wrong.
+
+    With a mixture search or an Optuna search the trials come as it goes: the list holds trials
+    of the kind it makes (one per PEER setting on the prior mix; seeded draws for Optuna), what
+    the resources and the memory check are sized on.
+    """
     try:
         mixes_file = load_mixes_file(args.custom_datasets)
     except ConfigError as err:
@@ -136,9 +175,50 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict]:
         raise UsageError("--seeds must be >= 1")
     if args.workers_per_trial < 0:
         raise UsageError("--workers-per-trial must be >= 0")
+    flags = {
+        "mixes": args.mix_search,
+        "prior": args.mix_prior,
+        "concentration": args.mix_concentration,
+        "bounds": args.mix_bounds,
+        "max_repeats": args.max_repeats,
+        "rounds": args.mix_rounds,
+        "validate_seeds": args.validate_seeds,
+    }
+    mixplan = optuna_plan = None
     try:
+        where = f"{space_file}: search_space.mix_search" if space_file else f"{origin}.mix_search"
+        options = mix_options(space.mix_search, flags, where)
+        args.metric = args.metric or (options.metric if options else None) or "eval_bpb/mean"
         check_metric(args.metric, {d.name for m in mixes.values() for d in m.datasets})
-        trials = plan_trials(base, mixes, space, args.seeds)
+        if args.search == "optuna":
+            if options is not None:
+                raise ConfigError(
+                    "--search optuna runs on the file's mixes; --mix-search crosses with grid or sample settings"
+                )
+            if args.seeds > 1:
+                raise ConfigError("--seeds: an Optuna search runs one seed per trial; rank its best with a grid after")
+            keys = check_optuna_space(space)
+            raw = to_dict(base)
+            raw["train_config"].update(num_workers=args.workers_per_trial, resume_from_checkpoint=None)
+            optuna_plan = OptunaPlan(
+                raw, {m.name: m for m in mixes.values()}, keys, space.num_samples, args.metric, args.mode
+            )
+            trials = plan_trials(config_from_dict(raw, origin=args.config), mixes, space, 1)  # draws: memory, resources
+        elif options is None:
+            trials = plan_trials(base, mixes, space, args.seeds)
+        else:
+            if args.seeds > 1:
+                raise ConfigError("--seeds: a mixture search validates with --validate-seeds S (its own seeds)")
+            raw = to_dict(base)  # how each trial runs, as below for a grid: on N Train workers, or local mode
+            raw["train_config"].update(num_workers=args.workers_per_trial, resume_from_checkpoint=None)
+            base = config_from_dict(raw, origin=args.config)
+            settings = space.settings(base.train_config.seed)
+            mixplan = plan_mix_search(base, mixes, settings, options, args.metric, args.mode)
+            seed = base.train_config.seed
+            trials = [
+                mixplan.make_trial({"mix": mixplan.prior, "seed": seed, "mix_id": f"prior_x{i}_s{seed}", **setting})
+                for i, setting in enumerate(mixplan.settings)
+            ]
     except ConfigError as err:
         raise UsageError(str(err)) from None
     for trial in trials:  # how each trial runs: on N Train workers, or in its own actor (local mode)
@@ -162,7 +242,11 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict]:
         "overrides": args.overrides,
         "custom_datasets": args.custom_datasets,
     }
-    return trials, info
+    if mixplan is not None:
+        info["mix_search"] = mixplan.describe()
+    if optuna_plan is not None:
+        info["optuna"] = {"space": optuna_plan.space, "num_samples": optuna_plan.num_samples}
+    return trials, info, mixplan or optuna_plan
 
 
 def resources(args: argparse.Namespace, trials: list[Trial], cpus: float, gpus: float) -> Resources:
@@ -227,10 +311,18 @@ def available_memory() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def print_plan(trials: list[Trial], res: Resources, info: dict) -> None:
+def print_plan(trials: list[Trial], res: Resources, info: dict, mixplan: MixPlan | None = None) -> None:
     space = (info.get("search_space_from") or "the command line") if info.get("search_space") else "none"
     config_from = {"--config": "--config", "default": "the default"}.get(info.get("base_config_from"), "the mixes file")
     print(f"base config {info['base_config']} (from {config_from}); search space: {space}", flush=True)
+    if mixplan is not None:
+        print_mix_plan(mixplan, res)
+        return
+    if info.get("optuna"):
+        space = ", ".join(f"{k}={v}" for k, v in info["optuna"]["space"].items())
+        print(f"Optuna search (TPE) over {space} and {len(info['mixes'])} mix(es): {info['optuna']['num_samples']} "
+              f"trials, {res.max_concurrent} at once")  # fmt: skip
+        return
     print(
         f"{len(trials)} trials ({len({t.cell for t in trials})} cells), {res.max_concurrent} at once, each with "
         f"{res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU, "
@@ -244,15 +336,27 @@ def print_plan(trials: list[Trial], res: Resources, info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
-    trials, info = plan(args)
+    trials, info, mixplan = plan(args)
+    optuna_plan = mixplan if isinstance(mixplan, OptunaPlan) else None
+    mixplan = None if optuna_plan else mixplan
     cfg0 = config_from_dict(trials[0].config)
     name = args.name or f"sweep_{Path(args.custom_datasets).stem}"
     sweep_dir = Path(cfg0.train_config.output_dir) / name
     plan_file = sweep_dir / "sweep.json"
-    if args.resume:
+    if mixplan is not None:
+        same_search(plan_file, info, args.resume)  # a mixture search resumes from its own state file
+        args.resume = args.resume or plan_file.is_file()
+    elif optuna_plan is not None:
+        if args.resume or plan_file.is_file():
+            raise UsageError(
+                f"{sweep_dir}: an Optuna search starts afresh (its suggestions are not replayed): pick a new --name"
+            )
+    elif args.resume:
         if not plan_file.is_file():
             raise UsageError(f"--resume: {plan_file} does not exist; start the sweep without --resume")
         saved = json.loads(plan_file.read_text())
+        if saved.get("mix_search"):
+            raise UsageError(f"--resume: {sweep_dir} holds a mixture search; resume it with its --mix-search command")
         trials = [Trial(**t) for t in saved["trials"]]
         info = {k: v for k, v in saved.items() if k not in ("trials", "name", "resources")}
         args.metric, args.mode = info["metric"], info["mode"]
@@ -279,11 +383,13 @@ def main(argv: list[str] | None = None) -> int:
             gpus, gpu_bytes = float(torch.cuda.device_count()), float(torch.cuda.get_device_properties(0).total_memory)
     except Exception:
         pass
+    planned = mixplan.planned() if mixplan else optuna_plan.num_samples if optuna_plan else len(trials)
+    sized = trials * max(1, planned // len(trials))  # what the resources are shared by
     if local:
-        res = resources(args, trials, cpus, gpus)
+        res = resources(args, sized, cpus, gpus)
         check_fits(trials, res, available_memory(), gpu_bytes)
     if args.dry_run:
-        print_plan(trials, res if local else resources(args, trials, cpus, gpus), info)
+        print_plan(trials, res if local else resources(args, sized, cpus, gpus), info, mixplan)
         return 0
 
     import ray
@@ -295,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if joined:  # a cluster that already existed: size the trials by it
         cluster = ray.cluster_resources()
         cpus, gpus = cluster.get("CPU", cpus), cluster.get("GPU", 0.0)
-        res = resources(args, trials, cpus, gpus)
+        res = resources(args, sized, cpus, gpus)
         node_memory = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         check_fits(trials, res, node_memory or available_memory(), gpu_bytes)
     print(f"Ray dashboard: {url or 'not running'}", flush=True)
@@ -303,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Ray's logs: {logs} (--verbose shows them here)", flush=True)
     print(f"sweep folder: {sweep_dir}", flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if mixplan is not None:
+        return run_mix_search(args, mixplan, info, sweep_dir, res, name)
+    if optuna_plan is not None:
+        return run_optuna(args, optuna_plan, trials, info, sweep_dir, res, name)
     if not args.resume:
         write_json(plan_file, {"name": name, **info, "resources": asdict(res), "trials": [asdict(t) for t in trials]})
     for t in trials:  # every trial's resolved config, also of those that never run
@@ -324,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from peerlab.tables import write_tables
 
-    paths = write_tables(trials, sweep_dir)
+    paths = write_tables(trials, sweep_dir, args.metric)
     import pandas as pd
 
     table = pd.read_parquet(paths["trials"])
@@ -341,6 +451,120 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{unfinished} trials did not finish: continue with the same command and --resume", file=sys.stderr)
         return INTERRUPTED
     return 0
+
+
+def print_mix_plan(mixplan: MixPlan, res: Resources) -> None:
+    o, shares = mixplan.options, lambda w: ", ".join(f"{d} {w[d]:.2f}" for d in mixplan.domains)
+    print(f"mixture search over {', '.join(mixplan.domains)} on {mixplan.metric} ({mixplan.mode})", flush=True)
+    print(f"  prior {o.prior}: {shares(mixplan.prior)}; concentration {o.concentration or len(mixplan.domains):g}")
+    if mixplan.tokens:
+        passes = ", ".join(f"{d} {mixplan.tokens[d]:,}" for d in mixplan.domains)
+        print(f"  tokens per source: {passes}; a trial reads {mixplan.budget_tokens:,}")
+    bounds = mixplan.searcher().cons
+    print(
+        "  bounds: " + ", ".join(f"{d} {lo:.2f}..{hi:.2f}" for d, lo, hi in zip(bounds.domains, bounds.lo, bounds.hi))
+    )
+    print(
+        f"  round 1: {o.mixes} mixes and {len(mixplan.anchors)} of the file's ({', '.join(mixplan.anchors)}); "
+        f"{o.rounds - 1} later round(s) of {max(2, -(-o.mixes // 2))}; validation: 3 arms x {o.validate_seeds} seeds; "
+        f"x {len(mixplan.settings)} PEER setting(s): about {mixplan.planned()} trials, {res.max_concurrent} at once"
+    )
+
+
+def same_search(plan_file: Path, info: dict, resume: bool) -> None:
+    """A mixture search continues only with its own settings; a grid sweep's folder is not reused for one."""
+    if not plan_file.is_file():
+        if resume:
+            raise UsageError(f"--resume: {plan_file} does not exist; start the sweep without --resume")
+        return
+    saved = json.loads(plan_file.read_text())
+    keys = [k for k in info["mix_search"] if k != "tokens"]
+    if not saved.get("mix_search") or any(saved["mix_search"].get(k) != info["mix_search"][k] for k in keys):
+        raise UsageError(
+            f"{plan_file.parent} already holds another sweep: continue it with its own command, or pick another --name"
+        )
+    print(f"{plan_file.parent} holds this mixture search: continuing it", flush=True)
+
+
+def run_mix_search(args, mixplan: MixPlan, info: dict, sweep_dir: Path, res: Resources, name: str) -> int:
+    """The mixture search on Ray Tune; then its outputs, the tables and the report."""
+    from peerlab.mixsearch import write_outputs
+    from peerlab.tables import write_tables
+    from peerlab.tune import TrialSearch, run_sweep
+
+    plan_file = sweep_dir / "sweep.json"
+    if not plan_file.is_file():
+        write_json(plan_file, {"name": name, **info, "resources": asdict(res), "trials": []})
+    searcher = mixplan.searcher(state_path=sweep_dir / "mix_search_state.json")
+    print_mix_plan(mixplan, res)
+    schedule = Schedule(None if args.scheduler == "none" else args.scheduler, args.metric, args.mode, args.grace_steps)
+    start = time.time()
+    seed = mixplan.base["train_config"]["seed"]
+    sample = [
+        mixplan.make_trial({"mix": mixplan.prior, "seed": seed, "mix_id": f"prior_s{seed}", **s})
+        for s in mixplan.settings
+    ]
+    search = TrialSearch(searcher, mixplan.make_trial, sweep_dir)
+    done = sum(p["status"] in ("finished", "stopped", "failed") for p in searcher.proposals)
+    run_sweep(sample, sweep_dir, res, schedule, mixplan.planned(), args.verbose, search, done_before=done)
+    wall = time.time() - start
+    started = [p for p in searcher.proposals if p["status"] != "queued"]
+    trials = [mixplan.make_trial(searcher.trial_config(p)) for p in started]
+    for p, trial in zip(started, trials):  # what the trial itself says of how it ended (ASHA, errors)
+        status = trial_status(trial_dir(sweep_dir, trial.trial_id))[0]
+        if status in ("stopped", "failed") and p["status"] in ("finished", "running"):
+            p["status"] = status if p.get("metric") is not None or status == "failed" else "failed"
+    paths = write_outputs(searcher, sweep_dir, mixplan.entries)
+    tables = write_tables(trials, sweep_dir, args.metric) if trials else {}
+    counts: dict[str, int] = {}
+    for p in searcher.proposals:
+        counts[p["status"]] = counts.get(p["status"], 0) + 1
+    print(f"mixture search took {wall:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
+    print("outputs: " + ", ".join(str(p) for p in [*paths.values(), *tables.values()]), flush=True)
+    rec = searcher.recommendation()
+    if rec is not None:
+        weights = ", ".join(f"{d} {w:.3f}" for d, w in rec["weights"].items())
+        print(f"recommended mix: {weights} ({rec['model']}); {rec['verdict']}", flush=True)
+        for arm, body in (("recommended", rec), ("best tried", rec["best_tried"]), ("prior", rec["prior"])):
+            v = body.get("validated")
+            if v:
+                print(f"  {arm}: {args.metric} {v['mean']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}] over {v['n']} seeds")
+    if trials and not args.no_report:
+        report(sweep_dir, args.metric)
+    unfinished = sum(p["status"] in ("queued", "running") for p in searcher.proposals)
+    if unfinished or searcher.round <= searcher.rounds:
+        print("the mixture search did not finish: continue it with the same command and --resume", file=sys.stderr)
+        return INTERRUPTED
+    return 0
+
+
+def run_optuna(args, optuna_plan, sample: list[Trial], info: dict, sweep_dir: Path, res: Resources, name: str) -> int:
+    """An Optuna search on Ray Tune (ASHA with it if asked); then the tables and the report."""
+    from peerlab.tables import write_tables
+    from peerlab.tune import TrialSearch, run_sweep
+
+    write_json(sweep_dir / "sweep.json", {"name": name, **info, "resources": asdict(res), "trials": []})
+    space = ", ".join(f"{k}={v}" for k, v in optuna_plan.space.items())
+    print(f"Optuna search (TPE) over {space} and {len(optuna_plan.mixes)} mix(es): {optuna_plan.num_samples} trials")
+    schedule = Schedule(None if args.scheduler == "none" else args.scheduler, args.metric, args.mode, args.grace_steps)
+    search = TrialSearch(optuna_plan.searcher(), optuna_plan.make_trial, sweep_dir, metric=args.metric)
+    start = time.time()
+    run_sweep(sample, sweep_dir, res, schedule, optuna_plan.num_samples, args.verbose, search,
+              done_before=0, num_samples=optuna_plan.num_samples)  # fmt: skip
+    wall = time.time() - start
+    trials = list(search.trials.values())
+    saved = json.loads((sweep_dir / "sweep.json").read_text())
+    write_json(sweep_dir / "sweep.json", {**saved, "trials": [asdict(t) for t in trials]})
+    paths = write_tables(trials, sweep_dir, args.metric)
+    import pandas as pd
+
+    table = pd.read_parquet(paths["trials"])
+    counts = table["status"].value_counts().to_dict()
+    print(f"sweep took {wall:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
+    print("tables: " + ", ".join(str(p) for p in paths.values()), flush=True)
+    if not args.no_report:
+        report(sweep_dir, args.metric)
+    return 0 if len(trials) >= optuna_plan.num_samples else INTERRUPTED
 
 
 def report(sweep_dir: Path, metric: str) -> None:

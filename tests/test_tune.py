@@ -376,3 +376,52 @@ def test_asha_stops_some_trials(ray_cluster, demo_corpus, tmp_path):
             assert stop["step"] in (3, 6, 9) and row.steps == stop["step"] and stop["eval_loss/mean"] > 0
         else:
             assert row.status == "finished" and row.steps == 12 and not marker.exists()
+
+
+# --------------------------------------------------------------------------------------
+# Ranges and Optuna
+# --------------------------------------------------------------------------------------
+
+
+def test_ranges_parse_draw_inside_and_are_refused_in_a_grid():
+    from peerlab.tune import draw, parse_range
+
+    space = search_space(
+        sample=["peer_config.num_experts_per_tok=int:4:32", "train_config.learning_rate=loguniform:1e-4:3e-3"],
+        num_samples=40,
+    )
+    settings = space.settings(seed=0)
+    ks = [s["peer_config.num_experts_per_tok"] for s in settings]
+    lrs = [s["train_config.learning_rate"] for s in settings]
+    assert all(isinstance(k, int) and 4 <= k <= 32 for k in ks) and len(set(ks)) > 5
+    assert all(1e-4 <= lr <= 3e-3 for lr in lrs)
+    assert np.median(np.log10(lrs)) == pytest.approx(np.log10(np.sqrt(1e-4 * 3e-3)), abs=0.35)  # log-uniform
+    assert parse_range("uniform:0:0.1") == ("uniform", 0.0, 0.1) and parse_range("4,8") is None
+    rng = np.random.default_rng(0)
+    assert {draw("int:1:2", rng) for _ in range(50)} == {1, 2}  # both ends included
+    with pytest.raises(ConfigError, match="a range is sampled, not a grid"):
+        search_space(grid=["peer_config.num_experts_per_tok=int:4:32"])
+    with pytest.raises(ConfigError, match="LOW < HIGH"):
+        search_space(sample=["peer_config.num_experts_per_tok=int:8:4"], num_samples=2)
+
+
+def test_optuna_search_runs_sampled_peer_and_training_settings(ray_cluster, demo_corpus, tmp_path, capsys):
+    """--search optuna: Ray Tune's OptunaSearch picks each trial's k and learning rate inside their ranges, and
+    the trial's resolved config carries them."""
+    import yaml
+
+    mixes, config = sweep_files(demo_corpus, tmp_path)
+    argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, tmp_path / "out", steps=3),
+            "--set", "eval_config.evals=[]", "--search", "optuna", "--num-samples", "2", "--mixes", "prose_mix",
+            "--sample", "peer_config.num_experts_per_tok=int:2:6", "--sample", "train_config.learning_rate=loguniform:1e-4:3e-3",
+            "--metric", "eval_bpb/code*0.5+eval_bpb/prose*0.5", "--name", "opt", "--no-report"]  # fmt: skip
+    assert ablate_module().main(argv) == 0
+    table = pd.read_parquet(tmp_path / "out" / "opt" / "trials.parquet")
+    assert len(table) == 2 and (table["status"] == "finished").all()
+    assert "eval_bpb/code*0.5+eval_bpb/prose*0.5" in table
+    for trial_id in table["trial_id"]:
+        resolved = yaml.safe_load((tmp_path / "out" / "opt" / "trials" / trial_id / "resolved_config.yaml").read_text())
+        k = resolved["model_config"]["peer_config"]["num_experts_per_tok"]
+        lr = resolved["train_config"]["learning_rate"]
+        assert 2 <= k <= 6 and 1e-4 <= lr <= 3e-3 and f"num_experts_per_tok={k}" in trial_id
+    assert "Optuna search (TPE)" in capsys.readouterr().out

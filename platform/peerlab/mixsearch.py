@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,8 @@ TRUST_RADIUS = 0.25  # total-variation distance from a tried mix inside which th
 EPS = 1e-4  # log-linear model: log(w + EPS)
 RECOMMEND_CAUTION = 1.0  # the recommendation: the fit's mean plus one standard deviation where it has one
 FIRST_SHARE = 0.65  # of a sample budget, round 1's share: the global fit needs the points more than the refinement  # proposals go where the fit's mean is best (they are how it learns); the recommendation is cautious
-SPEARMAN_TIE = 0.05  # models whose cross-validated Spearman is this close to the best are chosen by their error
+SPEARMAN_TIE = 0.05
+SAME_MIX = 0.005  # mixes closer than this (total variation) are the same mix  # models whose cross-validated Spearman is this close to the best are chosen by their error
 
 
 # --------------------------------------------------------------------------------------
@@ -503,7 +504,7 @@ class MixSearch(Searcher):
             if queued is None:
                 return Searcher.FINISHED
         p = self.proposals[queued]
-        p["status"], p["trial"] = "running", trial_id
+        p["status"], p["tune_trial"] = "running", trial_id
         self.by_trial[trial_id] = queued
         self._save()
         return self.trial_config(p)
@@ -649,6 +650,11 @@ class MixSearch(Searcher):
                 return False
             self.recommended = rec
             arms = {"recommended": rec["weights"], "best_tried": rec["best_tried"]["weights"], "prior": self.prior}
+            named = rec.get("best_named")
+            if named and named["id"] != rec["best_tried"]["id"]:  # the file's best mix, when a proxy beat it
+                arms["best_named"] = named["weights"]
+            if tv(self._array(rec["weights"]), self._array(rec["best_tried"]["weights"])) < SAME_MIX:
+                del arms["best_tried"]  # the fit's optimum is the best tried mix: one arm measures both
             for name, w in arms.items():
                 vec = np.array([w[d] for d in self.domains]) if isinstance(w, dict) else np.asarray(w)
                 for s in range(self.validate_seeds):
@@ -656,6 +662,9 @@ class MixSearch(Searcher):
             self._save()
             return True
         return False
+
+    def _array(self, weights: dict) -> np.ndarray:
+        return np.array([weights[d] for d in self.domains])
 
     @property
     def _sign(self) -> float:
@@ -718,6 +727,8 @@ class MixSearch(Searcher):
             pred = float(current.predict(best_w)[0])
             full = max(r["step"] or 1 for r in rows)
             best = min([r for r in rows if (r["step"] or 1) >= full], key=lambda r: self._sign * r["metric"])
+            anchors = [r for r in rows if r["kind"] == "anchor" and (r["step"] or 1) >= full]
+            named = min(anchors, key=lambda r: self._sign * r["metric"]) if anchors else None
             rec = {
                 "weights": dict(zip(self.domains, map(float, best_w))),
                 "predicted": {"mean": pred, "lo": pred - 1.96 * current.rmse, "hi": pred + 1.96 * current.rmse},
@@ -733,13 +744,36 @@ class MixSearch(Searcher):
                 "metric": self.metric if isinstance(self.metric, str) else str(self.metric),
                 "mode": self.mode,
             }
+            if named is not None:
+                rec["best_named"] = {
+                    "id": named["id"],
+                    "name": named["label"].removeprefix("anchor_"),
+                    "weights": dict(zip(self.domains, named["weights"])),
+                    "measured": named["metric"],
+                }
         else:
             rec = json.loads(json.dumps(self.recommended))
-        for arm, key in (("val_recommended", None), ("val_best_tried", "best_tried"), ("val_prior", "prior")):
+        arms = (("val_recommended", None), ("val_best_tried", "best_tried"), ("val_prior", "prior"))
+        for arm, key in (*arms, ("val_best_named", "best_named")):
             values = [p["metric"] for p in self.proposals if p["label"] == arm and p["status"] == "finished"]
             if values:
                 (rec[key] if key else rec)["validated"] = interval(values)
-        rec["verdict"] = verdict(rec, self.mode)
+        same = tv(self._array(rec["weights"]), self._array(rec["best_tried"]["weights"])) < SAME_MIX
+        if same and "validated" in rec:
+            rec["best_tried"]["validated"] = rec["validated"]
+        named = rec.get("best_named")
+        if named and named["id"] == rec["best_tried"]["id"] and "validated" in rec["best_tried"]:
+            named["validated"] = rec["best_tried"]["validated"]  # the best tried mix is the file's own
+        rec["verdict"], rec["difference"] = compare(rec.get("validated"), rec["best_tried"].get("validated"), self.mode)
+        if same:
+            rec["verdict"], rec["difference"] = "the recommended mix is the best tried mix", None
+        if named:
+            rec["verdict_named"], rec["difference_named"] = compare(
+                rec.get("validated"), named.get("validated"), self.mode
+            )
+            rec["verdict_named"] = rec["verdict_named"].replace(
+                "the best tried mix", f"the file's best mix ({named['name']})"
+            )
         return rec
 
     def _save(self) -> None:
@@ -764,27 +798,27 @@ def interval(values: list[float]) -> dict:
     }
 
 
-def verdict(rec: dict, mode: str | None) -> str:
-    """Whether the recommendation beat the best tried mix beyond the seed noise (Welch's 95% interval of the difference)."""
+def compare(a: dict | None, b: dict | None, mode: str | None) -> tuple[str, dict | None]:
+    """Whether arm a (the recommendation) beat arm b beyond the seed noise: the verdict, and Welch's 95%
+    interval of the difference a - b."""
     from scipy.stats import t
 
-    a, b = rec.get("validated"), rec.get("best_tried", {}).get("validated")
     if not a or not b:
-        return "not validated"
+        return "not validated", None
     if a["n"] < 2 or b["n"] < 2:
-        return "not enough seeds to compare"
+        return "not enough seeds to compare", None
     va, vb = np.var(a["values"], ddof=1) / a["n"], np.var(b["values"], ddof=1) / b["n"]
     diff = a["mean"] - b["mean"]
     se = math.sqrt(va + vb)
     dof = (va + vb) ** 2 / ((va**2 / (a["n"] - 1)) + (vb**2 / (b["n"] - 1))) if se > 0 else 1.0
     half = float(t.ppf(0.975, dof) * se) if se > 0 else 0.0
-    rec["difference"] = {"mean": diff, "lo": diff - half, "hi": diff + half}
+    difference = {"mean": diff, "lo": diff - half, "hi": diff + half}
     gain = -diff if mode != "max" else diff
     if gain - half > 0:
-        return "better than the best tried mix beyond the noise"
+        return "better than the best tried mix beyond the noise", difference
     if gain + half < 0:
-        return "worse than the best tried mix beyond the noise"
-    return "not better than the best tried mix beyond the noise"
+        return "worse than the best tried mix beyond the noise", difference
+    return "not better than the best tried mix beyond the noise", difference
 
 
 def _slug(text: str) -> str:
@@ -806,7 +840,9 @@ def write_outputs(search: MixSearch, sweep_dir: Path, datasets: dict | None = No
     mix_fit.json        every fit: the round it proposed for, its points, each model's
                         cross-validated Spearman and RMSE, the chosen one; and the final fit
     recommendation.json `MixSearch.recommendation()`: weights, predicted metric and interval,
-                        validated mean and 95% interval, best tried and prior with theirs, verdict
+                        validated mean and 95% interval, best tried, the file's best named mix
+                        (best_named) and prior with theirs, verdicts against the best tried
+                        (verdict, difference) and the best named (verdict_named, difference_named)
     recommended_mix.yaml the recommendation as a `data_mixes:` file (`datasets`: {domain: entry
                         as a dict}, from the mixes file), which --custom-datasets takes as it is
     """
@@ -873,3 +909,236 @@ def _write_json(path: Path, content) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(content, indent=1, default=float))
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------
+# A sweep's mixture search (experiments/ablate.py --mix-search N)
+# --------------------------------------------------------------------------------------
+
+MIN_SHARE = 0.01  # every domain keeps this share in a sweep's mixes: each trial evaluates every domain
+OPTION_ALIASES = {  # the mix_search: section's keys, also under the command line's flag names
+    "mixes": "mixes",
+    "num_mixes": "mixes",
+    "mix_search": "mixes",
+    "prior": "prior",
+    "mix_prior": "prior",
+    "concentration": "concentration",
+    "mix_concentration": "concentration",
+    "bounds": "bounds",
+    "mix_bounds": "bounds",
+    "max_repeats": "max_repeats",
+    "rounds": "rounds",
+    "mix_rounds": "rounds",
+    "validate_seeds": "validate_seeds",
+    "metric": "metric",
+}
+
+
+@dataclass
+class MixOptions:
+    """The mixture search's settings (the flags of ablate.py, or the search space's `mix_search:` section)."""
+
+    mixes: int  # Dirichlet draws in round 1 (each later round proposes half as many)
+    prior: str = "tokens"  # "uniform", "tokens" (each source's share of the tokens) or a mix's name
+    concentration: float | None = None  # of the Dirichlet around the prior (default: the number of domains)
+    bounds: dict = field(default_factory=dict)  # domain -> (lo, hi)
+    max_repeats: float | None = None  # passes over any source at a trial's token budget
+    rounds: int = 2
+    validate_seeds: int = 3
+    metric: str | None = None
+
+
+def mix_options(section: dict, flags: dict, origin: str = "mix_search") -> MixOptions | None:
+    """The options of the section overridden by the flags that were given (None values are not given).
+
+    None when neither asks for a mixture search (no number of mixes).
+    """
+    values = {}
+    for key, value in (section or {}).items():
+        if key not in OPTION_ALIASES:
+            raise ConfigError(f"{origin}.{key}: unknown key (known: {', '.join(sorted(set(OPTION_ALIASES)))})")
+        values[OPTION_ALIASES[key]] = value
+    values |= {k: v for k, v in flags.items() if v is not None}
+    if values.get("mixes") is None:
+        if any(k in values for k in ("prior", "concentration", "bounds", "max_repeats", "rounds", "validate_seeds")):
+            raise ConfigError("the mixture search's settings need --mix-search N (or mix_search.mixes) to run it")
+        return None
+    if isinstance(values.get("bounds"), str):
+        values["bounds"] = parse_bounds(values["bounds"])
+    elif isinstance(values.get("bounds"), dict):
+        try:
+            values["bounds"] = {str(k): (float(v[0]), float(v[1])) for k, v in values["bounds"].items()}
+        except (TypeError, ValueError, IndexError):
+            raise ConfigError(f"{origin}.bounds: expected name: [lo, hi] entries, or 'name=lo:hi,...'") from None
+    checks = {"mixes": (int, 1), "rounds": (int, 1), "validate_seeds": (int, 0)}
+    for key, (kind, least) in checks.items():
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or v < least):
+            raise ConfigError(f"{origin}.{key} (--{_flag(key)}): expected a whole number >= {least}, got {v!r}")
+    for key in ("concentration", "max_repeats"):
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise ConfigError(f"{origin}.{key} (--{_flag(key)}): expected a number > 0, got {v!r}")
+    return MixOptions(**values)
+
+
+def _flag(key: str) -> str:
+    return {"mixes": "mix-search", "max_repeats": "max-repeats", "validate_seeds": "validate-seeds"}.get(
+        key, f"mix-{key}"
+    )
+
+
+@dataclass
+class MixPlan:
+    """A sweep's mixture search: its domains (the datasets of the mixes file), the searcher, and its trials."""
+
+    domains: list[str]
+    entries: dict[str, dict]  # domain -> its dataset entry (plain data), from the mixes file
+    anchors: dict[str, dict[str, float]]  # the file's mixes: name -> {domain: weight}
+    settings: list[dict]  # the PEER settings each mix is run under ({} is the base config's)
+    base: dict  # the base config as plain data
+    options: MixOptions
+    metric: str
+    mode: str
+    prior: dict[str, float]
+    tokens: dict[str, int] | None
+    budget_tokens: int
+    full_steps: int
+
+    def searcher(self, state_path: Path | None = None) -> MixSearch:
+        bounds = {d: (max(MIN_SHARE, lo), hi) for d, (lo, hi) in self.options.bounds.items()}
+        bounds = {d: bounds.get(d, (MIN_SHARE, 1.0)) for d in self.domains}
+        return MixSearch(
+            domains=self.domains,
+            metric=self.metric,
+            mode=self.mode,
+            prior=self.prior,
+            concentration=self.options.concentration,
+            bounds=bounds,
+            max_repeats=self.options.max_repeats,
+            tokens=self.tokens,
+            budget_tokens=self.budget_tokens,
+            num_mixes=self.options.mixes,
+            rounds=self.options.rounds,
+            validate_seeds=self.options.validate_seeds,
+            anchors=self.anchors,
+            seed=int(self.base["train_config"]["seed"]),
+            settings=self.settings,
+            full_steps=self.full_steps,
+            state_path=state_path,
+        )
+
+    def planned(self) -> int:
+        """Trials the search runs when every round is full: anchors and round 1, later rounds, validation."""
+        o = self.options
+        per_setting = len(self.anchors) + o.mixes + (o.rounds - 1) * max(2, math.ceil(o.mixes / 2))
+        return (per_setting + 3 * o.validate_seeds) * len(self.settings)
+
+    def make_trial(self, suggestion: dict):
+        """The Trial of one suggestion of the searcher: the base config with its mix, seed and PEER setting."""
+        from peerlab.config import config_from_dict
+        from peerlab.tune import Trial, apply_to_config, setting_label
+
+        setting = {k: v for k, v in suggestion.items() if k not in ("mix", "seed", "mix_id")}
+        raw = apply_to_config(self.base, setting)
+        raw["dataset_config"]["datasets"] = [
+            {**self.entries[d], "weight": float(suggestion["mix"][d])} for d in self.domains
+        ]
+        raw["train_config"]["seed"] = int(suggestion["seed"])
+        trial_id = suggestion["mix_id"]
+        if raw.get("wandb_config"):
+            raw["wandb_config"]["name"] = trial_id
+        config_from_dict(raw, origin=f"trial {trial_id}")
+        label = re.sub(r"(_x\d+)?_s\d+$", "", trial_id)
+        return Trial(trial_id, label, setting_label(setting), int(suggestion["seed"]), setting, raw)
+
+    def describe(self) -> dict:
+        """What sweep.json records of the search."""
+        o = self.options
+        return {
+            "domains": self.domains,
+            "prior": o.prior,
+            "prior_weights": self.prior,
+            "concentration": o.concentration or len(self.domains),
+            "bounds": {d: list(b) for d, b in o.bounds.items()},
+            "min_share": MIN_SHARE,
+            "max_repeats": o.max_repeats,
+            "tokens": self.tokens,
+            "budget_tokens": self.budget_tokens,
+            "mixes": o.mixes,
+            "rounds": o.rounds,
+            "validate_seeds": o.validate_seeds,
+            "anchors": self.anchors,
+            "settings": self.settings,
+            "metric": self.metric,
+            "mode": self.mode,
+        }
+
+
+def plan_mix_search(base, mixes: dict, settings: list[dict], options: MixOptions, metric: str, mode: str) -> MixPlan:
+    """The mixture search over the datasets of `mixes` (DataMix by key); ConfigError (one line) on bad input.
+
+    A domain is a dataset name; its entry (path, format, ...) is the one the mixes file gives it
+    (every mix must give the same one). Token counts are read (local sources only) where the
+    prior is "tokens" or a repetition limit is set.
+    """
+    from peerlab.config import to_dict
+    from peerlab.data.sources import count_tokens, is_local
+    from peerlab.train.launch import with_steps_per_epoch
+    from peerlab.train.optim import total_steps
+
+    entries: dict[str, dict] = {}
+    anchors: dict[str, dict[str, float]] = {}
+    for mix in mixes.values():
+        total = sum(d.weight for d in mix.datasets)
+        anchors[mix.name] = {d.name: d.weight / total for d in mix.datasets}
+        for d in mix.datasets:
+            entry = {k: v for k, v in to_dict(d).items() if k != "weight"}
+            if d.name in entries and entries[d.name] != entry:
+                raise ConfigError(
+                    f"mix {mix.name}: dataset '{d.name}' differs from the same name in another mix; a mixture "
+                    f"search needs one source per dataset name"
+                )
+            entries[d.name] = entry
+    domains = list(entries)
+    if len(domains) < 2:
+        raise ConfigError(f"--mix-search: the mixes file names one dataset ({domains[0]}); a mix needs two or more")
+    cfg = base
+    t = cfg.train_config
+    steps = total_steps(with_steps_per_epoch(cfg).train_config)
+    budget = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.dataset_config.max_seq_length
+    budget *= max(t.num_workers, 1)
+    tokens = None
+    if options.prior == "tokens" or options.max_repeats is not None:
+        hub = [d for d in domains if not is_local(_entry(entries[d]))]
+        if hub:
+            why = "--mix-prior tokens" if options.prior == "tokens" else "--max-repeats"
+            raise ConfigError(
+                f"{why} needs each source's token count, and '{hub[0]}' is a hub dataset (not counted here): "
+                f"use --mix-prior uniform or a mix's name, without --max-repeats"
+            )
+        tok = cfg.dataset_config.tokenizer_name
+        tokens = {d: count_tokens(_entry(entries[d]), tok, cfg.dataset_config.heldout_fraction) for d in domains}
+    if options.prior == "tokens":
+        prior = {d: tokens[d] / sum(tokens.values()) for d in domains}
+    elif options.prior == "uniform":
+        prior = {d: 1 / len(domains) for d in domains}
+    elif options.prior in anchors:
+        prior = {d: anchors[options.prior].get(d, 0.0) for d in domains}
+    else:
+        raise ConfigError(
+            f"--mix-prior {options.prior}: expected uniform, tokens or the name of a mix in the mixes file "
+            f"(it has: {', '.join(anchors)})"
+        )
+    plan = MixPlan(
+        domains, entries, anchors, settings or [{}], to_dict(cfg), options, metric, mode, prior, tokens, budget, steps
+    )
+    searcher = plan.searcher()  # the bounds and repetition limits checked now, before Ray starts
+    plan.prior = dict(zip(domains, map(float, searcher.prior)))
+    return plan
+
+
+def _entry(raw: dict):
+    from peerlab.config import DatasetEntry
+
+    return DatasetEntry(**raw)

@@ -117,11 +117,24 @@ def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame
     }
 
 
-def write_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, Path]:
-    """Write trials/curves/usage/evals.parquet into the sweep folder (each atomically); returns their paths."""
+def write_tables(trials: list[Trial], sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
+    """Write trials/curves/usage/evals.parquet into the sweep folder (each atomically); returns their paths.
+
+    A `metric` that is a weighted sum of metrics ('eval_bpb/code*0.5+eval_bpb/prose*0.5') gets a
+    column of its own in trials.parquet, so the report can rank on it.
+    """
+    from peerlab.mixsearch import parse_metric
+
     sweep_dir = Path(sweep_dir)
     paths = {}
-    for name, frame in build_tables(trials, sweep_dir).items():
+    tables = build_tables(trials, sweep_dir)
+    terms = parse_metric(metric) if metric else {}
+    if len(terms) > 1 or any(w != 1 for w in terms.values()):
+        frame = tables["trials"]
+        present = [k for k in terms if k in frame]
+        total = sum(w * frame[k] for k, w in terms.items() if k in frame)
+        frame[metric] = total if len(present) == len(terms) else float("nan")
+    for name, frame in tables.items():
         path = sweep_dir / f"{name}.parquet"
         tmp = sweep_dir / f".{name}.parquet.tmp"
         frame.to_parquet(tmp, index=False)

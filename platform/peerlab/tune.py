@@ -39,6 +39,13 @@ import yaml
 from peerlab.config import Config, ConfigError, DataMix, PeerConfig, config_from_dict, to_dict
 
 PEER_KEYS = {f"peer_config.{k}" for k in PeerConfig.__dataclass_fields__} | {"peer_start_layer", "use_peer"}
+TRAIN_KEYS = {  # training hyperparameters a search may sample too (an Optuna search over the learning rate)
+    f"train_config.{k}"
+    for k in ("learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm", "per_device_train_batch_size",
+              "gradient_accumulation_steps")
+}  # fmt: skip
+RANGE_KINDS = ("int", "uniform", "loguniform")  # --sample KEY=int:4:32 | uniform:0:0.1 | loguniform:1e-4:3e-3
+SECTION_KEYS = ("grid", "sample", "num_samples", "baseline", "mix_search")
 NO_PEER = "no_peer"
 
 
@@ -47,9 +54,11 @@ class SearchSpace:
     """The PEER part of a sweep: a grid, random samples, and an optional dense baseline arm."""
 
     grid: dict[str, list] = field(default_factory=dict)  # every combination is a setting
-    sample: dict[str, list] = field(default_factory=dict)  # num_samples seeded random picks, crossed with the grid
+    # num_samples seeded random picks, crossed with the grid: from a list, or a range 'int:4:32' (RANGE_KINDS)
+    sample: dict[str, list | str] = field(default_factory=dict)
     num_samples: int = 0
     baseline: bool = False  # add one setting with use_peer: false (the dense MLP everywhere)
+    mix_search: dict = field(default_factory=dict)  # the section's mix_search: keys (peerlab.mixsearch.options)
 
     def settings(self, seed: int = 0) -> list[dict]:
         """The PEER settings: {model_config key: value}; {} is the base config's own setting."""
@@ -61,7 +70,7 @@ class SearchSpace:
             rng = np.random.default_rng(seed)
             picks = []
             for _ in range(self.num_samples):
-                pick = {k: v[int(rng.integers(len(v)))] for k, v in self.sample.items()}
+                pick = {k: draw(v, rng) for k, v in self.sample.items()}
                 if pick not in picks:
                     picks.append(pick)
             points = [{**p, **q} for p in points for q in picks]
@@ -70,20 +79,66 @@ class SearchSpace:
         return points
 
     def to_dict(self) -> dict:
-        return {"grid": self.grid, "sample": self.sample, "num_samples": self.num_samples, "baseline": self.baseline}
+        out = {"grid": self.grid, "sample": self.sample, "num_samples": self.num_samples, "baseline": self.baseline}
+        return out | ({"mix_search": self.mix_search} if self.mix_search else {})
 
 
 def _key(key: str, origin: str) -> str:
     key = key.strip().removeprefix("model_config.")
-    if key not in PEER_KEYS:
-        known = ", ".join(sorted(PEER_KEYS))
-        raise ConfigError(f"{origin}: '{key}' cannot be swept; the search space takes the PEER keys: {known}")
+    if key not in PEER_KEYS | TRAIN_KEYS:
+        known = ", ".join(sorted(PEER_KEYS | TRAIN_KEYS))
+        raise ConfigError(
+            f"{origin}: '{key}' cannot be swept; the search space takes the PEER and training keys: {known}"
+        )
     return key
 
 
-def parse_values(text: str) -> list:
-    """'8,16' -> [8, 16]; a YAML list ('[[128,128],[256,256]]') for values that hold commas."""
+def parse_range(text: str) -> tuple[str, float, float] | None:
+    """'int:4:32' -> ('int', 4, 32); 'loguniform:1e-4:3e-3' -> ('loguniform', 0.0001, 0.003); None if not a range."""
+    kind, _, rest = str(text).strip().partition(":")
+    if kind not in RANGE_KINDS:
+        return None
+    lo, colon, hi = rest.partition(":")
+    try:
+        a, b = (int(lo), int(hi)) if kind == "int" else (float(lo), float(hi))
+    except ValueError:
+        raise ValueError(f"expected {kind}:LOW:HIGH, got '{text}'") from None
+    if not colon or a >= b or (kind == "loguniform" and a <= 0):
+        raise ValueError(f"expected {kind}:LOW:HIGH with LOW < HIGH{' and LOW > 0' if kind == 'loguniform' else ''}")
+    return kind, a, b
+
+
+def draw(values: list | str, rng) -> object:
+    """One seeded random pick: an element of a list, or a value of a range (int: both ends included)."""
+    spec = parse_range(values) if isinstance(values, str) else None
+    if spec is None:
+        return values[int(rng.integers(len(values)))]
+    kind, lo, hi = spec
+    if kind == "int":
+        return int(rng.integers(lo, hi + 1))
+    value = rng.uniform(lo, hi) if kind == "uniform" else math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    return float(f"{value:.4g}")
+
+
+def optuna_distribution(values: list | str):
+    """The Optuna distribution of a sample's values: a range (int: both ends included), or a choice of a list."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    spec = parse_range(values) if isinstance(values, str) else None
+    if spec is None:
+        return CategoricalDistribution(values)
+    kind, lo, hi = spec
+    if kind == "int":
+        return IntDistribution(lo, hi)
+    return FloatDistribution(lo, hi, log=kind == "loguniform")
+
+
+def parse_values(text: str) -> list | str:
+    """'8,16' -> [8, 16]; a YAML list ('[[128,128],[256,256]]') for values that hold commas; a range
+    ('int:4:32', 'loguniform:1e-4:3e-3') as it is."""
     text = text.strip()
+    if parse_range(text) is not None:
+        return text
     values = yaml.safe_load(text) if text.startswith("[") else [yaml.safe_load(v) for v in text.split(",")]
     if not isinstance(values, list) or not values or any(v is None for v in values):
         raise ValueError(f"expected one or more values, got '{text}'")
@@ -103,8 +158,9 @@ def search_space(
 
     The section comes from a file's top-level `search_space:` (`path`), or is given as it is
     (`section`, e.g. written inline in a mixes file; `origin` names it in error messages). It
-    holds `grid:` and `sample:` mappings of key -> list of values, `num_samples:` and
-    `baseline:`; the command line adds to it.
+    holds `grid:` and `sample:` mappings of key -> list of values, `num_samples:`,
+    `baseline:` and `mix_search:` (the mixture search's settings, see peerlab.mixsearch);
+    the command line adds to it.
     """
     space = SearchSpace()
     if path:
@@ -115,19 +171,29 @@ def search_space(
         section = (raw or {}).get("search_space") if isinstance(raw, dict) else None
         if not isinstance(section, dict):
             raise ConfigError(
-                f"{path}: expected a top-level 'search_space:' mapping (grid, sample, num_samples, baseline)"
+                f"{path}: expected a top-level 'search_space:' mapping (grid, sample, num_samples, baseline, mix_search)"
             )
         origin = f"{path}: search_space"
     if section is not None:
         for k in section:
-            if k not in ("grid", "sample", "num_samples", "baseline"):
-                raise ConfigError(f"{origin}.{k}: unknown key (known: grid, sample, num_samples, baseline)")
+            if k not in SECTION_KEYS:
+                raise ConfigError(f"{origin}.{k}: unknown key (known: {', '.join(SECTION_KEYS)})")
+        mix = section.get("mix_search")
+        if mix is not None and not isinstance(mix, dict):
+            raise ConfigError(f"{origin}.mix_search: expected a mapping of its settings (mixes, prior, bounds, ...)")
+        space.mix_search = dict(mix or {})
         for part in ("grid", "sample"):
             body = section.get(part) or {}
             if not isinstance(body, dict):
                 raise ConfigError(f"{origin}.{part}: expected a mapping of key -> list of values")
             for key, values in body.items():
-                if not isinstance(values, list) or not values:
+                ranged = part == "sample" and isinstance(values, str)
+                if ranged:
+                    try:
+                        parse_range(values) or _raise(f"expected a list or a range ({', '.join(RANGE_KINDS)}:LOW:HIGH)")
+                    except ValueError as err:
+                        raise ConfigError(f"{origin}.{part}.{key}: {err}") from None
+                elif not isinstance(values, list) or not values:
                     raise ConfigError(f"{origin}.{part}.{key}: expected a non-empty list of values")
                 getattr(space, part)[_key(str(key), f"{origin}.{part}")] = values
         space.num_samples, space.baseline = section.get("num_samples") or 0, section.get("baseline", False)
@@ -144,6 +210,8 @@ def search_space(
                 values = parse_values(text)
             except (ValueError, yaml.YAMLError) as err:
                 raise ConfigError(f"{flag} {item}: {str(err).splitlines()[0]}") from None
+            if flag == "--grid" and isinstance(values, str):
+                raise ConfigError(f"{flag} {item}: a range is sampled, not a grid: use --sample {item}")
             target = space.grid if flag == "--grid" else space.sample
             target[_key(key, flag)] = values
     space.num_samples = num_samples or space.num_samples
@@ -154,10 +222,23 @@ def search_space(
 
 
 def check_metric(metric: str, datasets: set[str]) -> None:
-    """The sweep's metric must be one the training runs report: loss, or a held-out metric of a dataset or the mean."""
+    """The sweep's metric must be one the training runs report: loss, or a held-out metric of a dataset or the
+    mean; or a weighted sum of them ('eval_bpb/code*0.5+eval_bpb/prose*0.5')."""
+    from peerlab.mixsearch import parse_metric
+
     allowed = {"loss", "eval_loss/mean", "eval_bpb/mean"} | {f"eval_{m}/{d}" for m in ("loss", "bpb") for d in datasets}
-    if metric not in allowed:
-        raise ConfigError(f"--metric {metric}: not a metric the runs report; use one of {', '.join(sorted(allowed))}")
+    for term in parse_metric(metric):
+        if term in allowed:
+            continue
+        kind, slash, name = term.partition("/")
+        if slash and kind in ("eval_loss", "eval_bpb"):
+            raise ConfigError(
+                f"--metric {metric}: '{term}' names an unknown dataset '{name}' (the datasets are "
+                f"{', '.join(sorted(datasets))})"
+            )
+        raise ConfigError(
+            f"--metric {metric}: '{term}' is not a metric the runs report; use {', '.join(sorted(allowed))}"
+        )
 
 
 def setting_label(setting: dict) -> str:
@@ -166,7 +247,19 @@ def setting_label(setting: dict) -> str:
         return NO_PEER
     if not setting:
         return "default"
-    return ",".join(f"{k.removeprefix('peer_config.')}={_short(v)}" for k, v in setting.items())
+    return ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in setting.items())
+
+
+def apply_to_config(raw: dict, setting: dict) -> dict:
+    """The whole config (plain data) with one setting applied: training keys to train_config, the rest by
+    apply_setting to model_config."""
+    out = json.loads(json.dumps(raw))
+    model = {k: v for k, v in setting.items() if not k.startswith("train_config.")}
+    out["model_config"] = apply_setting(out["model_config"], model)
+    for key, value in setting.items():
+        if key.startswith("train_config."):
+            out["train_config"][key.removeprefix("train_config.")] = value
+    return out
 
 
 def _short(value) -> str:
@@ -177,6 +270,10 @@ def _short(value) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9=.+-]+", "_", text).strip("_")
+
+
+def _raise(message: str):
+    raise ValueError(message)
 
 
 def apply_setting(model_config: dict, setting: dict) -> dict:
@@ -236,9 +333,8 @@ def plan_trials(base: Config, mixes: dict[str, DataMix], space: SearchSpace, see
                 if trial_id in ids:  # two labels that slug alike: keep ids unique and stable
                     trial_id = f"{trial_id}_{len(trials)}"
                 ids.add(trial_id)
-                raw = json.loads(json.dumps(base_raw))
                 try:
-                    raw["model_config"] = apply_setting(raw["model_config"], setting)
+                    raw = apply_to_config(base_raw, setting)
                 except ConfigError as err:
                     raise ConfigError(f"trial {trial_id}: {err}") from None
                 raw["dataset_config"]["datasets"] = [to_dict(d) for d in mix.datasets]
@@ -249,6 +345,63 @@ def plan_trials(base: Config, mixes: dict[str, DataMix], space: SearchSpace, see
                     raise ConfigError(f"{err} (setting {label} on mix {mix.name})") from None
                 trials.append(Trial(trial_id, mix.name, label, seed0 + s, setting, raw))
     return trials
+
+
+def trial_of(base_raw: dict, mix: DataMix, setting: dict, seed: int, trial_id: str) -> Trial:
+    """One trial: the base config (plain data) with a mix's datasets, a setting and a seed; validated."""
+    try:
+        raw = apply_to_config(base_raw, setting)
+    except ConfigError as err:
+        raise ConfigError(f"trial {trial_id}: {err}") from None
+    raw["dataset_config"]["datasets"] = [to_dict(d) for d in mix.datasets]
+    raw["train_config"]["seed"] = seed
+    config_from_dict(raw, origin=f"trial {trial_id}")
+    return Trial(trial_id, mix.name, setting_label(setting), seed, setting, raw)
+
+
+@dataclass
+class OptunaPlan:
+    """An Optuna search (Ray Tune's OptunaSearch, TPE) over the sampled keys, and the mix when there are several."""
+
+    base: dict  # the base config as plain data
+    mixes: dict[str, DataMix]  # by name
+    space: dict[str, list | str]  # key -> a list (a choice) or a range 'int:4:32'
+    num_samples: int
+    metric: str
+    mode: str
+
+    def searcher(self):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        space = {k: optuna_distribution(v) for k, v in self.space.items()}
+        if len(self.mixes) > 1:
+            space["mix"] = optuna_distribution(list(self.mixes))
+        seed = int(self.base["train_config"]["seed"])
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return OptunaSearch(space, metric=self.metric, mode=self.mode, sampler=optuna.samplers.TPESampler(seed=seed))
+
+    def make_trial(self, suggestion: dict) -> Trial:
+        """The trial of one Optuna suggestion; ids count the suggestions: optuna_007_<mix>_<setting>_s42."""
+        mix = self.mixes[suggestion.get("mix", next(iter(self.mixes)))]
+        setting = {k: suggestion[k] for k in self.space}
+        seed = int(self.base["train_config"]["seed"])
+        self.count = getattr(self, "count", 0) + 1
+        trial_id = _slug(f"optuna_{self.count:03d}_{mix.name}_{setting_label(setting)}_s{seed}")
+        return trial_of(self.base, mix, setting, seed, trial_id)
+
+
+def check_optuna_space(space: SearchSpace) -> dict[str, list | str]:
+    """The keys an Optuna search samples: --sample ranges and lists (grid keys as choices); ConfigError if none."""
+    keys = {**{k: list(v) for k, v in space.grid.items()}, **space.sample}
+    if not keys:
+        raise ConfigError("--search optuna needs ranges to search: --sample 'peer_config.num_experts_per_tok=int:4:32'")
+    for key, values in keys.items():
+        if isinstance(values, list) and any(isinstance(v, (list, dict)) for v in values):
+            raise ConfigError(f"--search optuna: {key} has list values, which Optuna cannot choose among; use a grid")
+    if space.num_samples < 1:
+        raise ConfigError("--search optuna needs --num-samples N (or search_space.num_samples): the trials to run")
+    return keys
 
 
 # --------------------------------------------------------------------------------------
@@ -358,25 +511,45 @@ class Schedule:
 
 
 def run_sweep(
-    trials: list[Trial], sweep_dir: Path, resources: Resources, schedule: Schedule, total: int, verbose: bool = False
+    trials: list[Trial],
+    sweep_dir: Path,
+    resources: Resources,
+    schedule: Schedule,
+    total: int,
+    verbose: bool = False,
+    search: TrialSearch | None = None,
+    done_before: int | None = None,
+    num_samples: int = -1,
 ) -> dict[str, str]:
     """Run `trials` with Ray Tune; returns {trial id: status}. `total` counts the whole sweep (for progress).
 
-    Prints a line per trial per report of the sweep's metric (each evaluation) and per trial
-    that ends; `verbose` adds Tune's own status output.
+    With `search`, the trials come from it as the sweep goes (a mixture search, Optuna),
+    `trials` holds some of the kind it makes (for the step count) and `done_before` counts the
+    trials an earlier run of the sweep ended; `num_samples` caps the trials of a search that
+    never says it is done (Optuna). Prints a line per trial per
+    report of the sweep's metric (each evaluation) and per trial that ends; `verbose` adds
+    Tune's own status output.
     """
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+    from peerlab.mixsearch import metric_value
+
     # Held-out metrics come every eval_steps, not in every report: ASHA waits for them (Tune's strict check would fail).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     sweep_dir = Path(sweep_dir).resolve()
-    steps_of = {t.trial_id: _steps(t) for t in trials}
-    steps = max(steps_of.values())
-    by_id = {t.trial_id: t for t in trials}
+    by_id = search.trials if search is not None else {t.trial_id: t for t in trials}
+    steps_of: dict[str, int] = {}
+    steps = max(_steps(t) for t in trials)
 
     def our_trial(tune_trial) -> Trial:
-        return by_id[tune_trial.config["trial"]["trial_id"]]
+        ours = by_id[tune_trial.config["trial"]["trial_id"]]
+        if ours.trial_id not in steps_of:
+            steps_of[ours.trial_id] = _steps(ours)
+        return ours
+
+    def measure(result: dict) -> float | None:
+        return metric_value(result, schedule.metric)
 
     class RecordingASHA(FIFOScheduler):
         """ASHA by `Rungs` (Ray's rule with re-checks); writes stopped.json in every trial it stops early."""
@@ -386,7 +559,7 @@ def run_sweep(
             self.rungs, self.stopped = rungs, 0
 
         def on_trial_result(self, tune_controller, trial, result):
-            ours, value = our_trial(trial), result.get(schedule.metric)
+            ours, value = our_trial(trial), measure(result)
             if value is None or "step" not in result or result["step"] >= steps_of[ours.trial_id]:
                 return TrialScheduler.CONTINUE  # no metric here, or its last step: it writes its final outputs
             if self.rungs.report(ours.trial_id, result["step"], value if schedule.mode == "max" else -value):
@@ -398,14 +571,14 @@ def run_sweep(
         def debug_string(self) -> str:
             return f"ASHA (peerlab.tune.Rungs): rungs at steps {sorted(self.rungs.recorded)}, {self.stopped} stopped"
 
-    done_before = total - len(trials)
+    done_before = total - len(trials) if done_before is None else done_before  # trials ended in an earlier run
     best: dict = {}
 
     class Progress(tune.Callback):
         """A line per trial per report of the metric, and per trial that ends: done, running, pending, the best."""
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            value = result.get(schedule.metric)
+            value = measure(result)
             if value is None or "step" not in result:
                 return
             ours = our_trial(trial)
@@ -417,14 +590,15 @@ def run_sweep(
 
         def _line(self, trials_now, trial, how: str) -> None:
             ours = our_trial(trial)
-            value = (trial.last_result or {}).get(schedule.metric)
+            value = measure(trial.last_result or {})
             if value is not None and how == "done":  # a stopped trial's metric is from an earlier step
                 better = not best or (value < best["value"] if schedule.mode == "min" else value > best["value"])
                 if better:
                     best.update(value=value, cell=ours.cell, trial=ours.trial_id)
             running = sum(t.status == "RUNNING" and t is not trial for t in trials_now)
             ended = done_before + sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials_now)
-            status = {"RUNNING": running, "PENDING": total - ended - running}  # Tune creates trials as slots free up
+            # Tune creates trials as slots free up; a search's total is its plan (it may end sooner)
+            status = {"RUNNING": running, "PENDING": max(total - ended - running, 0)}
             shown = f"{schedule.metric} {value:.4f}" if value is not None else "no metric"
             lead = f"; best so far {best['cell']} ({best['value']:.4f})" if best else ""
             print(
@@ -445,11 +619,16 @@ def run_sweep(
         # max_t past the last step, and no stop at the last step (above): a trial always ends by itself.
         scheduler = RecordingASHA(Rungs(grace, steps + 1, schedule.reduction_factor))
     trainable = tune.with_resources(run_trial, {"CPU": resources.cpus_per_trial, "GPU": resources.gpus_per_trial})
-    specs = [resolved_run_config(t, sweep_dir) for t in trials]
+    if search is None:
+        space, samples = {"trial": tune.grid_search([resolved_run_config(t, sweep_dir) for t in trials])}, 1
+    else:
+        space, samples = {}, num_samples  # -1: the search says when it is done
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(specs)},
+        param_space=space,
         tune_config=tune.TuneConfig(
+            search_alg=search,
+            num_samples=samples,
             scheduler=scheduler,
             metric=schedule.metric if scheduler else None,
             mode=schedule.mode if scheduler else None,
@@ -472,7 +651,80 @@ def run_sweep(
             trial_id = result.config["trial"]["trial_id"]
             lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
             mark(trial_dir(sweep_dir, trial_id), "error.json", {"error": error_line(lines)})
-    return {t.trial_id: _status(sweep_dir, t) for t in trials}
+    return {t.trial_id: _status(sweep_dir, t) for t in by_id.values()}
+
+
+try:
+    from ray.tune.search import Searcher as _Searcher
+except ImportError:  # pragma: no cover
+    _Searcher = object
+
+
+class TrialSearch(_Searcher):
+    """A Tune searcher that turns another searcher's suggestions into peerlab trials.
+
+    The inner searcher (peerlab.mixsearch.MixSearch, Ray's OptunaSearch) suggests plain values
+    (a mix, a seed, PEER settings); `make_trial(suggestion)` makes the Trial (its id stable for
+    the same suggestion, so a resumed sweep finds its run folder); the trainable gets its
+    resolved config. Results go back to the inner searcher as they are.
+    """
+
+    def __init__(self, inner, make_trial, sweep_dir: Path, metric: str | None = None):
+        super().__init__()
+        self.inner, self.make_trial, self.sweep_dir = inner, make_trial, Path(sweep_dir).resolve()
+        self.trials: dict[str, Trial] = {}  # our trial id -> Trial, in the order they started
+        self.metric_expr = metric  # a weighted sum is added to each result under its own text (Optuna reads it)
+        self.last: dict[str, float] = {}  # Tune trial id -> the metric's latest value
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec) or True
+
+    def suggest(self, trial_id: str):
+        from peerlab.train.launch import write_resolved_config
+
+        suggestion = self.inner.suggest(trial_id)
+        if suggestion is None or suggestion == _Searcher.FINISHED:
+            return suggestion
+        trial = self.make_trial(suggestion)
+        self.trials[trial.trial_id] = trial
+        folder = trial_dir(self.sweep_dir, trial.trial_id)
+        for name in MARKERS:  # a trial run again (resume) starts without its old ending
+            (folder / name).unlink(missing_ok=True)
+        write_resolved_config(config_from_dict(trial.config), folder)
+        return {"trial": resolved_run_config(trial, self.sweep_dir)}
+
+    def _with_metric(self, trial_id: str, result: dict | None) -> dict | None:
+        """The result with the metric's value under its own text; the latest value where this report has none
+        (a trial's last report may be lm-eval's, without held-out metrics)."""
+        if result is None or not self.metric_expr:
+            return result
+        from peerlab.mixsearch import metric_value
+
+        value = metric_value(result, self.metric_expr)
+        if value is not None:
+            self.last[trial_id] = value
+        value = self.last.get(trial_id)
+        return result if value is None else {**result, self.metric_expr: value}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric_expr:
+            from peerlab.mixsearch import metric_value
+
+            if metric_value(result, self.metric_expr) is None:
+                return  # a report without the metric (held-out metrics come every eval_steps): Optuna needs it
+        self.inner.on_trial_result(trial_id, self._with_metric(trial_id, result))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.inner.on_trial_complete(trial_id, result=self._with_metric(trial_id, result), error=error)
+
+
+def __getattr__(name: str):
+    """peerlab.tune.MixSearch: the mixture search's Tune searcher (peerlab.mixsearch), imported when asked for."""
+    if name == "MixSearch":
+        from peerlab.mixsearch import MixSearch
+
+        return MixSearch
+    raise AttributeError(name)
 
 
 @contextlib.contextmanager

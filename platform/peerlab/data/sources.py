@@ -502,3 +502,18 @@ def heldout_texts(entry: DatasetEntry, heldout_fraction: float = 0.01, limit: in
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def count_tokens(entry: DatasetEntry, tokenizer: str, heldout_fraction: float = 0.01) -> int:
+    """Tokens in one pass over a local source's training documents, as the packer reads them (one eos each).
+
+    What a mixture search's repetition limit and token-share prior are computed from.
+    """
+    from peerlab.data.tokenizer import _encoder, encoder_spec
+
+    encode = _encoder(encoder_spec(tokenizer))
+    total = 0
+    for table in read_pass(entry, Selection(part="train", heldout_fraction=heldout_fraction)):
+        texts = [t for t in table["text"].to_pylist() if t]
+        total += sum(len(ids) + 1 for ids in encode(texts)) if texts else 0
+    return total
