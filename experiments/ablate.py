@@ -504,7 +504,8 @@ def run_mix_search(args, mixplan: MixPlan, info: dict, sweep_dir: Path, res: Res
         mixplan.make_trial({"mix": mixplan.prior, "seed": seed, "mix_id": f"prior_s{seed}", **s})
         for s in mixplan.settings
     ]
-    search = TrialSearch(searcher, mixplan.make_trial, sweep_dir)
+    validation = lambda trial: trial.mix.startswith("val_")  # noqa: E731  (ASHA leaves the validation round whole)
+    search = TrialSearch(searcher, mixplan.make_trial, sweep_dir, protect=validation)
     done = sum(p["status"] in ("finished", "stopped", "failed") for p in searcher.proposals)
     run_sweep(sample, sweep_dir, res, schedule, mixplan.planned(), args.verbose, search, done_before=done)
     wall = time.time() - start

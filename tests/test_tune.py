@@ -164,7 +164,13 @@ def test_rungs_decide_as_ray_one_trial_at_a_time_and_never_stop_the_best_trial()
         (["--grid", "peer_config.num_experts=1000"], "not a square"),
         (["--grid", "hidden_size=64,128"], "cannot be swept"),
         (["--seeds", "0"], "--seeds must be >= 1"),
-        (["--metric", "eval_bpb/cod"], "not a metric the runs report"),
+        (["--metric", "eval_bpb/cod"], "names an unknown dataset 'cod'"),
+        (["--metric", "eval_acc/mean"], "not a metric the runs report"),
+        (["--mix-search", "4", "--mix-bounds", "prose=0.6:1,code=0.6:1"], "--mix-bounds: no mix fits them"),
+        (["--mix-search", "4", "--mix-prior", "nosuch"], "--mix-prior nosuch: expected uniform, tokens or the name"),
+        (["--mix-search", "4", "--metric", "eval_bpb/code*0.5+eval_bpb/math*0.5"], "unknown dataset 'math'"),
+        (["--mix-search", "4", "--max-repeats", "0.05"], "--max-repeats 0.05: no mix can meet it"),
+        (["--mix-prior", "uniform"], "need --mix-search N"),
         (["--grid", "peer_config.num_experts=16777216"], "GiB"),  # 16.7 M experts per layer cannot fit here
     ],
 )
@@ -185,14 +191,14 @@ def test_the_cards_command_alone_plans_the_embedded_default_sweep():
     # and plans exactly the trials of the longer command line that ran the demo sweep before.
     ablate = ablate_module()
     mixes = str(ROOT / "configs" / "datasets.yaml")
-    trials, info = ablate.plan(ablate.arguments(["--custom-datasets", mixes]))
+    trials, info, _ = ablate.plan(ablate.arguments(["--custom-datasets", mixes]))
     old = [
         "--config",
         str(ROOT / "configs" / "demo.yaml"),
         "--search-space",
         str(ROOT / "configs" / "search-demo.yaml"),
     ]
-    old_trials, _ = ablate.plan(ablate.arguments(["--custom-datasets", mixes, *old]))
+    old_trials, _, _ = ablate.plan(ablate.arguments(["--custom-datasets", mixes, *old]))
     assert [asdict(t) for t in trials] == [asdict(t) for t in old_trials]
     assert len(trials) == 6 and {t.setting for t in trials} == {"num_experts_per_tok=4", "num_experts_per_tok=16"}
     assert {t.mix for t in trials} == {"prose_heavy", "code_heavy", "balanced"}
@@ -213,14 +219,14 @@ def test_command_line_overrides_the_mixes_files_base_config_and_search_space(tmp
     body = (ROOT / "configs" / "datasets.yaml").read_text().split("data_mixes:", 1)[1]
     head = f"base_config: {ROOT / 'configs' / 'demo.yaml'}\nsearch_space:\n  grid:\n    peer_config.num_experts_per_tok: [2, 8]\n"
     mixes.write_text(head + "data_mixes:" + body)
-    trials, info = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes)]))
+    trials, info, _ = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes)]))
     assert {t.setting for t in trials} == {"num_experts_per_tok=2", "num_experts_per_tok=8"}  # inline section
     assert info["search_space_from"] == f"{mixes} (inline)"
     space = str(ROOT / "configs" / "search-demo.yaml")
-    trials, info = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes), "--search-space", space]))
+    trials, info, _ = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes), "--search-space", space]))
     assert {t.setting for t in trials} == {"num_experts_per_tok=4", "num_experts_per_tok=16"}
     config = str(ROOT / "configs" / "config.yaml")
-    trials, info = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes), "--config", config]))
+    trials, info, _ = ablate.plan(ablate.arguments(["--custom-datasets", str(mixes), "--config", config]))
     assert trials[0].config["model_config"]["hidden_size"] == 768 and info["base_config_from"] == "--config"
     mixes.write_text(head.replace("peer_config.num_experts_per_tok", "hidden_size") + "data_mixes:" + body)
     with pytest.raises(SystemExit) as exit_:

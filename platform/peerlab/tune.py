@@ -560,6 +560,8 @@ def run_sweep(
 
         def on_trial_result(self, tune_controller, trial, result):
             ours, value = our_trial(trial), measure(result)
+            if search is not None and search.protect(ours):
+                return TrialScheduler.CONTINUE  # a trial the search needs whole (a mixture search's validation)
             if value is None or "step" not in result or result["step"] >= steps_of[ours.trial_id]:
                 return TrialScheduler.CONTINUE  # no metric here, or its last step: it writes its final outputs
             if self.rungs.report(ours.trial_id, result["step"], value if schedule.mode == "max" else -value):
@@ -669,9 +671,10 @@ class TrialSearch(_Searcher):
     resolved config. Results go back to the inner searcher as they are.
     """
 
-    def __init__(self, inner, make_trial, sweep_dir: Path, metric: str | None = None):
+    def __init__(self, inner, make_trial, sweep_dir: Path, metric: str | None = None, protect=None):
         super().__init__()
         self.inner, self.make_trial, self.sweep_dir = inner, make_trial, Path(sweep_dir).resolve()
+        self.protect = protect or (lambda trial: False)  # trials early stopping must leave to run to the end
         self.trials: dict[str, Trial] = {}  # our trial id -> Trial, in the order they started
         self.metric_expr = metric  # a weighted sum is added to each result under its own text (Optuna reads it)
         self.last: dict[str, float] = {}  # Tune trial id -> the metric's latest value
