@@ -213,6 +213,9 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
             raw["train_config"].update(num_workers=args.workers_per_trial, resume_from_checkpoint=None)
             base = config_from_dict(raw, origin=args.config)
             settings = space.settings(base.train_config.seed)
+            for mix in mixes.values():  # the demo corpus prepared, every source checked: the search counts tokens
+                checked_data(config_from_dict({**raw, "dataset_config": {**raw["dataset_config"],
+                                              "datasets": [to_dict(d) for d in mix.datasets]}}))  # fmt: skip
             mixplan = plan_mix_search(base, mixes, settings, options, args.metric, args.mode)
             seed = base.train_config.seed
             trials = [

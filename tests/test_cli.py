@@ -249,7 +249,9 @@ def test_non_finite_loss_stops_once_with_one_line_and_a_quiet_console(ray_cluste
 def test_verbose_shows_rays_output_too(ray_cluster, demo_corpus, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
     local = ["--set", "train_config.num_workers=0"]  # Train's local mode: Ray's own lines without a worker group
-    out = train_command(*tiny_run(demo_corpus, tmp_path, steps=3), *local, "--name", "v", "--verbose", "--address", address)
+    out = train_command(
+        *tiny_run(demo_corpus, tmp_path, steps=3), *local, "--name", "v", "--verbose", "--address", address
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 3/3  loss " in out.stdout and "done: metrics in" in out.stdout
     assert "Running in local mode" in out.stdout + out.stderr and "Reported metrics" in out.stdout + out.stderr

@@ -609,8 +609,9 @@ def replicas(demo_corpus, tmp_path_factory):
 
 def assert_same_training(got: dict, want: dict) -> None:
     """Losses, gradient norms, the gradients each step applied and the weights after each step agree."""
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-9)
-    assert got["norm"] == pytest.approx(want["norm"], rel=1e-9)
+    # float64, but RMSNorm computes in float32 (as transformers' does): the second step's loss moves by ~1e-9
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-7)
+    assert got["norm"] == pytest.approx(want["norm"], rel=1e-7)
     assert all(norm > 0.5 for norm in want["norm"])  # clipping was at work
     for step in range(STEPS):
         assert got["grads"][step].keys() == want["grads"][step].keys()
@@ -642,7 +643,7 @@ def test_sparse_experts_on_two_workers(replicas):
     two, one = replicas
     assert_same_training(two["sparse"], one["sparse"])
     sparse, dense = two["sparse"], two["dense"]
-    assert sparse["loss"][0] == pytest.approx(dense["loss"][0], rel=1e-9)
+    assert sparse["loss"][0] == pytest.approx(dense["loss"][0], rel=1e-7)
     for name, grad in dense["grads"][0].items():
         torch.testing.assert_close(sparse["grads"][0][name], grad, rtol=1e-6, atol=1e-9, msg=name)
     for name, weight in dense["weights"][0].items():
