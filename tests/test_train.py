@@ -615,10 +615,12 @@ def assert_same_training(got: dict, want: dict) -> None:
     assert all(norm > 0.5 for norm in want["norm"])  # clipping was at work
     for step in range(STEPS):
         assert got["grads"][step].keys() == want["grads"][step].keys()
-        for name, grad in want["grads"][step].items():  # (RMSNorm computes in float32: 1e-7 apart here)
-            torch.testing.assert_close(got["grads"][step][name], grad, rtol=1e-6, atol=1e-9, msg=f"{name} {step}")
+        # RMSNorm computes in float32: the second step's gradients sit up to ~1e-7 apart (a lost all-reduce or a
+        # wrong scale would be off by its whole size)
+        for name, grad in want["grads"][step].items():
+            torch.testing.assert_close(got["grads"][step][name], grad, rtol=1e-5, atol=1e-7, msg=f"{name} {step}")
         for name, weight in want["weights"][step].items():
-            torch.testing.assert_close(got["weights"][step][name], weight, rtol=1e-6, atol=1e-7, msg=f"{name} {step}")
+            torch.testing.assert_close(got["weights"][step][name], weight, rtol=1e-5, atol=1e-7, msg=f"{name} {step}")
 
 
 def test_ddp_workers_train_as_one_process_on_the_global_batch(replicas):
