@@ -615,12 +615,19 @@ def assert_same_training(got: dict, want: dict) -> None:
     assert all(norm > 0.5 for norm in want["norm"])  # clipping was at work
     for step in range(STEPS):
         assert got["grads"][step].keys() == want["grads"][step].keys()
-        # RMSNorm computes in float32: the second step's gradients sit up to ~1e-7 apart (a lost all-reduce or a
-        # wrong scale would be off by its whole size)
+        # Whole tensors within 1e-5 relative (norm of the difference over norm of the reference): RMSNorm computes
+        # in float32, and in some installs one element of the second step's embedding gradient lands 5e-7 off;
+        # a lost all-reduce or a wrong scale would be off by its whole size.
         for name, grad in want["grads"][step].items():
-            torch.testing.assert_close(got["grads"][step][name], grad, rtol=1e-5, atol=1e-7, msg=f"{name} {step}")
+            assert_close_in_norm(got["grads"][step][name], grad, f"{name} {step}")
         for name, weight in want["weights"][step].items():
-            torch.testing.assert_close(got["weights"][step][name], weight, rtol=1e-5, atol=1e-7, msg=f"{name} {step}")
+            assert_close_in_norm(got["weights"][step][name], weight, f"{name} {step}")
+
+
+def assert_close_in_norm(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-5) -> None:
+    assert got.shape == want.shape, what
+    gap = (got.to(torch.float64) - want.to(torch.float64)).norm().item()
+    assert gap <= rel * max(want.to(torch.float64).norm().item(), 1e-12), f"{what}: {gap:.3g} apart"
 
 
 def test_ddp_workers_train_as_one_process_on_the_global_batch(replicas):
