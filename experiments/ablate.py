@@ -517,7 +517,7 @@ def run_mix_search(args, mixplan: MixPlan, info: dict, sweep_dir: Path, res: Res
     for p, trial in zip(started, trials):  # what the trial itself says of how it ended (ASHA, errors)
         status = trial_status(trial_dir(sweep_dir, trial.trial_id))[0]
         if status in ("stopped", "failed") and p["status"] in ("finished", "running"):
-            p["status"] = status if p.get("metric") is not None or status == "failed" else "failed"
+            p["status"] = "failed" if p.get("metric") is None else status  # stopped before any metric: failed
     paths = write_outputs(searcher, sweep_dir, mixplan.entries)
     tables = write_tables(trials, sweep_dir, args.metric) if trials else {}
     counts: dict[str, int] = {}

@@ -74,9 +74,8 @@ def test_fit_ranks_a_quadratic_response_and_chooses_by_cross_validated_spearman(
     y = 2 * ((w - best) ** 2).sum(1) + 0.005 * rng.standard_normal(24)
     result = fit(w, np.ones(24), y)
     chosen = result.scores[result.chosen]
-    assert chosen["spearman"] == max(s["spearman"] for s in result.scores.values()) or any(
-        abs(s["spearman"] - chosen["spearman"]) <= 0.05 for s in result.scores.values()
-    )
+    top = max(s["spearman"] for s in result.scores.values())
+    assert chosen["spearman"] >= top - 0.05  # the best Spearman, or within the tie margin of it with less error
     assert chosen["spearman"] > 0.8
     grid = rng.dirichlet(np.ones(3), size=4000)
     assert spearmanr(result.predict(grid), 2 * ((grid - best) ** 2).sum(1)).statistic > 0.9

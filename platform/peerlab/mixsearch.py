@@ -612,7 +612,7 @@ class MixSearch(Searcher):
         if self.round == 0:
             self.round = 1
             for name, w in self.anchors.items():
-                self._add(w, "anchor", f"anchor_{_slug(name)}", self.seed)
+                self._add(w, "anchor", f"anchor_{slug(name)}", self.seed)
             # A space-filling pick of Dirichlet draws: the fit sees the simplex evenly, not a clump by chance.
             draws = dirichlet(self.prior, self.concentration, 30 * self.first_mixes, self.cons, self.rng)
             fixed = np.array(list(self.anchors.values())) if self.anchors else None
@@ -778,9 +778,9 @@ class MixSearch(Searcher):
 
     def _save(self) -> None:
         if self.state_path:
-            tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-            tmp.write_text(json.dumps(self.get_state(), indent=1))
-            tmp.replace(self.state_path)
+            from peerlab.tune import write_json
+
+            write_json(self.state_path, self.get_state())
 
 
 def interval(values: list[float]) -> dict:
@@ -821,10 +821,6 @@ def compare(a: dict | None, b: dict | None, mode: str | None) -> tuple[str, dict
     return "not better than the best tried mix beyond the noise", difference
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9=.+-]+", "_", str(text)).strip("_")
-
-
 # --------------------------------------------------------------------------------------
 # The outputs in the sweep folder
 # --------------------------------------------------------------------------------------
@@ -848,6 +844,8 @@ def write_outputs(search: MixSearch, sweep_dir: Path, datasets: dict | None = No
     """
     import pandas as pd
     import yaml
+
+    from peerlab.tune import write_json
 
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -878,7 +876,7 @@ def write_outputs(search: MixSearch, sweep_dir: Path, datasets: dict | None = No
     final = None
     if rec is not None:
         final = {"n": rec["proxies"], "scores": rec["fit"], "chosen": rec["model"]}
-    _write_json(
+    write_json(
         paths["mix_fit"],
         {
             "metric": rec and rec["metric"],
@@ -889,7 +887,7 @@ def write_outputs(search: MixSearch, sweep_dir: Path, datasets: dict | None = No
         },
     )
     if rec is not None:
-        _write_json(paths["recommendation"], rec)
+        write_json(paths["recommendation"], rec)
         if datasets:
             entries = []
             for d in search.domains:
@@ -903,12 +901,6 @@ def write_outputs(search: MixSearch, sweep_dir: Path, datasets: dict | None = No
     else:
         paths.pop("recommendation")
     return paths
-
-
-def _write_json(path: Path, content) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=1, default=float))
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -980,6 +972,12 @@ def mix_options(section: dict, flags: dict, origin: str = "mix_search") -> MixOp
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             raise ConfigError(f"{origin}.{key} (--{_flag(key)}): expected a number > 0, got {v!r}")
     return MixOptions(**values)
+
+
+def slug(text: str) -> str:
+    from peerlab.tune import _slug
+
+    return _slug(str(text))
 
 
 def _flag(key: str) -> str:

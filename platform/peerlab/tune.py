@@ -436,7 +436,7 @@ def mark(run_dir: Path, name: str, content: dict) -> None:
 def write_json(path: Path, content: dict) -> None:
     """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=1))
+    tmp.write_text(json.dumps(content, indent=1, default=float))
     tmp.replace(path)
 
 
