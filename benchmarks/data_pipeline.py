@@ -77,7 +77,7 @@ def hf_blocks(corpus, seq_len: int):
     )
     packer = Packer(seq_len + 1, tok.eos_token_id)
     for row, record in enumerate(mixed):
-        packer.add((0, 0, row), np.asarray(record["ids"]))
+        packer.add((0, 0, row, row), np.asarray(record["ids"]))  # (pass, file, row, running index)
         while packer.ready():
             yield packer.take()
 

@@ -26,6 +26,7 @@ from peerlab.data import (
     train_bpe,
 )
 from peerlab.data.corpus import DOMAINS, prepare_demo_corpus
+from peerlab.data import mixture
 from peerlab.data.sources import pass_order
 from tests.conftest import ROOT
 
@@ -123,6 +124,31 @@ def test_formats_json_array_jsonl_csv_text_parquet_and_folders(tmp_path):
     write_jsonl(folder / "part-0.jsonl", recs[:2])
     write_jsonl(folder / "sub" / "part-1.jsonl", recs[2:])
     assert texts_of(entry(folder, format="jsonl"), heldout_fraction=0) == want
+
+
+def test_count_tokens_is_what_the_tokenizer_gives_and_counts_again_when_the_file_changes(tmp_path, small_tokenizer):
+    """count_tokens: one end-of-text token per training document on top of the tokenizer's own ids, across the
+    small first tables and the full ones; its per-process cache must not outlive a change to the file."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from peerlab.data.sources import count_tokens
+
+    tok = AutoTokenizer.from_pretrained(small_tokenizer)
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, size=rng.integers(1, 40))) for _ in range(700)]  # > 16 + 32 + ... + 256
+    path = tmp_path / "docs.jsonl"
+    write_jsonl(path, [{"text": d} for d in docs])
+
+    def expected(texts):
+        return sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+
+    e = entry(path)
+    assert count_tokens(e, small_tokenizer, heldout_fraction=0) == expected(docs)
+    write_jsonl(path, [{"text": d} for d in docs + ["one more document"]])
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a later modification time
+    assert count_tokens(e, small_tokenizer, heldout_fraction=0) == expected(docs + ["one more document"])
 
 
 def test_templates_render_fields(tmp_path):
@@ -446,7 +472,10 @@ def demo_entries(demo_corpus, weights=(0.5, 0.3, 0.2)):
     return [entry(demo_corpus / d, name=d, format="jsonl", weight=w) for d, w in zip(DOMAINS, weights)]
 
 
-def test_ray_data_stream_equals_local_and_resumes_exactly(ray_cluster, demo_corpus):
+def test_ray_data_stream_equals_local_and_resumes_exactly(ray_cluster, demo_corpus, monkeypatch):
+    # Each stream's head (read in this process) ends after about 1,000 tokens, inside the first pass: the
+    # blocks after it come from Ray Data's read task, which starts at the document after the head.
+    monkeypatch.setattr(mixture, "HEAD_TOKENS", 1000)
     sources = demo_entries(demo_corpus)
     tok = str(demo_corpus / "tokenizer")
     with DataMixture(sources, DataOptions(tok, seq_len=64, seed=5, engine="ray")) as ray_mix:
@@ -475,9 +504,11 @@ def test_ray_shares_within_two_points_on_two_workers(ray_cluster, demo_corpus):
             assert abs(stats[f"tokens_seen/{d}"] / total - w) <= 0.02
 
 
-def test_ray_stream_cycles_many_passes_like_the_local_one(ray_cluster, tmp_path, small_tokenizer):
+def test_ray_stream_cycles_many_passes_like_the_local_one(ray_cluster, tmp_path, small_tokenizer, monkeypatch):
     # 3 files of 2 short documents: 300 blocks take over ten passes, each in its own seeded file
-    # order, all in one Ray Data read task.
+    # order, all in one Ray Data read task. The head is the first pass's one table: the read task starts
+    # at the end of a pass.
+    monkeypatch.setattr(mixture, "HEAD_TOKENS", 1)
     for f in range(3):
         write_jsonl(tmp_path / "tiny" / f"part{f}.jsonl", random_docs(2, seed=f, prefix=f"file {f}: "))
     e = entry(tmp_path / "tiny", name="tiny", format="jsonl")
@@ -511,7 +542,11 @@ def test_resume_at_the_end_of_a_pass_starts_the_next(ray_cluster, tmp_path, smal
     assert all(np.array_equal(x, y) for x, y in zip(first, second))
 
 
-def test_ray_stream_without_text_for_a_worker_is_a_one_line_error(ray_cluster, tmp_path, small_tokenizer):
+@pytest.mark.parametrize("head_tokens", [0, 32768], ids=["in the read task", "in the head"])
+def test_ray_stream_without_text_for_a_worker_is_a_one_line_error(
+    ray_cluster, tmp_path, small_tokenizer, monkeypatch, head_tokens
+):
+    monkeypatch.setattr(mixture, "HEAD_TOKENS", head_tokens)
     path = write_jsonl(tmp_path / "one.jsonl", [{"text": "alpha beta gamma"}])  # row 0: worker 0 of 2 only
     opts = DataOptions(small_tokenizer, seq_len=4, rank=1, world=2, heldout_fraction=0, engine="ray")
     with pytest.raises(DataError) as err:

@@ -36,18 +36,22 @@ import torch
 
 from peerlab.config import DatasetEntry
 from peerlab.data.packing import Packer
-from peerlab.data.sources import DataError, Selection, make_datasource, tokenized_stream
+from peerlab.data.sources import DataError, Selection, is_local, make_datasource, tokenized_stream
 from peerlab.data.tokenizer import cached_tokenizer, encoder_spec, eos_id
 
 log = logging.getLogger("peerlab.data")
 # Bytes of token ids per Ray Data block. Ray Data joins what a read task yields into blocks of up to
 # DataContext.target_max_block_size (128 MiB by default), so each block, the first included, would
 # wait for tens of millions of tokens. A few tables a block keep the stream moving (BENCHMARKS.md,
-# "Data pipeline").
+# "Data pipeline"); a stream's first documents come from its head (HEAD_TOKENS below), not from Ray Data.
 BLOCK_BYTES = int(os.environ.get("PEERLAB_DATA_BLOCK_BYTES", str(1 << 20)))
 # Blocks the read task may yield ahead of its execution's consumption (Ray Data's default is 2).
 READ_AHEAD_BLOCKS = int(os.environ.get("PEERLAB_DATA_READ_AHEAD", "2"))
 BUFFER_BLOCKS = 4  # the object-store budget of a stream's execution, in blocks (Ray may exceed it to keep moving)
+# Tokens of a local dataset's first documents that its stream reads and tokenises in this process, while
+# Ray Data starts its read task (a new Ray worker process, seconds) at the document after them: training
+# starts on them at once. 0: every document through Ray Data.
+HEAD_TOKENS = int(os.environ.get("PEERLAB_DATA_HEAD_TOKENS", "32768"))
 PREFETCH_BLOCKS = 2  # blocks the training process fetches ahead of its packer
 # Each read task tokenises on one thread: the read tasks of all streams run side by side, one a core,
 # which beat each task's own tokenizer thread pool fighting the others for the same cores (BENCHMARKS.md).
@@ -125,6 +129,22 @@ def data_error_in(err: BaseException) -> DataError | None:
     return None
 
 
+def fetch_in_background(tables: Iterator, name: str) -> Future:
+    """next(tables, None) in a daemon thread (a process that ends meanwhile does not wait for it)."""
+    import threading
+
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(next(tables, None))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits for the table
+            future.set_exception(err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 class SourceStream:
     """The packed blocks of one dataset, from a saved position on."""
 
@@ -145,10 +165,56 @@ class SourceStream:
         if o.engine == "local":
             yield from tokenized_stream(self.entry, sel, o.seed, self.index, p.passes, self.encoder)
             return
+        head, (passes, sel) = self._head(sel) if is_local(self.entry) and HEAD_TOKENS > 0 else ([], (p.passes, sel))
+        rest = self._ray_tables(sel, passes)
+        first: Future | None = None
+        try:
+            for k, table in enumerate(head):
+                if first is None and 2 * k >= len(head) - 1:  # half the head is taken: Ray Data starts now
+                    first = fetch_in_background(rest, f"ray-data-{self.entry.name}")
+                yield table
+            table = (first or fetch_in_background(rest, f"ray-data-{self.entry.name}")).result()
+            if table is not None:
+                yield table
+                yield from rest
+        finally:
+            # A generator cannot be closed while another thread runs it: if the first Ray table is still on its
+            # way (a run that ended inside the head), that thread closes the execution when it arrives.
+            if first is None:
+                rest.close()
+            else:
+                first.add_done_callback(lambda _: rest.close())
+
+    def _head(self, sel: Selection) -> tuple[list, tuple[int, Selection]]:
+        """The first tables of the stream, read here, up to HEAD_TOKENS tokens; and the pass and Selection
+        of the document after them, where Ray Data's read task starts."""
+        p, o = self.position, self.opts
+        head, tokens = [], 0
+        with contextlib.closing(
+            tokenized_stream(self.entry, sel, o.seed, self.index, p.passes, self.encoder)
+        ) as tables:
+            for table in tables:
+                head.append(table)
+                tokens += sum(len(chunk.values) for chunk in table["ids"].chunks)
+                if tokens >= HEAD_TOKENS:
+                    break
+        last = head[-1]
+        n = len(last) - 1
+        # The running index counts documents with text; a skipped bad record took none (sources.select).
+        index = int(last["index"][n].as_py()) + (1 if last["ids"][n].is_valid else 0)
+        start = (int(last["file"][n].as_py()), int(last["row"][n].as_py()) + 1)
+        return head, (
+            int(last["pass"][n].as_py()),
+            Selection("train", o.rank, o.world, start, o.heldout_fraction, index),
+        )
+
+    def _ray_tables(self, sel: Selection, first_pass: int) -> Iterator:
+        """Tokenised tables of the stream from `sel` on, read and tokenised by a Ray Data read task."""
+        o = self.opts
         import ray.data  # (configures Ray Data's loggers, which quiet_ray_data_console then adjusts)
 
         quiet_ray_data_console()
-        source = make_datasource(self.entry, sel, o.seed, self.index, p.passes, self.encoder)
+        source = make_datasource(self.entry, sel, o.seed, self.index, first_pass, self.encoder)
         with warnings.catch_warnings():  # max_retries has no named parameter in Ray 2.60, only ray_remote_args
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ray.data.read_datasource(

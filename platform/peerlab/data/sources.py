@@ -54,6 +54,9 @@ EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "text",
 HELDOUT_SPLITS = ("heldout", "validation")  # files of these splits are a local folder's held-out part
 NOT_TRAINING_SPLITS = (*HELDOUT_SPLITS, "test")  # files never trained on (test files are not read at all)
 ROWS_PER_TABLE = 256  # documents per Arrow table (and per tokenising call): big enough for the tokenizer
+# A pass's first tables are smaller (16 documents, doubling up to ROWS_PER_TABLE): a stream's first block
+# then waits for a few dozen documents to be tokenised, not for hundreds (BENCHMARKS.md, "Data pipeline").
+FIRST_ROWS_PER_TABLE = 16
 
 
 class DataError(ValueError):
@@ -258,9 +261,11 @@ class Selection:
 
 
 def _tables(pass_: int, docs: Iterator[tuple[int, int, int, str | None]]) -> Iterator[pa.Table]:
-    """(file, row, index, text) documents as tables of up to ROWS_PER_TABLE; a null text marks a bad
-    record that was skipped (and is counted)."""
-    while chunk := list(itertools.islice(docs, ROWS_PER_TABLE)):
+    """(file, row, index, text) documents as tables of FIRST_ROWS_PER_TABLE documents, doubling up to
+    ROWS_PER_TABLE; a null text marks a bad record that was skipped (and is counted)."""
+    rows_per_table = min(FIRST_ROWS_PER_TABLE, ROWS_PER_TABLE)
+    while chunk := list(itertools.islice(docs, rows_per_table)):
+        rows_per_table = min(2 * rows_per_table, ROWS_PER_TABLE)
         files, rows, indices, texts = zip(*chunk)
         yield pa.table(
             {
@@ -507,13 +512,24 @@ def heldout_texts(entry: DatasetEntry, heldout_fraction: float = 0.01, limit: in
 def count_tokens(entry: DatasetEntry, tokenizer: str, heldout_fraction: float = 0.01) -> int:
     """Tokens in one pass over a local source's training documents, as the packer reads them (one eos each).
 
-    What a mixture search's repetition limit and token-share prior are computed from.
+    What a mixture search's repetition limit and token-share prior are computed from. Counted once
+    per process for the same files (by path, size and modification time) and tokenizer.
     """
+    import hashlib
+
     from peerlab.data.tokenizer import _encoder, encoder_spec
 
-    encode = _encoder(encoder_spec(tokenizer))
-    total = 0
-    for table in read_pass(entry, Selection(part="train", heldout_fraction=heldout_fraction)):
-        texts = [t for t in table["text"].to_pylist() if t]
-        total += sum(len(ids) + 1 for ids in encode(texts)) if texts else 0
-    return total
+    spec = encoder_spec(tokenizer)
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for _, p in source_files(entry, "train")[0]]
+    key = (repr(entry), tuple(files), hashlib.sha256(spec.encode()).hexdigest(), heldout_fraction)
+    if key not in _token_counts:
+        encode = _encoder(spec)
+        total = 0
+        for table in read_pass(entry, Selection(part="train", heldout_fraction=heldout_fraction)):
+            texts = [t for t in table["text"].to_pylist() if t]
+            total += sum(len(ids) + 1 for ids in encode(texts)) if texts else 0
+        _token_counts[key] = total
+    return _token_counts[key]
+
+
+_token_counts: dict[tuple, int] = {}  # count_tokens' results in this process
