@@ -635,6 +635,7 @@ def run_sweep(
             metric=schedule.metric if scheduler else None,
             mode=schedule.mode if scheduler else None,
             max_concurrent_trials=resources.max_concurrent,
+            reuse_actors=True,
             trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
             trial_name_creator=lambda t: t.config["trial"]["trial_id"],
         ),
