@@ -229,3 +229,33 @@ def test_mix_search_sweep_end_to_end(ray_cluster, demo_corpus, tmp_path, capsys)
     assert "holds this mixture search: continuing it" in capsys.readouterr().out
     again = pd.read_parquet(sweep / "mix_search.parquet")
     pd.testing.assert_frame_equal(again, table)
+
+
+def test_mix_search_with_asha_fits_stopped_proxies_and_never_stops_validation(ray_cluster, demo_corpus, tmp_path):
+    """--mix-search with --scheduler asha: a proxy ASHA stops enters the fit at the step it reached (status
+    "stopped", its metric from that step); the validation round always runs to the end."""
+    import pandas as pd
+
+    from tests.test_tune import ablate_module, sweep_files, tiny_sets
+
+    mixes, config = sweep_files(demo_corpus, tmp_path)
+    argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, tmp_path / "out", steps=6),
+            "--mix-search", "4", "--mix-rounds", "2", "--validate-seeds", "1", "--mix-prior", "uniform",
+            "--set", "eval_config.evals=[]", "--scheduler", "asha", "--grace-steps", "3",
+            "--metric", "eval_loss/mean", "--name", "mixasha", "--max-concurrent", "2", "--no-report"]  # fmt: skip
+    assert ablate_module().main(argv) == 0
+    sweep = tmp_path / "out" / "mixasha"
+    table = pd.read_parquet(sweep / "mix_search.parquet")
+    assert set(table["status"]) <= {"finished", "stopped"} and table["metric"].notna().all()
+    for row in table.itertuples():
+        marker = sweep / "trials" / row.trial_id / "stopped.json"
+        if row.status == "stopped":  # stopped at its first report: it counts with the step it reached
+            assert row.kind != "validation" and row.step == 3 and marker.is_file()
+            assert json.loads(marker.read_text())["eval_loss/mean"] == pytest.approx(row.metric)
+        else:
+            assert row.step == 6 and not marker.exists()
+    assert (table[table["kind"] == "validation"]["status"] == "finished").all()
+    fits = json.loads((sweep / "mix_fit.json").read_text())["fits"]
+    measured = table[table["kind"] != "validation"]
+    for fit in fits:  # each fit learns from every proxy of the rounds before it, stopped ones included
+        assert fit["n"] == (measured["round"] < fit["round"]).sum()
