@@ -259,3 +259,45 @@ def test_mix_search_with_asha_fits_stopped_proxies_and_never_stops_validation(ra
     measured = table[table["kind"] != "validation"]
     for fit in fits:  # each fit learns from every proxy of the rounds before it, stopped ones included
         assert fit["n"] == (measured["round"] < fit["round"]).sum()
+
+
+def test_mix_search_interrupted_by_ctrl_c_resumes_and_loses_nothing(ray_cluster, demo_corpus, tmp_path):
+    """Ctrl-C in the middle of a mixture search, then the same command with --resume: the proxies that ended
+    are not run again, the search goes on from its saved state to its validation round and its outputs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    from tests.conftest import ROOT
+    from tests.test_tune import ablate_module, sweep_files, tiny_sets
+
+    mixes, config = sweep_files(demo_corpus, tmp_path)
+    argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, tmp_path / "out", steps=6),
+            "--mix-search", "3", "--mix-rounds", "2", "--validate-seeds", "1", "--mix-prior", "uniform",
+            "--set", "eval_config.evals=[]", "--metric", "eval_loss/mean", "--name", "mixcut",
+            "--max-concurrent", "1", "--no-report"]  # fmt: skip
+    sweep = tmp_path / "out" / "mixcut"
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "experiments/ablate.py", *argv, "--address", address],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(sweep.glob("trials/*/done.json"))) < 2:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=180) != 0
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("trials/*/done.json")}
+    assert len(finished) >= 2 and not (sweep / "recommendation.json").exists()
+
+    assert ablate_module().main([*argv, "--resume"]) == 0
+    table = pd.read_parquet(sweep / "mix_search.parquet")
+    assert (table["status"] == "finished").all() and table["metric"].notna().all()
+    assert set(table["kind"]) == {"anchor", "proxy", "validation"} and len(set(table["trial_id"])) == len(table)
+    for trial_id, mtime in finished.items():  # ended before Ctrl-C: kept, not run again
+        assert trial_id in set(table["trial_id"])
+        assert (sweep / "trials" / trial_id / "done.json").stat().st_mtime_ns == mtime
+    assert json.loads((sweep / "recommendation.json").read_text())["weights"]
