@@ -611,8 +611,10 @@ class MixSearch(Searcher):
         """Queue the next round's trials; False when the search is over."""
         if self.round == 0:
             self.round = 1
+            from peerlab.tune import _slug  # (tune imports this module lazily: no cycle at import)
+
             for name, w in self.anchors.items():
-                self._add(w, "anchor", f"anchor_{slug(name)}", self.seed)
+                self._add(w, "anchor", f"anchor_{_slug(str(name))}", self.seed)
             # A space-filling pick of Dirichlet draws: the fit sees the simplex evenly, not a clump by chance.
             draws = dirichlet(self.prior, self.concentration, 30 * self.first_mixes, self.cons, self.rng)
             fixed = np.array(list(self.anchors.values())) if self.anchors else None
@@ -972,12 +974,6 @@ def mix_options(section: dict, flags: dict, origin: str = "mix_search") -> MixOp
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             raise ConfigError(f"{origin}.{key} (--{_flag(key)}): expected a number > 0, got {v!r}")
     return MixOptions(**values)
-
-
-def slug(text: str) -> str:
-    from peerlab.tune import _slug
-
-    return _slug(str(text))
 
 
 def _flag(key: str) -> str:
