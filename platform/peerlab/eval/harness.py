@@ -11,10 +11,15 @@ only with `confirm_run_unsafe_code`, as lm-eval requires. An unknown name is an 
 Each result becomes a row {step, task, metric, value, stderr}: `metric` is lm-eval's metric
 name, with its filter appended after a comma when that is not "none" (gsm8k's
 `exact_match,strict-match`); `stderr` is null where lm-eval gives none.
+
+lm-eval ends every `simple_evaluate` with `add_env_info`, whose torch `collect_env` runs
+`pip list` and `nvidia-smi` (1.1-1.5 s a call here, paid at every evaluation of every trial);
+`light_env_info` records the versions instead, and the rows never used the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -142,17 +147,42 @@ def run_lm_eval(
     loaded, skipped = load_tasks(manager, names, confirm_run_unsafe_code)
     if not loaded:
         return EvalOutcome(rows=[], skipped=skipped, seconds=time.perf_counter() - start)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=loaded,
-        task_manager=manager,
-        limit=limit,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=False,
-        confirm_run_unsafe_code=confirm_run_unsafe_code,
-        verbosity="WARNING",
-    )
+    with light_env_info():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=loaded,
+            task_manager=manager,
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            confirm_run_unsafe_code=confirm_run_unsafe_code,
+            verbosity="WARNING",
+        )
     return EvalOutcome(rows=result_rows(results or {}), skipped=skipped, seconds=time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def light_env_info():
+    """lm-eval's `add_env_info` without torch's `collect_env` (a `pip list` subprocess): versions only."""
+    from importlib.metadata import version
+
+    import lm_eval.evaluator
+    import torch
+    import transformers
+
+    def add_versions(storage: dict) -> None:
+        storage.update(
+            pretty_env_info=f"torch {torch.__version__}",
+            transformers_version=transformers.__version__,
+            lm_eval_version=version("lm_eval"),
+        )
+
+    full = lm_eval.evaluator.add_env_info
+    lm_eval.evaluator.add_env_info = add_versions
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = full
 
 
 def format_table(rows: list[dict]) -> str:
