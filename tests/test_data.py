@@ -507,8 +507,10 @@ def test_ray_shares_within_two_points_on_two_workers(ray_cluster, demo_corpus):
 def test_ray_stream_cycles_many_passes_like_the_local_one(ray_cluster, tmp_path, small_tokenizer, monkeypatch):
     # 3 files of 2 short documents: 300 blocks take over ten passes, each in its own seeded file
     # order, all in one Ray Data read task. The head is the first pass's one table: the read task starts
-    # at the end of a pass.
+    # at the end of a pass. Ray Data gathers a read task's tables into blocks of BLOCK_BYTES (1 MiB, some
+    # ten thousand passes of these documents, seconds of reading): 4 KiB here.
     monkeypatch.setattr(mixture, "HEAD_TOKENS", 1)
+    monkeypatch.setattr(mixture, "BLOCK_BYTES", 4096)
     for f in range(3):
         write_jsonl(tmp_path / "tiny" / f"part{f}.jsonl", random_docs(2, seed=f, prefix=f"file {f}: "))
     e = entry(tmp_path / "tiny", name="tiny", format="jsonl")

@@ -174,16 +174,36 @@ def test_rungs_decide_as_ray_one_trial_at_a_time_and_never_stop_the_best_trial()
         (["--grid", "peer_config.num_experts=16777216"], "GiB"),  # 16.7 M experts per layer cannot fit here
     ],
 )
-def test_bad_sweeps_fail_before_ray(extra, message, tmp_path):
+def test_bad_sweeps_fail_before_ray(extra, message, tmp_path, capsys, monkeypatch):
+    # In this process (a subprocess each would spend most of its time importing): ray.init must not be reached.
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.chdir(ROOT)
+    argv = ["--custom-datasets", "configs/datasets.yaml", "--config", "configs/demo.yaml"]
+    with pytest.raises(SystemExit) as done:
+        ablate_module().main([*argv, "--set", f"train_config.output_dir={tmp_path}", *extra])
+    out = capsys.readouterr()
+    assert done.value.code == 2, out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.err
+    assert "Ray" not in out.out and not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_a_bad_sweep_from_the_command_line_exits_2_with_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "experiments/ablate.py", "--custom-datasets", "configs/datasets.yaml",
-         "--config", "configs/demo.yaml", "--set", f"train_config.output_dir={tmp_path}", *extra],
+         "--config", "configs/demo.yaml", "--set", f"train_config.output_dir={tmp_path}",
+         "--mix-search", "4", "--max-repeats", "0.05"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
-    assert "Ray" not in out.stdout and not list(tmp_path.iterdir())  # nothing started, nothing written
+    assert len(lines) == 1 and "--max-repeats 0.05: no mix can meet it" in lines[0], out.stderr
+    assert "Ray" not in out.stdout and not list(tmp_path.iterdir())
 
 
 def test_the_cards_command_alone_plans_the_embedded_default_sweep():

@@ -1102,6 +1102,13 @@ def plan_mix_search(base, mixes: dict, settings: list[dict], options: MixOptions
     steps = total_steps(with_steps_per_epoch(cfg).train_config)
     budget = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.dataset_config.max_seq_length
     budget *= max(t.num_workers, 1)
+    if options.prior not in ("tokens", "uniform", *anchors):
+        raise ConfigError(
+            f"--mix-prior {options.prior}: expected uniform, tokens or the name of a mix in the mixes file "
+            f"(it has: {', '.join(anchors)})"
+        )
+    bounds = {d: (max(MIN_SHARE, lo), hi) for d, (lo, hi) in options.bounds.items()}
+    constraints(domains, {d: bounds.get(d, (MIN_SHARE, 1.0)) for d in domains})  # the bounds alone, before counting
     tokens = None
     if options.prior == "tokens" or options.max_repeats is not None:
         hub = [d for d in domains if not is_local(_entry(entries[d]))]
@@ -1117,13 +1124,8 @@ def plan_mix_search(base, mixes: dict, settings: list[dict], options: MixOptions
         prior = {d: tokens[d] / sum(tokens.values()) for d in domains}
     elif options.prior == "uniform":
         prior = {d: 1 / len(domains) for d in domains}
-    elif options.prior in anchors:
-        prior = {d: anchors[options.prior].get(d, 0.0) for d in domains}
     else:
-        raise ConfigError(
-            f"--mix-prior {options.prior}: expected uniform, tokens or the name of a mix in the mixes file "
-            f"(it has: {', '.join(anchors)})"
-        )
+        prior = {d: anchors[options.prior].get(d, 0.0) for d in domains}
     plan = MixPlan(
         domains, entries, anchors, settings or [{}], to_dict(cfg), options, metric, mode, prior, tokens, budget, steps
     )
