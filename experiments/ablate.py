@@ -467,9 +467,10 @@ def print_mix_plan(mixplan: MixPlan, res: Resources) -> None:
     print(
         "  bounds: " + ", ".join(f"{d} {lo:.2f}..{hi:.2f}" for d, lo, hi in zip(bounds.domains, bounds.lo, bounds.hi))
     )
+    arms = "3 or 4 arms (the file's best mix if a proxy beats it)" if mixplan.anchors else "3 arms"
     print(
         f"  round 1: {o.mixes} mixes and {len(mixplan.anchors)} of the file's ({', '.join(mixplan.anchors)}); "
-        f"{o.rounds - 1} later round(s) of {max(2, -(-o.mixes // 2))}; validation: 3 arms x {o.validate_seeds} seeds; "
+        f"{o.rounds - 1} later round(s) of {max(2, -(-o.mixes // 2))}; validation: {arms} x {o.validate_seeds} seeds; "
         f"x {len(mixplan.settings)} PEER setting(s): about {mixplan.planned()} trials, {res.max_concurrent} at once"
     )
 

@@ -1023,10 +1023,12 @@ class MixPlan:
         )
 
     def planned(self) -> int:
-        """Trials the search runs when every round is full: anchors and round 1, later rounds, validation."""
+        """Trials the search runs when every round is full: anchors and round 1, later rounds, validation
+        (the recommended, best tried and prior mixes, and the file's best mix, which runs when a proxy beat it)."""
         o = self.options
         per_setting = len(self.anchors) + o.mixes + (o.rounds - 1) * max(2, math.ceil(o.mixes / 2))
-        return (per_setting + 3 * o.validate_seeds) * len(self.settings)
+        arms = 3 + (1 if self.anchors else 0)
+        return (per_setting + arms * o.validate_seeds) * len(self.settings)
 
     def make_trial(self, suggestion: dict):
         """The Trial of one suggestion of the searcher: the base config with its mix, seed and PEER setting."""

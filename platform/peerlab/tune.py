@@ -604,7 +604,7 @@ def run_sweep(
             shown = f"{schedule.metric} {value:.4f}" if value is not None else "no metric"
             lead = f"; best so far {best['cell']} ({best['value']:.4f})" if best else ""
             print(
-                f"[{ended}/{total} done, {status['RUNNING']} running, {status['PENDING']} pending] "
+                f"[{ended}/{max(total, ended + running)} done, {status['RUNNING']} running, {status['PENDING']} pending] "
                 f"{ours.trial_id} {how}: {shown}{lead}",
                 flush=True,
             )
