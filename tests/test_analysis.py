@@ -375,37 +375,19 @@ def test_report_on_a_minimal_folder(tmp_path):
     assert "there is no winner" in text and "6 of 6 trials failed" in text and "trial 5" in text
 
 
-def test_report_cli_errors(tmp_path):
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 2 and "no trials.parquet" in run.stderr
+def test_report_cli_errors(tmp_path, capsys):
+    # The command line's main() in this process (test_report_with_failed_trial_and_single_seed runs the script).
+    from analysis.report import main
+
+    assert main([str(tmp_path)]) == 2 and "no trials.parquet" in capsys.readouterr().err
     write_sweep(tmp_path, make_trials(MIXES3, SETTINGS_K, 2, planted_best), META)
     with pytest.raises(ValueError, match="not a column"):
         write_report(tmp_path, metric="nope")
     # another metric than the sweep's: its own direction (accuracy: higher is better), or --mode
     text = write_report(tmp_path, metric="lm_eval/demo_continuation/acc", figures=False).read_text()
     assert "Best cell: **balanced | num_experts_per_tok=16**" in text and "(higher is better)" in text
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "analysis" / "report.py"),
-            str(tmp_path),
-            "--metric",
-            "final_loss",
-            "--mode",
-            "max",
-            "--no-plots",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "(higher is better)" in Path(run.stdout.strip()).read_text()
+    assert main([str(tmp_path), "--metric", "final_loss", "--mode", "max", "--no-plots"]) == 0
+    assert "(higher is better)" in Path(capsys.readouterr().out.strip()).read_text()
 
 
 MIX_OPTIMUM = {"web": 0.5, "code": 0.3, "books": 0.2}

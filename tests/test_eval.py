@@ -569,7 +569,7 @@ def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_pa
     assert capsys.readouterr().err.strip().count("\n") == 0  # one line
 
 
-def test_console_script_hands_everything_to_lm_eval(trained, demo_corpus, tmp_path):
+def test_console_script_hands_everything_to_lm_eval(trained, demo_corpus, tmp_path, capsys, monkeypatch):
     script = Path(sys.executable).parent / "peerlab-lm-eval"
     common = ["--model", "peerlab", "--tasks", "peerlab_bpb_prose", "--include_path", str(REGISTRY)]
     common += ["--limit", "2", "--metadata", json.dumps({"peerlab_eval_data": str(demo_corpus / "evals")})]
@@ -582,11 +582,22 @@ def test_console_script_hands_everything_to_lm_eval(trained, demo_corpus, tmp_pa
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "peerlab_bpb_prose" in done.stdout and "bits_per_byte" in done.stdout
-    missing = subprocess.run(
-        [str(script), *common, "--model_args", f"checkpoint={tmp_path / 'nope'}"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+    # A missing checkpoint: one line, exit 2. The same main() the script runs, in this process (a second
+    # subprocess would spend its time importing lm-eval).
+    from peerlab.eval.command import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script), *common, "--model_args", f"checkpoint={tmp_path / 'nope'}"])
+    with pytest.raises(SystemExit) as missing:
+        main()
+    assert missing.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: checkpoint")
+
+
+def test_the_console_script_finds_the_checkpoint_in_lm_evals_arguments():
+    from peerlab.eval.command import checkpoint_argument
+
+    assert checkpoint_argument(["--model", "peerlab", "--model_args", "checkpoint=/a/b,batch_size=2"]) == "/a/b"
+    assert checkpoint_argument(["--model=peerlab", '--model_args={"checkpoint": "/c", "max_length": 64}']) == "/c"
+    assert checkpoint_argument(["--model", "hf", "--model_args", "pretrained=gpt2"]) is None  # not ours
+    assert checkpoint_argument(["--model", "peerlab", "--model_args", "{broken"]) is None  # lm-eval says why
