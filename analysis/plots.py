@@ -371,3 +371,20 @@ def mix_weights_plot(weights: pd.DataFrame) -> plt.Figure:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def ladder_plot(ladder: pd.DataFrame, metric: str, fits: dict, target: float) -> plt.Figure:
+    """The metric against training FLOPs (log), a line of points per cell, its fitted curve dashed to the target."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for cell, group in ladder[ladder[metric].notna()].groupby("cell", sort=False):
+        mean = group.groupby("flops")[metric].mean().sort_index()
+        (line,) = ax.plot(mean.index, mean.values, "o-", label=cell)
+        if cell in fits:
+            x = np.exp(np.linspace(np.log(mean.index.min()), np.log(target), 100))
+            ax.plot(x, fits[cell](x), "--", color=line.get_color(), alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(label(metric))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -56,6 +56,15 @@ from analysis.load import (  # noqa: E402
     usable,
 )
 from analysis import plots  # noqa: E402
+from analysis.scales import (  # noqa: E402
+    crossings,
+    rank_agreement,
+    scale_boards,
+    scale_fits,
+    scale_order,
+    target_compute,
+    winners,
+)
 from analysis.surrogate import recommend_mix  # noqa: E402
 
 STATS_TEXT = (
@@ -292,6 +301,7 @@ def write_report(
         )
     out = Path(out) if out else sweep.path / "report"
     out.mkdir(parents=True, exist_ok=True)
+    ladder = only_first_scale(sweep)  # a ladder's sweep: its table; the sections before "Across scales" see x1
     t, cells = sweep.trials, sweep.cells
     metrics = [metric] + [m for m in metric_columns(t) if m != metric]
 
@@ -308,7 +318,10 @@ def write_report(
     doc.heading(f"Sweep report: {sweep.meta['name']}", 1)
     doc.html.append('<div class="summary">')
     doc.heading("Summary")
-    doc.bullets(summary(sweep, metric, board, diff, noise, rec, effects, base, mix))
+    doc.bullets(
+        summary(sweep, metric, board, diff, noise, rec, effects, base, mix)
+        + ([ladder_summary(ladder, sweep)] if ladder is not None else [])
+    )
     doc.html.append("</div>")
 
     doc.heading("The sweep")
@@ -325,6 +338,14 @@ def write_report(
             + (" (a single seed: intervals and tests are omitted)." if seeds.max() <= 1 else "."),
             "Early-stopped trials (ASHA) are counted with the metrics they reached when stopped.",
         ]
+        + (
+            [
+                f"A scale ladder: the sections up to 'Across scales' are those of its smallest scale "
+                f"({sweep.meta['ladder_first']}), where every cell ran; 'Across scales' compares the scales."
+            ]
+            if ladder is not None
+            else []
+        )
     )
     weights = mix_table(sweep.meta)
     if len(weights):
@@ -458,7 +479,141 @@ def write_report(
             )
     if mix is not None:
         mix_section(doc, mix, sweep.mode)
+    if ladder is not None:
+        ladder_section(doc, ladder, sweep)
     return doc.write(f"Sweep report: {sweep.meta['name']}")
+
+
+# --------------------------------------------------------------------------------------
+# A scale ladder (ablate.py --ladder): ladder.parquet read back into the "Across scales" section
+# --------------------------------------------------------------------------------------
+
+
+def only_first_scale(sweep: Sweep) -> pd.DataFrame | None:
+    """A ladder's sweep: its ladder.parquet, and `sweep` cut to the smallest scale's trials (every cell
+    ran there), so the sections that compare cells compare them at one size. None for other sweeps."""
+    path = sweep.path / "ladder.parquet"
+    if not path.is_file() or "scale" not in sweep.trials:
+        return None
+    ladder = pd.read_parquet(path)
+    if ladder.empty:
+        return None
+    first = scale_order(ladder)[0]
+    ids = set(sweep.trials.loc[sweep.trials["scale"] == first, "trial_id"])
+    sweep.trials = sweep.trials[sweep.trials["trial_id"].isin(ids)].reset_index(drop=True)
+    for name in ("curves", "usage", "evals"):
+        frame = getattr(sweep, name)
+        if "trial_id" in frame:
+            setattr(sweep, name, frame[frame["trial_id"].isin(ids)])
+    sweep.meta["ladder_first"] = first
+    return ladder
+
+
+def ladder_facts(ladder: pd.DataFrame, sweep: Sweep) -> dict:
+    """The tables of the section: boards, agreement, fits, crossings, the target compute."""
+    metric, mode = sweep.metric, sweep.mode
+    boards = scale_boards(ladder, metric, sweep.mode)
+    target, where = target_compute(ladder, (sweep.meta.get("ladder") or {}).get("target_flops"))
+    fits_table, fits = scale_fits(ladder, metric, target)
+    cross = crossings(fits, float(ladder["flops"].min()), target, float(ladder["flops"].max()))
+    return {
+        "boards": boards,
+        "agreement": rank_agreement(ladder, metric),
+        "fits": fits_table,
+        "fit_objects": fits,
+        "crossings": cross,
+        "target": target,
+        "target_from": where,
+        "winners": winners(boards),
+        "mode": mode,
+    }
+
+
+def ladder_summary(ladder: pd.DataFrame, sweep: Sweep) -> str:
+    """One line: each scale's winner, and how well the smallest scale ranked as the largest."""
+    facts = ladder_facts(ladder, sweep)
+    won = facts["winners"]
+    order = [s for s in scale_order(ladder) if s in won]
+    if not order:
+        return "Across scales: no scale has a ranked cell yet."
+    line = "Across scales: winners " + ", ".join(f"{s} {won[s]}" for s in order)
+    agree = facts["agreement"]
+    if len(agree):
+        a = agree.iloc[0]
+        interval = (
+            f"95% interval {fmt(a['accuracy lo'] * 100)} to {fmt(a['accuracy hi'] * 100)}%, "
+            if np.isfinite(a["accuracy lo"])
+            else "one seed: no interval, "
+        )
+        line += (
+            f"; {a['scale']} orders {fmt(a['decision_accuracy'] * 100)}% of cell pairs as {a['against']} does "
+            f"({interval}Kendall tau {fmt(a['kendall_tau'])}, {int(a['cells'])} cells)"
+        )
+    same = len(set(won[s] for s in order)) == 1
+    return line + (". The same cell wins at every scale." if same else ". The winner changes with scale.")
+
+
+def ladder_section(doc: Doc, ladder: pd.DataFrame, sweep: Sweep) -> None:
+    facts = ladder_facts(ladder, sweep)
+    metric = sweep.metric
+    meta = sweep.meta.get("ladder") or {}
+    doc.heading("Across scales")
+    how = (
+        "every cell at every scale"
+        if meta.get("promote", 1) >= 1
+        else f"the better {fmt(meta.get('promote'))} of each scale's cells promoted to the next"
+        + (f", plus the pinned ({'; '.join(meta['pin'])})" if meta.get("pin") else "")
+    )
+    sizes = (
+        ladder.groupby("scale")
+        .agg(
+            multiple=("multiple", "first"),
+            cells=("cell", "nunique"),
+            trials=("trial_id", "count"),
+            params_total=("params_total", "max"),
+            params_active=("params_active", "max"),
+            tokens=("tokens", "max"),
+            flops=("flops", "max"),
+        )
+        .reindex(scale_order(ladder))
+        .reset_index()
+    )
+    doc.para(
+        f"The sweep ran at {len(sizes)} scales of its base config's compute ({how}); each scale's model and "
+        f"token budget come from one rule (peerlab.ladder.scale_config) or a preset. Ranked on {metric}."
+    )
+    doc.table(sizes, "ladder_scales")
+    doc.para("Each scale's leaderboard (mean ± 95% interval over seeds):")
+    doc.table(facts["boards"], "ladder_boards")
+    agree = facts["agreement"]
+    if len(agree):
+        doc.para(
+            "Rank agreement with the largest scale: Kendall's tau-b of the cells' means, and decision accuracy, "
+            "the share of cell pairs a scale orders as the largest does (DataDecide), with a 95% bootstrap "
+            "interval over seeds (none with one seed). 1 is a perfect forecast, 0.5 a coin."
+        )
+        doc.table(agree, "ladder_agreement")
+    else:
+        doc.para("Rank agreement needs two scales that each ranked two or more cells: not yet.")
+    doc.para(
+        f"Per cell, a saturating power law L(C) = E + A C^-alpha of {metric} against training FLOPs, "
+        f"extrapolated to {facts['target']:.3g} FLOPs ({facts['target_from']}), with a 95% residual-bootstrap "
+        "interval. A cell needs 3 scales for a curve and 4 for a curve that a point tests."
+    )
+    doc.table(facts["fits"], "ladder_fits")
+    if len(facts["crossings"]):
+        doc.para(
+            "Cells whose fitted curves cross before the target compute (the lower one changes there); a "
+            "crossing beyond the scales run, or on untested curves, is the fit's guess:"
+        )
+        doc.table(facts["crossings"], "ladder_crossings")
+    elif facts["fit_objects"]:
+        doc.para("No two fitted curves cross before the target compute.")
+    doc.figure(
+        lambda: plots.ladder_plot(ladder, metric, facts["fit_objects"], facts["target"]),
+        "ladder",
+        f"{metric} against training compute, per cell",
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
         [--address ADDR] [--resume] [--dry-run] [--no-report] [--verbose]
         [--mix-search N [--mix-prior tokens|uniform|MIX] [--mix-concentration C]
          [--mix-bounds name=lo:hi,...] [--max-repeats R] [--mix-rounds K] [--validate-seeds S]]
+        [--ladder S1,S2,... [--promote F] [--pin CELL ...] [--target-flops X]]
 
 `--mix-search N` searches the mix instead of ranking the file's: the domains are the datasets
 the mixes file names; round 1 runs N mixes drawn around the prior plus the file's own mixes,
@@ -17,6 +18,13 @@ round runs the recommended mix, the best tried one and the prior with S seeds ea
 (peerlab.mixsearch). It writes mix_search.parquet, mix_fit.json, recommendation.json and
 recommended_mix.yaml. The same settings can sit in the search space's `mix_search:` section.
 --metric may be a weighted sum: 'eval_bpb/code*0.5+eval_bpb/prose*0.5'.
+
+`--ladder 0.5,1,2` runs the sweep at those multiples of the base config's compute (or at
+preset config files), each a model and token budget by peerlab.ladder.scale_config's rule:
+every cell at the smallest scale, the better `--promote` share of each scale's cells (and the
+`--pin`ned ones) at the next. It adds ladder.parquet and the report's "Across scales" section
+(rank agreement with the largest scale, a power law per cell extrapolated to --target-flops).
+The same settings can sit in the search space's `ladder:` section.
 
 The mixes file may name the sweep's base config (`base_config:`) and its PEER search space
 (`search_space:`, a file or the section inline), relative to itself: configs/datasets.yaml
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -61,12 +70,14 @@ from peerlab.cli import (  # noqa: E402
     config_from_arguments,
 )
 from peerlab.config import ConfigError, config_from_dict, load_mixes_file, to_dict  # noqa: E402
+from peerlab.ladder import LadderError, ladder_options, parse_scales  # noqa: E402
 from peerlab.mixsearch import MixPlan, mix_options, plan_mix_search  # noqa: E402
 from peerlab.tune import (  # noqa: E402
     OptunaPlan,
     Resources,
     Schedule,
     Trial,
+    _slug,
     check_metric,
     check_optuna_space,
     plan_trials,
@@ -136,6 +147,24 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     mix.add_argument("--max-repeats", type=float, help="no source read more passes than this in a trial")
     mix.add_argument("--mix-rounds", type=int, help="rounds of proxies (default 2)")
     mix.add_argument("--validate-seeds", type=int, help="seeds per arm of the validation round (default 3)")
+    lad = ap.add_argument_group("scale ladder (peerlab.ladder)")
+    lad.add_argument(
+        "--ladder",
+        metavar="S1,S2,...",
+        help="run the sweep at these multiples of the base config's compute (or preset config files), smallest first",
+    )
+    lad.add_argument(
+        "--promote", type=float, help="share of a scale's cells that go up to the next (default 0.5; 1: every cell)"
+    )
+    lad.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="CELL",
+        help="a cell that goes up whatever its rank: 'mix | setting', a mix, a setting, or a mixes file "
+        "(a mixture search's recommended_mix.yaml) whose mixes join the sweep",
+    )
+    lad.add_argument("--target-flops", type=float, help="the compute the report extrapolates each cell's curve to")
     add_verbose_argument(ap)
     return ap.parse_args(argv)
 
@@ -188,6 +217,20 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
     try:
         where = f"{space_file}: search_space.mix_search" if space_file else f"{origin}.mix_search"
         options = mix_options(space.mix_search, flags, where)
+        ladder = ladder_options(
+            space.ladder,
+            {"scales": args.ladder, "promote": args.promote, "pin": args.pin, "target_flops": args.target_flops},
+            f"{space_file}: search_space.ladder" if space_file else f"{origin}.ladder",
+        )
+        if ladder is not None:
+            if options is not None:
+                raise ConfigError(
+                    "--ladder runs named mixes: run the --mix-search first, then pin its recommendation "
+                    "(--pin <its sweep folder>/recommended_mix.yaml)"
+                )
+            if args.search == "optuna":
+                raise ConfigError("--ladder ranks a grid's cells across scales; --search optuna is not crossed with it")
+            mixes = with_pinned_mixes(mixes, ladder.pin)
         args.metric = args.metric or (options.metric if options else None) or "eval_bpb/mean"
         check_metric(args.metric, {d.name for m in mixes.values() for d in m.datasets})
         if args.search == "optuna":
@@ -204,6 +247,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
                 raw, {m.name: m for m in mixes.values()}, keys, space.num_samples, args.metric, args.mode
             )
             trials = plan_trials(config_from_dict(raw, origin=args.config), mixes, space, 1)  # draws: memory, resources
+        elif ladder is not None:
+            trials, info_ladder = plan_ladder(base, mixes, space, args.seeds, ladder, args.workers_per_trial)
         elif options is None:
             trials = plan_trials(base, mixes, space, args.seeds)
         else:
@@ -222,7 +267,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
                 mixplan.make_trial({"mix": mixplan.prior, "seed": seed, "mix_id": f"prior_x{i}_s{seed}", **setting})
                 for i, setting in enumerate(mixplan.settings)
             ]
-    except ConfigError as err:
+    except (ConfigError, LadderError) as err:
         raise UsageError(str(err)) from None
     for trial in trials:  # how each trial runs: on N Train workers, or in its own actor (local mode)
         t = trial.config["train_config"]
@@ -247,9 +292,86 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
     }
     if mixplan is not None:
         info["mix_search"] = mixplan.describe()
+    if ladder is not None:
+        info["ladder"] = info_ladder
     if optuna_plan is not None:
         info["optuna"] = {"space": optuna_plan.space, "num_samples": optuna_plan.num_samples}
     return trials, info, mixplan or optuna_plan
+
+
+def with_pinned_mixes(mixes: dict, pins: list[str]) -> dict:
+    """The sweep's mixes plus those of every pin that is a mixes file (a mixture search's
+    recommended_mix.yaml); a mix of the same name must be the same mix."""
+    from peerlab.config import load_mixes_file
+
+    out = dict(mixes)
+    by_name = {m.name: m for m in mixes.values()}
+    for pin in pins:
+        if not pin.endswith((".yaml", ".yml")):
+            continue
+        if not Path(pin).is_file():
+            raise ConfigError(f"--pin {pin}: no such file (a pin is a cell, a mix, a setting or a mixes file)")
+        for key, mix in load_mixes_file(pin).mixes.items():
+            known = by_name.get(mix.name)
+            if known is not None and [to_dict(d) for d in known.datasets] != [to_dict(d) for d in mix.datasets]:
+                raise ConfigError(f"--pin {pin}: its mix '{mix.name}' differs from the mix of that name; rename one")
+            if known is None:
+                out[key if key not in out else f"{key}_pinned"] = mix
+                by_name[mix.name] = mix
+    return out
+
+
+def plan_ladder(base, mixes: dict, space, seeds: int, ladder, workers: int) -> tuple[list[Trial], dict]:
+    """Every trial at every scale (each validated), and the ladder's description for sweep.json: each
+    scale's base config's sizes as its trials run (on `workers` Train workers, 0: local mode).
+
+    A scale's trials are the grid's cells on that scale's base config (peerlab.ladder.scale_config's
+    rule, or a preset), each cell's own setting on top; their ids start with the scale's label.
+    Which of them run is decided as the sweep goes (peerlab.ladder.promoted).
+    """
+    from peerlab.config import load_mixes_file
+    from peerlab.ladder import ladder_sizes
+
+    raw = to_dict(base)
+    scales = parse_scales(ladder.scales, raw)
+    trials: list[Trial] = []
+    for scale, scaled in scales:
+        try:
+            stage = plan_trials(config_from_dict(scaled, origin=f"--ladder {scale.label}"), mixes, space, seeds)
+        except ConfigError as err:
+            raise ConfigError(f"--ladder {scale.label}: {err}") from None
+        for t in stage:
+            t.trial_id, t.scale = _slug(f"{scale.label}_{t.trial_id}"), scale.label
+        trials += stage
+    cells = sorted({t.cell for t in trials}, key=[t.cell for t in trials].index)
+    pinned: list[str] = []
+    for pin in ladder.pin:
+        if pin.endswith((".yaml", ".yml")):
+            names = {m.name for m in load_mixes_file(pin).mixes.values()}
+            found = [c for c in cells if c.split(" | ")[0] in names]
+        else:
+            found = [c for c in cells if pin in (c, *c.split(" | "))]
+        if not found:
+            raise ConfigError(f"--pin {pin}: no cell, mix or setting of that name (cells: {'; '.join(cells)})")
+        pinned += [c for c in found if c not in pinned]
+    info = {
+        "scales": [
+            {"label": s.label, "multiple": s.multiple, "preset": s.preset}
+            | ladder_sizes({**r, "train_config": {**r["train_config"], "num_workers": workers}})
+            | {
+                "hidden_size": r["model_config"]["hidden_size"],
+                "num_hidden_layers": r["model_config"]["num_hidden_layers"],
+                "num_experts": r["model_config"]["peer_config"]["num_experts"],
+                "max_steps": r["train_config"]["max_steps"],
+            }
+            for s, r in scales
+        ],
+        "promote": ladder.promote,
+        "pin": pinned,
+        "target_flops": ladder.target_flops,
+        "cells": cells,
+    }
+    return trials, info
 
 
 def resources(args: argparse.Namespace, trials: list[Trial], cpus: float, gpus: float) -> Resources:
@@ -320,6 +442,9 @@ def print_plan(trials: list[Trial], res: Resources, info: dict, mixplan: MixPlan
     print(f"base config {info['base_config']} (from {config_from}); search space: {space}", flush=True)
     if mixplan is not None:
         print_mix_plan(mixplan, res)
+        return
+    if info.get("ladder"):
+        print_ladder(trials, res, info["ladder"])
         return
     if info.get("optuna"):
         space = ", ".join(f"{k}={v}" for k, v in info["optuna"]["space"].items())
@@ -396,7 +521,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import ray
-
     from peerlab.train.launch import start_ray, write_resolved_config
 
     joined = not local or ray.is_initialized()
@@ -416,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_mix_search(args, mixplan, info, sweep_dir, res, name)
     if optuna_plan is not None:
         return run_optuna(args, optuna_plan, trials, info, sweep_dir, res, name)
+    if info.get("ladder"):
+        return run_ladder(args, trials, info, sweep_dir, res, name)
     if not args.resume:
         write_json(plan_file, {"name": name, **info, "resources": asdict(res), "trials": [asdict(t) for t in trials]})
     for t in trials:  # every trial's resolved config, also of those that never run
@@ -453,6 +579,102 @@ def main(argv: list[str] | None = None) -> int:
     if unfinished:
         print(f"{unfinished} trials did not finish: continue with the same command and --resume", file=sys.stderr)
         return INTERRUPTED
+    return 0
+
+
+def print_ladder(trials: list[Trial], res: Resources, ladder: dict) -> None:
+    """The ladder's plan: each scale's model, tokens and compute, and how many cells it runs at most."""
+    cells = ladder["cells"]
+    how = (
+        "every cell at every scale"
+        if ladder["promote"] >= 1
+        else f"the better {ladder['promote']:g} of each scale's cells go up"
+    )
+    pins = f", plus pinned: {'; '.join(ladder['pin'])}" if ladder["pin"] else ""
+    print(f"scale ladder: {len(ladder['scales'])} scales x {len(cells)} cells; {how}{pins}", flush=True)
+    print(f"  {'scale':<12} {'x base':>8} {'params':>12} {'active':>12} {'tokens':>12} {'FLOPs':>10}  model, steps")
+    running = len(cells)
+    for i, s in enumerate(ladder["scales"]):
+        model = f"d {s['hidden_size']}, {s['num_hidden_layers']} layers, {s['num_experts']:,} experts"
+        steps = s["max_steps"]
+        print(
+            f"  {s['label']:<12} {s['multiple']:>8.3g} {s['params_total']:>12,} {s['params_active']:>12,} "
+            f"{s['tokens']:>12,} {s['flops']:>10.3g}  {model}, {steps} steps"
+            + (f"  ({s['preset']})" if s.get("preset") else "")
+        )
+        if i:
+            n = len(cells) if ladder["promote"] >= 1 else max(math.ceil(ladder["promote"] * running - 1e-9), 2)
+            running = min(len(cells), n + len(ladder["pin"]))
+    seeds = len({t.seed for t in trials})
+    print(
+        f"at most {len(trials)} trials ({seeds} seed(s) per cell), {res.max_concurrent} at once"
+        + (f"; target compute {ladder['target_flops']:.3g} FLOPs" if ladder.get("target_flops") else "")
+    )
+    for cell in cells:
+        print(f"  cell {cell}")
+
+
+def run_ladder(args, trials: list[Trial], info: dict, sweep_dir: Path, res: Resources, name: str) -> int:
+    """The ladder, scale by scale: every cell at the smallest, the promoted ones (and the pinned) at each
+    next; then the tables (ladder.parquet too) and the report. Finished trials are not run again."""
+    import pandas as pd
+    from peerlab.ladder import promoted
+    from peerlab.tables import write_tables
+    from peerlab.train.launch import write_resolved_config
+    from peerlab.tune import run_sweep
+
+    ladder = info["ladder"]
+    if not args.resume:
+        write_json(
+            sweep_dir / "sweep.json",
+            {"name": name, **info, "resources": asdict(res), "trials": [asdict(t) for t in trials]},
+        )
+    multiples = {s["label"]: s["multiple"] for s in ladder["scales"]}
+    schedule = Schedule(None if args.scheduler == "none" else args.scheduler, args.metric, args.mode, args.grace_steps)
+    cells, ran, start, paths = None, [], time.time(), {}
+    for i, scale in enumerate(ladder["scales"]):
+        stage = [t for t in trials if t.scale == scale["label"] and (cells is None or t.cell in cells)]
+        for t in stage:
+            folder = trial_dir(sweep_dir, t.trial_id)
+            if not (folder / "resolved_config.yaml").is_file():
+                write_resolved_config(config_from_dict(t.config), folder)
+        todo = [t for t in stage if trial_status(trial_dir(sweep_dir, t.trial_id))[0] not in ("finished", "stopped")]
+        count = len({t.cell for t in stage})
+        done = f"; {len(stage) - len(todo)} already done" if len(todo) < len(stage) else ""
+        print(
+            f"scale {scale['label']} ({scale['multiple']:.3g}x the base's compute): {len(stage)} trials of {count} cells{done}",
+            flush=True,
+        )
+        if todo:
+            run_sweep(todo, sweep_dir, res, schedule, total=len(stage), verbose=args.verbose)
+        ran += stage
+        paths = write_tables(ran, sweep_dir, args.metric, multiples)
+        table = pd.read_parquet(paths["trials"])
+        here = table[table["trial_id"].isin([t.trial_id for t in stage])]
+        if (here["status"] == "unfinished").any():
+            print(
+                f"scale {scale['label']} did not finish: continue with the same command and --resume", file=sys.stderr
+            )
+            return INTERRUPTED
+        if i + 1 < len(ladder["scales"]):
+            means = {c: float(v) for c, v in here.groupby("cell")[args.metric].mean().items()}
+            cells = set(promoted(means, ladder["promote"], args.mode, set(ladder["pin"])))
+            shown = "; ".join(
+                f"{c} ({means[c]:.4f})"
+                for c in sorted(cells, key=lambda c: means[c] * (1 if args.mode == "min" else -1))
+            )
+            print(f"up to {ladder['scales'][i + 1]['label']}: {shown}", flush=True)
+    wall = time.time() - start
+    table = pd.read_parquet(paths["trials"])
+    counts = table["status"].value_counts().to_dict()
+    print(f"ladder took {wall:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
+    print("tables: " + ", ".join(str(p) for p in paths.values()), flush=True)
+    for trial_id, error in zip(
+        table.loc[table["status"] == "failed", "trial_id"], table.loc[table["status"] == "failed", "error"]
+    ):
+        print(f"  failed: {trial_id}: {error}", flush=True)
+    if not args.no_report:
+        report(sweep_dir, args.metric)
     return 0
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -287,9 +288,12 @@ def decision_accuracy_interval(
     small: dict[str, list[float]], large: dict[str, list[float]], bootstrap: int = 1000, seed: int = 0
 ) -> tuple[float, float, float]:
     """Decision accuracy of the seed means, and its 95% bootstrap interval: each cell's seeds
-    resampled (with replacement) at both scales, the accuracy of the resampled means."""
+    resampled (with replacement) at both scales, the accuracy of the resampled means. With one
+    seed a cell there is no interval (NaN bounds)."""
     mean = {c: float(np.mean(v)) for c, v in small.items()}
     point = decision_accuracy(mean, {c: float(np.mean(v)) for c, v in large.items()})
+    if all(len(v) <= 1 for v in (*small.values(), *large.values())):
+        return point, math.nan, math.nan  # one seed a cell: nothing to resample, no interval
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(bootstrap):
@@ -300,3 +304,215 @@ def decision_accuracy_interval(
     if not len(draws):
         return point, math.nan, math.nan
     return point, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
+
+
+# --------------------------------------------------------------------------------------
+# A sweep's ladder: its scales (multiples or preset files), and which cells go up
+# --------------------------------------------------------------------------------------
+
+# What a preset may change: the model's sizes and the run's budget. Anything else of the model
+# (use_peer, PEER's heads and k, the vocabulary, ...) or of the data's shape is another architecture.
+SIZE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "mla_config.q_lora_rank",
+    "mla_config.kv_lora_rank",
+    "mla_config.qk_rope_head_dim",
+    "mla_config.v_head_dim",
+    "mla_config.qk_nope_head_dim",
+    "peer_config.num_experts",
+    "peer_config.product_key_dim",
+    "peer_config.query_dim",
+    "peer_config.log_expert_usage",  # logging, not architecture
+    "peer_config.log_freq",
+    "peer_config.usage_threshold",
+)
+BUDGET_KEYS = (
+    "max_steps",
+    "eval_steps",
+    "save_steps",
+    "logging_steps",
+    "learning_rate",
+    "warmup_ratio",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+)
+SHAPE_KEYS = ("tokenizer_name", "max_seq_length")  # dataset_config keys a preset must share with the base
+
+
+@dataclass
+class Scale:
+    """One rung of the ladder: its label (x1, x4, or a preset's file name), its compute as a
+    multiple of the base config's, and the preset file it comes from (None: the rule's)."""
+
+    label: str
+    multiple: float
+    preset: str | None = None
+
+
+@dataclass
+class LadderOptions:
+    """A sweep's ladder: --ladder, --promote, --pin and --target-flops (or the ladder: section)."""
+
+    scales: list  # numbers (multiples of the base's compute) and preset config files, as given
+    promote: float = 0.5  # the share of a scale's cells that go up to the next; 1: every cell at every scale
+    pin: list[str] = field(default_factory=list)  # cells that go up whatever their rank
+    target_flops: float | None = None  # the compute each cell's fitted curve is extrapolated to
+
+
+LADDER_KEYS = ("scales", "promote", "pin", "target_flops")
+
+
+def ladder_options(section: dict | None, flags: dict, origin: str = "ladder") -> LadderOptions | None:
+    """The ladder of the search space's `ladder:` section overridden by the flags given (None: not given).
+
+    None when neither names scales. `flags` holds scales (the --ladder text, comma-separated),
+    promote, pin (a list) and target_flops.
+    """
+    values = {}
+    for key, value in (section or {}).items():
+        if key not in LADDER_KEYS:
+            raise LadderError(f"{origin}.{key}: unknown key (known: {', '.join(LADDER_KEYS)})")
+        values[key] = value
+    if isinstance(flags.get("scales"), str):
+        flags = {**flags, "scales": [s.strip() for s in flags["scales"].split(",") if s.strip()]}
+    values |= {k: v for k, v in flags.items() if v not in (None, [])}
+    if not values.get("scales"):
+        if any(k in values for k in ("promote", "pin", "target_flops")):
+            raise LadderError("--promote, --pin and --target-flops need --ladder S1,S2,... (or ladder.scales) to run")
+        return None
+    scales = values["scales"]
+    if not isinstance(scales, list):
+        scales = [scales]
+    promote = values.get("promote", 0.5)
+    if isinstance(promote, bool) or not isinstance(promote, (int, float)) or not 0 < promote <= 1:
+        raise LadderError(f"{origin}.promote (--promote): expected a share in (0, 1], got {promote!r}")
+    pin = values.get("pin") or []
+    pin = [pin] if isinstance(pin, str) else [str(p) for p in pin]
+    target = values.get("target_flops")
+    if target is not None:
+        try:
+            target = float(target)
+        except (TypeError, ValueError):
+            target = math.nan
+        if not (math.isfinite(target) and target > 0):
+            raise LadderError(
+                f"{origin}.target_flops (--target-flops): expected FLOPs > 0, got {values['target_flops']!r}"
+            )
+    return LadderOptions(scales, float(promote), pin, target)
+
+
+def _get(raw: dict, dotted: str):
+    for part in dotted.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
+
+
+def _flatten(raw: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_preset(base: dict, preset: dict, path: str) -> None:
+    """A preset may differ from the base config only in size (SIZE_KEYS) and budget (BUDGET_KEYS);
+    LadderError names the first other key that differs."""
+    a, b = _flatten(base["model_config"]), _flatten(preset["model_config"])
+    for key in sorted(set(a) | set(b)):
+        if key not in SIZE_KEYS and a.get(key) != b.get(key):
+            raise LadderError(
+                f"--ladder {path}: model_config.{key} is {b.get(key)!r} where the base config has {a.get(key)!r}; "
+                f"a preset may change only sizes ({', '.join(k for k in SIZE_KEYS[:4])}, ...) and the step budget"
+            )
+    for key in SHAPE_KEYS:
+        if base["dataset_config"].get(key) != preset["dataset_config"].get(key):
+            raise LadderError(
+                f"--ladder {path}: dataset_config.{key} is {preset['dataset_config'].get(key)!r} where the base "
+                f"config has {base['dataset_config'].get(key)!r}; a preset may change only sizes and the step budget"
+            )
+    if not preset["train_config"].get("max_steps"):
+        raise LadderError(f"--ladder {path}: train_config.max_steps: a preset of a ladder trains a set number of steps")
+
+
+def preset_config(base: dict, preset: dict) -> dict:
+    """The base config with a preset's sizes and budget (what it may change), everything else the base's."""
+    out = copy.deepcopy(base)
+    for key in SIZE_KEYS:
+        value = _get(preset["model_config"], key)
+        *parents, last = key.split(".")
+        target = out["model_config"]
+        for part in parents:
+            target = target[part]
+        target[last] = copy.deepcopy(value)
+    for key in BUDGET_KEYS:
+        out["train_config"][key] = preset["train_config"].get(key)
+    return out
+
+
+def _scale_label(multiple: float) -> str:
+    return f"x{multiple:g}"
+
+
+def parse_scales(items: list, base: dict, origin: str = "--ladder") -> list[tuple[Scale, dict]]:
+    """Each scale of the ladder with its base config (plain data), smallest compute first.
+
+    An item is a number (a multiple of the base's compute, by `scale_config`'s rule) or a
+    config file (a preset: the base with the preset's sizes and budget, `check_preset`); a
+    preset's multiple is its FLOPs over the base's. LadderError names the bad item.
+    """
+    from peerlab.config import ConfigError, config_from_dict, load_config, to_dict
+
+    if len(items) < 2:
+        raise LadderError(f"{origin} {','.join(map(str, items))}: a ladder needs two or more scales")
+    base_flops = ladder_sizes(base)["flops"]
+    out = []
+    for item in items:
+        text = str(item).strip()
+        try:
+            multiple = float(text)
+        except ValueError:
+            multiple = None
+        if multiple is not None:
+            raw = scale_config(base, multiple)  # LadderError for 0, negatives, NaN
+            out.append((Scale(_scale_label(multiple), multiple), raw))
+            continue
+        if not Path(text).is_file():
+            raise LadderError(f"{origin} {text}: neither a number (a multiple of the base's compute) nor a config file")
+        try:
+            preset = to_dict(load_config(text))
+        except ConfigError as err:
+            raise LadderError(f"{origin} {text}: {err}") from None
+        check_preset(base, preset, text)
+        raw = preset_config(base, preset)
+        try:
+            config_from_dict(raw, origin=text)
+        except ConfigError as err:
+            raise LadderError(f"{origin} {text}: {err}") from None
+        label = Path(text).stem
+        out.append((Scale(label, ladder_sizes(raw)["flops"] / base_flops, text), raw))
+    out.sort(key=lambda pair: pair[0].multiple)
+    labels = [s.label for s, _ in out]
+    for i in range(1, len(out)):
+        if labels[i] in labels[:i] or math.isclose(out[i][0].multiple, out[i - 1][0].multiple, rel_tol=1e-3):
+            raise LadderError(f"{origin}: {labels[i - 1]} and {labels[i]} are the same compute; give distinct scales")
+    return out
+
+
+def promoted(means: dict[str, float], fraction: float, mode: str, pinned: set[str]) -> list[str]:
+    """The cells that go up to the next scale: the better `fraction` of those with a measured metric
+    (rounded up; two at least where two were measured, so the next scale still ranks something),
+    ties broken by name, plus every pinned cell."""
+    measured = sorted(
+        (c for c, v in means.items() if v is not None and math.isfinite(v)),
+        key=lambda c: ((means[c] if mode == "min" else -means[c]), c),
+    )
+    keep = min(len(measured), max(math.ceil(fraction * len(measured) - 1e-9), min(2, len(measured))))
+    chosen = set(measured[:keep]) | (pinned & set(means))
+    return sorted(chosen)

@@ -6,6 +6,7 @@
     curves.parquet  every trial's metrics.jsonl, one row per logged step
     usage.parquet   every trial's expert-usage snapshots (layer, step, usage, KL, load grid)
     evals.parquet   every trial's evals.jsonl (step, task, metric, value, stderr)
+    ladder.parquet  a ladder's sweep only: a row per trial that ran, with its scale, sizes and compute
 
 The tables are rebuilt from the run folders each time (nothing else holds results), and
 each is written to a temporary file first and renamed, so a reader never sees half a table.
@@ -48,6 +49,7 @@ def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.Data
         "mix": trial.mix,
         "setting": trial.setting,
         "seed": trial.seed,
+        **({"scale": trial.scale} if trial.scale else {}),
         **{f"weight/{name}": w / norm for name, w in weights.items()},
         "peer/num_experts": p.num_experts,
         "peer/num_experts_per_tok": p.num_experts_per_tok,
@@ -117,11 +119,51 @@ def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame
     }
 
 
-def write_tables(trials: list[Trial], sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
+def ladder_frame(trials: list[Trial], table: pd.DataFrame, multiples: dict[str, float]) -> pd.DataFrame:
+    """ladder.parquet: a row per trial of a ladder that ran: cell, scale (its label), multiple (its compute
+    over the base's), seed, params_total, params_active, tokens and flops (the run's plan, times the share
+    of its steps it reached: an early-stopped run counts what it trained), status and every metric."""
+    from peerlab.ladder import ladder_sizes
+
+    rows = []
+    by_id = table.set_index("trial_id")
+    metrics = [c for c in table.columns if c == "final_loss" or c.startswith(("eval_", "lm_eval/")) or "*" in c]
+    for t in trials:
+        if not t.scale or t.trial_id not in by_id.index:
+            continue
+        row = by_id.loc[t.trial_id]
+        if row["status"] == "unfinished" and not row["steps"]:
+            continue  # never started (not promoted, or not reached yet)
+        sizes = ladder_sizes(t.config)
+        done = min(1.0, row["steps"] / t.config["train_config"]["max_steps"]) if row["steps"] else 1.0
+        rows.append(
+            {
+                "trial_id": t.trial_id,
+                "cell": t.cell,
+                "mix": t.mix,
+                "setting": t.setting,
+                "scale": t.scale,
+                "multiple": multiples.get(t.scale, float("nan")),
+                "seed": t.seed,
+                "params_total": sizes["params_total"],
+                "params_active": sizes["params_active"],
+                "tokens": int(sizes["tokens"] * done),
+                "flops": sizes["flops"] * done,
+                "status": row["status"],
+                **{m: row[m] for m in metrics},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_tables(
+    trials: list[Trial], sweep_dir: Path, metric: str | None = None, ladder: dict[str, float] | None = None
+) -> dict[str, Path]:
     """Write trials/curves/usage/evals.parquet into the sweep folder (each atomically); returns their paths.
 
     A `metric` that is a weighted sum of metrics ('eval_bpb/code*0.5+eval_bpb/prose*0.5') gets a
-    column of its own in trials.parquet, so the report can rank on it.
+    column of its own in trials.parquet, so the report can rank on it. A ladder's sweep (`ladder`:
+    {scale label: multiple of the base's compute}) also gets ladder.parquet (`ladder_frame`).
     """
     from peerlab.mixsearch import parse_metric
 
@@ -134,6 +176,8 @@ def write_tables(trials: list[Trial], sweep_dir: Path, metric: str | None = None
         present = [k for k in terms if k in frame]
         total = sum(w * frame[k] for k, w in terms.items() if k in frame)
         frame[metric] = total if len(present) == len(terms) else float("nan")
+    if ladder:
+        tables["ladder"] = ladder_frame(trials, tables["trials"], ladder)
     for name, frame in tables.items():
         path = sweep_dir / f"{name}.parquet"
         tmp = sweep_dir / f".{name}.parquet.tmp"

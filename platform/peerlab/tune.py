@@ -45,7 +45,7 @@ TRAIN_KEYS = {  # training hyperparameters a search may sample too (an Optuna se
               "gradient_accumulation_steps")
 }  # fmt: skip
 RANGE_KINDS = ("int", "uniform", "loguniform")  # --sample KEY=int:4:32 | uniform:0:0.1 | loguniform:1e-4:3e-3
-SECTION_KEYS = ("grid", "sample", "num_samples", "baseline", "mix_search")
+SECTION_KEYS = ("grid", "sample", "num_samples", "baseline", "mix_search", "ladder")
 NO_PEER = "no_peer"
 
 
@@ -59,6 +59,7 @@ class SearchSpace:
     num_samples: int = 0
     baseline: bool = False  # add one setting with use_peer: false (the dense MLP everywhere)
     mix_search: dict = field(default_factory=dict)  # the section's mix_search: keys (peerlab.mixsearch.options)
+    ladder: dict = field(default_factory=dict)  # the section's ladder: keys (peerlab.ladder.ladder_options)
 
     def settings(self, seed: int = 0) -> list[dict]:
         """The PEER settings: {model_config key: value}; {} is the base config's own setting."""
@@ -80,7 +81,11 @@ class SearchSpace:
 
     def to_dict(self) -> dict:
         out = {"grid": self.grid, "sample": self.sample, "num_samples": self.num_samples, "baseline": self.baseline}
-        return out | ({"mix_search": self.mix_search} if self.mix_search else {})
+        return (
+            out
+            | ({"mix_search": self.mix_search} if self.mix_search else {})
+            | ({"ladder": self.ladder} if self.ladder else {})
+        )
 
 
 def _key(key: str, origin: str) -> str:
@@ -159,8 +164,8 @@ def search_space(
     The section comes from a file's top-level `search_space:` (`path`), or is given as it is
     (`section`, e.g. written inline in a mixes file; `origin` names it in error messages). It
     holds `grid:` and `sample:` mappings of key -> list of values, `num_samples:`,
-    `baseline:` and `mix_search:` (the mixture search's settings, see peerlab.mixsearch);
-    the command line adds to it.
+    `baseline:`, `mix_search:` (the mixture search's settings, see peerlab.mixsearch) and
+    `ladder:` (a scale ladder's, see peerlab.ladder); the command line adds to it.
     """
     space = SearchSpace()
     if path:
@@ -171,7 +176,8 @@ def search_space(
         section = (raw or {}).get("search_space") if isinstance(raw, dict) else None
         if not isinstance(section, dict):
             raise ConfigError(
-                f"{path}: expected a top-level 'search_space:' mapping (grid, sample, num_samples, baseline, mix_search)"
+                f"{path}: expected a top-level 'search_space:' mapping "
+                "(grid, sample, num_samples, baseline, mix_search, ladder)"
             )
         origin = f"{path}: search_space"
     if section is not None:
@@ -182,6 +188,10 @@ def search_space(
         if mix is not None and not isinstance(mix, dict):
             raise ConfigError(f"{origin}.mix_search: expected a mapping of its settings (mixes, prior, bounds, ...)")
         space.mix_search = dict(mix or {})
+        ladder = section.get("ladder")
+        if ladder is not None and not isinstance(ladder, dict):
+            raise ConfigError(f"{origin}.ladder: expected a mapping (scales, promote, pin, target_flops)")
+        space.ladder = dict(ladder or {})
         for part in ("grid", "sample"):
             body = section.get(part) or {}
             if not isinstance(body, dict):
@@ -309,6 +319,7 @@ class Trial:
     seed: int
     overrides: dict
     config: dict  # the full config as plain data (config_from_dict accepts it)
+    scale: str = ""  # a ladder's scale (peerlab.ladder.Scale.label): the cell is the same at every scale
 
     @property
     def cell(self) -> str:
