@@ -111,47 +111,22 @@ def _run_search(ray_cluster, domains, optimum, tmp_path, noise=0.01, samples=32,
     return searcher, results
 
 
-def _check_recommendation(searcher, domains, optimum):
+@pytest.mark.parametrize(
+    "optimum",
+    [np.array([0.6, 0.3, 0.1]), np.array([0.4, 0.25, 0.15, 0.12, 0.08])],
+    ids=["3 domains", "5 domains"],
+)
+def test_user_tuner_finds_an_off_centre_optimum_within_32_evaluations(ray_cluster, optimum, tmp_path):
+    domains = [f"d{i}" for i in range(len(optimum))]
+    searcher, results = _run_search(ray_cluster, domains, optimum, tmp_path)
+    assert len(results) <= 32
+    assert all(set(r.config["mix"]) == set(domains) for r in results)
     rec = searcher.recommendation()
     weights = np.array([rec["weights"][d] for d in domains])
     assert weights.sum() == pytest.approx(1.0)
     assert tv(weights, optimum) < 0.1, (weights, optimum)
     assert rec["validated"]["n"] == 3 and rec["best_tried"]["validated"]["n"] == 3
     assert rec["verdict"].endswith("noise") or rec["verdict"] == "the recommended mix is the best tried mix"
-
-
-def test_user_tuner_finds_an_off_centre_optimum_within_32_evaluations(ray_cluster, tmp_path):
-    optimum = np.array([0.6, 0.3, 0.1])
-    domains = [f"d{i}" for i in range(len(optimum))]
-    searcher, results = _run_search(ray_cluster, domains, optimum, tmp_path)
-    assert len(results) <= 32
-    assert all(set(r.config["mix"]) == set(domains) for r in results)
-    _check_recommendation(searcher, domains, optimum)
-
-
-def test_the_searcher_finds_a_five_domain_optimum_within_32_evaluations():
-    # The searcher's own protocol (suggest, then on_trial_complete), as Tune drives it above, without Ray.
-    optimum = np.array([0.4, 0.25, 0.15, 0.12, 0.08])
-    domains = [f"d{i}" for i in range(len(optimum))]
-    searcher = MixSearch(domains=domains, metric="loss", mode="min", seed=0)
-    searcher.set_search_properties(None, None, {}, num_samples=32)
-    asked = 0
-    while asked < 32:
-        batch = []
-        while (config := searcher.suggest(f"t{asked + len(batch)}")) not in (None, "FINISHED"):
-            batch.append(config)
-        if not batch:
-            break
-        for i, config in enumerate(batch):
-            assert set(config["mix"]) == set(domains)
-            w = np.array([config["mix"][d] for d in domains])
-            rng = np.random.default_rng(config["seed"] * 1000 + int(1e6 * w[0]))
-            searcher.on_trial_complete(
-                f"t{asked + i}", {"loss": float(3 * ((w - optimum) ** 2).sum() + 0.01 * rng.standard_normal())}
-            )
-        asked += len(batch)
-    assert asked <= 32
-    _check_recommendation(searcher, domains, optimum)
 
 
 def test_bad_prior_and_domains_are_refused():
