@@ -562,12 +562,8 @@ def test_ray_stream_without_text_for_a_worker_is_a_one_line_error(
 # --------------------------------------------------------------------------------------
 
 
-def test_demo_corpus_is_deterministic_and_has_three_domains(demo_corpus, tmp_path):
-    again = prepare_demo_corpus(tmp_path / "again", quiet=True)
-    for d in DOMAINS:
-        for split in ("train", "heldout"):
-            a = (demo_corpus / d / f"{split}.jsonl").read_bytes()
-            assert a == (again / d / f"{split}.jsonl").read_bytes() and len(a) > 10_000
+def test_demo_corpus_has_three_domains(demo_corpus):
+    # Its determinism: test_smoke_demo_refuses_bad_data_before_ray_starts prepares it afresh and compares.
     manifest = json.loads((demo_corpus / "manifest.json").read_text())
     assert set(manifest["domains"]) == set(DOMAINS)
     code = (demo_corpus / "code" / "train.jsonl").open().readline()
@@ -603,8 +599,9 @@ def test_demo_config_data_checks_pass(demo_corpus):
     assert tokenizer.decode(ids) == "def f(x):\n    return x  # the end"
 
 
-def test_smoke_demo_refuses_bad_data_before_ray_starts(tmp_path):
-    """A bad dataset path: exit status 2, one line naming dataset and path, and no Ray cluster started."""
+def test_smoke_demo_refuses_bad_data_before_ray_starts(tmp_path, demo_corpus):
+    """A bad dataset path: exit status 2, one line naming dataset and path, and no Ray cluster started.
+    The demo corpus it prepares on its first run (in a fresh folder) is the session's, byte for byte."""
     import subprocess
     import sys
 
@@ -626,3 +623,7 @@ def test_smoke_demo_refuses_bad_data_before_ray_starts(tmp_path):
         out.stderr.strip().count("\n") == 0 and "dataset 'code': path /no/such/code.jsonl does not exist" in out.stderr
     )
     assert "Ray dashboard" not in out.stdout and (tmp_path / "data" / "demo" / "manifest.json").is_file()
+    for d in DOMAINS:  # the demo corpus is deterministic: a fresh one equals the session's
+        for split in ("train", "heldout"):
+            a = (demo_corpus / d / f"{split}.jsonl").read_bytes()
+            assert a == (tmp_path / "data" / "demo" / d / f"{split}.jsonl").read_bytes() and len(a) > 10_000

@@ -197,12 +197,12 @@ def test_a_bad_sweep_from_the_command_line_exits_2_with_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "experiments/ablate.py", "--custom-datasets", "configs/datasets.yaml",
          "--config", "configs/demo.yaml", "--set", f"train_config.output_dir={tmp_path}",
-         "--mix-search", "4", "--max-repeats", "0.05"],
+         "--mixes", "nope"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--max-repeats 0.05: no mix can meet it" in lines[0], out.stderr
+    assert len(lines) == 1 and "--mixes: no mix 'nope'" in lines[0], out.stderr
     assert "Ray" not in out.stdout and not list(tmp_path.iterdir())
 
 
@@ -360,8 +360,7 @@ def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_pa
     mixes, config = sweep_files(demo_corpus, tmp_path)
     sets = tiny_sets(demo_corpus, tmp_path / "out", steps=12)
     argv = ["--custom-datasets", str(mixes), "--config", str(config), *sets,
-            "--grid", "peer_config.num_experts_per_tok=2,4", "--name", "resumed", "--max-concurrent", "1",
-            "--metric", "eval_loss/mean", "--no-report"]  # fmt: skip
+            "--name", "resumed", "--max-concurrent", "1", "--metric", "eval_loss/mean", "--no-report"]  # fmt: skip
     address = ray_cluster.get_runtime_context().gcs_address
     sweep = tmp_path / "out" / "resumed"
     proc = subprocess.Popen(
@@ -374,7 +373,7 @@ def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_pa
     proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune ends the sweep; the running trial is cut short
     assert proc.wait(timeout=180) != 0
     finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("trials/*/done.json")}
-    assert 1 <= len(finished) < 4
+    assert len(finished) == 1  # of 2: the other was cut short
 
     assert ablate_module().main([*argv, "--resume"]) == 0
     trials = pd.read_parquet(sweep / "trials.parquet")
