@@ -93,7 +93,7 @@ def scale_fits(ladder: pd.DataFrame, metric: str, target: float) -> tuple[pd.Dat
             rows.append({**row, "note": f"{scales} scale(s): a curve of 3 parameters needs 3 or more"})
             continue
         fit = fit_power_law(group["flops"], group[metric])
-        lo, hi = fit.interval(target)
+        lo, hi = fit.interval(target) if fit.enough else (math.nan, math.nan)  # an exact fit has no residuals
         fits[cell] = fit
         note = "" if fit.enough else f"{MIN_POINTS - 1} scales fit the curve exactly: its form is untested"
         rows.append(

@@ -634,6 +634,9 @@ def run_ladder(args, trials: list[Trial], info: dict, sweep_dir: Path, res: Reso
     cells, ran, start, paths = None, [], time.time(), {}
     for i, scale in enumerate(ladder["scales"]):
         stage = [t for t in trials if t.scale == scale["label"] and (cells is None or t.cell in cells)]
+        if not stage:
+            print(f"scale {scale['label']}: no cell to run (none measured below, none pinned)", flush=True)
+            break
         for t in stage:
             folder = trial_dir(sweep_dir, t.trial_id)
             if not (folder / "resolved_config.yaml").is_file():
@@ -657,7 +660,9 @@ def run_ladder(args, trials: list[Trial], info: dict, sweep_dir: Path, res: Reso
             )
             return INTERRUPTED
         if i + 1 < len(ladder["scales"]):
-            means = {c: float(v) for c, v in here.groupby("cell")[args.metric].mean().items()}
+            column = "final_loss" if args.metric == "loss" else args.metric  # trials.parquet's name of the loss
+            values = here[column] if column in here else pd.Series(float("nan"), here.index)
+            means = {c: float(v) for c, v in values.groupby(here["cell"]).mean().items()}  # NaN: no metric
             cells = set(promoted(means, ladder["promote"], args.mode, set(ladder["pin"])))
             shown = "; ".join(
                 f"{c} ({means[c]:.4f})"

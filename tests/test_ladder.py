@@ -139,6 +139,8 @@ def test_a_ladder_needs_a_step_count():
     raw = to_dict(load_config(ROOT / "configs" / "config.yaml"))  # trains by epochs: max_steps null
     with pytest.raises(LadderError, match="max_steps"):
         scale_config(raw, 4)
+    with pytest.raises(LadderError, match="max_steps"):  # before any size is counted
+        parse_scales(["1", "2"], raw)
 
 
 @pytest.mark.parametrize("scale", [0, -2, float("nan"), float("inf")])

@@ -471,6 +471,10 @@ def parse_scales(items: list, base: dict, origin: str = "--ladder") -> list[tupl
 
     if len(items) < 2:
         raise LadderError(f"{origin} {','.join(map(str, items))}: a ladder needs two or more scales")
+    if not base["train_config"].get("max_steps"):
+        raise LadderError(
+            "train_config.max_steps: a ladder scales the step count, and this config trains by epochs; set max_steps"
+        )
     base_flops = ladder_sizes(base)["flops"]
     out = []
     for item in items:
