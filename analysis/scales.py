@@ -142,7 +142,3 @@ def winners(boards: pd.DataFrame) -> dict[str, str]:
     """{scale: its first-ranked cell}."""
     top = boards[boards["rank"] == 1]
     return {s: c for s, c in zip(top["scale"], top["cell"])}
-
-
-def fmt_flops(x: float) -> str:
-    return "" if x is None or not math.isfinite(x) else f"{x:.3g}"

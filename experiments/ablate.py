@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -593,8 +592,7 @@ def print_ladder(trials: list[Trial], res: Resources, ladder: dict) -> None:
     pins = f", plus pinned: {'; '.join(ladder['pin'])}" if ladder["pin"] else ""
     print(f"scale ladder: {len(ladder['scales'])} scales x {len(cells)} cells; {how}{pins}", flush=True)
     print(f"  {'scale':<12} {'x base':>8} {'params':>12} {'active':>12} {'tokens':>12} {'FLOPs':>10}  model, steps")
-    running = len(cells)
-    for i, s in enumerate(ladder["scales"]):
+    for s in ladder["scales"]:
         model = f"d {s['hidden_size']}, {s['num_hidden_layers']} layers, {s['num_experts']:,} experts"
         steps = s["max_steps"]
         print(
@@ -602,9 +600,6 @@ def print_ladder(trials: list[Trial], res: Resources, ladder: dict) -> None:
             f"{s['tokens']:>12,} {s['flops']:>10.3g}  {model}, {steps} steps"
             + (f"  ({s['preset']})" if s.get("preset") else "")
         )
-        if i:
-            n = len(cells) if ladder["promote"] >= 1 else max(math.ceil(ladder["promote"] * running - 1e-9), 2)
-            running = min(len(cells), n + len(ladder["pin"]))
     seeds = len({t.seed for t in trials})
     print(
         f"at most {len(trials)} trials ({seeds} seed(s) per cell), {res.max_concurrent} at once"
