@@ -109,8 +109,6 @@ class Bags:
             self.order = keys.argsort()  # (M*S,)
             self.sorted_rows = self.rows[self.order]
             self.sorted_tokens = self.tokens[self.order]
-            counts = torch.bincount(self.rows, minlength=self.num_rows)  # (num_rows,)
-            self.starts = counts.cumsum(0) - counts  # (num_rows,) where each row's retrievals begin
         return self
 
     def weighted_sum(self, table: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -153,8 +151,10 @@ class Bags:
         row e's bag holds the tokens that retrieved it (rows nobody retrieved get zero).
         """
         self.sort()
+        counts = torch.bincount(self.rows, minlength=self.num_rows)  # (num_rows,)
+        starts = counts.cumsum(0) - counts  # (num_rows,) where each row's retrievals begin
         weight = weight.reshape(-1)[self.order]
-        return F.embedding_bag(self.sorted_tokens, vectors, self.starts, mode="sum", per_sample_weights=weight)
+        return F.embedding_bag(self.sorted_tokens, vectors, starts, mode="sum", per_sample_weights=weight)
 
     def scatter_rows(self, vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`scatter` as a sparse COO tensor holding only the retrieved rows (for row-sparse optimizers)."""

@@ -35,7 +35,7 @@ from torch import nn
 
 from peerlab.config import TrainConfig
 from peerlab.model import PEER
-from peerlab.train.optim import clip_grad_norm
+from peerlab.train.optim import clip_grad_norm, coalesced
 
 log = logging.getLogger("peerlab.train")
 
@@ -120,7 +120,7 @@ def exchange_rows(tables: list[nn.Parameter], world: int, dense_share: float = 0
             empty = torch.empty(0, p.shape[1], dtype=p.dtype, device=device)
             no_rows = torch.empty(1, 0, dtype=torch.long, device=device)
             p.grad = torch.sparse_coo_tensor(no_rows, empty, p.shape, check_invariants=False)
-        g = p.grad.coalesce()
+        g = coalesced(p.grad)
         local.append((g.indices()[0], g.values()))  # (U,), (U, d)
     counts = torch.tensor([len(rows) for rows, _ in local], device=device)  # (P,)
     all_counts = [torch.empty_like(counts) for _ in range(world)]

@@ -59,27 +59,48 @@ class RowSparseAdamW(torch.optim.AdamW):
         return loss
 
     def _row_update(self, p: torch.Tensor, group: dict) -> None:
-        grad = p.grad.coalesce()
-        rows, g = grad.indices()[0], grad.values()  # (U,), (U, d)
+        """AdamW on the rows the gradient holds: gathered, updated by torch's fused AdamW kernel, put back.
+
+        Work and memory follow the rows touched (U), never the table's size: three (U, d)
+        gathers, one fused pass, three row copies back.
+        """
+        grad = coalesced(p.grad)
+        rows, g = grad._indices()[0], grad._values()  # (U,), (U, d)
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
-        t = state["step"].item()
         beta1, beta2 = group["betas"]
-        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-        m = state["exp_avg"][rows].mul_(beta1).add_(g, alpha=1 - beta1)  # (U, d)
-        v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)  # (U, d)
-        state["exp_avg"][rows] = m
-        state["exp_avg_sq"][rows] = v
-        denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
-        updated = p[rows]
-        if decay:
-            updated.mul_(1 - lr * decay)
-        updated.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-        p[rows] = updated
+        m = state["exp_avg"].index_select(0, rows)  # (U, d)
+        v = state["exp_avg_sq"].index_select(0, rows)  # (U, d)
+        touched = p.index_select(0, rows)  # (U, d)
+        step = state["step"].to(p.device)
+        torch._fused_adamw_(
+            [touched], [g], [m], [v], [], [step],
+            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+            amsgrad=False, maximize=False,
+        )  # fmt: skip
+        p.index_copy_(0, rows, touched)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+
+
+def coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """`grad.coalesce()` for a row-sparse gradient, without its sort where the rows are already in order.
+
+    PEER's row gradients come out sorted and unique, but autograd's accumulation drops the
+    tensor's coalesced flag, and `coalesce()` would sort (U,) rows again every step. Rows in
+    strictly increasing order are coalesced by definition; only others (accumulated
+    micro-batches, other workers' rows) are merged.
+    """
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    if bool((rows[1:] > rows[:-1]).all()):
+        return grad._coalesced_(True)
+    return grad.coalesce()
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -96,11 +117,14 @@ def build_optimizer(model: nn.Module, train: TrainConfig, fused: bool = False) -
 def clip_grad_norm(parameters, max_norm: float) -> float:
     """Total gradient norm (dense and sparse gradients alike), clipped to max_norm when max_norm > 0."""
     parameters = [p for p in parameters if p.grad is not None]
+    for p in parameters:
+        if p.grad.is_sparse:
+            p.grad = coalesced(p.grad)
     grads = [p.grad for p in parameters]
     if not any(g.is_sparse for g in grads):  # torch's own (fast, and it knows FSDP's sharded gradients)
         limit = max_norm if max_norm > 0 else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(parameters, limit))
-    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
+    norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
