@@ -232,7 +232,8 @@ PRECISIONS = {  # train_config overrides of each variant
 
 def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int) -> tuple[float, int, bool]:
     """(tokens/s, peak bytes, Float8 on) of the platform's training step: its model, precision, AdamW, clipping."""
-    from peerlab.train.optim import build_optimizer, clip_grad_norm
+    from peerlab.model import PEER
+    from peerlab.train.optim import build_optimizer, clip_grad_norm, sparse_experts_on
     from peerlab.train.precision import apply_float8, autocast, set_tf32
 
     cuda = device.type == "cuda"
@@ -259,6 +260,9 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int) -> tup
             model = build_model(cfg.model_config)
         float8 = apply_float8(model, t, device)
         float8_on = float8.on
+        for layer in model.modules():  # as the worker's DataParallel does (one process: no exchange)
+            if isinstance(layer, PEER):
+                layer.sparse_grad = sparse_experts_on(t)
         optimizer = build_optimizer(model, t, fused=cuda)
         ids = torch.randint(0, cfg.model_config.vocab_size, (batch, seq + 1), device=device)
         for _ in range(2):  # warm-up: AdamW's state, kernels, Float8's scales

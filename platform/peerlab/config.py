@@ -111,7 +111,7 @@ class TrainConfig:
     use_gpu: Optional[bool] = None  # null: GPUs when the cluster has one per worker
     max_failures: int = 2  # worker-group restarts Ray Train may make before the run fails
     save_total_limit: int = 2  # checkpoints kept in <run>/checkpoints (oldest removed first)
-    sparse_experts: bool = False  # row-sparse gradients and lazy AdamW for the PEER expert tables
+    sparse_experts: Optional[bool] = None  # row-sparse PEER table gradients + lazy AdamW; null: on unless fsdp
     fsdp: bool = False  # shard parameters, gradients and optimizer state across workers (FSDP2 fully_shard)
 
 
@@ -604,7 +604,7 @@ def check_config(cfg: Config, src: _Source) -> None:
     _one_of(t.log_level, LOG_LEVELS, "train_config.log_level", src)
     if t.fp16 and t.bf16:
         raise src.error("train_config", "fp16 and bf16 are both true; choose one (or neither, for float32/Float8)")
-    if t.sparse_experts and t.fsdp:
+    if t.sparse_experts is True and t.fsdp:
         raise src.error(
             "train_config.sparse_experts",
             "does not combine with fsdp: true (FSDP shards dense gradients only); set one of them false",

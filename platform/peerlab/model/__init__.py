@@ -7,6 +7,7 @@ from peerlab.model.size import (
     forward_flops_per_token,
     memory_estimate,
     parameter_formulas,
+    peer_bytes_per_token,
     peer_layer_count,
     training_flops_per_token,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "forward_flops_per_token",
     "memory_estimate",
     "parameter_formulas",
+    "peer_bytes_per_token",
     "peer_experts",
     "peer_layer_count",
     "training_flops_per_token",

@@ -113,3 +113,20 @@ def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
     """
     f = forward_flops_per_token(m, seq_len)
     return 3 * (f["linear"] + f["attention"] + f["peer_experts"]) + f["peer_search"]
+
+
+def peer_bytes_per_token(m: ModelConfig, value_bytes: int = 4) -> int:
+    """Expert-table bytes one training token moves through the PEER layers (the memory floor of PEER's work).
+
+    Each token retrieves S = heads * k * expert_hidden_size rows of each table (`down` and
+    `up`, d values each). Forward reads both tables' S rows; backward reads them again (for
+    the input's and scores' gradients) and writes both tables' S gradient rows: 6 * S * d
+    values per PEER layer. Rows shared by several tokens are counted for each: a retrieval is
+    a random access that no cache is assumed to keep. With `value_bytes` the tables' element size
+    (4 for float32 master weights), this over the memory bandwidth is the least time the
+    expert work can take; bytes per token x tokens/s over the bandwidth is its bandwidth
+    utilisation (MBU).
+    """
+    p = m.peer_config
+    rows = p.num_heads * p.num_experts_per_tok * p.expert_hidden_size
+    return peer_layer_count(m) * 6 * rows * m.hidden_size * value_bytes

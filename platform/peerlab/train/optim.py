@@ -4,7 +4,7 @@ Weight decay applies to the matrices and tables (embeddings, projections, PEER e
 sub-keys); it does not apply to one-dimensional parameters: RMSNorm and BatchNorm weights
 and biases, whose scale decay would only fight the normalisation.
 
-`RowSparseAdamW` (train_config.sparse_experts) is AdamW for every dense gradient and, for
+`RowSparseAdamW` (train_config.sparse_experts, on by default) is AdamW for every dense gradient and, for
 the PEER expert tables, whose gradients are then sparse tensors of the retrieved rows, a
 lazy update in the manner of `torch.optim.SparseAdam`: only the rows a step touched get
 their moments updated, bias-corrected with the table's step count, and decayed. The
@@ -103,13 +103,22 @@ def coalesced(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce()
 
 
+def sparse_experts_on(train: TrainConfig) -> bool:
+    """Whether the PEER tables train with row-sparse gradients and `RowSparseAdamW`.
+
+    `train_config.sparse_experts: null` (the default) means on, as product-key memories train
+    their values with sparse updates, except under FSDP, which shards dense gradients only.
+    """
+    return not train.fsdp if train.sparse_experts is None else train.sparse_experts
+
+
 def build_optimizer(model: nn.Module, train: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if train.sparse_experts:
+    if sparse_experts_on(train):
         return RowSparseAdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), eps=1e-8)
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 

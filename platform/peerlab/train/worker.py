@@ -37,13 +37,15 @@ from peerlab.config import Config, config_from_dict
 from peerlab.data.mixture import DataMixture, DataOptions
 from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.heldout import heldout_blocks, heldout_loss
-from peerlab.model import build_model
+from peerlab.model import build_model, peer_bytes_per_token, training_flops_per_token
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
+from peerlab.train.allocator import reuse_freed_memory
 from peerlab.train.distributed import DataParallel, Place, gather, mean_across, sync_buffers, where_am_i
-from peerlab.train.optim import build_optimizer, build_scheduler, total_steps
+from peerlab.train.optim import build_optimizer, build_scheduler, sparse_experts_on, total_steps
 from peerlab.train.precision import apply_float8, autocast, describe, grad_scaler, set_tf32
+from peerlab.train.utilization import compute_precision, device_peaks, utilization
 
 log = logging.getLogger("peerlab.train")
 
@@ -177,6 +179,7 @@ def train_loop(loop_config: dict) -> dict:
     run_dir = Path(loop_config["run_dir"])
     t, d = cfg.train_config, cfg.dataset_config
     place = where_am_i()
+    reuse_freed_memory()  # table-sized step tensors reuse the last step's pages (peerlab.train.allocator)
     logging.basicConfig(level=t.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(t.log_level.upper())
     set_tf32(t)
@@ -187,7 +190,7 @@ def train_loop(loop_config: dict) -> dict:
     model = build_model(cfg.model_config).to(place.device)
     float8 = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
     steps = total_steps(t)
-    parallel = DataParallel(model, place, fsdp=t.fsdp, sparse_experts=t.sparse_experts)  # DDP, FSDP2 or as it is
+    parallel = DataParallel(model, place, fsdp=t.fsdp, sparse_experts=sparse_experts_on(t))  # DDP, FSDP2 or as it is
     optimizer = build_optimizer(model, t, fused=place.device.type == "cuda")
     scheduler = build_scheduler(optimizer, t, steps)
     scaler = grad_scaler(t, place.device)
@@ -224,8 +227,15 @@ def train_loop(loop_config: dict) -> dict:
         torch.manual_seed(t.seed + place.rank)  # per-rank streams of randomness from here on
 
     pids = gather(os.getpid(), place)  # every rank's process id, in rank order
+    precision = describe(t, float8)
+    flops_per_token = training_flops_per_token(cfg.model_config, d.max_seq_length)
+    bytes_per_token = peer_bytes_per_token(cfg.model_config, next(model.parameters()).element_size())
+    peaks = None
     if place.rank == 0:
-        write_run_info(run_dir, place, describe(t, float8), start_step, pids)
+        peaks = device_peaks(place.device, compute_precision(precision["autocast"], float8.on, t.tf32))
+        info = {**precision, "sparse_experts": sparse_experts_on(t), "peaks": peaks.as_dict()}
+        info.update(flops_per_token=flops_per_token, peer_bytes_per_token=bytes_per_token)
+        write_run_info(run_dir, place, info, start_step, pids)
 
     metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0)
     amp = autocast(t, place.device, float8)
@@ -275,8 +285,11 @@ def train_loop(loop_config: dict) -> dict:
             if step % t.logging_steps == 0 or step == steps:
                 now = time.perf_counter()
                 rate = window_tokens / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, 0
                 record = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate}
+                if peaks is not None:  # of the time in training steps (evaluations left out)
+                    step_rate = window_tokens / max(window_train_s, 1e-9)
+                    record.update(utilization(flops_per_token, bytes_per_token, step_rate, peaks, place.world))
+                window_start, window_tokens = now, 0
                 record["train_s"], window_train_s = window_train_s, 0.0  # seconds in training steps since the last line
                 record["eta_s"] = (steps - step) * tokens_per_step / rate if rate > 0 else None
                 seen = gather(data.stats(), place)  # every rank's counts: the totals of the run
