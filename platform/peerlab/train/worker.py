@@ -41,6 +41,7 @@ from peerlab.model import build_model
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
+from peerlab.train.compiling import apply_compile
 from peerlab.train.distributed import DataParallel, Place, gather, mean_across, sync_buffers, where_am_i
 from peerlab.train.optim import build_optimizer, build_scheduler, total_steps
 from peerlab.train.precision import apply_float8, autocast, describe, grad_scaler, set_tf32
@@ -186,6 +187,8 @@ def train_loop(loop_config: dict) -> dict:
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model_config).to(place.device)
     float8 = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
+    # each block, after Float8 and before DDP/FSDP wrap it
+    compiled = apply_compile(model, t, place.device, backend=loop_config.get("compile_backend", "inductor"))
     steps = total_steps(t)
     parallel = DataParallel(model, place, fsdp=t.fsdp, sparse_experts=t.sparse_experts)  # DDP, FSDP2 or as it is
     optimizer = build_optimizer(model, t, fused=place.device.type == "cuda")
@@ -225,7 +228,7 @@ def train_loop(loop_config: dict) -> dict:
 
     pids = gather(os.getpid(), place)  # every rank's process id, in rank order
     if place.rank == 0:
-        write_run_info(run_dir, place, describe(t, float8), start_step, pids)
+        write_run_info(run_dir, place, {**describe(t, float8), **compiled}, start_step, pids)
 
     metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0)
     amp = autocast(t, place.device, float8)
@@ -316,7 +319,7 @@ def train_loop(loop_config: dict) -> dict:
 
 def write_run_info(run_dir: Path, place: Place, precision: dict, start_step: int, pids: list[int]) -> Path:
     """<run>/run_info.json: where and how this attempt trains (workers and their process ids, device, backend,
-    precision).
+    precision, torch.compile).
 
     Rewritten at every start, so after a resume or a restart it describes the latest attempt.
     """
