@@ -12,7 +12,7 @@ import torch
 from peerlab.config import ConfigError, TrainConfig, load_config
 from peerlab.model import PEER, build_model
 from peerlab.model.peer import experts_forward
-from peerlab.train.compiling import compile_choice
+from peerlab.train.compiling import compile_choice, eager
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from tests.conftest import ROOT, tiny_model_config
@@ -117,6 +117,24 @@ def test_compiled_blocks_equal_eager(sparse):
     compiled.eval()
     with torch.no_grad():  # evaluation goes through peerlab::peer_experts_infer
         torch.testing.assert_close(compiled(ids), eager(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_under_eager_compiles_nothing():
+    """Training compiles one graph per kind of block; evaluation and decoding under `eager()` add none."""
+    model, ids = tiny_inputs()
+    reference = copy.deepcopy(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    for block in model.layers:
+        block.compile(backend=counter)
+    for m in (model, reference):  # the same BatchNorm statistics in both
+        m(ids[:, :-1], labels=ids[:, 1:]).backward()
+        m.eval()
+    assert counter.frame_count == 2  # the dense block and the PEER block
+    with eager(), torch.no_grad():
+        for length in (5, 9):
+            torch.testing.assert_close(model(ids[:, :length]), reference(ids[:, :length]))
+        assert torch.equal(model.generate(ids[:, :4], 6), reference.generate(ids[:, :4], 6))
+    assert counter.frame_count == 2
 
 
 @pytest.mark.skipif(

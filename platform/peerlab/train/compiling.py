@@ -13,7 +13,9 @@ graph break per PEER layer: sparse gradients have no compiled path).
 
 Order in the worker: after Float8 conversion (torchao's scaling then fuses into the compiled
 blocks) and before DDP or FSDP wrap the model. "auto" compiles on CUDA devices only: on CPU
-the compile time (tens of seconds) does not pay back over a short run.
+the compile time (tens of seconds) does not pay back over a short run. Evaluation runs the
+blocks eagerly (`eager()`): its shapes change from call to call and decoding goes token by
+token, which would compile graph after graph up to dynamo's recompile limit.
 """
 
 from __future__ import annotations
@@ -51,3 +53,8 @@ def apply_compile(model: nn.Module, train: TrainConfig, device: torch.device, ba
     else:
         log.info("torch.compile is off (%s)", reason)
     return {"compile": on, "compile_reason": reason}
+
+
+def eager():
+    """A context in which compiled blocks run as plain eager modules (evaluation: see the module's docstring)."""
+    return torch.compiler.set_stance("force_eager")

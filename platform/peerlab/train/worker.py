@@ -41,7 +41,7 @@ from peerlab.model import build_model
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
-from peerlab.train.compiling import apply_compile
+from peerlab.train.compiling import apply_compile, eager
 from peerlab.train.distributed import DataParallel, Place, gather, mean_across, sync_buffers, where_am_i
 from peerlab.train.optim import build_optimizer, build_scheduler, total_steps
 from peerlab.train.precision import apply_float8, autocast, describe, grad_scaler, set_tf32
@@ -137,39 +137,41 @@ def lm_evaluate(
     from peerlab.eval.lm import PeerlabLM
     from peerlab.tracking import append_evals
 
-    e = cfg.eval_config
-    sync_buffers(model, place.world)  # the same BatchNorm statistics on every rank, so the same greedy decisions
-    sharded = cfg.train_config.fsdp and place.world > 1
-    if place.rank == 0 or sharded:
-        saved = ckpt.rng_state()
-        lm = PeerlabLM(
-            model=model,
-            tokenizer=tokenizer,
-            batch_size=e.eval_batch_size,
-            max_length=cfg.dataset_config.max_seq_length,
-            autocast=amp,
-        )
-        outcome = run_lm_eval(
-            lm,
-            e.evals,
-            e.evals_registry_path,
-            data_dir=e.eval_data_dir,
-            limit=e.lm_eval_limit,
-            confirm_run_unsafe_code=e.confirm_run_unsafe_code,
-        )
-        ckpt.set_rng_state(*saved)
-        if place.rank == 0:
-            append_evals(run_dir, step, outcome.rows, wandb_run)
-            log.info(
-                "lm-eval at step %d: %d results in %.1f s%s\n%s",
-                step,
-                len(outcome.rows),
-                outcome.seconds,
-                f" ({len(outcome.skipped)} tasks skipped)" if outcome.skipped else "",
-                format_table(outcome.rows),
+    # The requests' shapes vary and decoding goes token by token: uncompiled (peerlab.train.compiling).
+    with eager():
+        e = cfg.eval_config
+        sync_buffers(model, place.world)  # the same BatchNorm statistics on every rank, so the same greedy decisions
+        sharded = cfg.train_config.fsdp and place.world > 1
+        if place.rank == 0 or sharded:
+            saved = ckpt.rng_state()
+            lm = PeerlabLM(
+                model=model,
+                tokenizer=tokenizer,
+                batch_size=e.eval_batch_size,
+                max_length=cfg.dataset_config.max_seq_length,
+                autocast=amp,
             )
-    if place.world > 1:
-        dist.barrier()
+            outcome = run_lm_eval(
+                lm,
+                e.evals,
+                e.evals_registry_path,
+                data_dir=e.eval_data_dir,
+                limit=e.lm_eval_limit,
+                confirm_run_unsafe_code=e.confirm_run_unsafe_code,
+            )
+            ckpt.set_rng_state(*saved)
+            if place.rank == 0:
+                append_evals(run_dir, step, outcome.rows, wandb_run)
+                log.info(
+                    "lm-eval at step %d: %d results in %.1f s%s\n%s",
+                    step,
+                    len(outcome.rows),
+                    outcome.seconds,
+                    f" ({len(outcome.skipped)} tasks skipped)" if outcome.skipped else "",
+                    format_table(outcome.rows),
+                )
+        if place.world > 1:
+            dist.barrier()
 
 
 def train_loop(loop_config: dict) -> dict:
@@ -289,7 +291,8 @@ def train_loop(loop_config: dict) -> dict:
             if step % t.eval_steps == 0 or step == steps:
                 sync_buffers(model, place.world)  # every rank evaluates the same BatchNorm statistics
                 if evaluates:  # (under FSDP every rank computes the same numbers; rank 0 writes them)
-                    held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
+                    with eager():  # evaluation runs uncompiled (peerlab.train.compiling)
+                        held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
                     record.update(with_means(held))
             if record:
                 record = {"step": step, **record}
