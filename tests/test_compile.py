@@ -9,12 +9,12 @@ import os
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
 from peerlab.config import ConfigError, TrainConfig, load_config
 from peerlab.model import PEER, build_model
 from peerlab.model.peer import experts_forward
 from peerlab.train.compiling import compile_choice, eager
-from torch._dynamo.testing import CompileCounterWithBackend
-
 from tests.conftest import ROOT, tiny_model_config
 
 
@@ -139,7 +139,7 @@ def test_evaluation_under_eager_compiles_nothing():
 
 @pytest.mark.skipif(
     not os.environ.get("PEERLAB_SLOW_TESTS"),
-    reason="inductor's first C++ compile takes about 30 s on 2 cores (7 s with its cache): PEERLAB_SLOW_TESTS=1 runs it",
+    reason="inductor's first C++ compile takes about 30 s on 2 cores (7 s cached): PEERLAB_SLOW_TESTS=1 runs it",
 )
 def test_inductor_peer_layer_equals_eager():
     """One case through inductor (generated C++ around the registered ops): a PEER layer, forward and backward."""
