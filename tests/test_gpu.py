@@ -80,6 +80,21 @@ def test_model_trains_on_cuda_with_bf16_autocast():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_inductor_compiled_blocks_on_cuda_equal_eager():
+    """train_config.compile's default on CUDA: every block compiled by inductor, loss and gradients as eager."""
+    import copy
+
+    from tests.test_compile import assert_same_step
+
+    torch.manual_seed(0)
+    eager = build_model(tiny_model_config()).cuda().train()
+    compiled = copy.deepcopy(eager)
+    for block in compiled.layers:
+        block.compile()
+    ids = torch.randint(0, 97, (4, 17), device="cuda")
+    assert_same_step(eager, compiled, ids, tol=1e-4)
+
+
 def test_float8_on_a_capable_gpu_converts_trains_and_stays_close_to_bf16():
     """The guide's defaults (float8 true, fp16 and bf16 false) on the card: Float8 where it pays, bf16 elsewhere."""
     from dataclasses import replace
@@ -147,6 +162,7 @@ def test_ray_train_run_on_the_gpu_uses_nccl_and_float8_and_resumes(ray_cluster, 
     capable = torch.cuda.get_device_capability() >= (8, 9)
     assert info["float8"] is capable and info["autocast"] == ("bf16" if capable else None)
     assert info["float8_layers"] == (["layers.0.mlp.fc_in"] if capable else [])
+    assert info["compile"] is True and info["compile_reason"] == "auto: CUDA"
     first = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     assert len(first) == 6 and all(math.isfinite(x) for x in first)
     more = tiny(demo_corpus, "train_config.num_workers=1", *FLOAT8_WIDE, steps=9)

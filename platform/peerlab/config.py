@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -113,6 +113,7 @@ class TrainConfig:
     save_total_limit: int = 2  # checkpoints kept in <run>/checkpoints (oldest removed first)
     sparse_experts: Optional[bool] = None  # row-sparse PEER table gradients + lazy AdamW; null: on unless fsdp
     fsdp: bool = False  # shard parameters, gradients and optimizer state across workers (FSDP2 fully_shard)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each transformer block; auto: on CUDA only
 
 
 DATA_FORMATS = ("json", "jsonl", "csv", "text", "parquet")
@@ -260,6 +261,11 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _type_name(tp: Any, plural: bool = False) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(f'"{a}"' for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # e.g. true, false or "auto"
+        names = [n for a in typing.get_args(tp) for n in (["true", "false"] if a is bool else [_type_name(a)])]
+        return ", ".join(names[:-1]) + " or " + names[-1]
     if plural:
         return {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(tp, "mappings")
     if dataclasses.is_dataclass(tp):
@@ -306,6 +312,15 @@ def _convert(value: Any, tp: Any, path: str, src: _Source) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(tp) is Literal:
+        if any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
+            return value
+    elif typing.get_origin(tp) in (typing.Union, types.UnionType):  # the first type that takes the value
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, path, src)
+            except ConfigError:
+                pass
     raise src.error(path, f"expected {_type_name(tp)}, got {value!r}")
 
 

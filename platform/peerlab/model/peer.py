@@ -24,7 +24,8 @@ mean and variance, on the other tokens of the batch; in eval mode (evaluation, d
 running statistics are used and every token is computed on its own.
 
 The expert tables (`down` = u, `up` = v, each N*h x d) are never gathered into a
-(tokens, retrieved, d) tensor. `peer_experts` is an autograd function built from the three
+(tokens, retrieved, d) tensor. `peer_experts` is a registered operator (`peerlab::peer_experts_forward`,
+with its backward, so torch.compile traces through it) built from the three
 kernels of `F.embedding_bag` (its forward and its two gradients), which walk the retrieved
 rows one by one: the dot products u_e . x_t, the weighted sum of the v_e, and, in backward,
 the gradient of each table as a bag sum over the retrievals sorted by table row. Gradients
@@ -101,12 +102,17 @@ class Bags:
         self.tokens = torch.arange(M, device=idx.device).repeat_interleave(S)  # (M*S,) token of each retrieval
         self.order: torch.Tensor | None = None
 
-    def sort(self) -> "Bags":
-        """Order the retrievals by table row (once; `dots` and `scatter` then use that order)."""
+    def sort(self, order: torch.Tensor | None = None) -> Bags:
+        """Order the retrievals by table row (once; `dots` and `scatter` then use that order).
+
+        `order` (M*S,): that order, computed before (forward hands it to backward).
+        """
         if self.order is None:
-            # Sorting narrow integers is several times faster than sorting int64 on CPUs.
-            keys = self.rows.to(torch.int16 if self.num_rows <= 2**15 else torch.int32)
-            self.order = keys.argsort()  # (M*S,)
+            if order is None:
+                # Sorting narrow integers is several times faster than sorting int64 on CPUs.
+                keys = self.rows.to(torch.int16 if self.num_rows <= 2**15 else torch.int32)
+                order = keys.argsort()  # (M*S,)
+            self.order = order
             self.sorted_rows = self.rows[self.order]
             self.sorted_tokens = self.tokens[self.order]
         return self
@@ -167,81 +173,214 @@ class Bags:
         return torch.sparse_coo_tensor(rows.unsqueeze(0), values, size, is_coalesced=True, check_invariants=False)
 
 
-class GatherDot(torch.autograd.Function):
-    """out[t, s] = table[idx[t, s]] . vectors[t]: table (R, n), idx (M, S), vectors (M, n) -> (M, S).
+# The custom work of the layer is a few registered operators (namespace `peerlab`), so that
+# torch.compile sees each as one opaque call, with a fake (shape-only) version for tracing and
+# a registered backward, instead of breaking its graph at a Python autograd function:
+#
+#   peerlab::gather_dot             table[idx[t, s]] . vectors[t]         (its backward: gather_dot_backward)
+#   peerlab::peer_experts_forward   Eq. 4-5 in training: y, and what backward needs
+#   peerlab::peer_experts_backward  the four gradients                    (dense; sparse_grad runs eagerly)
+#   peerlab::peer_experts_infer     Eq. 4-5 without gradients (evaluation, decoding)
+#
+# Each operator calls one plain function of plain tensors (`experts_forward`, `experts_backward`,
+# ...): the place where another kernel can be chosen by device.
 
-    Backward: grad_vectors[t] = sum_s g[t, s] table[idx[t, s]]; grad_table gets g[t, s] vectors[t]
-    on row idx[t, s], and zero on every row nobody retrieved.
+
+def gather_dot_forward(table: torch.Tensor, idx: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """out[t, s] = table[idx[t, s]] . vectors[t]: table (R, n), idx (M, S), vectors (M, n) -> (M, S)."""
+    return Bags(idx, table.shape[0]).dots(table, vectors)
+
+
+def gather_dot_grads(
+    grad: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, vectors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad (M, S) -> (grad_table (R, n), grad_vectors (M, n)).
+
+    grad_vectors[t] = sum_s g[t, s] table[idx[t, s]]; grad_table gets g[t, s] vectors[t] on row
+    idx[t, s], and zero on every row nobody retrieved.
     """
-
-    @staticmethod
-    def forward(ctx, table, idx, vectors):
-        ctx.save_for_backward(table, idx, vectors)
-        return Bags(idx, table.shape[0]).dots(table, vectors)
-
-    @staticmethod
-    def backward(ctx, grad):
-        table, idx, vectors = ctx.saved_tensors
-        bags = Bags(idx, table.shape[0])
-        need_table, _, need_vectors = ctx.needs_input_grad
-        grad_table = bags.scatter(vectors, grad) if need_table else None
-        grad_vectors = bags.weighted_sum(table, grad) if need_vectors else None
-        return grad_table, None, grad_vectors
+    bags = Bags(idx, table.shape[0])
+    return bags.scatter(vectors, grad), bags.weighted_sum(table, grad)
 
 
-def gather_dot(table: torch.Tensor, idx: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """table[idx[t, s]] . vectors[t] for every t, s, without gathering the rows (see `GatherDot`)."""
-    return GatherDot.apply(table, idx, vectors.contiguous())
-
-
-class PeerExperts(torch.autograd.Function):
+def experts_forward(
+    x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, down: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y_t = sum_s gate[t,s] * gelu(down[idx[t,s]] . x_t) * up[idx[t,s]]  (paper Eq. 4-5).
 
     x: (M, d); idx, gate: (M, S) with S = heads * k * expert_hidden_size; down, up: (R, d).
-    Only (M, S) activations and the retrievals' sort order are kept for backward.
+    Returns y (M, d), and for backward hidden (M, S) = u_e . x_t and the retrievals' order by
+    table row, order (M*S,): only (M, S) activations are kept.
     """
+    bags = Bags(idx, down.shape[0]).sort()
+    hidden = bags.dots(down, x)  # (M, S): u_e . x_t
+    y = bags.weighted_sum(up, F.gelu(hidden) * gate)  # (M, d)
+    return y, hidden, bags.order
 
-    @staticmethod
-    def forward(ctx, x, idx, gate, down, up, sparse_grad=False):
-        ctx.sparse_grad = sparse_grad
-        bags = Bags(idx, down.shape[0]).sort()
-        hidden = bags.dots(down, x)  # (M, S): u_e . x_t
-        y = bags.weighted_sum(up, F.gelu(hidden) * gate)  # (M, d)
-        ctx.save_for_backward(x, gate, hidden, down, up)
-        ctx.bags = bags
-        return y
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, gate, hidden, down, up = ctx.saved_tensors
-        bags = ctx.bags
-        need_x, _, need_gate, need_down, need_up, _ = ctx.needs_input_grad
-        grad_y = grad_y.contiguous()  # (M, d)
-        act = F.gelu(hidden)  # (M, S)
-        d_weight = bags.dots(up, grad_y)  # (M, S): dL/d(gate * act) = v_e . dy_t
-        d_hidden = d_weight * gate * _gelu_grad(hidden)  # (M, S)
-        grad_x = bags.weighted_sum(down, d_hidden) if need_x else None
-        grad_gate = d_weight * act if need_gate else None
-        scatter = bags.scatter_rows if ctx.sparse_grad else bags.scatter
-        grad_down = scatter(x, d_hidden) if need_down else None  # rows += d_hidden * x_t
-        grad_up = scatter(grad_y, gate * act) if need_up else None  # rows += gate * act * dy_t
-        return grad_x, None, grad_gate, grad_down, grad_up, None
+def experts_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+    hidden: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    order: torch.Tensor,
+    sparse_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `experts_forward`: grad_y (M, d) -> (grad_x (M, d), grad_gate (M, S), grad_down, grad_up).
+
+    The tables' gradients are dense (R, d), or with `sparse_grad` sparse COO tensors of the
+    retrieved rows only.
+    """
+    bags = Bags(idx, down.shape[0]).sort(order)
+    grad_y = grad_y.contiguous()  # (M, d)
+    act = F.gelu(hidden)  # (M, S)
+    d_weight = bags.dots(up, grad_y)  # (M, S): dL/d(gate * act) = v_e . dy_t
+    d_hidden = d_weight * gate * _gelu_grad(hidden)  # (M, S)
+    grad_x = bags.weighted_sum(down, d_hidden)
+    grad_gate = d_weight * act
+    scatter = bags.scatter_rows if sparse_grad else bags.scatter
+    grad_down = scatter(x, d_hidden)  # rows += d_hidden * x_t
+    grad_up = scatter(grad_y, gate * act)  # rows += gate * act * dy_t
+    return grad_x, grad_gate, grad_down, grad_up
+
+
+def experts_infer(
+    x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, down: torch.Tensor, up: torch.Tensor
+) -> torch.Tensor:
+    """y of `experts_forward` without what backward needs (no sort of the retrievals)  -> (M, d)"""
+    bags = Bags(idx, down.shape[0])
+    return bags.weighted_sum(up, F.gelu(bags.dots(down, x)) * gate)
+
+
+@torch.library.custom_op("peerlab::gather_dot", mutates_args=())
+def _gather_dot_op(table: torch.Tensor, idx: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    return gather_dot_forward(table, idx, vectors)
+
+
+@_gather_dot_op.register_fake
+def _(table, idx, vectors):
+    return vectors.new_empty(idx.shape)  # (M, S)
+
+
+@torch.library.custom_op("peerlab::gather_dot_backward", mutates_args=())
+def _gather_dot_backward_op(
+    grad: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, vectors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gather_dot_grads(grad, table, idx, vectors)
+
+
+@_gather_dot_backward_op.register_fake
+def _(grad, table, idx, vectors):
+    return torch.empty_like(table), torch.empty_like(vectors)
+
+
+def _gather_dot_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # table, idx, vectors
+
+
+def _gather_dot_grad(ctx, grad):
+    table, idx, vectors = ctx.saved_tensors
+    grad_table, grad_vectors = torch.ops.peerlab.gather_dot_backward(grad, table, idx, vectors)
+    return grad_table, None, grad_vectors
+
+
+_gather_dot_op.register_autograd(_gather_dot_grad, setup_context=_gather_dot_setup)
+
+
+@torch.library.custom_op("peerlab::peer_experts_forward", mutates_args=())
+def _experts_forward_op(
+    x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, down: torch.Tensor, up: torch.Tensor, sparse_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return experts_forward(x, idx, gate, down, up)
+
+
+@_experts_forward_op.register_fake
+def _(x, idx, gate, down, up, sparse_grad):
+    M, S = idx.shape
+    y = x.new_empty(M, up.shape[1], dtype=up.dtype)  # (M, d)
+    return y, x.new_empty(M, S), idx.new_empty(M * S, dtype=torch.long)
+
+
+@torch.library.custom_op("peerlab::peer_experts_backward", mutates_args=())
+def _experts_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+    hidden: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    order: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return experts_backward(grad_y, x, idx, gate, hidden, down, up, order)
+
+
+@_experts_backward_op.register_fake
+def _(grad_y, x, idx, gate, hidden, down, up, order):
+    return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(down), torch.empty_like(up)
+
+
+def _experts_setup(ctx, inputs, output):
+    x, idx, gate, down, up, ctx.sparse_grad = inputs
+    _, hidden, order = output
+    ctx.mark_non_differentiable(hidden, order)
+    ctx.save_for_backward(x, idx, gate, hidden, down, up, order)
+
+
+def _experts_grad(ctx, grad_y, _grad_hidden, _grad_order):
+    saved = ctx.saved_tensors  # x, idx, gate, hidden, down, up, order
+    if ctx.sparse_grad:  # sparse COO results have no fake version: eager only (see `peer_experts`)
+        grad_x, grad_gate, grad_down, grad_up = experts_backward(grad_y, *saved, sparse_grad=True)
+    else:
+        grad_x, grad_gate, grad_down, grad_up = torch.ops.peerlab.peer_experts_backward(grad_y, *saved)
+    return grad_x, None, grad_gate, grad_down, grad_up, None
+
+
+_experts_forward_op.register_autograd(_experts_grad, setup_context=_experts_setup)
+
+
+@torch.library.custom_op("peerlab::peer_experts_infer", mutates_args=())
+def _experts_infer_op(
+    x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, down: torch.Tensor, up: torch.Tensor
+) -> torch.Tensor:
+    return experts_infer(x, idx, gate, down, up)
+
+
+@_experts_infer_op.register_fake
+def _(x, idx, gate, down, up):
+    return x.new_empty(idx.shape[0], up.shape[1], dtype=up.dtype)  # (M, d)
+
+
+def gather_dot(table: torch.Tensor, idx: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """table[idx[t, s]] . vectors[t] for every t, s, without gathering the rows (op `peerlab::gather_dot`)."""
+    return torch.ops.peerlab.gather_dot(table, idx, vectors.contiguous())
+
+
+@torch.compiler.disable
+def _sparse_experts(x, idx, gate, down, up) -> torch.Tensor:
+    """The training forward whose backward makes sparse table gradients: run eagerly, outside any compiled graph."""
+    return torch.ops.peerlab.peer_experts_forward(x, idx, gate, down, up, True)[0]
 
 
 def peer_experts(x, idx, gate, down, up, sparse_grad: bool = False):
-    """Functional form of `PeerExperts`.
+    """y_t = sum_s gate[t,s] * gelu(down[idx[t,s]] . x_t) * up[idx[t,s]]  (paper Eq. 4-5; see `experts_forward`).
 
     Computed in the tables' dtype with autocast off: fp32 master weights stay fp32, a model
     cast to bf16 runs in bf16, and no table is ever copied to another dtype. With
-    `sparse_grad` the tables' gradients are sparse COO tensors of the retrieved rows only.
+    `sparse_grad` the tables' gradients are sparse COO tensors of the retrieved rows only
+    (that path runs eagerly: under torch.compile it is one graph break).
     """
     with torch.autocast(x.device.type, enabled=False):
         inputs, weights = x.to(down.dtype).contiguous(), gate.to(down.dtype)
-        if torch.is_grad_enabled():
-            y = PeerExperts.apply(inputs, idx, weights, down, up, sparse_grad)
-        else:  # evaluation, decoding: the same sums without the sort for backward (O(table rows) a call)
-            bags = Bags(idx, down.shape[0])
-            y = bags.weighted_sum(up, F.gelu(bags.dots(down, inputs)) * weights)
+        if not torch.is_grad_enabled():  # evaluation, decoding: the same sums without the sort for backward
+            y = torch.ops.peerlab.peer_experts_infer(inputs, idx, weights, down, up)
+        elif sparse_grad:
+            y = _sparse_experts(inputs, idx, weights, down, up)
+        else:
+            y = torch.ops.peerlab.peer_experts_forward(inputs, idx, weights, down, up, False)[0]
     return y.to(x.dtype)
 
 
@@ -268,10 +407,11 @@ class PEER(nn.Module):
         # Expert usage (paper, Sec. 3.4): the router score mass each expert received in training
         # since the last read, summed over tokens and heads. A plain attribute, not a buffer:
         # each worker keeps its own sums (DDP would overwrite buffers with rank 0's) and
-        # checkpoints stay lean. Created on the first training step, on the input's device.
+        # checkpoints stay lean. Made here and moved with the module (`_apply`), so that a compiled
+        # forward only adds to it in place.
         self.track_usage = config.log_expert_usage
         self.sparse_grad = False  # True: the expert tables get sparse row gradients (train_config.sparse_experts)
-        self.usage: torch.Tensor | None = None  # (N,)
+        self.usage = torch.zeros(self.num_experts) if self.track_usage else None  # (N,) float32
         rows = self.num_experts * config.expert_hidden_size
         self.down = nn.Parameter(torch.empty(rows, hidden_size))  # u_e: one row per neuron
         self.up = nn.Parameter(torch.empty(rows, hidden_size))  # v_e
@@ -284,6 +424,13 @@ class PEER(nn.Module):
         # Unit-variance queries (after BN) against keys of std 1/sqrt(query_dim/2) give scores of unit variance.
         key_std = 1.0 / math.sqrt(self.query_dim // 2)
         nn.init.normal_(self.sub_keys, std=key_std)
+
+    def _apply(self, fn, recurse=True):
+        """Move `usage` with the module (`.to(device)`, `.cuda()`...); it stays float32 whatever the dtype."""
+        super()._apply(fn, recurse)
+        if self.usage is not None:
+            self.usage = fn(self.usage).float()
+        return self
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Product-key retrieval: x (..., d) -> (scores, indices), each (..., num_heads, k).
@@ -326,9 +473,7 @@ class PEER(nn.Module):
         flat = x.reshape(-1, d)  # (M, d)
         scores, indices = self.retrieve(flat)  # (M, H, k) each
         gate = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # (M, H, k)
-        if self.training and self.track_usage:
-            if self.usage is None or self.usage.device != x.device:
-                self.usage = torch.zeros(self.num_experts, device=x.device)
+        if self.training and self.usage is not None:
             self.usage.index_add_(0, indices.reshape(-1), gate.detach().reshape(-1).float())
         h = self.expert_hidden_size
         if h > 1:  # expert e owns neuron rows e*h .. e*h+h-1, all weighted by the expert's score

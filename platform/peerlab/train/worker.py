@@ -42,6 +42,7 @@ from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
 from peerlab.train.allocator import reuse_freed_memory
+from peerlab.train.compiling import apply_compile, eager
 from peerlab.train.distributed import DataParallel, Place, gather, mean_across, sync_buffers, where_am_i
 from peerlab.train.optim import build_optimizer, build_scheduler, sparse_experts_on, total_steps
 from peerlab.train.precision import apply_float8, autocast, describe, grad_scaler, set_tf32
@@ -138,39 +139,41 @@ def lm_evaluate(
     from peerlab.eval.lm import PeerlabLM
     from peerlab.tracking import append_evals
 
-    e = cfg.eval_config
-    sync_buffers(model, place.world)  # the same BatchNorm statistics on every rank, so the same greedy decisions
-    sharded = cfg.train_config.fsdp and place.world > 1
-    if place.rank == 0 or sharded:
-        saved = ckpt.rng_state()
-        lm = PeerlabLM(
-            model=model,
-            tokenizer=tokenizer,
-            batch_size=e.eval_batch_size,
-            max_length=cfg.dataset_config.max_seq_length,
-            autocast=amp,
-        )
-        outcome = run_lm_eval(
-            lm,
-            e.evals,
-            e.evals_registry_path,
-            data_dir=e.eval_data_dir,
-            limit=e.lm_eval_limit,
-            confirm_run_unsafe_code=e.confirm_run_unsafe_code,
-        )
-        ckpt.set_rng_state(*saved)
-        if place.rank == 0:
-            append_evals(run_dir, step, outcome.rows, wandb_run)
-            log.info(
-                "lm-eval at step %d: %d results in %.1f s%s\n%s",
-                step,
-                len(outcome.rows),
-                outcome.seconds,
-                f" ({len(outcome.skipped)} tasks skipped)" if outcome.skipped else "",
-                format_table(outcome.rows),
+    # The requests' shapes vary and decoding goes token by token: uncompiled (peerlab.train.compiling).
+    with eager():
+        e = cfg.eval_config
+        sync_buffers(model, place.world)  # the same BatchNorm statistics on every rank, so the same greedy decisions
+        sharded = cfg.train_config.fsdp and place.world > 1
+        if place.rank == 0 or sharded:
+            saved = ckpt.rng_state()
+            lm = PeerlabLM(
+                model=model,
+                tokenizer=tokenizer,
+                batch_size=e.eval_batch_size,
+                max_length=cfg.dataset_config.max_seq_length,
+                autocast=amp,
             )
-    if place.world > 1:
-        dist.barrier()
+            outcome = run_lm_eval(
+                lm,
+                e.evals,
+                e.evals_registry_path,
+                data_dir=e.eval_data_dir,
+                limit=e.lm_eval_limit,
+                confirm_run_unsafe_code=e.confirm_run_unsafe_code,
+            )
+            ckpt.set_rng_state(*saved)
+            if place.rank == 0:
+                append_evals(run_dir, step, outcome.rows, wandb_run)
+                log.info(
+                    "lm-eval at step %d: %d results in %.1f s%s\n%s",
+                    step,
+                    len(outcome.rows),
+                    outcome.seconds,
+                    f" ({len(outcome.skipped)} tasks skipped)" if outcome.skipped else "",
+                    format_table(outcome.rows),
+                )
+        if place.world > 1:
+            dist.barrier()
 
 
 def train_loop(loop_config: dict) -> dict:
@@ -189,6 +192,8 @@ def train_loop(loop_config: dict) -> dict:
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model_config).to(place.device)
     float8 = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
+    # each block, after Float8 and before DDP/FSDP wrap it
+    compiled = apply_compile(model, t, place.device, backend=loop_config.get("compile_backend", "inductor"))
     steps = total_steps(t)
     parallel = DataParallel(model, place, fsdp=t.fsdp, sparse_experts=sparse_experts_on(t))  # DDP, FSDP2 or as it is
     optimizer = build_optimizer(model, t, fused=place.device.type == "cuda")
@@ -233,7 +238,7 @@ def train_loop(loop_config: dict) -> dict:
     peaks = None
     if place.rank == 0:
         peaks = device_peaks(place.device, compute_precision(precision["autocast"], float8.on, t.tf32))
-        info = {**precision, "sparse_experts": sparse_experts_on(t), "peaks": peaks.as_dict()}
+        info = {**precision, **compiled, "sparse_experts": sparse_experts_on(t), "peaks": peaks.as_dict()}
         info.update(flops_per_token=flops_per_token, peer_bytes_per_token=bytes_per_token)
         write_run_info(run_dir, place, info, start_step, pids)
 
@@ -299,7 +304,8 @@ def train_loop(loop_config: dict) -> dict:
             if step % t.eval_steps == 0 or step == steps:
                 sync_buffers(model, place.world)  # every rank evaluates the same BatchNorm statistics
                 if evaluates:  # (under FSDP every rank computes the same numbers; rank 0 writes them)
-                    held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
+                    with eager():  # evaluation runs uncompiled (peerlab.train.compiling)
+                        held = heldout_loss(model, eval_blocks, t.per_device_eval_batch_size, place.device, amp)
                     record.update(with_means(held))
             if record:
                 record = {"step": step, **record}
@@ -329,7 +335,7 @@ def train_loop(loop_config: dict) -> dict:
 
 def write_run_info(run_dir: Path, place: Place, precision: dict, start_step: int, pids: list[int]) -> Path:
     """<run>/run_info.json: where and how this attempt trains (workers and their process ids, device, backend,
-    precision).
+    precision, torch.compile).
 
     Rewritten at every start, so after a resume or a restart it describes the latest attempt.
     """
