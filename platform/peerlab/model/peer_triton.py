@@ -24,15 +24,16 @@ Three kernels, none of which builds a (M, S, d) tensor of gathered rows:
                    in the same order on every run.
 All sums are in float32; outputs are in the inputs' dtypes (bf16 tables give bf16 gradients).
 
-What is verified: with `TRITON_INTERPRET=1` (Triton's CPU interpreter) these kernels match a
-float64 reference (tests/test_peer_triton.py). The block sizes, the autotuned configurations
-and speed on a GPU are not verified here: nothing in this module has run on a GPU yet, and in
-the interpreter one fixed small configuration (`INTERPRETER_CONFIG`) replaces autotuning.
-Known weak spot: a table row retrieved by very many tokens is summed by one program in
-sequence (segments are not split), so a very skewed batch loads one program heavily.
+What is verified: in Triton's CPU interpreter these kernels match a float64 reference
+(tests/peer_triton_cases.py, run by tests/test_peer_triton.py). Not verified: compiling and
+running them on a GPU, the autotuned block configurations, and their speed; in the interpreter
+one fixed small configuration (`INTERPRETER_CONFIG`) replaces autotuning. Known weak spot: a
+table row retrieved by very many tokens is summed by one program in sequence (segments are
+not split), so a very skewed batch loads one program heavily.
 
-The interpreter is chosen when the kernels are decorated, that is when this module is first
-imported: set `TRITON_INTERPRET=1` before the import to run it on CPU tensors.
+The interpreter is chosen when a kernel is decorated, Triton's own helpers (tl.sum, tl.max)
+included: set TRITON_INTERPRET=1 before triton is first imported to run these kernels on CPU
+tensors (the tests do so in a subprocess of their own).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ if triton is not None:
         {"BLOCK_R": 8, "BLOCK_N": 8, "BLOCK_D": 128},
         warps=(4, 8),
     )
-    AUTOTUNE = dict(key=["S", "D"], prune_configs_by={"early_config_prune": _prune})
+    AUTOTUNE = {"key": ["S", "D"], "prune_configs_by": {"early_config_prune": _prune}}
 
     @triton.jit
     def _gelu(h):
@@ -278,7 +279,7 @@ def _segments(idx: torch.Tensor):
 
 def _backward_tables(x, grad_y, idx, gate, hidden, d_hidden, grad_down, grad_up, segments, dense: bool):
     order, rows, starts, counts = segments
-    U, (M, D), S = rows.shape[0], x.shape, idx.shape[1]
+    U, D, S = rows.shape[0], x.shape[1], idx.shape[1]
     if U == 0 or D == 0:
         return
 
