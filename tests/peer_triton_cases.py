@@ -118,19 +118,40 @@ def test_autograd_wrapper_matches_peer_experts():
         check(got, want.double(), 1e-5)
 
 
+def check_rounded(got, want):
+    """Within one bf16 step of the float64 result, element by element: sums held in float32, rounded once.
+
+    One step, not half: the interpreter truncates float32 to bf16 where a GPU rounds to nearest.
+    """
+    err = (got.double() - want).abs()
+    bound = want.abs() * 2**-7 + want.abs().max() * 1e-4
+    assert (err <= bound).all(), f"worst error {(err / bound).max():.2f}x the bound"
+
+
 @pytest.mark.parametrize("name", ["general", "hot-rows"])
-def test_bfloat16_sums_in_float32(name):
-    """bf16 in, bf16 out, within bf16 rounding of the float64 result on the same (rounded) inputs."""
+@pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float32])
+def test_bfloat16_sums_in_float32(name, gate_dtype):
+    """bf16 tables and tokens in, bf16 out: each output one rounding from the float64 result of the same inputs."""
     x, idx, gate, down, up, grad_y = case(**CASES[name], dtype=torch.bfloat16)
+    gate = gate.to(gate_dtype)
     y_ref, hidden_ref, *grads_ref = reference(x, idx, gate, down, up, grad_y)
     y, hidden = pt.experts_forward(x, idx, gate, down, up)
     assert y.dtype == torch.bfloat16 and hidden.dtype == torch.float32
     check(hidden, hidden_ref, 1e-5)  # float32 sums of bf16 products
-    check(y, y_ref, 2e-2)
+    check_rounded(y, y_ref)
     grads = pt.experts_backward(grad_y, x, idx, gate, hidden, down, up)
-    for got, want in zip(grads, grads_ref):
-        assert got.dtype == torch.bfloat16
-        check(got, want, 2e-2)
+    for got, want, inp in zip(grads, grads_ref, (x, gate, down, up)):
+        assert got.dtype == inp.dtype
+        check_rounded(got, want)
+
+
+def test_no_tokens():
+    x, idx, gate, down, up, grad_y = (a[:0] if a.shape[0] == 7 else a for a in case(M=7, S=3, d=8, R=5))
+    y, hidden = pt.experts_forward(x, idx, gate, down, up)
+    assert y.shape == (0, 8) and hidden.shape == (0, 3)
+    grad_x, grad_gate, grad_down, grad_up = pt.experts_backward(grad_y, x, idx, gate, hidden, down, up)
+    assert grad_x.shape == (0, 8) and grad_gate.shape == (0, 3)
+    assert not grad_down.any() and not grad_up.any() and grad_down.shape == (5, 8)
 
 
 def test_available_in_the_interpreter():

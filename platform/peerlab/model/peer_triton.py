@@ -22,7 +22,8 @@ Three kernels, none of which builds a (M, S, d) tensor of gathered rows:
                    block of retrieved rows and block of d sums each row's segment of retrievals.
                    Every row is written by exactly one program: no atomics, and the sums come out
                    in the same order on every run.
-All sums are in float32; outputs are in the inputs' dtypes (bf16 tables give bf16 gradients).
+All sums are in float32; outputs are in the inputs' dtypes (bf16 tables give bf16 gradients),
+rounded once at the store (to nearest on a GPU; Triton's interpreter truncates).
 
 What is verified: in Triton's CPU interpreter these kernels match a float64 reference
 (tests/peer_triton_cases.py, run by tests/test_peer_triton.py). Not verified: compiling and
