@@ -25,12 +25,14 @@ Three kernels, none of which builds a (M, S, d) tensor of gathered rows:
 All sums are in float32; outputs are in the inputs' dtypes (bf16 tables give bf16 gradients),
 rounded once at the store (to nearest on a GPU; Triton's interpreter truncates).
 
-What is verified: in Triton's CPU interpreter these kernels match a float64 reference
-(tests/peer_triton_cases.py, run by tests/test_peer_triton.py). Not verified: compiling and
-running them on a GPU, the autotuned block configurations, and their speed; in the interpreter
-one fixed small configuration (`INTERPRETER_CONFIG`) replaces autotuning. Known weak spot: a
-table row retrieved by very many tokens is summed by one program in sequence (segments are
-not split), so a very skewed batch loads one program heavily.
+What is verified, without a GPU: in Triton's CPU interpreter these kernels match a float64
+reference (tests/peer_triton_cases.py, run by tests/test_peer_triton.py), and every autotune
+configuration compiles for sm_90 (H100/H200) with ptxas, without spills. Not verified: running
+them on a GPU (tests/test_peer_triton.py has a CUDA parity test for that, not yet run), which
+configuration autotuning picks, and their speed; in the interpreter one fixed small
+configuration (`INTERPRETER_CONFIG`) replaces autotuning. Known weak spot: a table row
+retrieved by very many tokens is summed by one program in sequence (segments are not split),
+so a very skewed batch loads one program heavily.
 
 The interpreter is chosen when a kernel is decorated, Triton's own helpers (tl.sum, tl.max)
 included: set TRITON_INTERPRET=1 before triton is first imported to run these kernels on CPU
@@ -246,7 +248,7 @@ def _token_grid(M: int):
 def experts_forward(x, idx, gate, down, up):
     """y (M, d) in x's dtype and hidden = down[idx] . x (M, S) in float32 (paper Eq. 4-5), in one kernel.
 
-    x (M, d); idx (M, S) int64 rows of the tables; gate (M, S); down, up (R, d).
+    x (M, d); idx (M, S) int64 rows of the tables, each in [0, R) (not checked); gate (M, S); down, up (R, d).
     """
     x, idx, gate, down, up = (a.contiguous() for a in (x, idx, gate, down, up))
     M, D = x.shape
