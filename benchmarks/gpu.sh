@@ -4,8 +4,9 @@
 #   issue 4 (default): tests/test_gpu.py (Float8 on the card, a Ray Train run on one GPU with nccl,
 #     its checkpoint and resume), bf16 against Float8 tokens/s and MFU at the largest config that
 #     fits (benchmarks/train_step.py --device cuda), and experiments/train.py on the embedded default.
-#   issue 2 (`benchmarks/gpu.sh peer`): the PEER layer against PEER-pytorch, and the whole model's
-#     tokens/s against its dense baseline.
+#   issue 2 (`benchmarks/gpu.sh peer`): the PEER layer against PEER-pytorch (and the Triton kernels:
+#     tests/test_peer_triton.py, then the peerlab-triton variant), and the whole model's tokens/s
+#     against its dense baseline.
 #
 # The machine has torch but not Ray or torchao: they travel as .gpu/site.tar.xz, made here with
 #   pip install --target .gpu/site --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
@@ -24,6 +25,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [ "$part" = peer ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PWD/platform:$PWD:/tmp/site"
+  # The Triton PEER kernels on the card (float64 parity, compiled and autotuned) before they are timed.
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_peer_triton.py 2>&1 | tee "$OUT/tests_triton.txt"
   python3 benchmarks/peer_layer.py --device cuda --dtype bfloat16 --experts 1048576 --dim 768 \
     --rounds 7 --reps 5 --json "$OUT/peer_1m_bf16.json" 2>&1 | tee "$OUT/peer_1m_bf16.txt"
   python3 benchmarks/peer_layer.py --device cuda --dtype float32 --rounds 7 --reps 5 \

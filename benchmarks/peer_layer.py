@@ -7,6 +7,8 @@ Variants, all with the same input, dim, heads, k and N:
   peerlab      peerlab.model.PEER (softmax scores, shared product keys, BatchNorm query)
   peer-pytorch PEER_pytorch.PEER(non_competing_scores=False), the PyPI package's layer
   dense        a dense GELU FFN of the same hidden size (dim -> 4*dim -> dim)
+  peerlab-triton  peerlab's layer with the experts' sums in the fused Triton kernels
+               (peerlab.model.peer_triton); CUDA only, added to the default variants there
 
 Speed: the variants alternate round by round in one process; each figure is the median
 over rounds. Memory: each variant runs in a fresh subprocess; the figure is the peak
@@ -37,9 +39,39 @@ from peerlab.model.transformer import DenseMLP
 VARIANTS = ("peerlab", "peer-pytorch", "dense")
 
 
+class TritonPEER(PEER):
+    """peerlab's PEER layer with the experts (Eq. 4-5) in the fused Triton kernels; the same retrieval and gate."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from peerlab.model.peer_triton import peer_experts_triton
+
+        lead, d = x.shape[:-1], x.shape[-1]
+        flat = x.reshape(-1, d)  # (M, d)
+        scores, indices = self.retrieve(flat)  # (M, H, k) each
+        gate = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (M, H, k)
+        h = self.expert_hidden_size
+        if h > 1:  # expert e owns neuron rows e*h .. e*h+h-1, all weighted by the expert's score
+            indices = (indices.unsqueeze(-1) * h + torch.arange(h, device=x.device)).flatten(-2)  # (M, H, k*h)
+            gate = gate.repeat_interleave(h, dim=-1)  # (M, H, k*h)
+        idx, gate = indices.flatten(1), gate.flatten(1)  # (M, S) each
+        with torch.autocast(x.device.type, enabled=False):  # in the tables' dtype, as peer_experts
+            y = peer_experts_triton(flat.to(self.down.dtype), idx, gate.to(self.down.dtype), self.down, self.up)
+        return y.to(x.dtype).view(*lead, d)
+
+
+def default_variants(device: str) -> tuple[str, ...]:
+    """All variants; peerlab-triton only on CUDA with Triton installed."""
+    if device.startswith("cuda"):
+        from peerlab.model.peer_triton import triton_available
+
+        if triton_available(device):
+            return (*VARIANTS, "peerlab-triton")
+    return VARIANTS
+
+
 def build(variant: str, args) -> nn.Module:
     root = int(round(args.experts**0.5))
-    if variant == "peerlab":
+    if variant in ("peerlab", "peerlab-triton"):
         cfg = PeerConfig(
             num_experts=args.experts,
             product_key_dim=[root, root],
@@ -48,7 +80,7 @@ def build(variant: str, args) -> nn.Module:
             query_dim=args.dim,
             batch_norm_query=True,
         )
-        layer = PEER(cfg, args.dim)
+        layer = (PEER if variant == "peerlab" else TritonPEER)(cfg, args.dim)
     elif variant == "peer-pytorch":
         from PEER_pytorch import PEER as PeerPytorch
 
@@ -155,11 +187,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", help="comma-separated (default: all; peerlab-triton on CUDA only)")
     ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: measure one variant's memory, print JSON
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
-    args.variants = args.variants.split(",")
+    args.variants = args.variants.split(",") if args.variants else list(default_variants(args.device))
+    if "peerlab-triton" in args.variants and "peerlab-triton" not in default_variants(args.device):
+        ap.error("peerlab-triton needs a CUDA device and Triton (--device cuda)")
 
     if args.memory_of:
         print(json.dumps(measure_memory(args.memory_of, args)))

@@ -39,6 +39,7 @@ exchange such gradients row by row: `peerlab.train.distributed.exchange_rows`).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,19 @@ from peerlab.config import PeerConfig
 
 aten = torch.ops.aten
 GPU_GATHER_BYTES = 256 << 20  # gathered rows one chunk may hold on a GPU (see Bags.dots)
+# The fused Triton kernels (model/peer_triton.py) for CUDA tensors: opt-in with PEERLAB_TRITON=1 until
+# they are measured on a GPU (tested on the CPU through Triton's interpreter against float64).
+USE_TRITON = os.environ.get("PEERLAB_TRITON", "0") == "1"
+
+
+def _triton_kernels(device: torch.device):
+    """model/peer_triton.py where it serves this device (CUDA, or any in Triton's interpreter; Triton installed;
+    PEERLAB_TRITON=1), else None."""
+    if not USE_TRITON:
+        return None
+    from peerlab.model import peer_triton
+
+    return peer_triton if peer_triton.triton_available(device) else None
 
 
 def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
@@ -212,6 +226,10 @@ def experts_forward(
     Returns y (M, d), and for backward hidden (M, S) = u_e . x_t and the retrievals' order by
     table row, order (M*S,): only (M, S) activations are kept.
     """
+    fused = _triton_kernels(x.device)
+    if fused is not None:  # one kernel; its backward sorts the retrievals itself (no order kept)
+        y, hidden = fused.experts_forward(x, idx, gate, down, up)
+        return y, hidden.to(x.dtype), idx.new_empty(idx.numel())
     bags = Bags(idx, down.shape[0]).sort()
     hidden = bags.dots(down, x)  # (M, S): u_e . x_t
     y = bags.weighted_sum(up, F.gelu(hidden) * gate)  # (M, d)
@@ -234,6 +252,19 @@ def experts_backward(
     The tables' gradients are dense (R, d), or with `sparse_grad` sparse COO tensors of the
     retrieved rows only.
     """
+    fused = _triton_kernels(x.device)
+    if fused is not None and sparse_grad:
+        grad_x, grad_gate, rows, down_rows, up_rows = fused.experts_backward_rows(
+            grad_y, x, idx, gate, hidden, down, up
+        )
+        size = (down.shape[0], down.shape[1])
+        sparse = [
+            torch.sparse_coo_tensor(rows.unsqueeze(0), v, size, is_coalesced=True, check_invariants=False)
+            for v in (down_rows, up_rows)
+        ]
+        return grad_x, grad_gate, *sparse
+    if fused is not None:
+        return fused.experts_backward(grad_y, x, idx, gate, hidden, down, up)
     bags = Bags(idx, down.shape[0]).sort(order)
     grad_y = grad_y.contiguous()  # (M, d)
     act = F.gelu(hidden)  # (M, S)
