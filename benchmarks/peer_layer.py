@@ -2,6 +2,11 @@
 
     python benchmarks/peer_layer.py                      # the issue's CPU setting
     python benchmarks/peer_layer.py --device cuda --dtype bfloat16 --experts 1048576 --dim 768
+    python benchmarks/peer_layer.py --grid                # peerlab against PEER-pytorch at several shapes
+
+peerlab runs as training does by default: row-sparse table gradients (`--dense-grads` for
+dense ones) and freed memory kept for reuse (`peerlab.train.allocator`, in this process, so
+for every variant alike).
 
 Variants, all with the same input, dim, heads, k and N:
   peerlab      peerlab.model.PEER (softmax scores, shared product keys, BatchNorm query)
@@ -35,6 +40,7 @@ from torch import nn
 from peerlab.config import PeerConfig
 from peerlab.model.peer import PEER
 from peerlab.model.transformer import DenseMLP
+from peerlab.train.allocator import reuse_freed_memory
 
 VARIANTS = ("peerlab", "peer-pytorch", "dense")
 
@@ -81,6 +87,7 @@ def build(variant: str, args) -> nn.Module:
             batch_norm_query=True,
         )
         layer = (PEER if variant == "peerlab" else TritonPEER)(cfg, args.dim)
+        layer.sparse_grad = variant == "peerlab" and not args.dense_grads  # the platform's default (sparse_experts)
     elif variant == "peer-pytorch":
         from PEER_pytorch import PEER as PeerPytorch
 
@@ -174,6 +181,32 @@ def time_variants(args) -> dict[str, float]:
     return {v: tokens / statistics.median(t) for v, t in times.items()}
 
 
+# (N, heads, k, dim, batch, seq): the default shape, the ones around it, and a million experts.
+GRID = [
+    (256 * 256, 8, 16, 256, 4, 256),
+    (512 * 512, 4, 8, 192, 2, 512),
+    (128 * 128, 4, 8, 128, 8, 256),
+    (512 * 512, 8, 16, 384, 2, 256),
+    (1024 * 1024, 8, 16, 256, 4, 256),
+]
+
+
+def grid(args) -> None:
+    """tokens/s of peerlab against peer-pytorch at every shape of GRID (speed only; rounds alternate)."""
+    args.variants = ["peerlab", "peer-pytorch"]
+    grads = "dense" if args.dense_grads else "row-sparse"
+    print(f"PEER layer forward+backward, peerlab ({grads} table gradients) against peer-pytorch, {args.dtype}")
+    print(f"{'N':>9}{'heads':>6}{'k':>4}{'dim':>5}{'tokens':>9}{'peerlab tok/s':>15}{'peer-pytorch':>14}{'ratio':>8}")
+    for n, heads, k, dim, batch, seq in GRID:
+        args.experts, args.heads, args.k, args.dim, args.batch, args.seq = n, heads, k, dim, batch, seq
+        speed = time_variants(args)
+        ratio = speed["peerlab"] / speed["peer-pytorch"]
+        tokens = f"{batch}x{seq}"
+        print(
+            f"{n:>9}{heads:>6}{k:>4}{dim:>5}{tokens:>9}{speed['peerlab']:>15.0f}{speed['peer-pytorch']:>14.0f}{ratio:>7.2f}x"
+        )
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -190,7 +223,14 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", help="comma-separated (default: all; peerlab-triton on CUDA only)")
     ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: measure one variant's memory, print JSON
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument(
+        "--dense-grads", action="store_true", help="peerlab with dense table gradients (sparse_experts off)"
+    )
+    ap.add_argument("--grid", action="store_true", help="speed of peerlab against peer-pytorch at the shapes of GRID")
     args = ap.parse_args(argv)
+    reuse_freed_memory()  # as a training worker does (peerlab.train.allocator); the same process for every variant
+    if args.grid:
+        return grid(args)
     args.variants = args.variants.split(",") if args.variants else list(default_variants(args.device))
     if "peerlab-triton" in args.variants and "peerlab-triton" not in default_variants(args.device):
         ap.error("peerlab-triton needs a CUDA device and Triton (--device cuda)")
@@ -224,9 +264,23 @@ def main(argv=None) -> None:
             f"{v:<14}{speed[v]:>12.0f}{speed[v] / speed[ref]:>17.2f}x{peak:>11.1f}"
             f"{memory[v]['peak_bytes'] / memory[ref]['peak_bytes']:>17.2f}x{memory[v]['param_bytes'] / 2**20:>12.1f}"
         )
+    floor = {}
+    if (
+        args.device == "cuda"
+    ):  # the layer's table traffic against the card's bandwidth (peerlab.model.peer_bytes_per_token)
+        from peerlab.train.utilization import card_peaks
+
+        peaks = card_peaks(machine, "bf16")
+        per_token = 6 * args.heads * args.k * args.dim * torch.finfo(getattr(torch, args.dtype)).bits // 8
+        if peaks is not None:
+            for v in args.variants:
+                floor[v] = speed[v] * per_token / peaks.bandwidth
+            print(f"share of the HBM floor ({per_token:,} table bytes per token at {peaks.bandwidth / 1e9:.0f} GB/s): "
+                  + ", ".join(f"{v} {100 * f:.1f}%" for v, f in floor.items()))  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"setting": setting, "machine": machine, "tokens_per_s": speed, "memory": memory}, f, indent=1)
+            record = {"setting": setting, "machine": machine, "tokens_per_s": speed, "memory": memory}
+            json.dump({**record, "hbm_floor_share": floor}, f, indent=1)
 
 
 if __name__ == "__main__":

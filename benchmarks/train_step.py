@@ -97,6 +97,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=None, help="GPU: tokens per sequence (default: the config's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU: dense bf16 peak (default: by card name)")
     ap.add_argument("--json", help="GPU: write the figures here")
+    ap.add_argument("--compile", action="store_true", help="GPU: compile each block (train_config.compile: true)")
+    ap.add_argument(
+        "--set", action="append", default=[], help="GPU: a config override, e.g. model_config.hidden_size=2048"
+    )
     args = ap.parse_args(argv)
     if args.device != "cpu":
         gpu_precision(args)
@@ -230,7 +234,7 @@ PRECISIONS = {  # train_config overrides of each variant
 }
 
 
-def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int) -> tuple[float, int, bool]:
+def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compile_blocks: bool = False):
     """(tokens/s, peak bytes, Float8 on) of the platform's training step: its model, precision, AdamW, clipping."""
     from peerlab.model import PEER
     from peerlab.train.optim import build_optimizer, clip_grad_norm, sparse_experts_on
@@ -260,6 +264,10 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int) -> tup
             model = build_model(cfg.model_config)
         float8 = apply_float8(model, t, device)
         float8_on = float8.on
+        if compile_blocks:  # after Float8, as the worker does
+            from peerlab.train.compiling import apply_compile
+
+            apply_compile(model, replace(t, compile=True), device)
         for layer in model.modules():  # as the worker's DataParallel does (one process: no exchange)
             if isinstance(layer, PEER):
                 layer.sparse_grad = sparse_experts_on(t)
@@ -285,7 +293,7 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int) -> tup
 
 def gpu_precision(args) -> None:
     """bf16 against Float8 on the GPU: the PEER model with as many PEER layers as fit, and its dense baseline."""
-    base = load_config(args.config)
+    base = load_config(args.config, args.set)
     m = base.model_config
     batch = args.batch or base.train_config.per_device_train_batch_size
     seq = args.seq or base.dataset_config.max_seq_length
@@ -296,7 +304,8 @@ def gpu_precision(args) -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     print(
         f"training step on {name} ({total / 2**30:.0f} GiB, bf16 peak {peak} TFLOP/s), torch {torch.__version__}, "
-        f"{args.config}: batch {batch} x {seq} tokens, tf32 {base.train_config.tf32}; MFU is against the dense bf16 peak (Float8 peak: 2x)"
+        f"{args.config} {' '.join(args.set)}: batch {batch} x {seq} tokens, tf32 {base.train_config.tf32}, "
+        f"compiled blocks {args.compile}; MFU is against the dense bf16 peak (Float8 peak: 2x)"
     )
 
     # The most PEER layers whose weights, gradients and AdamW state fill at most 3/4 of the card
@@ -337,7 +346,7 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
     a later variant that does not fit is reported as such."""
     rows = []
     for i, (precision, overrides) in enumerate(PRECISIONS.items()):
-        cfg = load_config(args.config, [model_override, *overrides])
+        cfg = load_config(args.config, [*args.set, model_override, *overrides])
         m = cfg.model_config
         params = sum(parameter_formulas(m).values())
         peer_layers = peer_layer_count(m)
@@ -347,7 +356,9 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
             "precision": precision,
         }
         try:
-            rate, peak_bytes, float8_on = step_rate(cfg, torch.device(args.device), batch, seq, args.reps, args.rounds)
+            rate, peak_bytes, float8_on = step_rate(
+                cfg, torch.device(args.device), batch, seq, args.reps, args.rounds, compile_blocks=args.compile
+            )
         except torch.OutOfMemoryError:
             if i == 0:
                 raise

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -132,7 +133,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--max-concurrent", type=int, help="trials at once (default: what the resources allow)")
     ap.add_argument("--cpus-per-trial", type=float, help="CPUs of each trial (default: shared out)")
-    ap.add_argument("--gpus-per-trial", type=float, help="GPUs of each trial in local mode (default: 1 if GPUs)")
+    ap.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs of each trial in local mode (default: 1 if GPUs); a fraction (0.25) runs several trials on one "
+        "GPU, each with that share of its memory as a cap",
+    )
     ap.add_argument("--workers-per-trial", type=int, default=0, help="Ray Train workers per trial (0: local mode)")
     ap.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
     ap.add_argument("--resume", action="store_true", help="continue the sweep of this name")
@@ -389,14 +395,15 @@ def resources(args: argparse.Namespace, trials: list[Trial], cpus: float, gpus: 
     concurrent = min(concurrent, len(trials))
     # Leave every concurrent trial's Ray Data read tasks their CPUs, or the trials wait on data forever.
     reserve = DATA_CPUS * datasets * concurrent + 0.05
-    per_trial = args.cpus_per_trial or max(0.1, round((cpus - reserve) / concurrent, 2))
+    per_trial = args.cpus_per_trial or max(0.1, math.floor(100 * (cpus - reserve) / concurrent) / 100)  # never up
     if per_trial * concurrent + reserve > cpus + 1e-9 and not args.cpus_per_trial:
         concurrent = max(1, int((cpus - reserve) // per_trial))
     return Resources(per_trial, gpus_per_trial, 0, concurrent)
 
 
-def check_fits(trials: list[Trial], res: Resources, memory_bytes: float, gpu_bytes: float | None) -> None:
-    """Weights, gradients and AdamW state of the biggest trial against the memory it would run in."""
+def check_fits(trials: list[Trial], res: Resources, memory_bytes: float, gpu_bytes: float | None) -> int:
+    """Weights, gradients and AdamW state of the biggest trial against the memory it would run in (its share of a
+    GPU with a fractional --gpus-per-trial); returns those bytes."""
     from peerlab.model.size import memory_estimate, parameter_formulas
 
     def need(trial: Trial) -> int:
@@ -414,7 +421,14 @@ def check_fits(trials: list[Trial], res: Resources, memory_bytes: float, gpu_byt
                 f"state (activations come on top) but a GPU has {gpu_bytes / gib:.1f} GiB: use train_config.fsdp "
                 f"with more --workers-per-trial, or fewer experts"
             )
-        return
+        share = res.gpus_per_trial * gpu_bytes
+        if 0 < res.gpus_per_trial < 1 and per_trial > share:
+            raise UsageError(
+                f"--gpus-per-trial {res.gpus_per_trial:g}: a trial's memory cap is {share / gib:.1f} GiB of the GPU's "
+                f"{gpu_bytes / gib:.1f} GiB, but trial {biggest.trial_id} needs {per_trial / gib:.1f} GiB for weights, "
+                f"gradients and AdamW state: use a larger --gpus-per-trial"
+            )
+        return per_trial
     running = per_trial * max(res.max_concurrent, 1) * max(res.workers_per_trial, 1)
     if running > memory_bytes:
         raise UsageError(
@@ -422,6 +436,22 @@ def check_fits(trials: list[Trial], res: Resources, memory_bytes: float, gpu_byt
             f"state (trial {biggest.trial_id}: {per_trial / gib:.1f} GiB each) but this machine has "
             f"{memory_bytes / gib:.1f} GiB available: lower --max-concurrent, or fewer experts"
         )
+    return per_trial
+
+
+def gpu_sharing(res: Resources, per_trial: int, gpu_bytes: float | None) -> str | None:
+    """The plan's line for trials that share a GPU (a fractional --gpus-per-trial), or None."""
+    if gpu_bytes is None or not 0 < res.gpus_per_trial < 1 or res.workers_per_trial:
+        return None
+    gib = 2**30
+    share = res.gpus_per_trial * gpu_bytes
+    by_memory = int(gpu_bytes // max(per_trial, 1))
+    return (
+        f"GPU sharing: {int(1 / res.gpus_per_trial + 1e-9)} trials per GPU, each capped at {share / gib:.1f} GiB of its "
+        f"{gpu_bytes / gib:.1f} GiB (torch.cuda.set_per_process_memory_fraction); a trial needs "
+        f"{per_trial / gib:.2f} GiB for weights, gradients and AdamW state, activations on top, so by that count "
+        f"{by_memory} would fit"
+    )
 
 
 def available_memory() -> float:
@@ -512,11 +542,20 @@ def main(argv: list[str] | None = None) -> int:
         pass
     planned = mixplan.planned() if mixplan else optuna_plan.num_samples if optuna_plan else len(trials)
     sized = trials * max(1, planned // len(trials))  # what the resources are shared by
+    if args.gpus_per_trial is not None and (
+        args.gpus_per_trial < 0 or (args.gpus_per_trial > 1 and args.gpus_per_trial % 1)
+    ):
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: give a fraction of one GPU (0.25) or whole GPUs")
+    if (args.gpus_per_trial or 0) > 0 and local and not gpus:
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: this machine has no GPU (torch sees none)")
+    per_trial_bytes = 0
     if local:
         res = resources(args, sized, cpus, gpus)
-        check_fits(trials, res, available_memory(), gpu_bytes)
+        per_trial_bytes = check_fits(trials, res, available_memory(), gpu_bytes)
     if args.dry_run:
         print_plan(trials, res if local else resources(args, sized, cpus, gpus), info, mixplan)
+        if local and (line := gpu_sharing(res, per_trial_bytes, gpu_bytes)):
+            print(line)
         return 0
 
     import ray
@@ -529,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         cpus, gpus = cluster.get("CPU", cpus), cluster.get("GPU", 0.0)
         res = resources(args, sized, cpus, gpus)
         node_memory = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-        check_fits(trials, res, node_memory or available_memory(), gpu_bytes)
+        per_trial_bytes = check_fits(trials, res, node_memory or available_memory(), gpu_bytes)
+    if line := gpu_sharing(res, per_trial_bytes, gpu_bytes):
+        print(line, flush=True)
     print(f"Ray dashboard: {url or 'not running'}", flush=True)
     if logs and not args.verbose:
         print(f"Ray's logs: {logs} (--verbose shows them here)", flush=True)

@@ -191,3 +191,17 @@ def test_sparse_experts_on_cuda_match_dense_gradients_and_train(demo_corpus, tmp
     assert json.loads((tmp_path / "sp" / "run_info.json").read_text())["device"] == "cuda"
     got = losses(tmp_path / "sp")
     assert len(got) == 6 and got[-1] < got[0]
+
+
+def test_a_trial_sharing_the_gpu_keeps_to_its_memory_share(demo_corpus, tmp_path):
+    """gpu_memory_fraction (what a trial with --gpus-per-trial 0.25 gets): the caching allocator refuses past it."""
+    from tests.test_train import losses, run, tiny
+
+    run(tiny(demo_corpus, steps=3), tmp_path / "share", gpu_memory_fraction=0.25)
+    info = json.loads((tmp_path / "share" / "run_info.json").read_text())
+    assert info["gpu_memory_fraction"] == 0.25 and info["peaks"]["source"]
+    assert len(losses(tmp_path / "share")) == 3
+    total = torch.cuda.get_device_properties(0).total_memory
+    with pytest.raises(torch.OutOfMemoryError):  # the cap is this process's from now on
+        torch.empty(int(total * 0.3), dtype=torch.uint8, device="cuda")
+    torch.cuda.set_per_process_memory_fraction(1.0)

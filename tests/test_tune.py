@@ -172,6 +172,8 @@ def test_rungs_decide_as_ray_one_trial_at_a_time_and_never_stop_the_best_trial()
         (["--mix-search", "4", "--max-repeats", "0.05"], "--max-repeats 0.05: no mix can meet it"),
         (["--mix-prior", "uniform"], "need --mix-search N"),
         (["--grid", "peer_config.num_experts=16777216"], "GiB"),  # 16.7 M experts per layer cannot fit here
+        (["--gpus-per-trial", "0.25"], "--gpus-per-trial 0.25: this machine has no GPU"),
+        (["--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5: give a fraction of one GPU (0.25) or whole GPUs"),
     ],
 )
 def test_bad_sweeps_fail_before_ray(extra, message, tmp_path, capsys, monkeypatch):
@@ -450,3 +452,27 @@ def test_optuna_search_runs_sampled_peer_and_training_settings(ray_cluster, demo
         lr = resolved["train_config"]["learning_rate"]
         assert 2 <= k <= 6 and 1e-4 <= lr <= 3e-3 and f"num_experts_per_tok={k}" in trial_id
     assert "Optuna search (TPE)" in capsys.readouterr().out
+
+
+def test_trials_sharing_a_gpu_are_sized_to_their_share(monkeypatch, capsys):
+    """--gpus-per-trial 0.25 on a (described) 80 GiB card: 4 at once, the plan says so, and a trial bigger than its
+    20 GiB share is refused in one line. The cap itself is applied on a GPU (tests/test_gpu.py)."""
+    monkeypatch.chdir(ROOT)
+    ablate = ablate_module()
+    argv = ["--custom-datasets", "configs/datasets.yaml", "--config", "configs/demo.yaml", "--gpus-per-trial", "0.25"]
+    args = ablate.arguments(argv)
+    trials, _, _ = ablate.plan(args)
+    gib = 2**30
+    res = ablate.resources(args, trials * 8, cpus=16, gpus=1)
+    assert res.gpus_per_trial == 0.25 and res.max_concurrent == 4
+    need = ablate.check_fits(trials, res, memory_bytes=64 * gib, gpu_bytes=80 * gib)
+    assert 0 < need < 20 * gib
+    line = ablate.gpu_sharing(res, need, 80 * gib)
+    assert line.startswith("GPU sharing: 4 trials per GPU, each capped at 20.0 GiB of its 80.0 GiB")
+    assert f"by that count {int(80 * gib // need)} would fit" in line
+    assert ablate.gpu_sharing(ablate.resources(ablate.arguments(argv[:4]), trials, 16, 1), need, 80 * gib) is None
+    small_card = need * 3  # the trial needs a third of it: a quarter is too little
+    with pytest.raises(ablate.UsageError):
+        ablate.check_fits(trials, res, memory_bytes=64 * gib, gpu_bytes=small_card)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"--gpus-per-trial 0.25: a trial's memory cap is .* a larger", err[0]), err

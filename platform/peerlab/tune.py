@@ -471,6 +471,11 @@ def run_trial(params: dict) -> None:
     for name in MARKERS:
         (run_dir / name).unlink(missing_ok=True)
     callbacks, options = [], {"report_to": "tune"}  # local mode: the loop reports to Tune itself
+    import ray
+
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    if 0 < share < 1:  # a GPU shared with other trials (--gpus-per-trial 0.25): its memory capped to the share
+        options["gpu_memory_fraction"] = share
     if cfg.train_config.num_workers > 0:
         from ray.tune.integration.ray_train import TuneReportCallback
 

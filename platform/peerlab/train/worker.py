@@ -188,6 +188,8 @@ def train_loop(loop_config: dict) -> dict:
     set_tf32(t)
     if place.device.type == "cuda":
         torch.cuda.set_device(place.device)
+        if loop_config.get("gpu_memory_fraction"):  # a trial sharing its GPU keeps to its share of the memory
+            torch.cuda.set_per_process_memory_fraction(loop_config["gpu_memory_fraction"], place.device)
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model_config).to(place.device)
@@ -239,6 +241,7 @@ def train_loop(loop_config: dict) -> dict:
     if place.rank == 0:
         peaks = device_peaks(place.device, compute_precision(precision["autocast"], float8.on, t.tf32))
         info = {**precision, **compiled, "sparse_experts": sparse_experts_on(t), "peaks": peaks.as_dict()}
+        info["gpu_memory_fraction"] = loop_config.get("gpu_memory_fraction") if place.device.type == "cuda" else None
         info.update(flops_per_token=flops_per_token, peer_bytes_per_token=bytes_per_token)
         write_run_info(run_dir, place, info, start_step, pids)
 
