@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from peerlab.config import PeerConfig
-from peerlab.model.peer import PEER, gather_dot, peer_experts, topk_by_groups
+from peerlab.model.peer import PEER, gather_dot, peer_experts, search_group, topk_by_groups
 
 
 def make_peer(n1, n2, k, heads, dim=16, query_dim=12, hidden=1, bn=True, seed=0) -> PEER:
@@ -70,7 +70,8 @@ def test_retrieval_equals_brute_force_top_k(n1, n2, k, heads, training, grad):
 
 
 @pytest.mark.parametrize(
-    "rows,n,k", [(300, 256, 8), (50, 1024, 16), (40, 512, 16), (64, 256, 16), (10, 64, 4), (7, 100, 3), (5, 24, 8)]
+    "rows,n,k",
+    [(300, 256, 8), (50, 1024, 16), (40, 512, 16), (64, 256, 16), (10, 64, 4), (7, 100, 3), (5, 24, 8), (90, 128, 8)],
 )
 def test_topk_by_groups_equals_topk(rows, n, k):
     torch.manual_seed(n + k)
@@ -79,6 +80,8 @@ def test_topk_by_groups_equals_topk(rows, n, k):
     scores[1] = -torch.arange(n, dtype=torch.float32)
     values, columns = topk_by_groups(scores, k)
     want_values, want_columns = scores.topk(k, dim=-1)
+    if (n, k) == (128, 8):
+        assert search_group(n, k) == 4  # the case only groups of 4 serve
     assert torch.equal(values, want_values)
     assert torch.equal(columns, want_columns)
 

@@ -76,7 +76,12 @@ def grouped_topk_pays(n: int, k: int, group: int = 8) -> bool:
     return n % group == 0 and n // group >= 4 * k and (k * 64 > n or k >= 16)
 
 
-def topk_by_groups(scores: torch.Tensor, k: int, group: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def search_group(n: int, k: int) -> int | None:
+    """The group size `topk_by_groups` searches k of n with: 8, else 4 where only that pays, else None (torch's)."""
+    return next((group for group in (8, 4) if grouped_topk_pays(n, k, group)), None)
+
+
+def topk_by_groups(scores: torch.Tensor, k: int, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores.topk(k, dim=-1)` for (R, n) scores on CPU, searching only the k most promising groups.
 
     The n columns form n/group groups (column c is in group c mod n/group). Each of the k best
@@ -86,12 +91,15 @@ def topk_by_groups(scores: torch.Tensor, k: int, group: int = 8) -> tuple[torch.
     top-k over all n. `benchmarks/topk.py` on this project's 2-core CPU (4,096 rows): 0.71x the
     time of torch's top-k for k = 8 of 256, 0.65x for 16 of 512, 0.76x for 16 of 1,024. It is used where
     it paid: at least 4k groups, and k >= 16 unless torch's top-k takes its slow path
-    (k * 64 > n; below that torch keeps a partial sort, fast for small k).
+    (k * 64 > n; below that torch keeps a partial sort, fast for small k). Groups of 8 where
+    those pay, else of 4 (`search_group`): k = 8 of 128 sub-keys has too few groups of 8, and
+    groups of 4 take 0.75x torch's time there (8,192 rows).
     """
     R, n = scores.shape
-    groups = n // group
-    if scores.device.type != "cpu" or not grouped_topk_pays(n, k, group):
+    group = group or search_group(n, k)
+    if scores.device.type != "cpu" or group is None or not grouped_topk_pays(n, k, group):
         return scores.topk(k, dim=-1)
+    groups = n // group
     best_groups = scores.view(R, group, groups).amax(1).topk(k, dim=-1, sorted=False).indices  # (R, k)
     columns = (best_groups.unsqueeze(-1) + torch.arange(0, n, groups, device=scores.device)).view(R, k * group)
     values, pick = scores.gather(1, columns).topk(k, dim=-1)  # (R, k) of the k * group candidates
