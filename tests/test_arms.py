@@ -291,3 +291,22 @@ def test_tiny_arm_trains(demo_corpus, tmp_path, arm):
     run(cfg, tmp_path / "run")
     got = losses(tmp_path / "run")
     assert len(got) == 6 and all(math.isfinite(v) for v in got) and got[-1] < got[0]
+
+
+@pytest.mark.parametrize("make", [moe_model_config, pkm_model_config], ids=["moe", "pkm"])
+def test_arms_keep_causality_and_run_under_bf16_autocast(make):
+    """In eval mode every token is computed on its own: later tokens never change earlier logits.
+    Under CPU bf16 autocast (the mixed-precision path) both arms give finite losses and gradients."""
+    torch.manual_seed(0)
+    model = build_model(make()).double().eval()
+    ids = torch.randint(0, 97, (2, 12))
+    changed = ids.clone()
+    changed[:, 8:] = torch.randint(0, 97, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, :8], model(changed)[:, :8], rtol=1e-12, atol=1e-12)
+    model = build_model(make()).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
