@@ -68,7 +68,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)  # (T, d)
         T, K = flat.shape[0], self.top_k
         probs, gate, expert = self.route(flat)
-        # Group the T*K assignments by expert: after a stable sort, expert e's are rows starts[e]..+counts[e].
+        # Group the T*K assignments by expert: after a stable sort, expert e's are counts[e] consecutive rows.
         order = expert.flatten().argsort(stable=True)  # (T*K,)
         token = order // K  # (T*K,) token of each sorted assignment
         counts = torch.bincount(expert.flatten(), minlength=self.num_experts)  # (E,)
@@ -86,7 +86,7 @@ class MoE(nn.Module):
         if self.shared_in is not None:
             y = y + self.shared_out(F.gelu(self.shared_in(flat)))
         if self.training:
-            load = counts.to(probs.dtype) / (T * K)  # (E,) f_i * K / N
+            load = counts.to(probs.dtype) / (T * K)  # (E,) f_i / N
             f = load * self.num_experts  # (E,) f_i of Eq. 13
             P = probs.mean(0)  # (E,) P_i of Eq. 14
             self.last_load = load.detach()
