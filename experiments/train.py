@@ -45,8 +45,13 @@ PART_NAMES = {
     "dense_mlp": "dense MLP",
     "peer_experts": "PEER experts (down + up vectors)",
     "peer_keys_query": "PEER keys and query (+ BatchNorm)",
+    "moe_experts": "MoE experts (routed + shared)",
+    "moe_router": "MoE router",
+    "pkm_values": "PKM values",
+    "pkm_keys_query": "PKM keys and query (+ BatchNorm)",
     "norms": "norms (RMSNorm weights)",
 }
+NEW_ARM_PARTS = ("moe_experts", "moe_router", "pkm_values", "pkm_keys_query")
 
 
 def gib(n: int) -> str:
@@ -59,6 +64,8 @@ def describe(cfg, workers: int) -> str:
     total = sum(counts.values())
     lines = ["parameters:"]
     for part, n in counts.items():
+        if part in NEW_ARM_PARTS and n == 0:
+            continue  # the MoE and PKM parts only where that arm is used
         lines.append(f"  {PART_NAMES[part]:<42}{n:>16,}  {100 * n / total:5.1f}%")
     lines.append(f"  {'total':<42}{total:>16,}")
     lines.append("memory per worker (fp32 weights and gradients, AdamW's two fp32 moments; activations not included):")

@@ -53,6 +53,32 @@ class PeerConfig:
 
 
 @dataclass
+class MoEConfig:
+    """ffn_type moe: token-choice top-k mixture of GELU MLP experts (DeepSeekMoE; see model/moe.py)."""
+
+    num_experts: int = 8  # routed experts
+    top_k: int = 2  # routed experts per token
+    expert_size: int = 768  # hidden width of each expert (routed and shared)
+    num_shared_experts: int = 1  # always-on experts of the same size
+    balance_loss_weight: float = 0.01  # alpha of the expert-level balance loss; 0: off
+
+
+@dataclass
+class PKMConfig:
+    """ffn_type pkm: a product-key memory (Lample et al. 2019; see model/pkm.py); PEER's keys, own values."""
+
+    num_experts: int = 65536  # memory size N: value rows (product of product_key_dim)
+    num_experts_per_tok: int = 32  # k: memory rows read per token and per head
+    num_heads: int = 4  # memory heads; each has its own query, all share keys and values
+    product_key_dim: list[int] = field(default_factory=lambda: [256, 256])  # sizes of the two sub-key sets
+    query_dim: int = 256  # query size per head; each half is scored against one sub-key set
+    batch_norm_query: bool = True  # BatchNorm on the query, as in the paper
+
+
+FFN_TYPES = ("peer", "dense", "moe", "pkm")
+
+
+@dataclass
 class MLAConfig:
     q_lora_rank: Optional[int] = 1536  # rank of the query's low-rank path; null or 0: direct projection
     kv_lora_rank: int = 512  # size of the shared key/value latent (what the cache stores)
@@ -67,14 +93,17 @@ class ModelConfig:
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
-    intermediate_size: int = 3072  # dense MLP width (layers before peer_start_layer, or all when use_peer is false)
+    intermediate_size: int = 3072  # dense MLP width (layers before peer_start_layer, or all with ffn_type dense)
     vocab_size: int = 50272
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
-    use_peer: bool = True
-    peer_start_layer: int = 2  # 0-based index of the first PEER layer
+    use_peer: Optional[bool] = None  # null: from ffn_type; false is ffn_type dense, true is ffn_type peer
+    peer_start_layer: int = 2  # 0-based index of the first PEER (or MoE, PKM) layer
+    ffn_type: Optional[str] = None  # peer, dense, moe or pkm from peer_start_layer on; null: from use_peer (peer)
     peer_config: PeerConfig = field(default_factory=PeerConfig)
+    moe_config: MoEConfig = field(default_factory=MoEConfig)
+    pkm_config: PKMConfig = field(default_factory=PKMConfig)
     mla_config: MLAConfig = field(default_factory=MLAConfig)
 
 
@@ -513,6 +542,65 @@ def check_training_duration(train: TrainConfig, datasets: list[DatasetEntry], sr
             )
 
 
+def check_product_keys(p: PeerConfig | PKMConfig, pk: str, src: _Source) -> None:
+    """product_key_dim, num_experts, num_experts_per_tok and query_dim of a product-key section agree."""
+    if len(p.product_key_dim) != 2:
+        raise src.error(f"{pk}.product_key_dim", f"needs two sizes (one per sub-key set), got {p.product_key_dim}")
+    n1, n2 = p.product_key_dim
+    if n1 <= 0 or n2 <= 0:
+        raise src.error(f"{pk}.product_key_dim", f"sizes must be > 0, got {p.product_key_dim}")
+    if n1 * n2 != p.num_experts:
+        root = math.isqrt(p.num_experts)
+        fix = f"[{root}, {root}]" if root * root == p.num_experts else "two sizes whose product is num_experts"
+        raise src.error(
+            f"{pk}.product_key_dim",
+            f"{n1} x {n2} = {n1 * n2} differs from num_experts = {p.num_experts}; use {fix}",
+        )
+    if p.num_experts_per_tok > min(n1, n2):
+        raise src.error(
+            f"{pk}.num_experts_per_tok",
+            f"{p.num_experts_per_tok} is larger than the sub-key set of {min(n1, n2)} keys it is chosen from",
+        )
+    if p.query_dim % 2:
+        raise src.error(f"{pk}.query_dim", f"must be even (it is split in two halves), got {p.query_dim}")
+
+
+def ffn_type(m: ModelConfig) -> str:
+    """The feed-forward arm from peer_start_layer on: ffn_type, or from use_peer where it is null."""
+    if m.ffn_type is not None:
+        return m.ffn_type
+    return "dense" if m.use_peer is False else "peer"
+
+
+def check_arms(m: ModelConfig, src: _Source) -> None:
+    """ffn_type and use_peer agree, and the MoE and PKM sections are usable.
+
+    use_peer false is ffn_type dense, so it refuses any other ffn_type. use_peer true (the
+    spec's default, written in every reference config) lets ffn_type choose among the arms
+    that replace the dense MLP from peer_start_layer on, and refuses only ffn_type dense.
+    A null use_peer becomes whether that arm is not dense; ffn_type stays as written (null:
+    from use_peer), so a resolved config still takes a `use_peer` override.
+    """
+    if m.ffn_type is not None:
+        _one_of(m.ffn_type, FFN_TYPES, "model_config.ffn_type", src)
+        if m.use_peer is not None and m.use_peer == (m.ffn_type == "dense"):
+            raise src.error(
+                "model_config.use_peer",
+                f"{str(m.use_peer).lower()} contradicts model_config.ffn_type = {m.ffn_type} "
+                "(use_peer false is ffn_type dense); drop one of them",
+            )
+    if m.use_peer is None:
+        m.use_peer = ffn_type(m) != "dense"
+    e = m.moe_config
+    _positive(e, "model_config.moe_config", ["num_experts", "top_k", "expert_size"], src)
+    _positive(e, "model_config.moe_config", ["num_shared_experts", "balance_loss_weight"], src, allow_zero=True)
+    if e.top_k > e.num_experts:
+        raise src.error("model_config.moe_config.top_k", f"{e.top_k} is more than num_experts = {e.num_experts}")
+    k = m.pkm_config
+    _positive(k, "model_config.pkm_config", ["num_experts", "num_experts_per_tok", "num_heads", "query_dim"], src)
+    check_product_keys(k, "model_config.pkm_config", src)
+
+
 def check_config(cfg: Config, src: _Source) -> None:
     """Every range and combination check of a whole config."""
     m, p, a = cfg.model_config, cfg.model_config.peer_config, cfg.model_config.mla_config
@@ -548,27 +636,8 @@ def check_config(cfg: Config, src: _Source) -> None:
     _positive(a, "model_config.mla_config", ["kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "rope_theta"], src)
     _positive(a, "model_config.mla_config", ["q_lora_rank", "qk_nope_head_dim"], src, allow_zero=True)
 
-    # PEER: product keys
-    pk = "model_config.peer_config"
-    if len(p.product_key_dim) != 2:
-        raise src.error(f"{pk}.product_key_dim", f"needs two sizes (one per sub-key set), got {p.product_key_dim}")
-    n1, n2 = p.product_key_dim
-    if n1 <= 0 or n2 <= 0:
-        raise src.error(f"{pk}.product_key_dim", f"sizes must be > 0, got {p.product_key_dim}")
-    if n1 * n2 != p.num_experts:
-        root = math.isqrt(p.num_experts)
-        fix = f"[{root}, {root}]" if root * root == p.num_experts else "two sizes whose product is num_experts"
-        raise src.error(
-            f"{pk}.product_key_dim",
-            f"{n1} x {n2} = {n1 * n2} differs from num_experts = {p.num_experts}; use {fix}",
-        )
-    if p.num_experts_per_tok > min(n1, n2):
-        raise src.error(
-            f"{pk}.num_experts_per_tok",
-            f"{p.num_experts_per_tok} is larger than the sub-key set of {min(n1, n2)} keys it is chosen from",
-        )
-    if p.query_dim % 2:
-        raise src.error(f"{pk}.query_dim", f"must be even (it is split in two halves), got {p.query_dim}")
+    check_product_keys(p, "model_config.peer_config", src)
+    check_arms(m, src)
     if not 0 <= m.peer_start_layer < m.num_hidden_layers:
         raise src.error(
             "model_config.peer_start_layer",

@@ -1,8 +1,11 @@
-"""The PEER/MLA language model: `build_model(model_config)`."""
+"""The PEER/MLA language model (and its MoE, PKM and dense arms): `build_model(model_config)`."""
 
 from peerlab.model.mla import MLA, LayerCache
-from peerlab.model.peer import PEER, peer_experts
+from peerlab.model.moe import MoE
+from peerlab.model.peer import PEER, ProductKeys, peer_experts
+from peerlab.model.pkm import PKM
 from peerlab.model.size import (
+    arm_layer_count,
     count_parameters,
     forward_flops_per_token,
     memory_estimate,
@@ -16,8 +19,12 @@ from peerlab.model.transformer import PeerMLAModel, build_model
 __all__ = [
     "MLA",
     "PEER",
+    "PKM",
     "LayerCache",
+    "MoE",
     "PeerMLAModel",
+    "ProductKeys",
+    "arm_layer_count",
     "build_model",
     "count_parameters",
     "forward_flops_per_token",

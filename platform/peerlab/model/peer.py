@@ -423,53 +423,41 @@ def peer_experts(x, idx, gate, down, up, sparse_grad: bool = False):
     return y.to(x.dtype)
 
 
-class PEER(nn.Module):
-    """A PEER feed-forward layer: `PEER(peer_config, hidden_size)(x)` with x (..., hidden_size)."""
+class ProductKeys(nn.Module):
+    """Product-key retrieval (Lample et al. 2019, Sec. 3.2), shared by PEER and the PKM layer (model/pkm.py).
 
-    def __init__(self, config: PeerConfig, hidden_size: int, initializer_range: float = 0.02):
+    Holds the query projection (with optional BatchNorm), the two sub-key sets and the search;
+    `retrieve(x)` gives each head's k best keys of the n1 x n2 product set and their scores.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        k: int,
+        query_dim: int,
+        product_key_dim: list[int],
+        batch_norm_query: bool,
+    ):
         super().__init__()
-        self.num_heads = config.num_heads
-        self.k = config.num_experts_per_tok
-        self.query_dim = config.query_dim
-        self.expert_hidden_size = config.expert_hidden_size
-        self.n1, self.n2 = config.product_key_dim
+        self.num_heads = num_heads
+        self.k = k
+        self.query_dim = query_dim
+        self.n1, self.n2 = product_key_dim
         self.num_experts = self.n1 * self.n2
-        half = config.query_dim // 2
+        half = query_dim // 2
 
-        self.query = nn.Linear(hidden_size, config.num_heads * config.query_dim, bias=False)
-        self.query_norm = nn.BatchNorm1d(config.num_heads * config.query_dim) if config.batch_norm_query else None
+        self.query = nn.Linear(hidden_size, num_heads * query_dim, bias=False)
+        self.query_norm = nn.BatchNorm1d(num_heads * query_dim) if batch_norm_query else None
         # Both sub-key sets in one table, shared by all heads: rows 0..n1-1 are c_i, rows n1.. are c'_j.
         self.sub_keys = nn.Parameter(torch.empty(self.n1 + self.n2, half))  # (n1 + n2, query_dim/2)
         ranks = [(a, b) for a in range(self.k) for b in range(self.k) if (a + 1) * (b + 1) <= self.k]
         self.register_buffer("pair_rank1", torch.tensor([a for a, _ in ranks]), persistent=False)  # (P,)
         self.register_buffer("pair_rank2", torch.tensor([b for _, b in ranks]), persistent=False)  # (P,)
-        # Expert usage (paper, Sec. 3.4): the router score mass each expert received in training
-        # since the last read, summed over tokens and heads. A plain attribute, not a buffer:
-        # each worker keeps its own sums (DDP would overwrite buffers with rank 0's) and
-        # checkpoints stay lean. Made here and moved with the module (`_apply`), so that a compiled
-        # forward only adds to it in place.
-        self.track_usage = config.log_expert_usage
-        self.sparse_grad = False  # True: the expert tables get sparse row gradients (train_config.sparse_experts)
-        self.usage = torch.zeros(self.num_experts) if self.track_usage else None  # (N,) float32
-        rows = self.num_experts * config.expert_hidden_size
-        self.down = nn.Parameter(torch.empty(rows, hidden_size))  # u_e: one row per neuron
-        self.up = nn.Parameter(torch.empty(rows, hidden_size))  # v_e
-        self.reset_parameters(initializer_range)
 
-    def reset_parameters(self, initializer_range: float = 0.02) -> None:
-        nn.init.normal_(self.query.weight, std=initializer_range)
-        nn.init.normal_(self.down, std=initializer_range)
-        nn.init.normal_(self.up, std=initializer_range)
-        # Unit-variance queries (after BN) against keys of std 1/sqrt(query_dim/2) give scores of unit variance.
-        key_std = 1.0 / math.sqrt(self.query_dim // 2)
-        nn.init.normal_(self.sub_keys, std=key_std)
-
-    def _apply(self, fn, recurse=True):
-        """Move `usage` with the module (`.to(device)`, `.cuda()`...); it stays float32 whatever the dtype."""
-        super()._apply(fn, recurse)
-        if self.usage is not None:
-            self.usage = fn(self.usage).float()
-        return self
+    def reset_keys(self) -> None:
+        """Unit-variance queries (after BN) against keys of std 1/sqrt(query_dim/2) give scores of unit variance."""
+        nn.init.normal_(self.sub_keys, std=1.0 / math.sqrt(self.query_dim // 2))
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Product-key retrieval: x (..., d) -> (scores, indices), each (..., num_heads, k).
@@ -506,6 +494,46 @@ class PEER(nn.Module):
                 scores = best_sums
         shape = (*lead, self.num_heads, self.k)
         return scores.view(shape), indices.view(shape)
+
+
+class PEER(ProductKeys):
+    """A PEER feed-forward layer: `PEER(peer_config, hidden_size)(x)` with x (..., hidden_size)."""
+
+    def __init__(self, config: PeerConfig, hidden_size: int, initializer_range: float = 0.02):
+        super().__init__(
+            hidden_size,
+            config.num_heads,
+            config.num_experts_per_tok,
+            config.query_dim,
+            config.product_key_dim,
+            config.batch_norm_query,
+        )
+        self.expert_hidden_size = config.expert_hidden_size
+        # Expert usage (paper, Sec. 3.4): the router score mass each expert received in training
+        # since the last read, summed over tokens and heads. A plain attribute, not a buffer:
+        # each worker keeps its own sums (DDP would overwrite buffers with rank 0's) and
+        # checkpoints stay lean. Made here and moved with the module (`_apply`), so that a compiled
+        # forward only adds to it in place.
+        self.track_usage = config.log_expert_usage
+        self.sparse_grad = False  # True: the expert tables get sparse row gradients (train_config.sparse_experts)
+        self.usage = torch.zeros(self.num_experts) if self.track_usage else None  # (N,) float32
+        rows = self.num_experts * config.expert_hidden_size
+        self.down = nn.Parameter(torch.empty(rows, hidden_size))  # u_e: one row per neuron
+        self.up = nn.Parameter(torch.empty(rows, hidden_size))  # v_e
+        self.reset_parameters(initializer_range)
+
+    def reset_parameters(self, initializer_range: float = 0.02) -> None:
+        nn.init.normal_(self.query.weight, std=initializer_range)
+        nn.init.normal_(self.down, std=initializer_range)
+        nn.init.normal_(self.up, std=initializer_range)
+        self.reset_keys()
+
+    def _apply(self, fn, recurse=True):
+        """Move `usage` with the module (`.to(device)`, `.cuda()`...); it stays float32 whatever the dtype."""
+        super()._apply(fn, recurse)
+        if self.usage is not None:
+            self.usage = fn(self.usage).float()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, d = x.shape[:-1], x.shape[-1]

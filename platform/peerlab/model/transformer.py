@@ -1,9 +1,13 @@
 """The PEER/MLA decoder-only language model.
 
 A pre-norm transformer: token embedding -> num_hidden_layers blocks -> RMSNorm -> LM head.
-Each block is x + MLA(RMSNorm(x)), then x + FFN(RMSNorm(x)), where FFN is a PEER layer from
-`peer_start_layer` on (when `use_peer`) and a dense GELU MLP of `intermediate_size` before it
-(and everywhere when `use_peer` is false: the dense baseline of the same shape).
+Each block is x + MLA(RMSNorm(x)), then x + FFN(RMSNorm(x)), where FFN is, from
+`peer_start_layer` on, the arm `ffn_type` names: a PEER layer (model/peer.py), a
+mixture of experts (model/moe.py), a product-key memory (model/pkm.py), or the dense GELU
+MLP of `intermediate_size` (`dense`, or `use_peer: false`: the dense baseline of the same
+shape). Layers before `peer_start_layer` use the dense MLP in every arm.
+
+In training, the MoE layers' balance losses are added to the language-model loss.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peerlab.config import ModelConfig
+from peerlab.config import ModelConfig, ffn_type
 from peerlab.model.loss import linear_cross_entropy
 from peerlab.model.mla import MLA, LayerCache, RMSNorm
+from peerlab.model.moe import MoE
 from peerlab.model.peer import PEER
+from peerlab.model.pkm import PKM
 
 
 class DenseMLP(nn.Module):
@@ -31,7 +37,7 @@ class DenseMLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, use_peer: bool):
+    def __init__(self, config: ModelConfig, ffn: str):
         super().__init__()
         eps = config.layer_norm_eps
         self.attn_norm = RMSNorm(config.hidden_size, eps)
@@ -39,10 +45,15 @@ class Block(nn.Module):
             config.mla_config, config.hidden_size, config.num_attention_heads, config.max_position_embeddings, eps
         )
         self.mlp_norm = RMSNorm(config.hidden_size, eps)
-        if use_peer:
-            self.mlp = PEER(config.peer_config, config.hidden_size, config.initializer_range)
+        d, std = config.hidden_size, config.initializer_range
+        if ffn == "peer":
+            self.mlp = PEER(config.peer_config, d, std)
+        elif ffn == "moe":
+            self.mlp = MoE(config.moe_config, d, std)
+        elif ffn == "pkm":
+            self.mlp = PKM(config.pkm_config, d, std)
         else:
-            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+            self.mlp = DenseMLP(d, config.intermediate_size)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None, mask=None, at=None
@@ -62,7 +73,7 @@ class PeerMLAModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Block(config, use_peer=config.use_peer and i >= config.peer_start_layer)
+            Block(config, ffn_type(config) if i >= config.peer_start_layer else "dense")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_eps)
@@ -70,11 +81,11 @@ class PeerMLAModel(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Normal(0, initializer_range) for every matrix; norms at 1; PEER sets its own keys."""
+        """Normal(0, initializer_range) for every matrix; norms at 1; PEER, MoE and PKM set their own."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.config.initializer_range)
-            elif isinstance(module, PEER):
+            elif isinstance(module, (PEER, MoE, PKM)):
                 module.reset_parameters(self.config.initializer_range)
 
     def forward(
@@ -88,12 +99,18 @@ class PeerMLAModel(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab). With `cache`, input_ids are the tokens after it.
 
         With `labels` (B, T) the mean cross-entropy instead, through the fused LM-head loss
-        (`peerlab.model.loss`), which never builds the (B, T, vocab) logits. `segments` and `at`
-        as in `hidden_states` (with `at`, logits (N, vocab) at those positions only).
+        (`peerlab.model.loss`), which never builds the (B, T, vocab) logits; in training plus the
+        MoE layers' balance losses (model/moe.py) where balance_loss_weight > 0. `segments` and
+        `at` as in `hidden_states` (with `at`, logits (N, vocab) at those positions only).
         """
         h = self.hidden_states(input_ids, cache, segments, at)  # (B, T, d), or (N, d) with `at`
         if labels is not None:
-            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
+            loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
+            if self.training and self.config.moe_config.balance_loss_weight > 0:
+                for layer in self.layers:
+                    if isinstance(layer.mlp, MoE):
+                        loss = loss + layer.mlp.last_balance_loss
+            return loss
         return self.lm_head(h)  # (B, T, vocab)
 
     def hidden_states(

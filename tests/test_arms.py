@@ -1,0 +1,312 @@
+"""Feed-forward arms (ffn_type moe and pkm): slow float64 references, sizes, config errors, tiny training runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peerlab.config import ConfigError, MoEConfig, PKMConfig, load_config
+from peerlab.model import build_model, count_parameters, forward_flops_per_token, parameter_formulas
+from peerlab.model.moe import MoE
+from peerlab.model.pkm import PKM
+
+from tests.conftest import ROOT, tiny_model_config
+
+# --------------------------------------------------------------------------------------
+# MoE
+# --------------------------------------------------------------------------------------
+
+
+def make_moe(experts=6, top_k=2, size=5, shared=1, weight=0.1, dim=8, seed=0) -> MoE:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(
+        num_experts=experts, top_k=top_k, expert_size=size, num_shared_experts=shared, balance_loss_weight=weight
+    )
+    layer = MoE(cfg, dim, initializer_range=0.5).double()
+    return layer
+
+
+def moe_reference(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token: softmax scores, the top_k experts weighted by their scores, plus the shared MLP."""
+    out = []
+    for t in range(x.shape[0]):
+        s = torch.softmax(x[t] @ layer.router.weight.t(), dim=-1)  # (E,)
+        chosen = s.topk(layer.top_k).indices
+        y = torch.zeros_like(x[t])
+        for e in chosen.tolist():
+            y = y + s[e] * (F.gelu(x[t] @ layer.expert_in[e]) @ layer.expert_out[e])
+        if layer.shared_in is not None:
+            y = y + layer.shared_out.weight @ F.gelu(layer.shared_in.weight @ x[t])
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shared,top_k", [(1, 2), (0, 1), (2, 3)])
+def test_moe_matches_per_token_reference_with_gradients(shared, top_k):
+    layer = make_moe(shared=shared, top_k=top_k)
+    x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad((y * grad_out).sum(), [x, *layer.parameters()])
+    ref = moe_reference(layer, x.view(-1, 8)).view_as(x)
+    ref_grads = torch.autograd.grad((ref * grad_out).sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_moe_balance_loss_and_load_follow_the_formula():
+    """alpha * N/(K T) * sum_i (count_i) * (1/T sum_t s_it), computed here in float64 with plain loops."""
+    layer = make_moe(experts=5, top_k=2, weight=0.03)
+    layer.train()
+    x = torch.randn(40, 8, dtype=torch.float64)
+    layer(x)
+    T, K, N = 40, 2, 5
+    s = torch.softmax(x @ layer.router.weight.t(), dim=-1).detach()  # (T, N)
+    counts = [0] * N
+    for t in range(T):
+        for e in s[t].topk(K).indices.tolist():
+            counts[e] += 1
+    P = [sum(float(s[t, i]) for t in range(T)) / T for i in range(N)]
+    expected = 0.03 * sum(N / (K * T) * counts[i] * P[i] for i in range(N))
+    assert math.isclose(layer.last_balance_loss.item(), expected, rel_tol=1e-12)
+    assert layer.last_load.tolist() == pytest.approx([c / (T * K) for c in counts], abs=1e-15)
+    # its gradient reaches the router through P_i (f_i is a count)
+    (g,) = torch.autograd.grad(layer.last_balance_loss, layer.router.weight)
+    assert g.abs().sum() > 0
+
+
+def test_moe_is_capacity_free():
+    """Every token reaches exactly top_k routed experts (and the shared ones), however skewed the router."""
+    layer = make_moe(experts=4, top_k=2, shared=1)
+    with torch.no_grad():
+        layer.router.weight[0] += 5.0  # every token (all of whose features are near 1) prefers expert 0
+    x = 1.0 + 0.1 * torch.randn(50, 8, dtype=torch.float64)
+    expert = layer.route(x)[2]  # (T, K)
+    assert expert.shape == (50, 2) and all(len(set(row)) == 2 for row in expert.tolist())
+    layer.train()
+    y = layer(x)
+    assert layer.last_load.sum().item() == pytest.approx(1.0)
+    assert layer.last_load[0].item() == pytest.approx(0.5)  # expert 0 took all 50 tokens: half the assignments
+    torch.testing.assert_close(y, moe_reference(layer, x), rtol=1e-10, atol=1e-12)
+
+
+def test_model_loss_adds_balance_loss_in_training_only():
+    cfg = moe_model_config(weight=0.05)
+    model = build_model(cfg).double()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    model.train()
+    loss = model(ids, labels=ids)
+    lm = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())  # logits: the same forward, no aux
+    aux = sum(layer.mlp.last_balance_loss for layer in model.layers if isinstance(layer.mlp, MoE))
+    torch.testing.assert_close(loss, lm + aux)
+    model.eval()
+    torch.testing.assert_close(model(ids, labels=ids), F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()))
+
+
+# --------------------------------------------------------------------------------------
+# PKM
+# --------------------------------------------------------------------------------------
+
+
+def make_pkm(n1=6, n2=7, k=4, heads=3, dim=8, query_dim=10, bn=True, seed=0) -> PKM:
+    torch.manual_seed(seed)
+    cfg = PKMConfig(
+        num_experts=n1 * n2,
+        product_key_dim=[n1, n2],
+        num_experts_per_tok=k,
+        num_heads=heads,
+        query_dim=query_dim,
+        batch_norm_query=bn,
+    )
+    layer = PKM(cfg, dim, initializer_range=0.5).double()
+    if bn:  # non-trivial BatchNorm statistics and affine terms
+        layer.query_norm.running_mean.normal_()
+        layer.query_norm.running_var.uniform_(0.5, 2.0)
+        layer.query_norm.weight.data.uniform_(0.5, 1.5)
+    return layer
+
+
+def pkm_brute_force(layer: PKM, x: torch.Tensor):
+    """Score all n1*n2 keys of every head (q1.c_i + q2.c'_j) and take the top k; values by a direct sum."""
+    q = layer.query(x)
+    if layer.query_norm is not None:
+        q = layer.query_norm(q)
+    half = layer.query_dim // 2
+    q = q.view(x.shape[0], layer.num_heads, 2, half)
+    s1 = q[:, :, 0] @ layer.sub_keys[: layer.n1].t()  # (M, H, n1)
+    s2 = q[:, :, 1] @ layer.sub_keys[layer.n1 :].t()  # (M, H, n2)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (M, H, n1*n2), key i*n2 + j
+    scores, indices = full.topk(layer.k, dim=-1)
+    w = torch.softmax(scores, dim=-1)  # (M, H, k)
+    y = (w.unsqueeze(-1) * layer.values[indices]).sum((1, 2))  # (M, d)
+    return scores, indices, y
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_pkm_retrieval_and_output_match_brute_force(bn):
+    layer = make_pkm(bn=bn).eval()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    scores, indices = layer.retrieve(x)
+    ref_scores, ref_indices, ref_y = pkm_brute_force(layer, x)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(layer(x), ref_y, rtol=1e-10, atol=1e-12)
+
+
+def test_pkm_gradients_match_brute_force():
+    layer = make_pkm().train()
+    x = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    grad_out = torch.randn_like(y)
+    params = [x, layer.values, layer.query.weight, layer.sub_keys]
+    grads = torch.autograd.grad((y * grad_out).sum(), params)
+    _, _, ref = pkm_brute_force(layer, x.view(-1, 8))
+    ref_grads = torch.autograd.grad((ref.view_as(y) * grad_out).sum(), params)
+    torch.testing.assert_close(y, ref.view_as(y), rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------
+
+
+def moe_model_config(weight=0.01, **overrides):
+    moe = MoEConfig(num_experts=4, top_k=2, expert_size=12, num_shared_experts=1, balance_loss_weight=weight)
+    return tiny_model_config(ffn_type="moe", use_peer=None, moe_config=moe, **overrides)
+
+
+def pkm_model_config(bn=True, **overrides):
+    pkm = PKMConfig(
+        num_experts=48, product_key_dim=[6, 8], num_experts_per_tok=3, num_heads=2, query_dim=6, batch_norm_query=bn
+    )
+    return tiny_model_config(ffn_type="pkm", use_peer=None, pkm_config=pkm, **overrides)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        moe_model_config(),
+        moe_model_config(peer_start_layer=0),
+        pkm_model_config(),
+        pkm_model_config(bn=False),
+    ],
+    ids=["moe", "moe_from_0", "pkm", "pkm_no_bn"],
+)
+def test_parameter_formulas_match_built_arms(cfg):
+    model = build_model(cfg)
+    counts = count_parameters(model)
+    assert counts == parameter_formulas(cfg)
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    arm = {"moe": MoE, "pkm": PKM}[cfg.ffn_type]
+    start = cfg.peer_start_layer
+    assert [isinstance(layer.mlp, arm) for layer in model.layers] == [False] * start + [True] * (3 - start)
+
+
+def test_active_flops_of_the_arms():
+    m = moe_model_config()
+    f = forward_flops_per_token(m, 16)
+    e, d, layers = m.moe_config, m.hidden_size, 2
+    assert f["moe_experts"] == layers * (e.top_k + e.num_shared_experts) * 2 * 2 * d * e.expert_size
+    assert f["peer_experts"] == f["peer_search"] == f["pkm_values"] == 0
+    dense = forward_flops_per_token(tiny_model_config(use_peer=False), 16)
+    assert f["linear"] - dense["linear"] == 2 * layers * (d * e.num_experts - 2 * d * m.intermediate_size)
+    p = pkm_model_config()
+    f = forward_flops_per_token(p, 16)
+    r = p.pkm_config
+    assert f["pkm_values"] == layers * r.num_heads * r.num_experts_per_tok * 2 * d
+    assert f["pkm_search"] == layers * 2 * r.num_heads * (6 + 8) * r.query_dim // 2
+
+
+# --------------------------------------------------------------------------------------
+# Config errors
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["model_config.ffn_type=mlp"], "model_config.ffn_type (from --set): must be one of peer, dense, moe, pkm"),
+        (["model_config.ffn_type=moe", "model_config.moe_config.top_k=9"], "model_config.moe_config.top_k"),
+        (["model_config.ffn_type=peer", "model_config.use_peer=false"], "model_config.use_peer (from --set): false"),
+        (["model_config.ffn_type=moe", "model_config.use_peer=false"], "contradicts model_config.ffn_type = moe"),
+        (["model_config.ffn_type=dense", "model_config.use_peer=true"], "contradicts model_config.ffn_type = dense"),
+        (["model_config.pkm_config.num_experts=100"], "model_config.pkm_config.product_key_dim"),
+    ],
+)
+def test_arm_config_errors_are_one_line_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "demo.yaml", overrides)
+    message = str(err.value)
+    assert "\n" not in message and expected in message
+
+
+def test_use_peer_maps_onto_ffn_type():
+    from peerlab.config import ffn_type
+
+    def arm(*overrides):
+        m = load_config(ROOT / "configs" / "demo.yaml", list(overrides)).model_config
+        return ffn_type(m), m.use_peer
+
+    assert arm() == ("peer", True)
+    assert arm("model_config.use_peer=false") == ("dense", False)
+    assert arm("model_config.use_peer=null", "model_config.ffn_type=dense") == ("dense", False)
+    assert arm("model_config.ffn_type=moe") == ("moe", True)  # use_peer: true (the spec default) defers
+    assert arm("model_config.use_peer=null", "model_config.ffn_type=pkm") == ("pkm", True)
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arm",
+    [
+        [
+            "model_config.ffn_type=moe",
+            "model_config.moe_config.num_experts=4",
+            "model_config.moe_config.expert_size=64",
+        ],
+        [
+            "model_config.ffn_type=pkm",
+            "model_config.pkm_config.num_experts=1024",
+            "model_config.pkm_config.product_key_dim=[32, 32]",
+            "model_config.pkm_config.num_heads=2",
+            "model_config.pkm_config.num_experts_per_tok=8",
+            "model_config.pkm_config.query_dim=32",
+        ],
+    ],
+    ids=["moe", "pkm"],
+)
+def test_tiny_arm_trains(demo_corpus, tmp_path, arm):
+    from tests.test_train import losses, run, tiny
+
+    cfg = tiny(demo_corpus, *arm, "train_config.save_steps=100", "train_config.eval_steps=100")
+    run(cfg, tmp_path / "run")
+    got = losses(tmp_path / "run")
+    assert len(got) == 6 and all(math.isfinite(v) for v in got) and got[-1] < got[0]
+
+
+@pytest.mark.parametrize("make", [moe_model_config, pkm_model_config], ids=["moe", "pkm"])
+def test_arms_keep_causality_and_run_under_bf16_autocast(make):
+    """In eval mode every token is computed on its own: later tokens never change earlier logits.
+    Under CPU bf16 autocast (the mixed-precision path) both arms give finite losses and gradients."""
+    torch.manual_seed(0)
+    model = build_model(make()).double().eval()
+    ids = torch.randint(0, 97, (2, 12))
+    changed = ids.clone()
+    changed[:, 8:] = torch.randint(0, 97, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, :8], model(changed)[:, :8], rtol=1e-12, atol=1e-12)
+    model = build_model(make()).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
