@@ -291,6 +291,17 @@ def test_tiny_arm_trains(demo_corpus, tmp_path, arm):
     run(cfg, tmp_path / "run")
     got = losses(tmp_path / "run")
     assert len(got) == 6 and all(math.isfinite(v) for v in got) and got[-1] < got[0]
+    from peerlab.tracking import read_metrics
+
+    lines = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    moe = [key for key in lines[-1] if key.startswith("moe_load/")]
+    if "model_config.ffn_type=moe" in arm:  # the MoE layer's per-expert load and balance loss, every line
+        assert moe == ["moe_load/1"]
+        for r in lines:
+            assert len(r["moe_load/1"]) == cfg.model_config.moe_config.num_experts
+            assert sum(r["moe_load/1"]) == pytest.approx(1, abs=1e-4) and r["moe_balance_loss/1"] > 0
+    else:
+        assert moe == []
 
 
 @pytest.mark.parametrize("make", [moe_model_config, pkm_model_config], ids=["moe", "pkm"])
@@ -310,3 +321,23 @@ def test_arms_keep_causality_and_run_under_bf16_autocast(make):
     loss.backward()
     assert math.isfinite(loss.item())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("arm", ["moe", "pkm"])
+def test_float8_leaves_each_arms_router_out(arm):
+    """The MoE gate and the PKM query pick experts or memory rows: Float8 keeps them in high precision, by role."""
+    from torch import nn
+
+    from peerlab.train.precision import float8_plan
+
+    cfg = load_config(ROOT / "configs" / "config.yaml", [f"model_config.ffn_type={arm}"]).model_config
+    with torch.device("meta"):
+        model = build_model(cfg)
+    plan = float8_plan(model)
+    router = "router" if arm == "moe" else "query"
+    layers = [i for i, block in enumerate(model.layers) if isinstance(block.mlp, MoE if arm == "moe" else PKM)]
+    assert layers
+    for i in layers:
+        assert "router" in plan.skipped[f"layers.{i}.mlp.{router}"]
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(plan.converted + list(plan.skipped)) == sorted(linear)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from peerlab.config import TrainConfig
-from peerlab.model.peer import PEER
+from peerlab.model.moe import MoE
+from peerlab.model.peer import ProductKeys
 
 log = logging.getLogger("peerlab.train")
 RECIPE = "tensorwise"  # torchao's Float8 recipe: one scale per tensor
@@ -75,8 +76,8 @@ class Float8Layers:
 def float8_plan(model: nn.Module) -> Float8Layers:
     """Which linear layers Float8 converts (and why each other one is left in high precision).
 
-    Kept out by role: the LM head, and every linear layer inside a PEER layer, which is its
-    router: the query projection whose top-k picks the experts. Rounded to e4m3 it can pick
+    Kept out by role: the LM head, and every linear layer inside a PEER, PKM or MoE layer, which
+    is its router: the query projection (or gate) whose top-k picks the experts or memory rows. Rounded to e4m3 it can pick
     other experts; DeepSeek-V3 keeps its gating (and output head) out of FP8 as components
     sensitive to low precision (DeepSeek-V3 technical report, Sec. 3.3.1). Kept out by size:
     torchao's own rule for the tensorwise recipe, `torchao.float8._auto_filter_for_recipe`
@@ -91,7 +92,7 @@ def float8_plan(model: nn.Module) -> Float8Layers:
     routers = {
         f"{prefix}.{name}" if prefix else name
         for prefix, peer in model.named_modules()
-        if isinstance(peer, PEER)
+        if isinstance(peer, (ProductKeys, MoE))
         for name, m in peer.named_modules()
         if isinstance(m, nn.Linear)
     }
@@ -101,7 +102,7 @@ def float8_plan(model: nn.Module) -> Float8Layers:
             continue
         out_features, in_features = module.weight.shape
         if name in routers:
-            plan.skipped[name] = "PEER router (its top-k picks the experts)"
+            plan.skipped[name] = "router (its top-k picks the experts or memory rows)"
         elif name.split(".")[-1] == "lm_head":
             plan.skipped[name] = "LM head"
         elif out_features % 16 or in_features % 16:

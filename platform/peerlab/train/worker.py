@@ -38,6 +38,7 @@ from peerlab.data.mixture import DataMixture, DataOptions
 from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.model import build_model, peer_bytes_per_token, training_flops_per_token
+from peerlab.model.moe import MoE
 from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
@@ -304,6 +305,7 @@ def train_loop(loop_config: dict) -> dict:
                 for key in seen[0]:
                     if key.startswith("tokens_seen/"):
                         record[key] = sum(s[key] for s in seen)
+                record.update(moe_metrics(model))
             if step % t.eval_steps == 0 or step == steps:
                 sync_buffers(model, place.world)  # every rank evaluates the same BatchNorm statistics
                 if evaluates:  # (under FSDP every rank computes the same numbers; rank 0 writes them)
@@ -334,6 +336,18 @@ def train_loop(loop_config: dict) -> dict:
         lm_evaluate(cfg, model, tokenizer, steps, place, amp, run_dir, metrics.wandb)
     metrics.close()
     return last
+
+
+def moe_metrics(model: nn.Module) -> dict:
+    """Each MoE layer's last training forward (this worker's micro-batch): the share of the token-expert
+    assignments each expert got (`moe_load/<layer>`, a list summing to 1) and its balance loss."""
+    out = {}
+    for i, block in enumerate(getattr(model, "layers", [])):
+        mlp = getattr(block, "mlp", None)
+        if isinstance(mlp, MoE) and mlp.last_load is not None:
+            out[f"moe_load/{i}"] = [round(float(v), 6) for v in mlp.last_load.float().cpu()]
+            out[f"moe_balance_loss/{i}"] = float(mlp.last_balance_loss)
+    return out
 
 
 def write_run_info(run_dir: Path, place: Place, precision: dict, start_step: int, pids: list[int]) -> Path:
