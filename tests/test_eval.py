@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -542,8 +543,13 @@ def test_lm_eval_results_reach_wandb(demo_corpus, tmp_path, monkeypatch):
         demo_corpus, *eval_settings(demo_corpus, "eval_config.lm_eval_limit=2"), "wandb_config.project=t", steps=2
     )
     run(cfg, tmp_path / "wb")
-    record = next(next((tmp_path / "wb" / "wandb").glob("offline-run-*")).glob("run-*.wandb")).read_bytes()
-    assert b"lm_eval/peerlab_bpb_prose/bits_per_byte" in record and b"lm_eval/peerlab_heldout_mc/acc" in record
+    path = next(next((tmp_path / "wb" / "wandb").glob("offline-run-*")).glob("run-*.wandb"))
+    wanted = (b"lm_eval/peerlab_bpb_prose/bits_per_byte", b"lm_eval/peerlab_heldout_mc/acc")
+    deadline = time.time() + 20  # wandb's writer (its own process) may still be flushing the offline file
+    while not all(key in path.read_bytes() for key in wanted) and time.time() < deadline:
+        time.sleep(0.5)
+    record = path.read_bytes()
+    assert all(key in record for key in wanted), record[:200]
 
 
 def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_path, monkeypatch, capsys):

@@ -286,12 +286,13 @@ def test_mix_search_interrupted_by_ctrl_c_resumes_and_loses_nothing(ray_cluster,
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(sweep.glob("trials/*/done.json"))) < 2:
+    # Ctrl-C once the first trial has ended: most of the search (2 more proxies, the validation) is still to come
+    while time.time() < deadline and len(list(sweep.glob("trials/*/done.json"))) < 1:
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=180) != 0
     finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("trials/*/done.json")}
-    assert len(finished) >= 2 and not (sweep / "recommendation.json").exists()
+    assert len(finished) >= 1 and not (sweep / "recommendation.json").exists()
 
     assert ablate_module().main([*argv, "--resume"]) == 0
     table = pd.read_parquet(sweep / "mix_search.parquet")
