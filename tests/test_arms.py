@@ -341,3 +341,27 @@ def test_float8_leaves_each_arms_router_out(arm):
         assert "router" in plan.skipped[f"layers.{i}.mlp.{router}"]
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert sorted(plan.converted + list(plan.skipped)) == sorted(linear)
+
+
+def test_active_parameters_count_what_a_token_uses_in_each_arm():
+    """Against the built models: MoE leaves num_experts - top_k routed experts per layer idle, PKM all but
+    heads x k value rows; the rest of the model is used whole."""
+    from peerlab.tables import active_parameters
+
+    moe_cfg, pkm_cfg = moe_model_config(), pkm_model_config()
+    moe, pkm = build_model(moe_cfg), build_model(pkm_cfg)
+    total, active = active_parameters(moe_cfg)
+    assert total == sum(t.numel() for t in moe.parameters())
+    idle = 0
+    for layer in (b.mlp for b in moe.layers if isinstance(b.mlp, MoE)):
+        per_expert = layer.expert_in[0].numel() + layer.expert_out[0].numel()
+        idle += (layer.expert_in.shape[0] - moe_cfg.moe_config.top_k) * per_expert
+    assert idle > 0 and active == total - idle
+    total, active = active_parameters(pkm_cfg)
+    assert total == sum(t.numel() for t in pkm.parameters())
+    v = pkm_cfg.pkm_config
+    idle = sum(
+        layer.values.numel() - v.num_heads * v.num_experts_per_tok * layer.values.shape[1]
+        for layer in (b.mlp for b in pkm.layers if isinstance(b.mlp, PKM))
+    )
+    assert idle > 0 and active == total - idle
