@@ -131,16 +131,10 @@ def make_pkm(n1=6, n2=7, k=4, heads=3, dim=8, query_dim=10, bn=True, seed=0) -> 
 
 
 def pkm_brute_force(layer: PKM, x: torch.Tensor):
-    """Score all n1*n2 keys of every head (q1.c_i + q2.c'_j) and take the top k; values by a direct sum."""
-    q = layer.query(x)
-    if layer.query_norm is not None:
-        q = layer.query_norm(q)
-    half = layer.query_dim // 2
-    q = q.view(x.shape[0], layer.num_heads, 2, half)
-    s1 = q[:, :, 0] @ layer.sub_keys[: layer.n1].t()  # (M, H, n1)
-    s2 = q[:, :, 1] @ layer.sub_keys[layer.n1 :].t()  # (M, H, n2)
-    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (M, H, n1*n2), key i*n2 + j
-    scores, indices = full.topk(layer.k, dim=-1)
+    """Score all n1*n2 keys of every head and take the top k (tests/test_peer.py's search); values by a direct sum."""
+    from tests.test_peer import brute_force
+
+    scores, indices = brute_force(layer, x)  # (M, H, k) each
     w = torch.softmax(scores, dim=-1)  # (M, H, k)
     y = (w.unsqueeze(-1) * layer.values[indices]).sum((1, 2))  # (M, d)
     return scores, indices, y

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peerlab.config import PeerConfig
+from peerlab.config import PeerConfig, PKMConfig
 
 aten = torch.ops.aten
 GPU_GATHER_BYTES = 256 << 20  # gathered rows one chunk may hold on a GPU (see Bags.dots)
@@ -430,20 +430,15 @@ class ProductKeys(nn.Module):
     `retrieve(x)` gives each head's k best keys of the n1 x n2 product set and their scores.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        k: int,
-        query_dim: int,
-        product_key_dim: list[int],
-        batch_norm_query: bool,
-    ):
+    def __init__(self, config: PeerConfig | PKMConfig, hidden_size: int):
+        """`config`: its num_heads, num_experts_per_tok (k), query_dim, product_key_dim, batch_norm_query."""
         super().__init__()
+        num_heads, k, query_dim = config.num_heads, config.num_experts_per_tok, config.query_dim
+        batch_norm_query = config.batch_norm_query
         self.num_heads = num_heads
         self.k = k
         self.query_dim = query_dim
-        self.n1, self.n2 = product_key_dim
+        self.n1, self.n2 = config.product_key_dim
         self.num_experts = self.n1 * self.n2
         half = query_dim // 2
 
@@ -500,14 +495,7 @@ class PEER(ProductKeys):
     """A PEER feed-forward layer: `PEER(peer_config, hidden_size)(x)` with x (..., hidden_size)."""
 
     def __init__(self, config: PeerConfig, hidden_size: int, initializer_range: float = 0.02):
-        super().__init__(
-            hidden_size,
-            config.num_heads,
-            config.num_experts_per_tok,
-            config.query_dim,
-            config.product_key_dim,
-            config.batch_norm_query,
-        )
+        super().__init__(config, hidden_size)
         self.expert_hidden_size = config.expert_hidden_size
         # Expert usage (paper, Sec. 3.4): the router score mass each expert received in training
         # since the last read, summed over tokens and heads. A plain attribute, not a buffer:

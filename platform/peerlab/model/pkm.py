@@ -27,14 +27,7 @@ class PKM(ProductKeys):
     """`PKM(pkm_config, hidden_size)(x)` with x (..., hidden_size)."""
 
     def __init__(self, config: PKMConfig, hidden_size: int, initializer_range: float = 0.02):
-        super().__init__(
-            hidden_size,
-            config.num_heads,
-            config.num_experts_per_tok,
-            config.query_dim,
-            config.product_key_dim,
-            config.batch_norm_query,
-        )
+        super().__init__(config, hidden_size)
         self.values = nn.Parameter(torch.empty(self.num_experts, hidden_size))  # v_i: (N, d)
         self.reset_parameters(initializer_range)
 
