@@ -279,13 +279,19 @@ def test_use_peer_maps_onto_ffn_type():
     ids=["moe", "pkm"],
 )
 def test_tiny_arm_trains(demo_corpus, tmp_path, arm):
-    from tests.test_train import losses, run, tiny
+    """A run of each arm trains, is evaluated by lm-eval at its end, and continues from its checkpoint."""
+    from peerlab.tracking import read_evals, read_metrics
+    from tests.test_train import lm_eval_settings, losses, run, tiny
 
-    cfg = tiny(demo_corpus, *arm, "train_config.save_steps=100", "train_config.eval_steps=100")
+    cfg = tiny(demo_corpus, *arm, "train_config.eval_steps=100", *lm_eval_settings(demo_corpus))
     run(cfg, tmp_path / "run")
     got = losses(tmp_path / "run")
     assert len(got) == 6 and all(math.isfinite(v) for v in got) and got[-1] < got[0]
-    from peerlab.tracking import read_metrics
+    evals = read_evals(tmp_path / "run")
+    assert {r["task"] for r in evals} >= {"peerlab_bpb_prose", "peerlab_heldout_mc"}
+    assert all(math.isfinite(r["value"]) for r in evals)
+    run(tiny(demo_corpus, *arm, "train_config.eval_steps=100", steps=8), tmp_path / "run")  # from step 6's checkpoint
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == list(range(1, 9))
 
     lines = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     moe = [key for key in lines[-1] if key.startswith("moe_load/")]

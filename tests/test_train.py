@@ -644,6 +644,12 @@ def replicas(demo_corpus, tmp_path_factory):
         "fsdp": ["train_config.fsdp=true"],
         "sparse": ["train_config.sparse_experts=true"],
         "fsdp_bn": ["train_config.fsdp=true", "model_config.peer_config.batch_norm_query=true"],
+        # The other feed-forward arms, under DDP and FSDP. The MoE balance loss is off: each worker computes it
+        # on its own tokens (as each device does in DeepSeekMoE), which is not the global batch's loss.
+        "moe": MOE_ARM,
+        "moe_fsdp": [*MOE_ARM, "train_config.fsdp=true"],
+        "pkm": PKM_ARM,
+        "pkm_fsdp": [*PKM_ARM, "train_config.fsdp=true"],
     }
     cfgs = {name: to_dict(tiny(demo_corpus, *common, *extra, steps=STEPS)) for name, extra in settings.items()}
     cfgs["fsdp_bn"]["train_config"]["max_steps"] = 1  # (only its statistics are looked at)
@@ -653,8 +659,33 @@ def replicas(demo_corpus, tmp_path_factory):
     folder = tmp_path_factory.mktemp("replicas")
     in_two_processes(replica_runs, [(cfg, str(folder / f"{name}.pt")) for name, cfg in cfgs.items()], batches)
     two = {name: torch.load(folder / f"{name}.pt") for name in cfgs}
-    one = {name: replica_steps(cfgs[name], batches) for name in ("dense", "sparse")}
+    one = {name: replica_steps(cfgs[name], batches) for name in ("dense", "sparse", "moe", "pkm")}
     return two, one
+
+
+MOE_ARM = [
+    "model_config.ffn_type=moe",
+    "model_config.moe_config.num_experts=4",
+    "model_config.moe_config.expert_size=32",
+    "model_config.moe_config.balance_loss_weight=0",
+]
+PKM_ARM = [
+    "model_config.ffn_type=pkm",
+    "model_config.pkm_config.num_experts=1024",
+    "model_config.pkm_config.product_key_dim=[32, 32]",
+    "model_config.pkm_config.num_heads=2",
+    "model_config.pkm_config.num_experts_per_tok=8",
+    "model_config.pkm_config.query_dim=32",
+    "model_config.pkm_config.batch_norm_query=false",
+]
+
+
+@pytest.mark.parametrize("arm", ["moe", "pkm"])
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_moe_and_pkm_workers_train_as_one_process_on_the_global_batch(replicas, arm, fsdp):
+    """The MoE and PKM arms on 2 workers (DDP, FSDP2) train as one process on the global batch."""
+    two, one = replicas
+    assert_same_training(two[f"{arm}_fsdp" if fsdp else arm], one[arm])
 
 
 def assert_same_training(got: dict, want: dict) -> None:

@@ -346,7 +346,7 @@ def moe_metrics(model: nn.Module) -> dict:
         mlp = getattr(block, "mlp", None)
         if isinstance(mlp, MoE) and mlp.last_load is not None:
             out[f"moe_load/{i}"] = [round(float(v), 6) for v in mlp.last_load.float().cpu()]
-            out[f"moe_balance_loss/{i}"] = float(mlp.last_balance_loss)
+            out[f"moe_balance_loss/{i}"] = float(mlp.last_balance_loss.detach())
     return out
 
 
