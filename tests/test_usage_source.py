@@ -189,3 +189,36 @@ def test_tables_are_summed_across_workers(tmp_path):
         assert pd.DataFrame(got["rows"]).drop(columns=["step", "layer", "experts"]).equals(pd.DataFrame(want))
     shares = [r["mass_share"] for r in want if r["kind"] == "source"]
     assert [round(s * 6) for s in shares] == [2, 2, 2]  # two sequences of each source over the two ranks
+
+
+def test_compiled_blocks_count_by_source_as_eager_without_recompiling():
+    """torch.compile (aot_eager, whole graph) of the blocks: the same tables as eager; new source ids each step
+    do not recompile."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from peerlab.model import build_model
+    from tests.conftest import tiny_model_config
+
+    torch.manual_seed(0)
+    eager = build_model(tiny_model_config()).train()
+    compiled = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    for block in compiled.layers:
+        block.compile(backend=counter, fullgraph=True)
+    layers = {m: usage.track_sources(m, 3) for m in (eager, compiled)}
+    assert layers[eager]
+    for step, sources in enumerate([[0, 2], [1, 1], [2, 0]]):
+        ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(step))
+        for model in (eager, compiled):
+            usage.set_sources(layers[model], sources)
+            model(ids[:, :-1], labels=ids[:, 1:]).backward()
+        frames = counter.frame_count
+        if step == 0:
+            first = frames
+    assert counter.frame_count == first  # compiled once per block, on the first step
+    for a, b in zip(layers[eager], layers[compiled]):
+        torch.testing.assert_close(b.usage_by_source, a.usage_by_source)
+        torch.testing.assert_close(a.usage_by_source.sum(0), a.usage, rtol=1e-5, atol=1e-5)
+        assert (a.usage_by_source.sum(1) > 0).all()  # every source was seen
