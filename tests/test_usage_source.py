@@ -222,3 +222,37 @@ def test_compiled_blocks_count_by_source_as_eager_without_recompiling():
         torch.testing.assert_close(b.usage_by_source, a.usage_by_source)
         torch.testing.assert_close(a.usage_by_source.sum(0), a.usage, rtol=1e-5, atol=1e-5)
         assert (a.usage_by_source.sum(1) > 0).all()  # every source was seen
+
+
+def test_moe_counts_assignments_by_source():
+    """An MoE layer's usage: each expert's token assignments, in all and by the source of each token."""
+    from peerlab.config import MoEConfig
+    from peerlab.model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(num_experts=6, top_k=2, expert_size=8), 16).train()
+    model = nn.Sequential(moe)
+    assert usage.track_moe(model) == 1 and usage.usage_layers(model) == [(0, moe)]
+    layers = usage.track_sources(model, 3)
+    x = torch.randn(4, 5, 16)
+    sources = [1, 0, 1, 2]
+    usage.set_sources(layers, sources)
+    with torch.no_grad():
+        _, _, expert = moe.route(x.reshape(-1, 16))
+        moe(x)
+    want = torch.zeros(3, 6)
+    for t in range(20):
+        for e in expert[t].tolist():
+            want[sources[t // 5], e] += 1
+    assert torch.equal(moe.usage_by_source, want) and torch.equal(moe.usage, want.sum(0))
+    moe.eval()
+    moe(x)
+    assert torch.equal(moe.usage, want.sum(0))  # evaluation does not count
+    row = usage.collect(model, 3, 2.0, distributed=False)[0]
+    assert (
+        row["experts"] == 6
+        and "load_grid" not in row
+        and abs(row["usage"] - (want.sum(0) > 0).double().mean().item()) < 1e-12
+    )
+    src = [r for r in usage.collect_by_source(model, 3, ["a", "b", "c"], False) if r["kind"] == "source"]
+    assert [r["mass_share"] for r in src] == [0.25, 0.5, 0.25] and moe.usage.sum() == 0

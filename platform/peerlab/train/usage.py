@@ -13,7 +13,8 @@ and summarised per layer:
                 blocks of the n1 x n2 product-key grid (expert i * n2 + j), pooled to at most 64 x 64
 
 The rows go to `<run>/usage.parquet` and to wandb (with a histogram of z * N), and the sums
-restart. Keeping the sums costs one `index_add_` of (tokens x heads x k) scores per layer
+restart. MoE layers (model/moe.py, when `track_moe` gave them counts) get the same rows, with
+each expert's count of token assignments (top_k per token) as its mass and no load grid. Keeping the sums costs one `index_add_` of (tokens x heads x k) scores per layer
 and step.
 
 By data source. Every packed sequence of a batch comes from one dataset of the mix. The
@@ -51,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from peerlab.model.moe import MoE
 from peerlab.model.peer import PEER
 
 MAX_HOT_IDS = 64  # hot expert ids kept per row (the count is always exact)
@@ -59,11 +61,24 @@ MAX_GRID = 64  # the load grid is pooled to at most MAX_GRID x MAX_GRID cells
 
 def peer_layers(model: nn.Module) -> list[tuple[int, PEER]]:
     """(layer index, PEER module) of every PEER layer that tracks usage."""
+    return [(i, m) for i, m in usage_layers(model) if isinstance(m, PEER)]
+
+
+def usage_layers(model: nn.Module) -> list[tuple[int, PEER | MoE]]:
+    """(layer index, module) of every PEER layer that tracks usage and every MoE layer given counts by `track_moe`."""
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, PEER) and module.track_usage:
+        if (isinstance(module, PEER) and module.track_usage) or (isinstance(module, MoE) and module.usage is not None):
             found.append((int(name.split(".")[1]) if name.startswith("layers.") else len(found), module))
     return found
+
+
+def track_moe(model: nn.Module) -> int:
+    """Give every MoE layer its usage counts (E,) (they count from the next training forward); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for moe in layers:
+        moe.usage = torch.zeros(moe.num_experts, device=moe.router.weight.device)
+    return len(layers)
 
 
 def load_grid(load: torch.Tensor, grid: tuple[int, int]) -> tuple[list[int], list[float]]:
@@ -102,23 +117,15 @@ def summarise(mass: torch.Tensor, threshold: float, grid: tuple[int, int] | None
 
 
 def collect(model: nn.Module, step: int, threshold: float, distributed: bool) -> list[dict]:
-    """One row per PEER layer (summed across workers); the sums restart at zero."""
+    """One row per PEER layer (and MoE layer of `track_moe`), summed across workers; the sums restart at zero."""
     rows = []
-    for layer, peer in peer_layers(model):
-        device = peer.down.device  # NCCL all-reduces CUDA tensors only
-        mass = peer.usage.detach().clone() if peer.usage is not None else torch.zeros(peer.num_experts, device=device)
+    for layer, peer in usage_layers(model):
+        mass = peer.usage.detach().clone()  # on the module's device: NCCL all-reduces CUDA tensors only
         if distributed:
             dist.all_reduce(mass)
-        rows.append(
-            {
-                "step": step,
-                "layer": layer,
-                "experts": mass.numel(),
-                **summarise(mass.cpu(), threshold, (peer.n1, peer.n2)),
-            }
-        )
-        if peer.usage is not None:
-            peer.usage.zero_()
+        grid = (peer.n1, peer.n2) if isinstance(peer, PEER) else None  # an MoE layer has no key grid
+        rows.append({"step": step, "layer": layer, "experts": mass.numel(), **summarise(mass.cpu(), threshold, grid)})
+        peer.usage.zero_()
     return rows
 
 
@@ -154,8 +161,9 @@ def write(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
 
 
 def track_sources(model: nn.Module, num_sources: int) -> list[PEER]:
-    """Give every tracking PEER layer an (S, N) mass table by source; returns those layers (for `set_sources`)."""
-    layers = [peer for _, peer in peer_layers(model)]
+    """Give every tracking PEER (and MoE) layer an (S, N) mass table by source; returns those layers (for
+    `set_sources`)."""
+    layers = [peer for _, peer in usage_layers(model)]
     for peer in layers:
         peer.usage_by_source = torch.zeros(num_sources, peer.num_experts, device=peer.usage.device)
     return layers
@@ -237,7 +245,7 @@ def collect_by_source(model: nn.Module, step: int, names: list[str], distributed
     """The usage_by_source.parquet rows of every layer of `track_sources` (summed across workers); the tables
     restart at zero. Call it where `collect` is called, on every worker."""
     rows = []
-    for layer, peer in peer_layers(model):
+    for layer, peer in usage_layers(model):
         if peer.usage_by_source is None:
             continue
         mass = peer.usage_by_source.detach().clone()

@@ -195,7 +195,10 @@ def train_loop(loop_config: dict) -> dict:
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model_config).to(place.device)
     sources = [ds.name for ds in d.datasets]  # usage by data source: each batch's source ids go to these layers
-    by_source = usage.track_sources(model, len(sources)) if cfg.model_config.use_peer else []
+    by_source = []
+    if cfg.model_config.use_peer and cfg.model_config.peer_config.log_expert_usage:
+        usage.track_moe(model)  # an MoE arm's layers count their experts' load too
+        by_source = usage.track_sources(model, len(sources))
     float8 = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
     # each block, after Float8 and before DDP/FSDP wrap it
     compiled = apply_compile(model, t, place.device, backend=loop_config.get("compile_backend", "inductor"))
