@@ -1,4 +1,4 @@
-"""Expert usage of the PEER layers (`peer_config.log_expert_usage`, `log_freq`, `usage_threshold`).
+"""Expert usage of the PEER (and MoE) layers (`peer_config.log_expert_usage`, `log_freq`, `usage_threshold`).
 
 Each PEER layer sums, during training, the router score every expert received (zero when
 not selected), over tokens and heads: the paper's measure (Sec. 3.4). Every `log_freq` steps
@@ -13,9 +13,9 @@ and summarised per layer:
                 blocks of the n1 x n2 product-key grid (expert i * n2 + j), pooled to at most 64 x 64
 
 The rows go to `<run>/usage.parquet` and to wandb (with a histogram of z * N), and the sums
-restart. MoE layers (model/moe.py, when `track_moe` gave them counts) get the same rows, with
-each expert's count of token assignments (top_k per token) as its mass and no load grid. Keeping the sums costs one `index_add_` of (tokens x heads x k) scores per layer
-and step.
+restart. Keeping the sums costs one `index_add_` of (tokens x heads x k) scores per layer
+and step. MoE layers (model/moe.py, once `track_moe` gave them counts) get the same rows, with
+each expert's count of token assignments (top_k per token) as its mass and no load grid.
 
 By data source. Every packed sequence of a batch comes from one dataset of the mix. The
 training loop hands each tracking layer the batch's source ids before the forward
@@ -27,7 +27,8 @@ and `<run>/usage_by_source.parquet` gets, per step and layer, two kinds of rows:
 
   kind "source", one per data source s, with m = its (N,) mass and z_s = m / sum(m):
     mass_share    sum(m) over the layer's total: the source's share of the routed mass (each token
-                  and head hands out a mass of 1, so it is also its share of the tokens)
+                  and head hands out a mass of 1, each MoE token top_k assignments, so it is also
+                  its share of the tokens)
     usage, dead, kl_uniform, max_share_x_n   as above, of z_s (NaN KL for a source with no tokens)
     exclusive     share of the N experts that only this source reached
     load          z_s x N averaged over equal blocks of consecutive experts (at most 64 blocks, mean 1):
