@@ -1,8 +1,8 @@
 """Reading a sweep folder (written by experiments/ablate.py) into pandas frames.
 
-The folder holds sweep.json, trials.parquet, curves.parquet, usage.parquet and evals.parquet;
-everything but trials.parquet is optional, and so is every column the analysis does not
-strictly need. A mixture search (peerlab.mixsearch) adds mix_search.parquet, mix_fit.json and
+The folder holds sweep.json, trials.parquet, curves.parquet, usage.parquet, evals.parquet and
+usage_by_source.parquet; everything but trials.parquet is optional, and so is every column the
+analysis does not strictly need. A mixture search (peerlab.mixsearch) adds mix_search.parquet, mix_fit.json and
 recommendation.json: `load_mix_search`.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 DEFAULT_METRIC = "eval_bpb/mean"
-TABLES = ("trials", "curves", "usage", "evals")
+TABLES = ("trials", "curves", "usage", "evals", "usage_by_source")
 # lm-eval metrics where lower is better; every other lm_eval/* metric is higher-is-better.
 LOWER_BETTER_WORDS = ("loss", "bpb", "perplexity", "bits_per_byte", "ppl", "stderr")
 
@@ -30,6 +30,7 @@ class Sweep:
     curves: pd.DataFrame = field(default_factory=pd.DataFrame)
     usage: pd.DataFrame = field(default_factory=pd.DataFrame)
     evals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    usage_by_source: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def metric(self) -> str:

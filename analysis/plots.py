@@ -388,3 +388,37 @@ def ladder_plot(ladder: pd.DataFrame, metric: str, fits: dict, target: float) ->
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def source_heatmap_plot(heat: pd.DataFrame, cell: str) -> plt.Figure:
+    """Heatmap of each source's load (z_s x N) over blocks of consecutive experts, one panel per PEER layer."""
+    h = heat.head(6)
+    fig, axes = _grid(len(h), width=5.0, height=0.6 + 0.45 * max(len(s) for s in h["sources"]) + 1.2, cols=2)
+    for ax, row in zip(axes, h.itertuples(index=False)):
+        im = ax.imshow(row.grid, cmap="viridis", aspect="auto", interpolation="nearest")
+        fig.colorbar(im, ax=ax, label="load z x N (mean 1)")
+        ax.set_yticks(range(len(row.sources)), row.sources, fontsize=8)
+        ax.set_xlabel(f"expert block (of {row.grid.shape[1]}, consecutive expert ids)")
+        ax.set_title(f"layer {row.layer}: NMI(source; expert) {row.nmi:.3f}", fontsize=9)
+    fig.suptitle(f"Expert load by data source, {cell} (last snapshot, mean over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def source_mix_plot(by_cell: pd.DataFrame) -> plt.Figure:
+    """Per source, its mix weight against its dead share (left) and against the layer's dead share (right),
+    one point per cell (mean over PEER layers and seeds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    sources = list(dict.fromkeys(by_cell["source"]))
+    for i, source in enumerate(sources):
+        g = by_cell[by_cell["source"] == source]
+        for ax, stat in zip(axes.flat, ("dead", "layer_dead")):
+            ax.scatter(g["weight"], g[stat], color=f"C{i % 10}", s=18, label=source)
+    axes[0, 0].set_ylabel("share of experts the source never reached (0-1)")
+    axes[0, 1].set_ylabel("share of dead experts in the layer (0-1)")
+    for ax in axes.flat:
+        ax.set_xlabel("the source's weight in the mix")
+    axes[0, 0].legend(fontsize=7, title="source")
+    fig.suptitle("How the mix's weights move dead experts (one point per cell and source)")
+    fig.tight_layout()
+    return fig

@@ -65,6 +65,7 @@ from analysis.scales import (  # noqa: E402
     target_compute,
     winners,
 )
+from analysis.sources import pair_overlaps, source_by_cell, source_heatmaps, weight_effects  # noqa: E402
 from analysis.surrogate import recommend_mix  # noqa: E402
 
 STATS_TEXT = (
@@ -462,6 +463,8 @@ def write_report(
         if hists.empty and grids.empty:
             doc.para("This folder has no load histograms or grids (older format): those plots are skipped.")
 
+    sources_section(doc, sweep, board)
+
     doc.heading("Mixture recommendation")
     if rec is None:
         doc.para("No finished trials: no surrogate.")
@@ -485,6 +488,56 @@ def write_report(
 
 
 # --------------------------------------------------------------------------------------
+# Experts by data source (usage_by_source.parquet: analysis/sources.py)
+# --------------------------------------------------------------------------------------
+
+
+def sources_section(doc: Doc, sweep: Sweep, board: pd.DataFrame) -> None:
+    """Which experts each dataset of the mix uses: a heatmap for the best cell, and how the weights move load."""
+    doc.heading("Experts by data source")
+    t = sweep.trials
+    by_cell = source_by_cell(sweep.usage_by_source, sweep.usage, t)
+    if by_cell.empty:
+        doc.para("No usage_by_source.parquet rows: no PEER layer logged expert usage by data source.")
+        return
+    doc.para(
+        "Each PEER layer's router mass split by the dataset each training sequence came from, at the last "
+        "snapshot. Per cell and source, mean over PEER layers and seeds: the source's weight in the mix, its "
+        "share of the routed mass (its share of the tokens), the share of experts it reached (usage) and did not "
+        "reach (dead), the KL of its load to uniform (nats), the share of experts only it reached (exclusive), the "
+        "whole layer's dead share, and NMI = I(source; expert) / H(source) (0: every source spreads over the "
+        "experts alike, 1: the expert tells the source)."
+    )
+    doc.table(by_cell, "source_usage", rows=60)
+    ranked = [c for c in board["cell"] if c in set(by_cell["cell"])]
+    if ranked:
+        best = ranked[0]
+        ids = t.loc[t["cell"] == best, "trial_id"].tolist()
+        heat = source_heatmaps(sweep.usage_by_source, ids)
+        if not heat.empty:
+            doc.figure(
+                lambda: plots.source_heatmap_plot(heat, best), "source_heatmap", f"expert load by data source, {best}"
+            )
+    effects = weight_effects(by_cell)
+    doc.para(
+        "How each source's mix weight moves expert load, per setting across its mixes: the weights tried and the "
+        "Spearman correlation of the weight with the source's dead share, its KL to uniform, its mass share and "
+        "the layer's dead share (NaN with fewer than 3 distinct weights)."
+    )
+    doc.table(effects, "source_weight_effects")
+    if by_cell["weight"].notna().any():
+        doc.figure(lambda: plots.source_mix_plot(by_cell), "source_mix", "mix weight against dead experts")
+    pairs = pair_overlaps(sweep.usage_by_source, t)
+    if len(pairs):
+        doc.para(
+            "Overlap between sources' experts, per setting and layer (mean over trials): overlap = sum over experts "
+            "of min(z_a, z_b) of the two load distributions (1: the same, 0: disjoint); jaccard = shared over "
+            "combined used experts."
+        )
+        doc.table(pairs, "source_overlap")
+
+
+# --------------------------------------------------------------------------------------
 # A scale ladder (ablate.py --ladder): ladder.parquet read back into the "Across scales" section
 # --------------------------------------------------------------------------------------
 
@@ -501,7 +554,7 @@ def only_first_scale(sweep: Sweep) -> pd.DataFrame | None:
     first = scale_order(ladder)[0]
     ids = set(sweep.trials.loc[sweep.trials["scale"] == first, "trial_id"])
     sweep.trials = sweep.trials[sweep.trials["trial_id"].isin(ids)].reset_index(drop=True)
-    for name in ("curves", "usage", "evals"):
+    for name in ("curves", "usage", "evals", "usage_by_source"):
         frame = getattr(sweep, name)
         if "trial_id" in frame:
             setattr(sweep, name, frame[frame["trial_id"].isin(ids)])

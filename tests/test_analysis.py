@@ -95,6 +95,24 @@ def fail(trials: pd.DataFrame, index: int, error: str = "RuntimeError: CUDA out 
     return trials
 
 
+def write_usage_by_source(path: Path, peer: pd.DataFrame, rng) -> None:
+    """usage_by_source.parquet of the PEER trials (layers 1 and 2, steps 25 and 50), summarised by the training
+    code itself from (S, N) tables where source s reaches each expert with probability min(1, 0.2 + weight_s)."""
+    import torch
+
+    from peerlab.train.usage import summarise_sources
+
+    rows = []
+    for _, trial in peer.iterrows():
+        weights = trial[[f"weight/{d}" for d in DATASETS]].to_numpy(dtype=float)
+        for step, layer in itertools.product([25, 50], [1, 2]):
+            reach = rng.random((len(DATASETS), 64)) < np.minimum(1, 0.2 + weights[:, None])
+            mass = torch.tensor(rng.gamma(2.0, size=(len(DATASETS), 64)) * reach * weights[:, None])
+            for row in summarise_sources(mass, DATASETS):
+                rows.append({"trial_id": trial["trial_id"], "step": step, "layer": layer, "experts": 64, **row})
+    pd.DataFrame(rows).to_parquet(path / "usage_by_source.parquet", index=False)
+
+
 def write_sweep(path: Path, trials: pd.DataFrame, meta: dict | None = None, grids: bool = True) -> Path:
     """A sweep folder as experiments/ablate.py writes it: trials, curves, usage, evals (and sweep.json)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -152,6 +170,8 @@ def write_sweep(path: Path, trials: pd.DataFrame, meta: dict | None = None, grid
             )
         rows.append(row)
     pd.DataFrame(rows).to_parquet(path / "usage.parquet", index=False)
+    if grids:  # by data source (planted: a source reaches a share of the experts that grows with its weight)
+        write_usage_by_source(path, peer, rng)
     evals = ok[["trial_id", "lm_eval/demo_continuation/acc"]].rename(columns={"lm_eval/demo_continuation/acc": "value"})
     evals = pd.concat([evals.assign(step=50), evals.assign(step=25, value=evals["value"] - 0.1)])
     evals.assign(task="demo_continuation", metric="acc", stderr=0.01).to_parquet(path / "evals.parquet", index=False)
@@ -309,6 +329,31 @@ def test_usage_tables(tmp_path):
     assert kept["step"].eq(50).all() and kept["hot_kept"].between(0, 1).all()
 
 
+def test_usage_by_source_tables_find_the_planted_weight_effect(tmp_path):
+    """A source reaches more experts the more weight it has in the mix: the report's tables say so."""
+    from analysis.sources import pair_overlaps, source_by_cell, source_heatmaps, weight_effects
+
+    trials = make_trials(MIXES3, {**SETTINGS_K, "no_peer": {"peer/use_peer": False}}, seeds=2, truth=planted_best)
+    sweep = load_sweep(write_sweep(tmp_path / "s", trials, META))
+    by_cell = source_by_cell(sweep.usage_by_source, sweep.usage, sweep.trials)
+    assert len(by_cell) == 2 * 3 * 3 and by_cell["seeds"].eq(2).all()  # settings x mixes x sources
+    assert np.allclose(by_cell.groupby("cell")["mass_share"].sum(), 1) and by_cell["nmi"].between(0, 1).all()
+    web = by_cell[(by_cell["mix"] == "web_heavy") & (by_cell["source"] == "web")]
+    assert np.allclose(web["weight"], 0.6)
+    effects = weight_effects(by_cell).set_index(["setting", "source"])
+    for setting in SETTINGS_K:
+        for source in ("web", "code"):  # three weights each: more weight, fewer dead experts and more mass
+            assert effects.loc[(setting, source), "rho_dead"] == -1 and effects.loc[(setting, source), "mixes"] == 3
+            assert effects.loc[(setting, source), "rho_mass_share"] == 1
+        assert np.isnan(effects.loc[(setting, "books"), "rho_dead"])  # only two weights (0.2, 1/3)
+    ids = sweep.trials.loc[sweep.trials["cell"] == "balanced | num_experts_per_tok=16", "trial_id"].tolist()
+    heat = source_heatmaps(sweep.usage_by_source, ids)
+    assert list(heat["layer"]) == [1, 2] and all(g.shape == (3, 64) for g in heat["grid"])
+    assert heat["sources"].map(list).eq([DATASETS] * 2).all() and heat["trials"].eq(2).all()
+    pairs = pair_overlaps(sweep.usage_by_source, sweep.trials)
+    assert len(pairs) == 2 * 2 * 3 and pairs["overlap"].between(0, 1).all() and pairs["jaccard"].between(0, 1).all()
+
+
 def test_hot_turnover_on_planted_hot_ids():
     from analysis.dynamics import hot_turnover
 
@@ -365,7 +410,12 @@ def test_report_on_a_minimal_folder(tmp_path):
     assert run.returncode == 0, run.stderr
     text = (out / "report.md").read_text()
     assert "Ranked on final_loss" in text and "Best cell: **web_heavy | default**" in text
-    assert "No curves.parquet" in text and "No usage.parquet" in text and "cannot fit" in text
+    assert (
+        "No curves.parquet" in text
+        and "No usage.parquet" in text
+        and "No usage_by_source.parquet rows" in text
+        and "cannot fit" in text
+    )
     # every trial failed: still a report, with the failures and no winner
     trials = make_trials(MIXES3, SETTINGS_K, 1, planted_best)
     for i in trials.index:
@@ -583,6 +633,8 @@ def test_html_report_opens_in_headless_chromium(tmp_path):
         "usage_over_time.png",
         "load_histogram.png",
         "load_grid.png",
+        "source_heatmap.png",
+        "source_mix.png",
         "surrogate.png",
     } <= made
     assert html.count("<img") == len(made)

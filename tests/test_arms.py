@@ -300,6 +300,14 @@ def test_tiny_arm_trains(demo_corpus, tmp_path, arm):
         for r in lines:
             assert len(r["moe_load/1"]) == cfg.model_config.moe_config.num_experts
             assert sum(r["moe_load/1"]) == pytest.approx(1, abs=1e-4) and r["moe_balance_loss/1"] > 0
+        import pandas as pd
+
+        table = pd.read_parquet(tmp_path / "run" / "usage.parquet")  # expert usage over each log_freq window
+        assert set(table["layer"]) == {1} and (table["experts"] == 4).all() and table["usage"].between(0, 1).all()
+        by_source = pd.read_parquet(tmp_path / "run" / "usage_by_source.parquet")
+        src = by_source[by_source["kind"] == "source"]
+        assert set(src["step"]) == set(table["step"]) and src.groupby("step")["source"].nunique().eq(3).all()
+        assert (src.groupby("step")["mass_share"].sum() - 1).abs().lt(1e-9).all()
     else:
         assert moe == []
 

@@ -387,6 +387,20 @@ def test_expert_usage_is_written_every_log_freq(demo_corpus, tmp_path):
         assert column in table.columns
     assert ((table["usage"] > 0) & (table["usage"] <= 1)).all() and (table["experts"] == 1024).all()
     assert (table["kl_uniform"] >= 0).all() and ((table["usage"] + table["dead"] - 1).abs() < 1e-12).all()
+    # By data source: a row per source (and per pair of sources) per snapshot and layer
+    by_source = pd.read_parquet(tmp_path / "u" / "usage_by_source.parquet")
+    src = by_source[by_source["kind"] == "source"]
+    assert len(src) == 3 * 2 * len(DOMAINS) and set(src["source"]) == set(DOMAINS)
+    assert len(by_source[by_source["kind"] == "pair"]) == 3 * 2 * len(DOMAINS) * (len(DOMAINS) - 1) // 2
+    merged = src.merge(table, on=["step", "layer"], suffixes=("", "_layer"))
+    assert (merged["usage"] <= merged["usage_layer"]).all() and (merged["nmi"].between(0, 1)).all()
+    # each source's share of the routed mass is its share of the tokens trained on since the last snapshot
+    seen = {r["step"]: r for r in read_metrics(tmp_path / "u") if "tokens_seen/prose" in r}
+    for (step, layer), rows in src.groupby(["step", "layer"]):
+        tokens = {d: seen[step][f"tokens_seen/{d}"] - seen[step - 2].get(f"tokens_seen/{d}", 0) if step > 2
+                  else seen[step][f"tokens_seen/{d}"] for d in DOMAINS}  # fmt: skip
+        for row in rows.itertuples():
+            assert abs(row.mass_share - tokens[row.source] / sum(tokens.values())) < 1e-5, (step, layer, row.source)
 
 
 def test_sparse_expert_gradients_equal_dense_ones():

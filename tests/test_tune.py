@@ -340,6 +340,12 @@ def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp
     assert set(usage["trial_id"]) == set(good["trial_id"]) and set(usage["layer"]) == {1}
     row = usage.iloc[0]
     assert list(row["grid_shape"]) == [16, 16] and abs(sum(row["load_grid"]) / 256 - 1) < 1e-6
+    by_source = pd.read_parquet(sweep / "usage_by_source.parquet")  # a row per trial, snapshot, layer and source
+    src = by_source[by_source["kind"] == "source"]
+    assert set(src["trial_id"]) == set(good["trial_id"]) and set(src["layer"]) == {1}
+    per_snapshot = src.groupby(["trial_id", "step"])
+    assert per_snapshot["source"].nunique().eq(3).all() and (per_snapshot["mass_share"].sum() - 1).abs().lt(1e-6).all()
+    assert src["nmi"].dropna().between(0, 1).all() and (by_source["kind"] == "pair").any()  # NaN: one source only
     evals = pd.read_parquet(sweep / "evals.parquet")  # the end-of-run lm-eval tasks of every finished trial
     assert set(evals["trial_id"]) == set(good["trial_id"]) and evals["value"].notna().all()
     for trial_id in trials["trial_id"]:

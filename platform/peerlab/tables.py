@@ -5,6 +5,8 @@
                     wall time, parameter counts and compute
     curves.parquet  every trial's metrics.jsonl, one row per logged step
     usage.parquet   every trial's expert-usage snapshots (layer, step, usage, KL, load grid)
+    usage_by_source.parquet  every trial's expert usage by data source (peerlab.train.usage: per source
+                    and per pair of sources)
     evals.parquet   every trial's evals.jsonl (step, task, metric, value, stderr)
     ladder.parquet  a ladder's sweep only: a row per trial that ran, with its scale, sizes and compute
 
@@ -98,9 +100,9 @@ def _with_trial(frame: pd.DataFrame, trial_id: str) -> pd.DataFrame:
 
 
 def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame]:
-    """{trials, curves, usage, evals}: the four tables of the sweep, from its run folders."""
+    """{trials, curves, usage, evals, usage_by_source}: the tables of the sweep, from its run folders."""
     sweep_dir = Path(sweep_dir)
-    rows, curves, usage, evals = [], [], [], []
+    rows, curves, usage, evals, by_source = [], [], [], [], []
     for t in trials:
         run_dir = trial_dir(sweep_dir, t.trial_id)
         records = [r for r in read_metrics(run_dir) if "step" in r]
@@ -111,6 +113,8 @@ def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame
             curves.append(_with_trial(frame.reset_index(drop=True), t.trial_id))
         if (run_dir / "usage.parquet").is_file():
             usage.append(_with_trial(pd.read_parquet(run_dir / "usage.parquet"), t.trial_id))
+        if (run_dir / "usage_by_source.parquet").is_file():
+            by_source.append(_with_trial(pd.read_parquet(run_dir / "usage_by_source.parquet"), t.trial_id))
         if len(found):
             evals.append(_with_trial(found, t.trial_id))
 
@@ -123,6 +127,7 @@ def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame
         "curves": joined(curves, ["trial_id", "step"]),
         "usage": joined(usage, ["trial_id", "step", "layer"]),
         "evals": joined(evals, ["trial_id", *EVAL_KEYS]),
+        "usage_by_source": joined(by_source, ["trial_id", "step", "layer", "kind", "source"]),
     }
 
 
@@ -166,7 +171,7 @@ def ladder_frame(trials: list[Trial], table: pd.DataFrame, multiples: dict[str, 
 def write_tables(
     trials: list[Trial], sweep_dir: Path, metric: str | None = None, ladder: dict[str, float] | None = None
 ) -> dict[str, Path]:
-    """Write trials/curves/usage/evals.parquet into the sweep folder (each atomically); returns their paths.
+    """Write trials/curves/usage/evals/usage_by_source.parquet into the sweep folder (each atomically); returns their paths.
 
     A `metric` that is a weighted sum of metrics ('eval_bpb/code*0.5+eval_bpb/prose*0.5') gets a
     column of its own in trials.parquet, so the report can rank on it. A ladder's sweep (`ladder`:

@@ -22,6 +22,11 @@ tokens of the forward:
 In training mode the layer keeps `last_balance_loss` (with its gradient, which flows
 through P) and `last_load` (the share of the T*K assignments each expert got, (N,), summing
 to 1); the model adds the layers' balance losses to the language-model loss.
+
+Expert usage (peerlab.train.usage.track_moe, called by the training loop when
+peer_config.log_expert_usage is on): `usage` (E,) counts each expert's token assignments over
+the training forwards since the last read, and `usage_by_source` (S, E) the same by the data
+source of each token (`sources`, one id per sequence of the batch), as the PEER layer does.
 """
 
 from __future__ import annotations
@@ -50,11 +55,23 @@ class MoE(nn.Module):
         self.shared_out = nn.Linear(shared, d, bias=False) if shared else None
         self.last_load: torch.Tensor | None = None  # (E,) share of assignments per expert, last training forward
         self.last_balance_loss: torch.Tensor | None = None  # alpha * sum_i f_i P_i of the last training forward
+        self.usage: torch.Tensor | None = None  # (E,) float32 assignments per expert since the last read, if tracked
+        self.usage_by_source: torch.Tensor | None = None  # (S, E) the same by data source
+        self.sources: torch.Tensor | None = None  # (B,) data source of each sequence of the next training batch
         self.reset_parameters(initializer_range)
 
     def reset_parameters(self, initializer_range: float = 0.02) -> None:
         for weight in self.parameters():
             nn.init.normal_(weight, std=initializer_range)
+
+    def _apply(self, fn, recurse=True):
+        """Move the usage counts with the module; they stay float32 whatever the dtype."""
+        super()._apply(fn, recurse)
+        if self.usage is not None:
+            self.usage = fn(self.usage).float()
+        if self.usage_by_source is not None:
+            self.usage_by_source = fn(self.usage_by_source).float()
+        return self
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, d) -> (probs (T, E) float32 at least, gate (T, K), expert (T, K)): scores, top_k weights and ids."""
@@ -91,4 +108,15 @@ class MoE(nn.Module):
             P = probs.mean(0)  # (E,) P_i of Eq. 14
             self.last_load = load.detach()
             self.last_balance_loss = self.balance_loss_weight * (f * P).sum()
+            if self.usage is not None:
+                self.usage += counts.float()
+                if self.usage_by_source is not None and self.sources is not None:
+                    B = self.sources.numel()  # the batch's sequences, each from one data source
+                    if T % B:
+                        raise ValueError(f"{B} source ids for {T} tokens: set one per sequence of the batch")
+                    source = self.sources.view(B, 1).expand(B, T // B).reshape(T, 1)  # (T, 1)
+                    cells = (source * self.num_experts + expert).flatten()  # (T*K,) into (S*E)
+                    self.usage_by_source += torch.bincount(cells, minlength=self.usage_by_source.numel()).view_as(
+                        self.usage_by_source
+                    )
         return y.to(x.dtype).view(*lead, d)

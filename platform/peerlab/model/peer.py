@@ -505,6 +505,11 @@ class PEER(ProductKeys):
         self.track_usage = config.log_expert_usage
         self.sparse_grad = False  # True: the expert tables get sparse row gradients (train_config.sparse_experts)
         self.usage = torch.zeros(self.num_experts) if self.track_usage else None  # (N,) float32
+        # The same mass by data source (peerlab.train.usage.track_sources / set_sources): `usage_by_source`
+        # (S, N) float32, and `sources` (B,) the dataset index of each sequence of the next training batch.
+        # Both stay None unless the training loop sets them; row s of the table only sums source s's tokens.
+        self.usage_by_source: torch.Tensor | None = None
+        self.sources: torch.Tensor | None = None
         rows = self.num_experts * config.expert_hidden_size
         self.down = nn.Parameter(torch.empty(rows, hidden_size))  # u_e: one row per neuron
         self.up = nn.Parameter(torch.empty(rows, hidden_size))  # v_e
@@ -521,6 +526,8 @@ class PEER(ProductKeys):
         super()._apply(fn, recurse)
         if self.usage is not None:
             self.usage = fn(self.usage).float()
+        if self.usage_by_source is not None:
+            self.usage_by_source = fn(self.usage_by_source).float()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -529,7 +536,15 @@ class PEER(ProductKeys):
         scores, indices = self.retrieve(flat)  # (M, H, k) each
         gate = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # (M, H, k)
         if self.training and self.usage is not None:
-            self.usage.index_add_(0, indices.reshape(-1), gate.detach().reshape(-1).float())
+            mass = gate.detach().reshape(-1).float()  # (M*H*k,)
+            self.usage.index_add_(0, indices.reshape(-1), mass)
+            if self.usage_by_source is not None and self.sources is not None:
+                B = self.sources.numel()  # the batch's sequences, each from one data source
+                if flat.shape[0] % B:
+                    raise ValueError(f"{B} source ids for {flat.shape[0]} tokens: set one per sequence of the batch")
+                source = self.sources.view(B, 1).expand(B, flat.shape[0] // B).reshape(-1, 1)  # (M, 1)
+                cells = source * self.num_experts + indices.reshape(flat.shape[0], -1)  # (M, H*k) into (S*N)
+                self.usage_by_source.view(-1).index_add_(0, cells.reshape(-1), mass)
         h = self.expert_hidden_size
         if h > 1:  # expert e owns neuron rows e*h .. e*h+h-1, all weighted by the expert's score
             indices = (indices.unsqueeze(-1) * h + torch.arange(h, device=x.device)).flatten(-2)  # (M, H, k*h)

@@ -1,4 +1,4 @@
-"""Expert usage of the PEER layers (`peer_config.log_expert_usage`, `log_freq`, `usage_threshold`).
+"""Expert usage of the PEER (and MoE) layers (`peer_config.log_expert_usage`, `log_freq`, `usage_threshold`).
 
 Each PEER layer sums, during training, the router score every expert received (zero when
 not selected), over tokens and heads: the paper's measure (Sec. 3.4). Every `log_freq` steps
@@ -14,7 +14,33 @@ and summarised per layer:
 
 The rows go to `<run>/usage.parquet` and to wandb (with a histogram of z * N), and the sums
 restart. Keeping the sums costs one `index_add_` of (tokens x heads x k) scores per layer
-and step.
+and step. MoE layers (model/moe.py, once `track_moe` gave them counts) get the same rows, with
+each expert's count of token assignments (top_k per token) as its mass and no load grid.
+
+By data source. Every packed sequence of a batch comes from one dataset of the mix. The
+training loop hands each tracking layer the batch's source ids before the forward
+(`track_sources` once, then `set_sources` per micro-batch), and the layer adds the same scores
+into row s of an (S, N) table as well (one more `index_add_`, on the flattened S*N table with
+index s*N + expert), so the table's rows sum to the layer's (N,) sums. Evaluation forwards add
+nothing. Every `log_freq` steps (`collect_by_source`) the tables are summed across workers
+and `<run>/usage_by_source.parquet` gets, per step and layer, two kinds of rows:
+
+  kind "source", one per data source s, with m = its (N,) mass and z_s = m / sum(m):
+    mass_share    sum(m) over the layer's total: the source's share of the routed mass (each token
+                  and head hands out a mass of 1, each MoE token top_k assignments, so it is also
+                  its share of the tokens)
+    usage, dead, kl_uniform, max_share_x_n   as above, of z_s (NaN KL for a source with no tokens)
+    exclusive     share of the N experts that only this source reached
+    load          z_s x N averaged over equal blocks of consecutive experts (at most 64 blocks, mean 1):
+                  a row of the sources x experts heatmap (expert i*n2 + j: blocks follow sub-key 1)
+    mi, nmi       per layer (the same on every source row of a step): with the joint p(s, e) =
+                  mass[s, e] / total mass, mi = I(S; E) in nats and nmi = I(S; E) / H(S), in [0, 1]:
+                  0 when every source spreads its mass over the experts alike, 1 when the expert
+                  tells the source (disjoint expert sets); NaN when one source has all the mass
+  kind "pair", one per pair of sources (source < other in the mix's order):
+    overlap       sum_e min(z_a(e), z_b(e)): the mass the two load distributions share (1 = the same
+                  distribution, 0 = no expert in common)
+    jaccard       |used_a & used_b| / |used_a | used_b| over the experts each source reached
 """
 
 from __future__ import annotations
@@ -27,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from peerlab.model.moe import MoE
 from peerlab.model.peer import PEER
 
 MAX_HOT_IDS = 64  # hot expert ids kept per row (the count is always exact)
@@ -35,11 +62,24 @@ MAX_GRID = 64  # the load grid is pooled to at most MAX_GRID x MAX_GRID cells
 
 def peer_layers(model: nn.Module) -> list[tuple[int, PEER]]:
     """(layer index, PEER module) of every PEER layer that tracks usage."""
+    return [(i, m) for i, m in usage_layers(model) if isinstance(m, PEER)]
+
+
+def usage_layers(model: nn.Module) -> list[tuple[int, PEER | MoE]]:
+    """(layer index, module) of every PEER layer that tracks usage and every MoE layer given counts by `track_moe`."""
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, PEER) and module.track_usage:
+        if (isinstance(module, PEER) and module.track_usage) or (isinstance(module, MoE) and module.usage is not None):
             found.append((int(name.split(".")[1]) if name.startswith("layers.") else len(found), module))
     return found
+
+
+def track_moe(model: nn.Module) -> int:
+    """Give every MoE layer its usage counts (E,) (they count from the next training forward); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for moe in layers:
+        moe.usage = torch.zeros(moe.num_experts, device=moe.router.weight.device)
+    return len(layers)
 
 
 def load_grid(load: torch.Tensor, grid: tuple[int, int]) -> tuple[list[int], list[float]]:
@@ -78,23 +118,15 @@ def summarise(mass: torch.Tensor, threshold: float, grid: tuple[int, int] | None
 
 
 def collect(model: nn.Module, step: int, threshold: float, distributed: bool) -> list[dict]:
-    """One row per PEER layer (summed across workers); the sums restart at zero."""
+    """One row per PEER layer (and MoE layer of `track_moe`), summed across workers; the sums restart at zero."""
     rows = []
-    for layer, peer in peer_layers(model):
-        device = peer.down.device  # NCCL all-reduces CUDA tensors only
-        mass = peer.usage.detach().clone() if peer.usage is not None else torch.zeros(peer.num_experts, device=device)
+    for layer, peer in usage_layers(model):
+        mass = peer.usage.detach().clone()  # on the module's device: NCCL all-reduces CUDA tensors only
         if distributed:
             dist.all_reduce(mass)
-        rows.append(
-            {
-                "step": step,
-                "layer": layer,
-                "experts": mass.numel(),
-                **summarise(mass.cpu(), threshold, (peer.n1, peer.n2)),
-            }
-        )
-        if peer.usage is not None:
-            peer.usage.zero_()
+        grid = (peer.n1, peer.n2) if isinstance(peer, PEER) else None  # an MoE layer has no key grid
+        rows.append({"step": step, "layer": layer, "experts": mass.numel(), **summarise(mass.cpu(), threshold, grid)})
+        peer.usage.zero_()
     return rows
 
 
@@ -122,3 +154,127 @@ def write(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
                 },
                 step=r["step"],
             )
+
+
+# --------------------------------------------------------------------------------------
+# By data source
+# --------------------------------------------------------------------------------------
+
+
+def track_sources(model: nn.Module, num_sources: int) -> list[PEER]:
+    """Give every tracking PEER (and MoE) layer an (S, N) mass table by source; returns those layers (for
+    `set_sources`)."""
+    layers = [peer for _, peer in usage_layers(model)]
+    for peer in layers:
+        peer.usage_by_source = torch.zeros(num_sources, peer.num_experts, device=peer.usage.device)
+    return layers
+
+
+def set_sources(layers: list[PEER], sources) -> None:
+    """The dataset index of each sequence of the next training batch (B,), on each layer of `track_sources`."""
+    if not layers:
+        return
+    ids = torch.as_tensor(sources, dtype=torch.long).to(layers[0].usage.device, non_blocking=True)
+    for peer in layers:
+        peer.sources = ids
+
+
+def mutual_information(mass: torch.Tensor) -> tuple[float, float]:
+    """(I(S; E) in nats, I(S; E) / H(S)) of the joint p(s, e) = mass / mass.sum() of an (S, N) table."""
+    p = mass.double() / mass.double().sum()
+    ps, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)  # (S, 1), (1, N)
+    nz = p > 0
+    mi = float((p[nz] * (p[nz].log() - (ps * pe).expand_as(p)[nz].log())).sum())
+    h = float(-(ps[ps > 0] * ps[ps > 0].log()).sum())
+    return max(mi, 0.0), (min(max(mi / h, 0.0), 1.0) if h > 0 else float("nan"))
+
+
+def pooled(load: torch.Tensor) -> list[float]:
+    """An (N,) load averaged over equal blocks of consecutive experts: the most blocks, at most MAX_GRID, that
+    divide N (so the blocks' mean is the load's)."""
+    n = load.numel()
+    bins = max(b for b in range(1, min(n, MAX_GRID) + 1) if n % b == 0)
+    return load.view(bins, n // bins).mean(1).tolist()
+
+
+def summarise_sources(mass: torch.Tensor, names: list[str]) -> list[dict]:
+    """The "source" and "pair" rows (module docstring) of one layer's (S, N) mass table."""
+    mass = mass.double()
+    S, n = mass.shape
+    totals = mass.sum(1)  # (S,)
+    total = float(totals.sum())
+    used = mass > 0  # (S, N)
+    reached = used.sum(0)  # (N,) sources that reached each expert
+    mi, nmi = mutual_information(mass) if total > 0 else (float("nan"), float("nan"))
+    z = torch.where(totals[:, None] > 0, mass / totals.clamp_min(1e-300)[:, None], torch.zeros_like(mass))
+    rows = []
+    for s in range(S):
+        u = used[s]
+        rows.append(
+            {
+                "kind": "source",
+                "source": names[s],
+                "source_index": s,
+                "mass_share": float(totals[s]) / total if total > 0 else float("nan"),
+                "usage": float(u.double().mean()),
+                "dead": 1.0 - float(u.double().mean()),
+                "kl_uniform": math.log(n) + float((z[s][u] * z[s][u].log()).sum()) if totals[s] > 0 else float("nan"),
+                "max_share_x_n": float(z[s].max() * n),
+                "exclusive": float((u & (reached == 1)).double().mean()),
+                "load": pooled(z[s] * n),
+                "mi": mi,
+                "nmi": nmi,
+            }
+        )
+    for a in range(S):
+        for b in range(a + 1, S):
+            both = totals[a] > 0 and totals[b] > 0
+            union = int((used[a] | used[b]).sum())
+            rows.append(
+                {
+                    "kind": "pair",
+                    "source": names[a],
+                    "other": names[b],
+                    "overlap": float(torch.minimum(z[a], z[b]).sum()) if both else float("nan"),
+                    "jaccard": int((used[a] & used[b]).sum()) / union if union else float("nan"),
+                }
+            )
+    return rows
+
+
+def collect_by_source(model: nn.Module, step: int, names: list[str], distributed: bool) -> list[dict]:
+    """The usage_by_source.parquet rows of every layer of `track_sources` (summed across workers); the tables
+    restart at zero. Call it where `collect` is called, on every worker."""
+    rows = []
+    for layer, peer in usage_layers(model):
+        if peer.usage_by_source is None:
+            continue
+        mass = peer.usage_by_source.detach().clone()
+        if distributed:
+            dist.all_reduce(mass)
+        for row in summarise_sources(mass.cpu(), names):
+            rows.append({"step": step, "layer": layer, "experts": peer.num_experts, **row})
+        peer.usage_by_source.zero_()
+    return rows
+
+
+def write_by_source(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
+    """Append rows to <run>/usage_by_source.parquet (and log each source's dead share and each layer's nmi to wandb)."""
+    import pandas as pd
+
+    if not rows:
+        return
+    table = pd.DataFrame(rows)
+    path = Path(run_dir) / "usage_by_source.parquet"
+    if path.is_file():
+        table = pd.concat([pd.read_parquet(path), table], ignore_index=True)
+    table.to_parquet(path, index=False)
+    if wandb_run is not None:
+        for r in rows:
+            if r["kind"] == "source":
+                prefix = f"usage/layer{r['layer']}"
+                logged = {
+                    f"{prefix}/{r['source']}/dead": r["dead"],
+                    f"{prefix}/{r['source']}/kl_uniform": r["kl_uniform"],
+                }
+                wandb_run.log({**logged, f"{prefix}/nmi_source_expert": r["nmi"]}, step=r["step"])

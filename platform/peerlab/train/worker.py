@@ -194,6 +194,11 @@ def train_loop(loop_config: dict) -> dict:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model_config).to(place.device)
+    sources = [ds.name for ds in d.datasets]  # usage by data source: each batch's source ids go to these layers
+    by_source = []
+    if cfg.model_config.use_peer and cfg.model_config.peer_config.log_expert_usage:
+        usage.track_moe(model)  # an MoE arm's layers count their experts' load too
+        by_source = usage.track_sources(model, len(sources))
     float8 = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
     # each block, after Float8 and before DDP/FSDP wrap it
     compiled = apply_compile(model, t, place.device, backend=loop_config.get("compile_backend", "inductor"))
@@ -282,7 +287,7 @@ def train_loop(loop_config: dict) -> dict:
         for step in range(start_step + 1, steps + 1):
             step_start = time.perf_counter()
             micro_batches = range(t.gradient_accumulation_steps)
-            batches = (data.next_batch(t.per_device_train_batch_size)[0] for _ in micro_batches)
+            batches = (fed(by_source, *data.next_batch(t.per_device_train_batch_size)) for _ in micro_batches)
             check = functools.partial(stop_if_not_finite, step, fp16=t.fp16, place=place, run_dir=run_dir)
             step_loss, grad_norm = parallel.step(batches, optimizer, scaler, amp, t, check)
             lr = scheduler.get_last_lr()[0]
@@ -321,8 +326,10 @@ def train_loop(loop_config: dict) -> dict:
             peer = cfg.model_config.peer_config
             if cfg.model_config.use_peer and peer.log_expert_usage and (step % peer.log_freq == 0 or step == steps):
                 rows = usage.collect(model, step, peer.usage_threshold, distributed=place.world > 1)
+                source_rows = usage.collect_by_source(model, step, sources, distributed=place.world > 1)
                 if place.rank == 0:
                     usage.write(rows, run_dir, metrics.wandb)
+                    usage.write_by_source(source_rows, run_dir, metrics.wandb)
             if step % t.save_steps == 0 or step == steps:
                 save(step, final=step == steps)
             e = cfg.eval_config
@@ -336,6 +343,13 @@ def train_loop(loop_config: dict) -> dict:
         lm_evaluate(cfg, model, tokenizer, steps, place, amp, run_dir, metrics.wandb)
     metrics.close()
     return last
+
+
+def fed(layers: list, batch: torch.Tensor, sources: list[int]) -> torch.Tensor:
+    """`batch`, once its sequences' data sources are handed to the usage-tracking PEER `layers`: the generator
+    of micro-batches calls it right before each forward."""
+    usage.set_sources(layers, sources)
+    return batch
 
 
 def moe_metrics(model: nn.Module) -> dict:
