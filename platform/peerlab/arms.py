@@ -81,12 +81,12 @@ def parse_arms(value, origin: str = "--baseline") -> list[str]:
         raise ConfigError(f"{origin}: expected true, an arm or a list of arms ({', '.join(ARMS)}), got {value!r}")
     arms = []
     for a in (a.strip() for a in items):
+        if not a and isinstance(value, str):
+            continue  # 'dense,' or a trailing comma
         if a not in ARMS:
             raise ConfigError(f"{origin}: unknown arm '{a}' (the arms are {', '.join(ARMS)}; PEER is the sweep itself)")
         if a not in arms:
             arms.append(a)
-    if not arms:
-        raise ConfigError(f"{origin}: name at least one arm ({', '.join(ARMS)})")
     return arms
 
 
@@ -139,11 +139,11 @@ def _with(m: ModelConfig, key: str, value) -> ModelConfig:
     return out
 
 
-def arm_setting(m: ModelConfig, arm: str) -> dict:
-    """The setting that turns the base model into `arm`, sized as the config writes it."""
+def arm_setting(m: ModelConfig | None, arm: str) -> dict:
+    """The setting that turns the base model `m` into `arm`, sized as the config writes it."""
     if arm == "dense":  # the sweeps' dense setting since the first baseline: use_peer false (no_peer)
-        return {"use_peer": False} | ({"ffn_type": "dense"} if m.ffn_type is not None else {})
-    return {"ffn_type": arm} | ({"use_peer": True} if m.use_peer is False else {})
+        return {"use_peer": False} | ({"ffn_type": "dense"} if m is not None and m.ffn_type is not None else {})
+    return {"ffn_type": arm} | ({"use_peer": True} if m is not None and m.use_peer is False else {})
 
 
 def _arm_model(m: ModelConfig, arm: str) -> ModelConfig:
@@ -226,11 +226,18 @@ def match_arm(config: Config, arm: str, match: str | None) -> ArmSize:
     return ArmSize(arm, setting, knob, _get(base, knob), **s, ratio=ratio)
 
 
-def plan_arms(config: Config, arms: list[str], match: str | None) -> dict:
-    """What sweep.json and the dry run show: the PEER cell and each arm with its size, sizes and ratio."""
+def plan_arms(config: Config, arms: list[str], match: str | None, cells: dict[str, Config] | None = None) -> dict:
+    """What sweep.json and the dry run show: the PEER cell and each arm with its size, sizes and ratio; `cells`
+    ({setting label: config}), the sweep's other PEER settings, each with its ratio to the same PEER cell."""
     m, seq_len = config.model_config, config.dataset_config.max_seq_length
     peer = ArmSize("peer", {}, "", "", **sizes(m, seq_len), ratio=1.0)
-    rows = [peer] + [match_arm(config, a, match) for a in arms]
+    reference = getattr(peer, QUANTITY[match or "flops"])
+    others = [
+        ArmSize("peer", {}, "", label, **s, ratio=s[QUANTITY[match or "flops"]] / reference)
+        for label, c in (cells or {}).items()
+        for s in [sizes(c.model_config, c.dataset_config.max_seq_length)]
+    ]
+    rows = [peer, *others] + [match_arm(config, a, match) for a in arms]
     return {
         "match": match,
         "tolerance": TOLERANCE if match else None,
@@ -250,7 +257,7 @@ def plan_lines(info: dict) -> list[str]:
     lines = [f"baseline arms {how}:"]
     lines.append(f"  {'arm':<6} {'size':<40} {'params':>14} {'active':>14} {'FLOPs/token':>14} {'ratio':>7}")
     for r in info["arms"]:
-        size = "the PEER cell" if r["arm"] == "peer" else f"{r['knob']} = {_size(r['size'])}"
+        size = f"{r['knob']} = {_size(r['size'])}" if r["knob"] else r["size"] or "the PEER cell (the reference)"
         lines.append(
             f"  {r['arm']:<6} {size:<40} {r['params_total']:>14,} {r['params_active']:>14,} "
             f"{r['flops_per_token']:>14,} {r['ratio']:>7.3f}"
