@@ -237,3 +237,31 @@ def test_trials_table_and_leaderboard_show_flops_per_token_and_parameters(tmp_pa
     assert "1.235e+06" in first and "300000" in first  # the same over seeds: no interval
     saved = pd.read_csv(tmp_path / "synthetic" / "report" / "leaderboard.csv")
     assert (saved["flops_per_token"] == 1_234_567).all()
+
+
+# --------------------------------------------------------------------------------------
+# A real tiny sweep with the arms (Ray)
+# --------------------------------------------------------------------------------------
+
+
+def test_a_tiny_sweep_runs_every_arm_at_matched_flops(ray_cluster, demo_corpus, tmp_path, capsys):
+    import pandas as pd
+
+    from tests.test_tune import sweep_files, tiny_sets
+
+    mixes, config = sweep_files(demo_corpus, tmp_path)
+    pkm = ["num_experts=256", "product_key_dim=[16, 16]", "num_heads=2", "query_dim=16", "num_experts_per_tok=4"]
+    sets = [x for s in pkm for x in ("--set", f"model_config.pkm_config.{s}")]
+    argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, tmp_path / "out"), *sets,
+            "--mixes", "prose_mix", "--baseline", "dense,moe,pkm", "--match", "flops", "--name", "arms",
+            "--max-concurrent", "2", "--metric", "eval_loss/mean", "--no-report"]  # fmt: skip
+    assert ablate_module().main(argv) == 0
+    assert "baseline arms sized to match the training FLOPs per token" in capsys.readouterr().out
+    trials = pd.read_parquet(tmp_path / "out" / "arms" / "trials.parquet").set_index("setting")
+    assert sorted(trials.index) == ["default", "moe", "no_peer", "pkm"] and (trials["status"] == "finished").all()
+    assert trials["eval_loss/mean"].notna().all()
+    ratio = trials["flops_per_token"] / trials.loc["default", "flops_per_token"]
+    assert ((ratio - 1).abs() <= TOLERANCE).all(), ratio
+    assert (
+        trials.loc["no_peer", "params_total"] < trials.loc["default", "params_total"]
+    )  # same FLOPs, far fewer weights
