@@ -210,6 +210,7 @@ def test_the_trials_sized_arms_are_what_the_plan_says(tmp_path):
 
 def test_trials_table_and_leaderboard_show_flops_per_token_and_parameters(tmp_path):
     import pandas as pd
+    from analysis import baseline_differences
     from analysis.report import write_report
     from peerlab.config import load_mixes
     from peerlab.tables import build_tables
@@ -225,6 +226,16 @@ def test_trials_table_and_leaderboard_show_flops_per_token_and_parameters(tmp_pa
         m = arm_config(cfg, next(t.overrides for t in trials if t.setting == setting)).model_config
         assert rows.loc[setting, "flops_per_token"].iloc[0] == training_flops_per_token(m, 256)
         assert rows.loc[setting, "params_total"].iloc[0] == sum(parameter_formulas(m).values())
+    assert rows["ffn_type"].groupby(level=0).first().to_dict() == {"default": "peer", "no_peer": "dense", "moe": "moe"}
+    assert not rows.loc["moe", "peer/use_peer"].any()  # an MoE cell runs no PEER, whatever its config's use_peer says
+
+    # each PEER cell against the dense arm of its mix; the MoE arm is ranked on the leaderboard, not counted as PEER
+    settings = {"default": {}, "no_peer": {"peer/use_peer": False}, "moe": {"peer/use_peer": False}}
+    arms = make_trials(
+        MIXES3, settings, seeds=2, truth=lambda mix, w, setting, peer: 1.0 + 0.1 * (setting != "default")
+    )
+    base = baseline_differences(arms, "eval_bpb/mean", "min")
+    assert len(base) == 3 and base["cell"].str.endswith("| default").all()
 
     table = make_trials(MIXES3, SETTINGS_K, seeds=2, truth=planted_best)
     table["flops_per_token"] = 1_234_567

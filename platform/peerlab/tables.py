@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from peerlab.config import config_from_dict
+from peerlab.config import config_from_dict, ffn_type
 from peerlab.model.size import active_parameters, training_flops_per_token
 from peerlab.tracking import EVAL_KEYS, read_evals, read_metrics
 from peerlab.tune import Trial, trial_dir, trial_status
@@ -50,7 +50,8 @@ def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.Data
         "peer/expert_hidden_size": p.expert_hidden_size,
         "peer/product_key_dim": "x".join(str(n) for n in p.product_key_dim),
         "peer/peer_start_layer": m.peer_start_layer,
-        "peer/use_peer": m.use_peer,
+        "peer/use_peer": ffn_type(m) == "peer",  # whether the cell runs PEER (an MoE or PKM arm's config says true)
+        "ffn_type": ffn_type(m),  # peer, dense, moe or pkm (peerlab.arms)
         "status": status,
         "error": marker.get("error"),
         "params_total": total,
