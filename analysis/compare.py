@@ -184,15 +184,17 @@ def pairwise(trials: pd.DataFrame, metric: str, mode: str = "min") -> pd.DataFra
 
 
 def baseline_differences(trials: pd.DataFrame, metric: str, mode: str = "min", baseline: str = NO_PEER) -> pd.DataFrame:
-    """Each cell against the `baseline` setting (the dense arm) of the same mix: what PEER buys per mix.
+    """Each PEER cell against the `baseline` setting (the dense arm) of the same mix: what PEER buys per mix.
 
-    Empty when no cell has that setting. Columns as `differences`.
+    Empty when no cell has that setting. Columns as `differences`. Other arms (MoE, PKM: peer/use_peer
+    false) are left out; the leaderboard ranks them with the rest.
     """
     ok = usable(trials, metric)
     base = ok.loc[ok["setting"] == baseline, ["mix", "cell"]].drop_duplicates().rename(columns={"cell": "reference"})
     if base.empty:
         return pd.DataFrame(columns=DIFF_COLUMNS)
-    pairs = ok.loc[ok["setting"] != baseline, ["mix", "cell"]].drop_duplicates().merge(base, on="mix")
+    peer = ok["peer/use_peer"].astype(bool) if "peer/use_peer" in ok else True
+    pairs = ok.loc[(ok["setting"] != baseline) & peer, ["mix", "cell"]].drop_duplicates().merge(base, on="mix")
     out = compare_pairs(ok, pairs, metric, mode == "min")
     return out.sort_values(["reference", "diff"], ascending=[True, mode == "min"]).reset_index(drop=True)
 

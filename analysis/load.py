@@ -155,7 +155,8 @@ def metric_columns(trials: pd.DataFrame) -> list[str]:
 
 
 def cost_columns(trials: pd.DataFrame) -> list[str]:
-    return [c for c in ("tokens", "flops", "steps", "wall_s", "params_active", "params_total") if c in trials.columns]
+    costs = ("flops_per_token", "params_total", "tokens", "flops", "steps", "wall_s", "params_active")
+    return [c for c in costs if c in trials.columns]
 
 
 def lower_is_better(metric: str) -> bool:

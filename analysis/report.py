@@ -363,8 +363,14 @@ def write_report(
         doc.table(fails, "failed_trials")
 
     doc.heading("Leaderboard")
-    doc.para("Mean ± 95% half-width over seeds, ranked on the sweep's metric; tokens and FLOPs per trial.")
-    doc.table(board, "leaderboard", with_intervals(board, metrics + cost_columns(t)))
+    doc.para(
+        "Mean ± 95% half-width over seeds, ranked on the sweep's metric; each cell's model by its training FLOPs "
+        "per token and total parameters; tokens and FLOPs per trial."
+    )
+    sizes = [c for c in ("flops_per_token", "params_total") if c in t]  # the cell's model, next to the cell
+    doc.table(
+        board, "leaderboard", with_intervals(board, sizes + metrics + [c for c in cost_columns(t) if c not in sizes])
+    )
     if board[metric].notna().any():
         doc.figure(lambda: plots.leaderboard_plot(board, metric), "leaderboard", f"{metric} per cell")
     if "flops" in t and usable(t, metric)["flops"].notna().any():

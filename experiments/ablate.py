@@ -3,7 +3,7 @@
     python experiments/ablate.py --custom-datasets configs/datasets.yaml
         [--config FILE] [--set KEY=VALUE ...] [--mixes a,b]
         [--grid peer_config.num_experts_per_tok=8,16 ...] [--sample KEY=V1,V2 ... --num-samples N]
-        [--baseline] [--search-space FILE] [--seeds N] [--name SWEEP]
+        [--baseline [dense,moe,pkm] [--match flops|params|active]] [--search-space FILE] [--seeds N] [--name SWEEP]
         [--scheduler asha] [--metric eval_bpb/mean] [--mode min] [--grace-steps N]
         [--max-concurrent N] [--cpus-per-trial X] [--gpus-per-trial X] [--workers-per-trial N]
         [--address ADDR] [--resume] [--dry-run] [--no-report] [--verbose]
@@ -25,6 +25,15 @@ every cell at the smallest scale, the better `--promote` share of each scale's c
 `--pin`ned ones) at the next. It adds ladder.parquet and the report's "Across scales" section
 (rank agreement with the largest scale, a power law per cell extrapolated to --target-flops).
 The same settings can sit in the search space's `ladder:` section.
+
+`--baseline` adds a dense arm (use_peer: false, the setting `no_peer`); `--baseline dense,moe,pkm`
+adds one setting per arm (ffn_type dense, moe, pkm), crossed with the mixes and seeds. With
+`--match flops` (or `params`, `active`) each arm is sized so that its training FLOPs per token
+(or parameters, or active parameters) match the base config's PEER cell within 5%
+(peerlab.arms.match_arm: dense by intermediate_size, MoE by expert_size, PKM by k or its key
+sizes); without it the arms run as the config writes them. The plan (and --dry-run) shows each
+arm's size, parameters, FLOPs per token and ratio to the PEER cell. The same settings can sit
+in the search space (`baseline: [dense, moe]`, `match: flops`).
 
 The mixes file may name the sweep's base config (`base_config:`) and its PEER search space
 (`search_space:`, a file or the section inline), relative to itself: configs/datasets.yaml
@@ -60,6 +69,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from peerlab.arms import ARMS, plan_arms, plan_lines  # noqa: E402
 from peerlab.cli import (  # noqa: E402
     INTERRUPTED,
     UsageError,
@@ -73,6 +83,7 @@ from peerlab.config import ConfigError, config_from_dict, load_mixes_file, to_di
 from peerlab.ladder import LadderError, ladder_options, parse_scales  # noqa: E402
 from peerlab.mixsearch import MixPlan, mix_options, plan_mix_search  # noqa: E402
 from peerlab.tune import (  # noqa: E402
+    NO_PEER,
     OptunaPlan,
     Resources,
     Schedule,
@@ -112,7 +123,20 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help="grid: the grid x seeded random samples; optuna: Ray Tune's OptunaSearch (TPE) over the --sample "
         "ranges ('KEY=int:4:32', 'KEY=loguniform:1e-4:3e-3') and the mixes, --num-samples trials",
     )
-    ap.add_argument("--baseline", action="store_true", help="add a use_peer: false arm (dense MLP everywhere)")
+    ap.add_argument(
+        "--baseline",
+        nargs="?",
+        const="dense",
+        metavar="ARMS",
+        help="add baseline arms, one setting each: dense (alone the default: use_peer false, the setting no_peer), "
+        "moe, pkm; e.g. --baseline dense,moe,pkm",
+    )
+    ap.add_argument(
+        "--match",
+        metavar="QUANTITY",
+        help="size each --baseline arm to the PEER cell's: flops (training FLOPs per token), params (all "
+        "parameters) or active (parameters per token), within 5%% (default: the arms as the config writes them)",
+    )
     ap.add_argument(
         "--search-space",
         help="YAML file with a search_space: section (grid, sample, num_samples); default: the mixes file's",
@@ -194,7 +218,9 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
     space_file = args.search_space or (str(named) if named is not None and section is None else None)
     try:
         origin = f"{args.custom_datasets}: search_space"
-        space = search_space(args.grid, args.sample, args.num_samples, args.baseline, space_file, section, origin)
+        space = search_space(
+            args.grid, args.sample, args.num_samples, args.baseline, space_file, section, origin, args.match
+        )
     except ConfigError as err:
         raise UsageError(str(err)) from None
     if args.mixes:
@@ -262,7 +288,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
             raw = to_dict(base)  # how each trial runs, as below for a grid: on N Train workers, or local mode
             raw["train_config"].update(num_workers=args.workers_per_trial, resume_from_checkpoint=None)
             base = config_from_dict(raw, origin=args.config)
-            settings = space.settings(base.train_config.seed)
+            settings = space.settings(base.train_config.seed, base)
             for mix in mixes.values():  # the demo corpus prepared, every source checked: the search counts tokens
                 checked_data(config_from_dict({**raw, "dataset_config": {**raw["dataset_config"],
                                               "datasets": [to_dict(d) for d in mix.datasets]}}))  # fmt: skip
@@ -287,7 +313,10 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
             m.name: {d.name: d.weight / sum(x.weight for x in m.datasets) for d in m.datasets} for m in mixes.values()
         },
         "seeds": args.seeds,
-        "search_space": {**space.grid, **space.sample} | ({"use_peer": [True, False]} if space.baseline else {}),
+        "search_space": {**space.grid, **space.sample}
+        | ({"use_peer": [True, False]} if space.baseline == ["dense"] else {})
+        | ({"ffn_type": ["peer", *space.baseline]} if space.baseline not in ([], ["dense"]) else {})
+        | ({"match": [space.match]} if space.match else {}),
         "search": space.to_dict(),
         "search_space_from": space_file or (f"{args.custom_datasets} (inline)" if section else None),
         "base_config": args.config,
@@ -295,6 +324,13 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
         "overrides": args.overrides,
         "custom_datasets": args.custom_datasets,
     }
+    if space.baseline:  # each arm's size and ratio to the PEER cell (the base config; a ladder's at its base scale)
+        try:
+            cells = {} if ladder is not None else {t.setting: t for t in trials if t.setting not in (NO_PEER, *ARMS)}
+            cells = {s: config_from_dict(t.config) for s, t in cells.items() if s != "default"}  # the grid's PEER cells
+            info["arms"] = plan_arms(base, space.baseline, space.match, cells)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
     if mixplan is not None:
         info["mix_search"] = mixplan.describe()
     if ladder is not None:
@@ -469,6 +505,8 @@ def print_plan(trials: list[Trial], res: Resources, info: dict, mixplan: MixPlan
     space = (info.get("search_space_from") or "the command line") if info.get("search_space") else "none"
     config_from = {"--config": "--config", "default": "the default"}.get(info.get("base_config_from"), "the mixes file")
     print(f"base config {info['base_config']} (from {config_from}); search space: {space}", flush=True)
+    if info.get("arms"):
+        print("\n".join(plan_lines(info["arms"])), flush=True)
     if mixplan is not None:
         print_mix_plan(mixplan, res)
         return

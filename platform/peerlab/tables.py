@@ -20,26 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from peerlab.config import config_from_dict
-from peerlab.model.size import arm_layer_count, parameter_formulas, peer_layer_count
+from peerlab.config import config_from_dict, ffn_type
+from peerlab.model.size import active_parameters, training_flops_per_token
 from peerlab.tracking import EVAL_KEYS, read_evals, read_metrics
 from peerlab.tune import Trial, trial_dir, trial_status
-
-
-def active_parameters(model_config) -> tuple[int, int]:
-    """(all parameters, parameters used per token): a token touches heads x k experts of each PEER layer,
-    its top_k routed experts and the shared ones of each MoE layer, and heads x k value rows of each PKM layer."""
-    parts = parameter_formulas(model_config)
-    total = sum(parts.values())
-    m, p, e, v = model_config, model_config.peer_config, model_config.moe_config, model_config.pkm_config
-    d = m.hidden_size
-    peer = peer_layer_count(m) * p.num_heads * p.num_experts_per_tok * 2 * p.expert_hidden_size * d
-    moe = arm_layer_count(m, "moe") * (e.top_k + e.num_shared_experts) * 2 * d * e.expert_size
-    pkm = arm_layer_count(m, "pkm") * v.num_heads * v.num_experts_per_tok * d
-    active = total
-    for part, touched in (("peer_experts", peer), ("moe_experts", moe), ("pkm_values", pkm)):
-        active += min(touched, parts[part]) - parts[part]
-    return total, active
 
 
 def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.DataFrame) -> dict:
@@ -68,11 +52,13 @@ def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.Data
         "peer/expert_hidden_size": p.expert_hidden_size,
         "peer/product_key_dim": "x".join(str(n) for n in p.product_key_dim),
         "peer/peer_start_layer": m.peer_start_layer,
-        "peer/use_peer": m.use_peer,
+        "peer/use_peer": ffn_type(m) == "peer",  # whether the cell runs PEER (an MoE or PKM arm's config says true)
+        "ffn_type": ffn_type(m),  # peer, dense, moe or pkm (peerlab.arms)
         "status": status,
         "error": marker.get("error"),
         "params_total": total,
         "params_active": active,
+        "flops_per_token": training_flops_per_token(m, cfg.dataset_config.max_seq_length),
         "config_path": str(run_dir / "resolved_config.yaml"),
     }
     logged = [r for r in records if "loss" in r]

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from peerlab.arms import ARMS, arm_setting, check_match, match_arm, parse_arms
 from peerlab.config import Config, ConfigError, DataMix, PeerConfig, config_from_dict, to_dict
 
 PEER_KEYS = {f"peer_config.{k}" for k in PeerConfig.__dataclass_fields__} | {"peer_start_layer", "use_peer"}
@@ -45,24 +46,29 @@ TRAIN_KEYS = {  # training hyperparameters a search may sample too (an Optuna se
               "gradient_accumulation_steps")
 }  # fmt: skip
 RANGE_KINDS = ("int", "uniform", "loguniform")  # --sample KEY=int:4:32 | uniform:0:0.1 | loguniform:1e-4:3e-3
-SECTION_KEYS = ("grid", "sample", "num_samples", "baseline", "mix_search", "ladder")
+SECTION_KEYS = ("grid", "sample", "num_samples", "baseline", "match", "mix_search", "ladder")
 NO_PEER = "no_peer"
 
 
 @dataclass
 class SearchSpace:
-    """The PEER part of a sweep: a grid, random samples, and an optional dense baseline arm."""
+    """The PEER part of a sweep: a grid, random samples, and optional baseline arms (peerlab.arms)."""
 
     grid: dict[str, list] = field(default_factory=dict)  # every combination is a setting
     # num_samples seeded random picks, crossed with the grid: from a list, or a range 'int:4:32' (RANGE_KINDS)
     sample: dict[str, list | str] = field(default_factory=dict)
     num_samples: int = 0
-    baseline: bool = False  # add one setting with use_peer: false (the dense MLP everywhere)
+    baseline: list[str] | bool = field(default_factory=list)  # arms (dense, moe, pkm), one setting each; True: dense
+    match: str | None = None  # size the arms to the PEER cell's flops, params or active (peerlab.arms.match_arm)
     mix_search: dict = field(default_factory=dict)  # the section's mix_search: keys (peerlab.mixsearch.options)
     ladder: dict = field(default_factory=dict)  # the section's ladder: keys (peerlab.ladder.ladder_options)
 
-    def settings(self, seed: int = 0) -> list[dict]:
-        """The PEER settings: {model_config key: value}; {} is the base config's own setting."""
+    def __post_init__(self):
+        self.baseline = parse_arms(self.baseline)
+
+    def settings(self, seed: int = 0, base: Config | None = None) -> list[dict]:
+        """The PEER settings: {model_config key: value}; {} is the base config's own setting. The baseline
+        arms come last, sized against `base` (the PEER cell) when `match` is set."""
         import numpy as np
 
         grid_keys = list(self.grid)
@@ -75,14 +81,17 @@ class SearchSpace:
                 if pick not in picks:
                     picks.append(pick)
             points = [{**p, **q} for p in points for q in picks]
-        if self.baseline:
-            points.append({"use_peer": False})
+        for arm in self.baseline:
+            if self.match and base is None:
+                raise ValueError("SearchSpace.settings: --match sizes the arms against the base config; pass it")
+            points.append(match_arm(base, arm, self.match).setting if base is not None else arm_setting(None, arm))
         return points
 
     def to_dict(self) -> dict:
         out = {"grid": self.grid, "sample": self.sample, "num_samples": self.num_samples, "baseline": self.baseline}
         return (
             out
+            | ({"match": self.match} if self.match else {})
             | ({"mix_search": self.mix_search} if self.mix_search else {})
             | ({"ladder": self.ladder} if self.ladder else {})
         )
@@ -154,17 +163,19 @@ def search_space(
     grid: list[str] = (),
     sample: list[str] = (),
     num_samples: int = 0,
-    baseline: bool = False,
+    baseline: bool | str | list[str] | None = False,
     path: str | Path | None = None,
     section: dict | None = None,
     origin: str = "search_space",
+    match: str | None = None,
 ) -> SearchSpace:
-    """The search space of `--grid KEY=V1,V2`, `--sample KEY=V1,V2`, `--baseline` and a YAML section.
+    """The search space of `--grid KEY=V1,V2`, `--sample KEY=V1,V2`, `--baseline [ARMS]`, `--match` and a YAML section.
 
     The section comes from a file's top-level `search_space:` (`path`), or is given as it is
     (`section`, e.g. written inline in a mixes file; `origin` names it in error messages). It
     holds `grid:` and `sample:` mappings of key -> list of values, `num_samples:`,
-    `baseline:`, `mix_search:` (the mixture search's settings, see peerlab.mixsearch) and
+    `baseline:` (true, or a list of arms: dense, moe, pkm), `match:` (flops, params or active),
+    `mix_search:` (the mixture search's settings, see peerlab.mixsearch) and
     `ladder:` (a scale ladder's, see peerlab.ladder); the command line adds to it.
     """
     space = SearchSpace()
@@ -177,7 +188,7 @@ def search_space(
         if not isinstance(section, dict):
             raise ConfigError(
                 f"{path}: expected a top-level 'search_space:' mapping "
-                "(grid, sample, num_samples, baseline, mix_search, ladder)"
+                "(grid, sample, num_samples, baseline, match, mix_search, ladder)"
             )
         origin = f"{path}: search_space"
     if section is not None:
@@ -206,11 +217,11 @@ def search_space(
                 elif not isinstance(values, list) or not values:
                     raise ConfigError(f"{origin}.{part}.{key}: expected a non-empty list of values")
                 getattr(space, part)[_key(str(key), f"{origin}.{part}")] = values
-        space.num_samples, space.baseline = section.get("num_samples") or 0, section.get("baseline", False)
+        space.num_samples = section.get("num_samples") or 0
+        space.baseline = parse_arms(section.get("baseline"), f"{origin}.baseline")
+        space.match = section.get("match")
         if not isinstance(space.num_samples, int) or isinstance(space.num_samples, bool) or space.num_samples < 0:
             raise ConfigError(f"{origin}.num_samples: expected a whole number >= 0, got {space.num_samples!r}")
-        if not isinstance(space.baseline, bool):
-            raise ConfigError(f"{origin}.baseline: expected true or false, got {space.baseline!r}")
     for flag, items in (("--grid", grid), ("--sample", sample)):
         for item in items:
             key, eq, text = item.partition("=")
@@ -225,7 +236,9 @@ def search_space(
             target = space.grid if flag == "--grid" else space.sample
             target[_key(key, flag)] = values
     space.num_samples = num_samples or space.num_samples
-    space.baseline = baseline or space.baseline
+    space.baseline = parse_arms(baseline) or space.baseline
+    from_section = match is None and space.match is not None
+    space.match = check_match(match or space.match, space.baseline, f"{origin}.match" if from_section else "--match")
     if space.sample and space.num_samples < 1:
         raise ConfigError("--sample needs --num-samples N (or search_space.num_samples) of at least 1")
     return space
@@ -252,9 +265,12 @@ def check_metric(metric: str, datasets: set[str]) -> None:
 
 
 def setting_label(setting: dict) -> str:
-    """A short readable name: 'num_experts_per_tok=16,query_dim=32', 'no_peer', or 'default'."""
-    if setting.get("use_peer") is False:
+    """A short readable name: 'num_experts_per_tok=16,query_dim=32', 'no_peer' (the dense arm), 'moe', 'pkm', or
+    'default'."""
+    if setting.get("use_peer") is False or setting.get("ffn_type") == "dense":
         return NO_PEER
+    if setting.get("ffn_type") in ARMS:  # an arm's size is in its config, the plan and trials.parquet
+        return setting["ffn_type"]
     if not setting:
         return "default"
     return ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in setting.items())
@@ -287,12 +303,14 @@ def _raise(message: str):
 
 
 def apply_setting(model_config: dict, setting: dict) -> dict:
-    """The model_config dict with one PEER setting applied (num_experts and product_key_dim kept consistent)."""
+    """The model_config dict with one setting applied (PEER's num_experts and product_key_dim kept consistent);
+    a key 'moe_config.expert_size' sets that section's key."""
     out = json.loads(json.dumps(model_config))
     peer = out["peer_config"]
     for key, value in setting.items():
-        if key.startswith("peer_config."):
-            peer[key.removeprefix("peer_config.")] = value
+        section, dot, name = key.partition(".")
+        if dot and isinstance(out.get(section), dict):
+            out[section][name] = value
         else:
             out[key] = value
     if "peer_config.num_experts" in setting and "peer_config.product_key_dim" not in setting:
@@ -337,7 +355,7 @@ def plan_trials(base: Config, mixes: dict[str, DataMix], space: SearchSpace, see
     seed0 = base.train_config.seed
     trials, ids = [], set()
     for s in range(seeds):
-        for setting in space.settings(seed0):
+        for setting in space.settings(seed0, base):
             label = setting_label(setting)
             for mix in mixes.values():
                 trial_id = _slug(f"{mix.name}_{label}_s{seed0 + s}")

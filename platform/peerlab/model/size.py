@@ -2,7 +2,8 @@
 
 `parameter_formulas(model_config)` gives the count of each part by formula;
 `count_parameters(model)` counts a built model's parameters by the same parts, so a test
-can hold one against the other.
+can hold one against the other. `active_parameters(model_config)` gives (all, used per token);
+`training_flops_per_token(model_config, seq_len)` the model FLOPs of one training token.
 """
 
 from __future__ import annotations
@@ -71,6 +72,22 @@ def parameter_formulas(m: ModelConfig) -> dict[str, int]:
         "pkm_keys_query": pkm_layers * _keys_query(d, m.pkm_config),
         "norms": m.num_hidden_layers * (2 * d + a.kv_lora_rank + query_norm) + d,
     }
+
+
+def active_parameters(model_config) -> tuple[int, int]:
+    """(all parameters, parameters used per token): a token touches heads x k experts of each PEER layer,
+    its top_k routed experts and the shared ones of each MoE layer, and heads x k value rows of each PKM layer."""
+    parts = parameter_formulas(model_config)
+    total = sum(parts.values())
+    m, p, e, v = model_config, model_config.peer_config, model_config.moe_config, model_config.pkm_config
+    d = m.hidden_size
+    peer = peer_layer_count(m) * p.num_heads * p.num_experts_per_tok * 2 * p.expert_hidden_size * d
+    moe = arm_layer_count(m, "moe") * (e.top_k + e.num_shared_experts) * 2 * d * e.expert_size
+    pkm = arm_layer_count(m, "pkm") * v.num_heads * v.num_experts_per_tok * d
+    active = total
+    for part, touched in (("peer_experts", peer), ("moe_experts", moe), ("pkm_values", pkm)):
+        active += min(touched, parts[part]) - parts[part]
+    return total, active
 
 
 def _part(name: str) -> str:
