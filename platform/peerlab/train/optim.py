@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from peerlab.config import TrainConfig
+from peerlab.train.row_adamw import row_adamw
 
 
 def total_steps(train: TrainConfig, steps_per_epoch: int | None = None) -> int:
@@ -42,7 +43,10 @@ class RowSparseAdamW(torch.optim.AdamW):
     """AdamW, with lazy row updates for parameters whose gradient is sparse (see the module docstring).
 
     The state has AdamW's layout (step, exp_avg, exp_avg_sq), so checkpoints load either way.
+    `row_kernel = False` updates the rows with torch's ops even on the CPU (for comparison).
     """
+
+    row_kernel = True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,10 +63,11 @@ class RowSparseAdamW(torch.optim.AdamW):
         return loss
 
     def _row_update(self, p: torch.Tensor, group: dict) -> None:
-        """AdamW on the rows the gradient holds: gathered, updated by torch's fused AdamW kernel, put back.
+        """AdamW on the rows the gradient holds, in place; work and memory follow the rows touched (U), not N.
 
-        Work and memory follow the rows touched (U), never the table's size: three (U, d)
-        gathers, one fused pass, three row copies back.
+        On the CPU one compiled pass per row (`peerlab.train.row_adamw`); elsewhere, or where
+        that kernel is off, the rows are gathered (three (U, d) index_selects), updated by
+        torch's fused AdamW kernel and copied back (three index_copy_ passes).
         """
         grad = coalesced(p.grad)
         rows, g = grad._indices()[0], grad._values()  # (U,), (U, d)
@@ -73,15 +78,17 @@ class RowSparseAdamW(torch.optim.AdamW):
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
         beta1, beta2 = group["betas"]
+        hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "weight_decay": group["weight_decay"]}
+        hyper["eps"] = group["eps"]
+        if self.row_kernel and row_adamw(
+            p, state["exp_avg"], state["exp_avg_sq"], rows, g.contiguous(), float(state["step"]), **hyper
+        ):
+            return
         m = state["exp_avg"].index_select(0, rows)  # (U, d)
         v = state["exp_avg_sq"].index_select(0, rows)  # (U, d)
         touched = p.index_select(0, rows)  # (U, d)
         step = state["step"].to(p.device)
-        torch._fused_adamw_(
-            [touched], [g], [m], [v], [], [step],
-            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-            amsgrad=False, maximize=False,
-        )  # fmt: skip
+        torch._fused_adamw_([touched], [g], [m], [v], [], [step], amsgrad=False, maximize=False, **hyper)
         p.index_copy_(0, rows, touched)
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
