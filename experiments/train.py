@@ -5,7 +5,8 @@
 
 The run's outputs go to <output_dir>/<run name>/ (the name defaults to the config file's
 name): resolved_config.yaml, metrics.jsonl, evals.jsonl (lm-eval results), checkpoints/. Running the same name again
-continues from its newest checkpoint. Ray starts a local cluster bound to 127.0.0.1 unless
+continues from its newest checkpoint. output_dir may be object storage (s3://bucket/prefix, gs://...: peerlab.storage);
+it is checked for credentials and written to before Ray starts. Ray starts a local cluster bound to 127.0.0.1 unless
 --address or RAY_ADDRESS names one; the dashboard URL and the folder of Ray's logs are
 printed first, then a line per logged step and the lm-eval results. Ray's own output stays
 in its logs unless --verbose.
@@ -34,10 +35,12 @@ from peerlab.cli import (
     checked_evals,
     checked_paths,
     checked_resume,
+    checked_storage,
     config_from_arguments,
 )
 from peerlab.config import dump_config
 from peerlab.model.size import memory_estimate, parameter_formulas
+from peerlab.storage import join
 
 PART_NAMES = {
     "embeddings": "embeddings (token embedding + LM head)",
@@ -103,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data: {', '.join(prepared)}: the embedded default corpus, prepared by the run (about 10 s)")
         return DONE
 
+    checked_storage(cfg.train_config.output_dir)
     checked_data(cfg)
     checked_evals(cfg)
     cfg = checked_resume(cfg)
-    run_dir = Path(cfg.train_config.output_dir) / (args.name or Path(args.config).stem)
+    run_dir = join(cfg.train_config.output_dir, args.name or Path(args.config).stem)  # a path, or a URI
 
     from peerlab.train.failures import not_retried
     from peerlab.train.launch import fit, start_ray
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.error is not None:
         print(f"error: the run failed: {result.error}", file=sys.stderr)
         return FAILED
-    print(f"done: metrics in {run_dir / 'metrics.jsonl'}, checkpoints in {run_dir / 'checkpoints'}")
+    print(f"done: metrics in {join(run_dir, 'metrics.jsonl')}, checkpoints in {join(run_dir, 'checkpoints')}")
     return DONE
 
 
