@@ -8,8 +8,8 @@ a local folder named `s3:` would show.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from peerlab import storage
 from peerlab.cli import checked_resume
 from peerlab.train import checkpoint as ckpt
+
 from tests.conftest import ROOT
+from tests.test_cli import NO_CLUSTER, tiny_run
+from tests.test_tune import sweep_files, tiny_sets
 
 pytest.importorskip("moto")
 BUCKET = "peerlab-test"
@@ -153,3 +155,78 @@ def test_a_checkpoint_counts_on_the_bucket_only_with_its_manifest_and_matching_h
     shutil.rmtree(local / "checkpoints" / "step-000004")
     storage.push_run(local, run)
     assert {n.split("/")[1] for n in bucket_files(run)} == {"step-000006"}
+
+
+# --------------------------------------------------------------------------------------
+# The commands, with output_dir on the bucket
+# --------------------------------------------------------------------------------------
+
+
+def command(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(main, argv: list[str], capsys) -> str:
+    """The one line of a command refused before anything started (exit 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["scheme", "unreachable", "credentials", "bucket"])
+def test_a_bucket_that_cannot_be_used_is_refused_in_one_line_before_ray(case, s3, demo_corpus, monkeypatch, capsys):
+    uri = f"{s3}/runs"
+    if case == "scheme":
+        uri = "ftp://example.org/runs"
+    elif case == "unreachable":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    elif case == "credentials":
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(Path("no-credentials").resolve()))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(Path("no-config").resolve()))
+    else:
+        uri = "s3://no-such-bucket/runs"
+    start = time.time()
+    line = refused(command("train").main, [*tiny_run(demo_corpus, uri), *NO_CLUSTER], capsys)
+    assert line.startswith("error: ") and uri in line, line
+    want = {
+        "scheme": "no file system handles ftp://",
+        "credentials": "no S3 credentials",
+        "bucket": "cannot be written",
+    }
+    assert want.get(case, "cannot be written") in line, line
+    mixes, config = sweep_files(demo_corpus, Path.cwd())
+    sweep = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, uri), *NO_CLUSTER]
+    line = refused(command("ablate").main, sweep, capsys)  # the sweep's folder, the same check
+    assert uri in line and want.get(case, "cannot be written") in line, line
+    assert time.time() - start < 60
+
+
+def test_a_run_on_the_bucket_writes_its_folder_there_and_resumes_from_it(ray_cluster, s3, demo_corpus, capsys):
+    address = ray_cluster.get_runtime_context().gcs_address
+    runs, train = f"{s3}/runs", command("train")
+    flags = ["--set", "train_config.num_workers=0", "--name", "r", "--address", address]  # the loop in this process
+    assert train.main([*tiny_run(demo_corpus, runs, steps=3), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert f"done: metrics in {runs}/r/metrics.jsonl" in printed
+    files = bucket_files(f"{runs}/r")
+    assert {"metrics.jsonl", "resolved_config.yaml", "run_info.json"} <= set(files)
+    assert {f"checkpoints/step-00000{i}/checkpoint.json" for i in (1, 2, 3)} <= set(files)
+    records = [json.loads(x) for x in storage.read_bytes(f"{runs}/r/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+    # The same name again, for more steps: it continues from the bucket's newest complete checkpoint.
+    storage.delete(f"{runs}/r/checkpoints/step-000003/checkpoint.json")  # as if step 3's upload had stopped midway
+    assert train.main([*tiny_run(demo_corpus, runs, steps=5), *flags]) == 0
+    assert "continuing from the checkpoint of step 2" in capsys.readouterr().out
+    records = [json.loads(x) for x in storage.read_bytes(f"{runs}/r/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 3, 4, 5]  # step 3 again: its checkpoint was not
+    assert json.loads(storage.read_bytes(f"{runs}/r/run_info.json"))["start_step"] == 2
+    assert "checkpoints/step-000005/checkpoint.json" in bucket_files(f"{runs}/r")
+    assert not list(Path.cwd().rglob("checkpoints"))  # nothing of the run in the working directory
