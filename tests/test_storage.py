@@ -230,3 +230,38 @@ def test_a_run_on_the_bucket_writes_its_folder_there_and_resumes_from_it(ray_clu
     assert json.loads(storage.read_bytes(f"{runs}/r/run_info.json"))["start_step"] == 2
     assert "checkpoints/step-000005/checkpoint.json" in bucket_files(f"{runs}/r")
     assert not list(Path.cwd().rglob("checkpoints"))  # nothing of the run in the working directory
+
+
+def test_a_two_trial_sweep_on_the_bucket_writes_its_tables_and_report_there(ray_cluster, s3, demo_corpus, capsys):
+    import pandas as pd
+
+    mixes, config = sweep_files(demo_corpus, Path.cwd())
+    out = f"{s3}/sweeps"
+    argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, out, steps=3),
+            "--set", "eval_config.evals=[]", "--name", "sw", "--max-concurrent", "2", "--metric", "eval_loss/mean",
+            "--address", ray_cluster.get_runtime_context().gcs_address]  # fmt: skip
+    ablate = command("ablate")
+    assert ablate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"sweep folder: {out}/sw" in printed and f"sweep folder uploaded to {out}/sw" in printed
+    files = set(bucket_files(f"{out}/sw"))
+    assert {
+        "sweep.json",
+        "trials.parquet",
+        "curves.parquet",
+        "usage.parquet",
+        "report/report.md",
+        "report/report.html",
+    } <= files
+    assert not any(f.startswith(".ray") for f in files)  # Ray's own state stays in the temporary staging folder
+    local = Path.cwd() / "trials.parquet"
+    local.write_bytes(storage.read_bytes(f"{out}/sw/trials.parquet"))
+    trials = pd.read_parquet(local)
+    assert len(trials) == 2 and (trials["status"] == "finished").all() and (trials["steps"] == 3).all()
+    for trial_id in trials["trial_id"]:
+        assert f"trials/{trial_id}/checkpoints/step-000003/checkpoint.json" in files
+        assert f"trials/{trial_id}/metrics.jsonl" in files
+    # The same command again reads the sweep back from the bucket: its trials are done, none runs again.
+    assert ablate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "holds this sweep" in printed and "2 trials already done; running 0" in printed
