@@ -38,7 +38,8 @@ fails at once with one line (exit 2). Results go to <output_dir>/<sweep name>/: 
 (the plan), trials/<trial id>/ (each run's folder), trials.parquet, curves.parquet,
 usage.parquet, evals.parquet and, at the end, the analysis report (analysis/report.py).
 output_dir may be object storage (s3://bucket/prefix): the sweep then runs in a local temporary
-copy of that folder and uploads it, tables and report included, when it ends or is stopped.
+copy of that folder, mirrored to the URI every 30 s and once more, tables and report included,
+when it ends or is stopped.
 
 `--resume` continues an interrupted sweep from its sweep.json: trials that finished (or that
 ASHA stopped) are not run again; the others continue from their newest checkpoint.
@@ -504,9 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return sweep(argv, staged)
     finally:
-        if staged.get("started"):  # Ray started: trials, tables or a report may have been written
-            uploaded = storage.upload_dir(staged["dir"], staged["uri"])
-            print(f"sweep folder uploaded to {staged['uri']} ({len(uploaded)} files)", flush=True)
+        if staged.get("mirror"):  # Ray started: trials, tables or a report may have been written
+            staged["mirror"].close()  # the last push: what the sweep wrote since the mirror's last round
+            print(f"sweep folder mirrored to {staged['uri']}", flush=True)
         if staged:
             shutil.rmtree(staged["dir"].parent, ignore_errors=True)
 
@@ -605,7 +606,9 @@ def sweep(argv: list[str] | None, staged: dict) -> int:
         print(f"Ray's logs: {logs} (--verbose shows them here)", flush=True)
     print(f"sweep folder: {staged.get('uri', sweep_dir)}", flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    staged["started"] = bool(staged)
+    if staged:  # trial folders (checkpoints manifest last) and the sweep's files go up as the sweep runs
+        staged["mirror"] = storage.Mirror(sweep_dir, staged["uri"])
+        staged["mirror"].start()
     if mixplan is not None:
         return run_mix_search(args, mixplan, info, sweep_dir, res, name)
     if optuna_plan is not None:

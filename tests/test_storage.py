@@ -150,11 +150,20 @@ def test_a_checkpoint_counts_on_the_bucket_only_with_its_manifest_and_matching_h
     cfg.train_config.resume_from_checkpoint = run
     resolved = checked_resume(cfg).train_config.resume_from_checkpoint
     assert Path(resolved).name == "step-000002" and ckpt.load(Path(resolved)).trainer["step"] == 2
+    # Another process (a restarted worker) pushing the same folder uploads no checkpoint that is already there,
+    # and replaces one that is there under another manifest (step 6 lost its manifest above).
+    uploads, upload_dir = [], storage.upload_dir
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage, "upload_dir", lambda folder, uri: uploads.append(folder.name) or upload_dir(folder, uri))
+        storage._pushed.clear()
+        storage.push_run(local, run)
+    assert uploads == ["step-000006"]
     # Pruned here, gone there: manifest first
     shutil.rmtree(local / "checkpoints" / "step-000002")
     shutil.rmtree(local / "checkpoints" / "step-000004")
     storage.push_run(local, run)
     assert {n.split("/")[1] for n in bucket_files(run)} == {"step-000006"}
+    assert storage.fetch_checkpoint(run, tmp_path / "again").name == "step-000006"
 
 
 # --------------------------------------------------------------------------------------
@@ -243,7 +252,7 @@ def test_a_two_trial_sweep_on_the_bucket_writes_its_tables_and_report_there(ray_
     ablate = command("ablate")
     assert ablate.main(argv) == 0
     printed = capsys.readouterr().out
-    assert f"sweep folder: {out}/sw" in printed and f"sweep folder uploaded to {out}/sw" in printed
+    assert f"sweep folder: {out}/sw" in printed and f"sweep folder mirrored to {out}/sw" in printed
     files = set(bucket_files(f"{out}/sw"))
     assert {
         "sweep.json",

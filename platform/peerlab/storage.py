@@ -8,6 +8,8 @@ systems (the ones Ray Train's `storage_path` uses):
                                credentials are there, a probe object is written and deleted
     pull_run(uri, local)       a run's files and its newest complete checkpoint, into staging
     push_run(local, uri)       the run's changed files, its new checkpoints, manifest last
+    push_sweep(local, uri)     each trial's run folder so, then the sweep's plan, tables and report
+    Mirror(local, uri)         push_sweep every 30 s while a sweep runs, and once more at its end
     download_dir / upload_dir  a whole folder (a sweep), checkpoint manifests uploaded last
 
 A checkpoint on the URI keeps the local promise (peerlab.train.checkpoint): its files are
@@ -24,8 +26,10 @@ message is one line naming the URI.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -44,6 +48,9 @@ ENVIRONMENT = (
     "AWS_ENDPOINT_URL_S3",
     "GOOGLE_APPLICATION_CREDENTIALS",
 )  # Ray's own experiment state stays in the local staging folder
+
+
+log = logging.getLogger("peerlab.storage")
 
 
 class StorageError(ValueError):
@@ -350,31 +357,79 @@ _pushed: dict[str, dict[str, tuple[int, int]]] = {}  # staging folder -> {relati
 
 
 def push_run(local: Path, uri: str) -> None:
-    """Mirror a run's staging folder to the URI: files that changed since the last push, each new
-    complete checkpoint file by file with its manifest last; checkpoints pruned locally are removed
-    on the URI, manifest first."""
+    """Mirror a run's staging folder to the URI: files that changed since the last push, each complete
+    checkpoint the URI lacks (or holds another version of) file by file with its manifest last;
+    checkpoints pruned locally are removed on the URI, manifest first."""
     local = Path(local)
     seen = _pushed.setdefault(str(local.resolve()), {})
     checkpoints = local / "checkpoints"
     complete = sorted(
         p.name for p in checkpoints.glob("step-*") if p.is_dir() and p.suffix != ".tmp" and (p / MANIFEST).is_file()
     )
+    there = remote_checkpoints(uri)
     for name in complete:
         key = f"checkpoints/{name}"
-        if key not in seen:
-            upload_dir(checkpoints / name, join(uri, key))
-            seen[key] = (0, 0)
-    for name, files in remote_checkpoints(uri).items():  # pruned here: gone there too, manifest first
-        if name not in complete:
+        if key in seen:
+            continue
+        manifest = (checkpoints / name / MANIFEST).read_bytes()
+        if MANIFEST in there.get(name, []):
+            if read_bytes(join(uri, key, MANIFEST)) == manifest:  # already there (an earlier process pushed it)
+                seen[key] = (0, 0)
+                continue
+            delete(join(uri, key, MANIFEST))  # another checkpoint of that step: incomplete until replaced
+        upload_dir(checkpoints / name, join(uri, key))
+        seen[key] = (0, 0)
+    for name, files in there.items():  # pruned here (older than the newest kept): gone there too, manifest first
+        if complete and name < complete[-1] and name not in complete:
             for file in _manifest_last(files)[::-1]:
                 delete(join(uri, "checkpoints", name, file))
             seen.pop(f"checkpoints/{name}", None)
-    for path in sorted(local.rglob("*")):
+    _push_files(local, uri, leave_out="checkpoints")
+
+
+def push_sweep(local: Path, uri: str) -> None:
+    """Mirror a sweep's staging folder to the URI: each trial's run folder as `push_run` does, then the
+    sweep's own files (plan, tables, report)."""
+    local = Path(local)
+    for trial in sorted((local / "trials").glob("*")):
+        if trial.is_dir():
+            push_run(trial, join(uri, "trials", trial.name))
+    _push_files(local, uri, leave_out="trials")
+
+
+def _push_files(local: Path, uri: str, leave_out: str) -> None:
+    """Upload the files under `local` that changed since this process last pushed them (by size and
+    modification time), except those under the folder `leave_out` and Ray's state."""
+    seen = _pushed.setdefault(str(Path(local).resolve()), {})
+    for path in sorted(Path(local).rglob("*")):
         relative = str(path.relative_to(local))
-        if not path.is_file() or relative.startswith("checkpoints") or _skipped(relative):
+        if not path.is_file() or Path(relative).parts[0] == leave_out or _skipped(relative):
             continue
         stat = path.stat()
         stamp = (stat.st_size, stat.st_mtime_ns)
         if seen.get(relative) != stamp:
             _upload(path, join(uri, relative))
             seen[relative] = stamp
+
+
+class Mirror(threading.Thread):
+    """Pushes a staging folder to its URI every `every` seconds while a sweep runs (`push`: push_sweep);
+    `close()` stops it and pushes a last time. A push that fails while running is logged and tried again."""
+
+    def __init__(self, local: Path, uri: str, push=None, every: float = 30.0):
+        super().__init__(daemon=True)
+        self.local, self.uri, self.push, self.every = Path(local), uri, push or push_sweep, every
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                self.push(self.local, self.uri)
+            except (StorageError, OSError) as err:  # a file pruned while it went up, the network: next round
+                log.warning("mirroring %s to %s: %s (tried again in %.0f s)", self.local, self.uri, err, self.every)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.is_alive():
+            self.join()
+        self.push(self.local, self.uri)
