@@ -526,7 +526,7 @@ def sweep(argv: list[str] | None, staged: dict) -> int:
         sweep_dir = Path(tempfile.mkdtemp(prefix="peerlab-sweep-")) / name
         staged.update(dir=sweep_dir, uri=uri)
         try:
-            storage.download_dir(uri, sweep_dir)  # an earlier run of this sweep: its plan, trials and checkpoints
+            storage.pull_sweep(uri, sweep_dir, plan_only=args.dry_run)  # an earlier run of this sweep, to continue
         except storage.StorageError as err:
             raise UsageError(str(err)) from None
     plan_file = sweep_dir / "sweep.json"

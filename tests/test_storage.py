@@ -114,6 +114,7 @@ def test_storage_verbs_round_trip(s3, tmp_path):
     # Local paths and file:// URIs are local
     assert not storage.is_remote(str(tmp_path)) and not storage.is_remote(f"file://{tmp_path}")
     assert storage.join("s3://b/p/", "run") == "s3://b/p/run" and storage.join("out", "run") == "out/run"
+    assert storage.join(f"file://{tmp_path}", "run") == str(tmp_path / "run")
 
 
 def fake_checkpoint(folder: Path, step: int) -> Path:
@@ -270,7 +271,12 @@ def test_a_two_trial_sweep_on_the_bucket_writes_its_tables_and_report_there(ray_
     for trial_id in trials["trial_id"]:
         assert f"trials/{trial_id}/checkpoints/step-000003/checkpoint.json" in files
         assert f"trials/{trial_id}/metrics.jsonl" in files
-    # The same command again reads the sweep back from the bucket: its trials are done, none runs again.
-    assert ablate.main(argv) == 0
+    # The same command again reads the sweep back from the bucket: its trials are done, none runs again,
+    # and their checkpoints stay in the bucket (no trial reads them).
+    downloaded, download = [], storage._download
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage, "_download", lambda uri, local: downloaded.append(uri) or download(uri, local))
+        assert ablate.main(argv) == 0
     printed = capsys.readouterr().out
     assert "holds this sweep" in printed and "2 trials already done; running 0" in printed
+    assert f"{out}/sw/sweep.json" in downloaded and not [u for u in downloaded if "/checkpoints/" in u]

@@ -153,6 +153,8 @@ def checked_resume(cfg: Config) -> Config:
 def fetched(path: str) -> str:
     """A local path as it is; a checkpoint (or run) on object storage, its newest complete checkpoint
     downloaded into a temporary folder. CheckpointError with one line when there is none."""
+    import atexit
+    import shutil
     import tempfile
 
     from peerlab import storage
@@ -160,8 +162,10 @@ def fetched(path: str) -> str:
 
     if not storage.is_remote(path):
         return str(storage.local_path(path))
+    staging = tempfile.mkdtemp(prefix="peerlab-resume-")
+    atexit.register(shutil.rmtree, staging, True)  # the run reads it while this process lives
     try:
-        folder = storage.fetch_checkpoint(path, Path(tempfile.mkdtemp(prefix="peerlab-resume-")))
+        folder = storage.fetch_checkpoint(path, Path(staging))
     except storage.StorageError as err:
         raise CheckpointError(str(err)) from None
     if folder is None:

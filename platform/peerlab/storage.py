@@ -10,7 +10,8 @@ systems (the ones Ray Train's `storage_path` uses):
     push_run(local, uri)       the run's changed files, its new checkpoints, manifest last
     push_sweep(local, uri)     each trial's run folder so, then the sweep's plan, tables and report
     Mirror(local, uri)         push_sweep every 30 s while a sweep runs, and once more at its end
-    download_dir / upload_dir  a whole folder (a sweep), checkpoint manifests uploaded last
+    download_dir / upload_dir  a whole folder, checkpoint manifests uploaded last
+    pull_sweep(uri, local)     a sweep folder, less the checkpoints of trials that ended
 
 A checkpoint on the URI keeps the local promise (peerlab.train.checkpoint): its files are
 uploaded first and its `checkpoint.json` last, so a reader that finds the manifest finds every
@@ -290,6 +291,27 @@ def upload_dir(local: Path, uri: str) -> list[str]:
 def download_dir(uri: str, local: Path) -> list[str]:
     """Download every file under `uri` into `local`; returns the relative paths."""
     names = [n for n in list_files(uri) if not _skipped(n)]
+    for name in names:
+        _download(join(uri, name), Path(local) / name)
+    return names
+
+
+def pull_sweep(uri: str, local: Path, plan_only: bool = False) -> list[str]:
+    """A sweep folder from the URI into staging, for the same command or --resume to continue it:
+    everything but the checkpoints of trials that ended (done.json or stopped.json), which no trial
+    reads again. `plan_only`: the sweep's own top-level files alone (a dry run). Returns what came."""
+    names = [n for n in list_files(uri) if not _skipped(n)]
+    ended = {
+        Path(n).parts[1] for n in names if n.startswith("trials/") and Path(n).name in ("done.json", "stopped.json")
+    }
+
+    def wanted(name: str) -> bool:
+        parts = Path(name).parts
+        if plan_only:
+            return len(parts) == 1
+        return not (parts[0] == "trials" and len(parts) > 3 and parts[1] in ended and parts[2] == "checkpoints")
+
+    names = [n for n in names if wanted(n)]
     for name in names:
         _download(join(uri, name), Path(local) / name)
     return names
