@@ -23,7 +23,7 @@ from peerlab.cli import checked_resume
 from peerlab.train import checkpoint as ckpt
 
 from tests.conftest import ROOT
-from tests.test_cli import NO_CLUSTER, tiny_run
+from tests.test_cli import NO_CLUSTER, tiny_run, train_command
 from tests.test_tune import sweep_files, tiny_sets
 
 pytest.importorskip("moto")
@@ -231,10 +231,14 @@ def test_a_run_on_the_bucket_writes_its_folder_there_and_resumes_from_it(ray_clu
     records = [json.loads(x) for x in storage.read_bytes(f"{runs}/r/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
 
-    # The same name again, for more steps: it continues from the bucket's newest complete checkpoint.
+    # The same name again, for more steps, from another process on a Ray Train worker (the credentials travel
+    # with the job): it continues from the bucket's newest complete checkpoint, and the worker uploads.
     storage.delete(f"{runs}/r/checkpoints/step-000003/checkpoint.json")  # as if step 3's upload had stopped midway
-    assert train.main([*tiny_run(demo_corpus, runs, steps=5), *flags]) == 0
-    assert "continuing from the checkpoint of step 2" in capsys.readouterr().out
+    out = train_command(
+        *tiny_run(demo_corpus, runs, steps=5), "--set", "train_config.num_workers=1", *flags[2:], cwd=Path.cwd()
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "training on 1 cpu worker(s), continuing from the checkpoint of step 2" in out.stdout, out.stdout
     records = [json.loads(x) for x in storage.read_bytes(f"{runs}/r/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 3, 4, 5]  # step 3 again: its checkpoint was not
     assert json.loads(storage.read_bytes(f"{runs}/r/run_info.json"))["start_step"] == 2
