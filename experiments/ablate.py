@@ -505,10 +505,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return sweep(argv, staged)
     finally:
+        kept = False
         if staged.get("mirror"):  # Ray started: trials, tables or a report may have been written
-            staged["mirror"].close()  # the last push: what the sweep wrote since the mirror's last round
-            print(f"sweep folder mirrored to {staged['uri']}", flush=True)
-        if staged:
+            try:
+                staged["mirror"].close()  # the last push: what the sweep wrote since the mirror's last round
+                print(f"sweep folder mirrored to {staged['uri']}", flush=True)
+            except storage.StorageError as err:
+                print(f"error: {err}; the sweep folder stays in {staged['dir']}", file=sys.stderr, flush=True)
+                kept = True
+        if staged and not kept:
             shutil.rmtree(staged["dir"].parent, ignore_errors=True)
 
 

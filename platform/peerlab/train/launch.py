@@ -189,8 +189,11 @@ def fit(cfg: Config, run_dir: Path | str, quiet: bool = False, callbacks: list |
     progress = None if quiet else Progress(run_dir, total_steps(cfg.train_config))
     if progress:
         progress.start()
+    finished = False
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        finished = result.error is None
+        return result
     except Exception as err:
         original = own_error(err)
         if original is None:
@@ -200,5 +203,7 @@ def fit(cfg: Config, run_dir: Path | str, quiet: bool = False, callbacks: list |
         if progress:
             progress.stop.set()
             progress.join()
-        if staging is not None:
+        if staging is not None and finished:  # everything went up with the run's last push
             shutil.rmtree(staging, ignore_errors=True)
+        elif staging is not None:  # lines after the last checkpoint did not: the folder stays
+            print(f"the run's local folder stays in {run_dir} (what it wrote after its last checkpoint is only there)")
