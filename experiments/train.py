@@ -11,7 +11,8 @@ it is checked for credentials and written to before Ray starts. Ray starts a loc
 printed first, then a line per logged step and the lm-eval results. Ray's own output stays
 in its logs unless --verbose.
 
---dry-run validates the config, checks that every local dataset path exists, prints the config
+--dry-run validates the config, checks that every local dataset path exists (and that an output_dir on object
+storage can be written), prints the config
 resolved, the parameter count of each part of the model and the memory each worker needs for
 weights, gradients and AdamW state, and starts nothing. A config, data or resume_from_checkpoint
 that cannot be used gives a one-line error and exit status 2; a run that stops on an error no
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
     if args.dry_run:
+        checked_storage(cfg.train_config.output_dir)  # an s3:// output_dir: credentials and bucket, as the run will
         prepared = checked_paths(cfg)
         checked_resume(cfg)
         print(f"# resolved config of {args.config}")

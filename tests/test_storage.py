@@ -211,6 +211,7 @@ def test_a_bucket_that_cannot_be_used_is_refused_in_one_line_before_ray(case, s3
         "bucket": "cannot be written",
     }
     assert want.get(case, "cannot be written") in line, line
+    assert refused(command("train").main, [*tiny_run(demo_corpus, uri), "--dry-run"], capsys) == line  # the same check
     mixes, config = sweep_files(demo_corpus, Path.cwd())
     sweep = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, uri), *NO_CLUSTER]
     line = refused(command("ablate").main, sweep, capsys)  # the sweep's folder, the same check

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -129,7 +130,7 @@ def filesystem(uri: str, attempts: int | None = None):
 def _reason(err: Exception) -> str:
     """The first line of an error from pyarrow or the AWS SDK, shortened."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(err).__name__
+    text = re.sub(r"\s*\(Request ID: [^)]*\)", "", lines[0]) if lines else type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 
