@@ -27,6 +27,7 @@ message is one line naming the URI.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -111,10 +112,14 @@ def filesystem(uri: str, attempts: int | None = None):
             parsed = urlparse(str(uri))
             options: dict = {}
             endpoint = _endpoint()
-            if endpoint:
+            if endpoint and "://" in endpoint:
                 host = urlparse(endpoint)
-                options.update(endpoint_override=host.netloc or endpoint, scheme=host.scheme or "https")
+                options.update(endpoint_override=host.netloc, scheme=host.scheme)
+            elif endpoint:
+                options["endpoint_override"] = endpoint
             region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if not region and not endpoint:  # AWS itself: the bucket's region, as FileSystem.from_uri finds it
+                region = _bucket_region(parsed.netloc)
             if region:
                 options["region"] = region
             if attempts:
@@ -125,6 +130,16 @@ def filesystem(uri: str, attempts: int | None = None):
         return fs, path.rstrip("/")
     except Exception as err:
         raise StorageError(f"{uri}: {_reason(err)}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except Exception:  # unknown here: the SDK's default region, and the request says what is wrong
+        return None
 
 
 def _reason(err: Exception) -> str:
