@@ -46,6 +46,9 @@ each trial needs held against the machine, before Ray starts: a sweep that canno
 fails at once with one line (exit 2). Results go to <output_dir>/<sweep name>/: sweep.json
 (the plan), trials/<trial id>/ (each run's folder), trials.parquet, curves.parquet,
 usage.parquet, evals.parquet and, at the end, the analysis report (analysis/report.py).
+output_dir may be object storage (s3://bucket/prefix): the sweep then runs in a local temporary
+copy of that folder, mirrored to the URI every 30 s and once more, tables and report included,
+when it ends or is stopped.
 
 `--resume` continues an interrupted sweep from its sweep.json: trials that finished (or that
 ASHA stopped) are not run again; the others continue from their newest checkpoint.
@@ -62,13 +65,16 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from peerlab import storage  # noqa: E402
 from peerlab.arms import ARMS, plan_arms, plan_lines  # noqa: E402
 from peerlab.cli import (  # noqa: E402
     INTERRUPTED,
@@ -77,6 +83,7 @@ from peerlab.cli import (  # noqa: E402
     add_verbose_argument,
     checked_data,
     checked_evals,
+    checked_storage,
     config_from_arguments,
 )
 from peerlab.config import ConfigError, config_from_dict, load_mixes_file, to_dict  # noqa: E402
@@ -530,13 +537,41 @@ def print_plan(trials: list[Trial], res: Resources, info: dict, mixplan: MixPlan
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The sweep; with output_dir on object storage (s3://...), run in a local staging folder that
+    starts as a copy of the URI's sweep folder and is uploaded when the sweep ends or stops."""
+    staged: dict = {}
+    try:
+        return sweep(argv, staged)
+    finally:
+        kept = False
+        if staged.get("mirror"):  # Ray started: trials, tables or a report may have been written
+            try:
+                staged["mirror"].close()  # the last push: what the sweep wrote since the mirror's last round
+                print(f"sweep folder mirrored to {staged['uri']}", flush=True)
+            except storage.StorageError as err:
+                print(f"error: {err}; the sweep folder stays in {staged['dir']}", file=sys.stderr, flush=True)
+                kept = True
+        if staged and not kept:
+            shutil.rmtree(staged["dir"].parent, ignore_errors=True)
+
+
+def sweep(argv: list[str] | None, staged: dict) -> int:
     args = arguments(argv)
     trials, info, mixplan = plan(args)
     optuna_plan = mixplan if isinstance(mixplan, OptunaPlan) else None
     mixplan = None if optuna_plan else mixplan
     cfg0 = config_from_dict(trials[0].config)
     name = args.name or f"sweep_{Path(args.custom_datasets).stem}"
-    sweep_dir = Path(cfg0.train_config.output_dir) / name
+    sweep_dir = storage.local_path(cfg0.train_config.output_dir) / name
+    if storage.is_remote(cfg0.train_config.output_dir):  # credentials and bucket checked before Ray starts
+        uri = storage.join(cfg0.train_config.output_dir, name)
+        checked_storage(uri)
+        sweep_dir = Path(tempfile.mkdtemp(prefix="peerlab-sweep-")) / name
+        staged.update(dir=sweep_dir, uri=uri)
+        try:
+            storage.pull_sweep(uri, sweep_dir, plan_only=args.dry_run)  # an earlier run of this sweep, to continue
+        except storage.StorageError as err:
+            raise UsageError(str(err)) from None
     plan_file = sweep_dir / "sweep.json"
     if mixplan is not None:
         same_search(plan_file, info, args.resume)  # a mixture search resumes from its own state file
@@ -612,8 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Ray dashboard: {url or 'not running'}", flush=True)
     if logs and not args.verbose:
         print(f"Ray's logs: {logs} (--verbose shows them here)", flush=True)
-    print(f"sweep folder: {sweep_dir}", flush=True)
+    print(f"sweep folder: {staged.get('uri', sweep_dir)}", flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if staged:  # trial folders (checkpoints manifest last) and the sweep's files go up as the sweep runs
+        staged["mirror"] = storage.Mirror(sweep_dir, staged["uri"])
+        staged["mirror"].start()
     if mixplan is not None:
         return run_mix_search(args, mixplan, info, sweep_dir, res, name)
     if optuna_plan is not None:

@@ -5,12 +5,14 @@
 
 The run's outputs go to <output_dir>/<run name>/ (the name defaults to the config file's
 name): resolved_config.yaml, metrics.jsonl, evals.jsonl (lm-eval results), checkpoints/. Running the same name again
-continues from its newest checkpoint. Ray starts a local cluster bound to 127.0.0.1 unless
+continues from its newest checkpoint. output_dir may be object storage (s3://bucket/prefix, gs://...: peerlab.storage);
+it is checked for credentials and written to before Ray starts. Ray starts a local cluster bound to 127.0.0.1 unless
 --address or RAY_ADDRESS names one; the dashboard URL and the folder of Ray's logs are
 printed first, then a line per logged step and the lm-eval results. Ray's own output stays
 in its logs unless --verbose.
 
---dry-run validates the config, checks that every local dataset path exists, prints the config
+--dry-run validates the config, checks that every local dataset path exists (and that an output_dir on object
+storage can be written), prints the config
 resolved, the parameter count of each part of the model and the memory each worker needs for
 weights, gradients and AdamW state, and starts nothing. A config, data or resume_from_checkpoint
 that cannot be used gives a one-line error and exit status 2; a run that stops on an error no
@@ -34,10 +36,12 @@ from peerlab.cli import (
     checked_evals,
     checked_paths,
     checked_resume,
+    checked_storage,
     config_from_arguments,
 )
 from peerlab.config import dump_config
 from peerlab.model.size import memory_estimate, parameter_formulas
+from peerlab.storage import join
 
 PART_NAMES = {
     "embeddings": "embeddings (token embedding + LM head)",
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
     if args.dry_run:
+        checked_storage(cfg.train_config.output_dir)  # an s3:// output_dir: credentials and bucket, as the run will
         prepared = checked_paths(cfg)
         checked_resume(cfg)
         print(f"# resolved config of {args.config}")
@@ -103,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data: {', '.join(prepared)}: the embedded default corpus, prepared by the run (about 10 s)")
         return DONE
 
+    checked_storage(cfg.train_config.output_dir)
     checked_data(cfg)
     checked_evals(cfg)
     cfg = checked_resume(cfg)
-    run_dir = Path(cfg.train_config.output_dir) / (args.name or Path(args.config).stem)
+    run_dir = join(cfg.train_config.output_dir, args.name or Path(args.config).stem)  # a path, or a URI
 
     from peerlab.train.failures import not_retried
     from peerlab.train.launch import fit, start_ray
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.error is not None:
         print(f"error: the run failed: {result.error}", file=sys.stderr)
         return FAILED
-    print(f"done: metrics in {run_dir / 'metrics.jsonl'}, checkpoints in {run_dir / 'checkpoints'}")
+    print(f"done: metrics in {join(run_dir, 'metrics.jsonl')}, checkpoints in {join(run_dir, 'checkpoints')}")
     return DONE
 
 

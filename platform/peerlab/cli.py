@@ -119,11 +119,24 @@ def checked_paths(cfg: Config) -> list[str]:
     return prepared_by_the_run
 
 
+def checked_storage(uri: str) -> None:
+    """An output_dir on object storage can be written with the environment's credentials; else exit 2
+    with one line naming the URI. Runs before Ray starts; a local path passes as it is."""
+    from peerlab.storage import StorageError, check_writable
+
+    try:
+        check_writable(uri)
+    except StorageError as err:
+        raise UsageError(f"train_config.output_dir: {err}") from None
+
+
 def checked_resume(cfg: Config) -> Config:
     """The config with resume_from_checkpoint resolved to one complete checkpoint, before Ray starts.
 
     It may name a checkpoint folder, a run folder or a run's checkpoints/ folder (their
-    newest complete checkpoint). Anything else exits 2 with one line.
+    newest complete checkpoint), locally or on object storage (s3://...: the checkpoint is
+    downloaded into a temporary folder and checked against its manifest). Anything else exits 2
+    with one line.
     """
     from peerlab.train.checkpoint import CheckpointError, resolve
 
@@ -131,7 +144,30 @@ def checked_resume(cfg: Config) -> Config:
     if not t.resume_from_checkpoint:
         return cfg
     try:
-        folder = resolve(t.resume_from_checkpoint)
+        folder = resolve(fetched(t.resume_from_checkpoint))
     except CheckpointError as err:
         raise UsageError(f"train_config.resume_from_checkpoint: {err}") from None
     return dataclasses.replace(cfg, train_config=dataclasses.replace(t, resume_from_checkpoint=str(folder)))
+
+
+def fetched(path: str) -> str:
+    """A local path as it is; a checkpoint (or run) on object storage, its newest complete checkpoint
+    downloaded into a temporary folder. CheckpointError with one line when there is none."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from peerlab import storage
+    from peerlab.train.checkpoint import CheckpointError
+
+    if not storage.is_remote(path):
+        return str(storage.local_path(path))
+    staging = tempfile.mkdtemp(prefix="peerlab-resume-")
+    atexit.register(shutil.rmtree, staging, True)  # the run reads it while this process lives
+    try:
+        folder = storage.fetch_checkpoint(path, Path(staging))
+    except storage.StorageError as err:
+        raise CheckpointError(str(err)) from None
+    if folder is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint")
+    return str(folder)

@@ -25,6 +25,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from peerlab.storage import SCHEMES, scheme
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming file, key and reason."""
@@ -695,6 +697,13 @@ def check_config(cfg: Config, src: _Source) -> None:
         )
     if not t.output_dir.strip():
         raise src.error("train_config.output_dir", "must not be empty")
+    for key in ("output_dir", "resume_from_checkpoint"):  # a path, or a URI a file system handles (peerlab.storage)
+        uri = getattr(t, key)
+        if uri and scheme(uri) is not None and scheme(uri) not in SCHEMES:
+            raise src.error(
+                f"train_config.{key}",
+                f"{uri}: no file system handles {scheme(uri)}:// (use s3://, gs://, file:// or a path)",
+            )
 
     # Data
     d = cfg.dataset_config

@@ -19,6 +19,8 @@ console as well.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -79,11 +81,14 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
     from dataclasses import replace
 
     from peerlab.data.sources import is_local
+    from peerlab.storage import is_remote, local_path
 
     base = base or Path.cwd()
 
     def fix(path: str) -> str:
-        p = Path(path).expanduser()
+        if is_remote(path):  # object storage (peerlab.storage): a URI, the same from every worker
+            return path
+        p = local_path(path).expanduser()
         return str(p if p.is_absolute() else (base / p).resolve())
 
     d, t, e = cfg.dataset_config, cfg.train_config, cfg.eval_config
@@ -142,8 +147,12 @@ def write_resolved_config(cfg: Config, run_dir: Path) -> Path:
     return path
 
 
-def fit(cfg: Config, run_dir: Path, quiet: bool = False, callbacks: list | None = None, **loop_options):
+def fit(cfg: Config, run_dir: Path | str, quiet: bool = False, callbacks: list | None = None, **loop_options):
     """Run the training job; returns Ray Train's Result.
+
+    `run_dir` may be a URI (s3://bucket/runs/name, peerlab.storage): the run then trains in a
+    local staging folder (a temporary one, removed after), which starts with the URI's run files
+    and newest complete checkpoint, and rank 0 mirrors it back at every checkpoint and at the end.
 
     Raises a worker's own error as it was raised (`peerlab.train.failures.NOT_RETRIED`: the
     workers are not restarted for it), and Ray Train's error when it gave up on lost workers. `callbacks` go to Ray
@@ -151,10 +160,18 @@ def fit(cfg: Config, run_dir: Path, quiet: bool = False, callbacks: list | None 
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    from peerlab import storage
     from peerlab.tracking import Progress
     from peerlab.train.failures import Trainer, own_error
 
-    run_dir = Path(run_dir).resolve()
+    staging = None
+    if storage.is_remote(str(run_dir)):
+        uri = str(run_dir).rstrip("/")
+        staging = Path(tempfile.mkdtemp(prefix="peerlab-run-"))
+        run_dir = staging / uri.rsplit("/", 1)[-1]
+        storage.pull_run(uri, run_dir)
+        loop_options["run_uri"] = uri
+    run_dir = storage.local_path(str(run_dir)).resolve()
     cfg = with_steps_per_epoch(absolute_paths(cfg))
     write_resolved_config(cfg, run_dir)
     trainer = Trainer(
@@ -172,8 +189,11 @@ def fit(cfg: Config, run_dir: Path, quiet: bool = False, callbacks: list | None 
     progress = None if quiet else Progress(run_dir, total_steps(cfg.train_config))
     if progress:
         progress.start()
+    finished = False
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        finished = result.error is None
+        return result
     except Exception as err:
         original = own_error(err)
         if original is None:
@@ -183,3 +203,7 @@ def fit(cfg: Config, run_dir: Path, quiet: bool = False, callbacks: list | None 
         if progress:
             progress.stop.set()
             progress.join()
+        if staging is not None and finished:  # everything went up with the run's last push
+            shutil.rmtree(staging, ignore_errors=True)
+        elif staging is not None:  # lines after the last checkpoint did not: the folder stays
+            print(f"the run's local folder stays in {run_dir} (what it wrote after its last checkpoint is only there)")

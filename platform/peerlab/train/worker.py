@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from peerlab import storage
 from peerlab.config import Config, config_from_dict
 from peerlab.data.mixture import DataMixture, DataOptions
 from peerlab.data.tokenizer import load_tokenizer
@@ -84,7 +85,7 @@ def report(metrics: dict, to_tune: bool = False) -> None:
             log.debug("metrics not reported to Ray: %s", err)
 
 
-def resume_point(cfg: Config, run_dir: Path, place: Place) -> Path | None:
+def resume_point(cfg: Config, run_dir: Path, place: Place, run_uri: str | None = None) -> Path | None:
     """The checkpoint to continue from, chosen by rank 0 and shared with every rank.
 
     The run folder's own newest complete checkpoint comes first (it is the run's latest
@@ -101,6 +102,8 @@ def resume_point(cfg: Config, run_dir: Path, place: Place) -> Path | None:
         shared = [str(path) if path else None]
         dist.broadcast_object_list(shared, src=0)
         path = Path(shared[0]) if shared[0] else None
+        if path is not None and run_uri and not (path / ckpt.MANIFEST).is_file() and path.parent.parent == run_dir:
+            storage.fetch_checkpoint(f"{run_uri}/checkpoints/{path.name}", path.parent)  # this node's copy
         if path is not None and not (path / ckpt.MANIFEST).is_file():
             raise TrainingError(
                 f"rank {place.rank} cannot see checkpoint {path}: put output_dir on storage all workers share"
@@ -219,7 +222,10 @@ def train_loop(loop_config: dict) -> dict:
         engine=loop_config.get("data_engine", "ray"),
     )
     start_step, data_state, trainer_state = 0, None, {}
-    source = resume_point(cfg, run_dir, place)
+    run_uri = loop_config.get("run_uri")  # the run folder's URI on object storage; run_dir is its staging copy
+    if run_uri and place.rank == 0 and not run_dir.is_dir():  # another node than the driver's: pull it here
+        storage.pull_run(run_uri, run_dir)
+    source = resume_point(cfg, run_dir, place, run_uri)
     if source is not None:
         state = ckpt.load(source)
         full = StateDictOptions(full_state_dict=True)
@@ -279,6 +285,8 @@ def train_loop(loop_config: dict) -> dict:
                 )
                 ckpt.prune(run_dir / "checkpoints", t.save_total_limit)
                 metrics.checkpoint(folder, step, final=final)
+                if run_uri:
+                    storage.push_run(run_dir, run_uri)  # the new checkpoint, manifest last, and the run's files
             if place.world > 1:
                 dist.barrier()
 
@@ -342,6 +350,8 @@ def train_loop(loop_config: dict) -> dict:
     if cfg.eval_config.evals and steps > start_step:
         lm_evaluate(cfg, model, tokenizer, steps, place, amp, run_dir, metrics.wandb)
     metrics.close()
+    if run_uri and place.rank == 0:
+        storage.push_run(run_dir, run_uri)  # the lines and evaluations written after the last checkpoint
     return last
 
 
@@ -402,4 +412,5 @@ def with_means(held: dict) -> dict:
 def environment() -> dict:
     """Variables the workers need (the driver's offline switches travel with the job)."""
     keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_DIR", "RAY_AUTH_MODE")
+    keys += storage.ENVIRONMENT  # object storage's credentials and endpoint, for an s3:// or gs:// output_dir
     return {k: os.environ[k] for k in keys if k in os.environ}
