@@ -33,8 +33,8 @@ class ExportError(ValueError):
     """An export that cannot start (not a checkpoint, a damaged one, an output folder in use): one line."""
 
 
-def hf_config(model_config, tokenizer=None):
-    """The PeerlabConfig of a peerlab ModelConfig (with the tokenizer's end-of-text as bos/eos/pad)."""
+def hf_config(model_config, tokenizer=None, dtype: torch.dtype = torch.float32):
+    """The PeerlabConfig of a peerlab ModelConfig (with the tokenizer's end-of-text as bos/eos/pad, weights in `dtype`)."""
     from peerlab.config import ffn_type, to_dict
     from peerlab.data.tokenizer import eos_id
     from peerlab.export.configuration_peerlab import PeerlabConfig
@@ -60,7 +60,7 @@ def hf_config(model_config, tokenizer=None):
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=eos,
-        dtype="float32",
+        dtype=str(dtype).removeprefix("torch."),
         architectures=["PeerlabForCausalLM"],
     )
 
@@ -114,8 +114,9 @@ def export_checkpoint(
     except (ConfigError, TokenizerError) as err:
         raise ExportError(str(err)) from None
 
-    config = hf_config(cfg.model_config, tokenizer)
     state = hf_state_dict(load_file(folder / "model.safetensors"))
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)  # as trained: no cast
+    config = hf_config(cfg.model_config, tokenizer, dtype)
     with torch.device(
         "meta"
     ):  # no second copy of the weights, no initialisation: the checkpoint's tensors are assigned
@@ -222,6 +223,12 @@ def model_card(cfg, run_dir: Path, step: int, folder: Path, config, parameters: 
         (
             "The modeling code (`modeling_peerlab.py`) needs only torch and transformers. In evaluation mode "
             "(what `from_pretrained` returns) the query BatchNorm of PEER and PKM layers uses its running statistics."
+        ),
+        "",
+        (
+            "lm-eval's own `hf` model scores it as peerlab scored the run (below) with the run's context length: "
+            f"`lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True,max_length={d.max_seq_length} "
+            "--tasks ...`."
         ),
         "",
         "## Training",
