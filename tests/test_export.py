@@ -7,6 +7,7 @@ Auto classes: the logits, greedy generation and lm-eval's `hf` model must agree 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -28,6 +29,16 @@ from tests.test_train import tiny
 REGISTRY = ROOT / "evals" / "registry"
 ARMS = {
     "peer": [],
+    # Experts of two neurons, no query BatchNorm, a direct query projection in MLA, and sub-key sets large
+    # enough that peerlab searches them by groups (its ties must fall the same way in the export).
+    "peer_wide": [
+        "model_config.peer_config.expert_hidden_size=2",
+        "model_config.peer_config.batch_norm_query=false",
+        "model_config.mla_config.q_lora_rank=0",
+        "model_config.peer_config.num_experts=16384",
+        "model_config.peer_config.product_key_dim=[128, 128]",
+        "model_config.peer_config.num_experts_per_tok=8",
+    ],
     "dense": ["model_config.use_peer=false"],
     "moe": [
         "model_config.ffn_type=moe",
@@ -140,6 +151,24 @@ def test_exported_logits_equal_peerlabs(exported, tokenizer, prompts, arm):
         assert cache.get_seq_length() == ids.shape[1]
         assert cache.layers[0].keys.shape[-1] == model.config.mla_config.kv_lora_rank  # latents, not expanded keys
         assert torch.allclose(torch.stack(steps[1:], 1), want[:, -3:], atol=1e-5, rtol=0)
+
+
+def test_a_bfloat16_checkpoint_exports_as_bfloat16_with_peerlabs_logits(exported, tokenizer, prompts, tmp_path):
+    import shutil
+
+    run_dir, _, model = exported["pkm"]
+    run16 = tmp_path / "run16"
+    shutil.copytree(run_dir, run16)
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    ckpt.save(run16 / "checkpoints" / f"step-{STEP:06d}", model16.state_dict(), {}, {}, {}, {"step": STEP})
+    folder = export_checkpoint(run16, tmp_path / "hf16")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = load_exported(folder)
+    assert hf.dtype == torch.bfloat16
+    ids = ids_of(tokenizer, prompts)
+    with torch.no_grad():
+        # Rounded scores tie often in bfloat16: the export breaks ties as peerlab's search does.
+        assert (hf(ids).logits.float() - model16(ids).float()).abs().max() <= 1e-2
 
 
 def test_greedy_generate_gives_peerlabs_tokens(exported, tokenizer, prompts):

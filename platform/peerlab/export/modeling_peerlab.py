@@ -162,6 +162,28 @@ class PeerlabDenseMLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x)))
 
 
+def grouped_topk_pays(n: int, k: int, group: int) -> bool:
+    """Whether peerlab searches k of n by groups of `group` (on CPU) rather than with torch's top-k."""
+    return n % group == 0 and n // group >= 4 * k and (k * 64 > n or k >= 16)
+
+
+def topk_by_groups(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k, dim=-1)` for (R, n) scores, searched as peerlab searches (its ties fall the same way).
+
+    The n columns form n/group groups (column c in group c mod n/group); the k best scores lie
+    in the k groups with the highest maxima, so a top-k over those k * group columns finds them.
+    """
+    R, n = scores.shape
+    group = next((g for g in (8, 4) if grouped_topk_pays(n, k, g)), None)
+    if scores.device.type != "cpu" or group is None:
+        return scores.topk(k, dim=-1)
+    groups = n // group
+    best_groups = scores.view(R, group, groups).amax(1).topk(k, dim=-1, sorted=False).indices  # (R, k)
+    columns = (best_groups.unsqueeze(-1) + torch.arange(0, n, groups, device=scores.device)).view(R, k * group)
+    values, pick = scores.gather(1, columns).topk(k, dim=-1)  # (R, k) of the k * group candidates
+    return values, columns.gather(1, pick)
+
+
 class PeerlabProductKeys(nn.Module):
     """Product-key retrieval shared by PEER and PKM: the query (+ BatchNorm) and the two sub-key sets."""
 
@@ -176,9 +198,12 @@ class PeerlabProductKeys(nn.Module):
         self.num_experts = self.n1 * self.n2
         self.query = nn.Linear(hidden_size, self.num_heads * self.query_dim, bias=False)
         self.query_norm = nn.BatchNorm1d(self.num_heads * self.query_dim) if section["batch_norm_query"] else None
-        self.sub_keys = nn.Parameter(
-            torch.empty(self.n1 + self.n2, self.query_dim // 2)
-        )  # rows: c_1..c_n1, c'_1..c'_n2
+        half = self.query_dim // 2
+        self.sub_keys = nn.Parameter(torch.empty(self.n1 + self.n2, half))  # rows c_1..c_n1, then c'_1..c'_n2
+        # Only pairs of ranks (a, b) with (a+1)(b+1) <= k can be among the k best sums (every pair of lower
+        # ranks scores at least as high); peerlab searches these, in this order.
+        pairs = [(a, b) for a in range(self.k) for b in range(self.k) if (a + 1) * (b + 1) <= self.k]
+        self.pair_ranks = ([a for a, _ in pairs], [b for _, b in pairs])  # plain lists: nothing to load
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (M, d) -> (scores, indices), each (M, heads, k): the k best sums q1.c_i + q2.c'_j, highest first."""
@@ -187,11 +212,12 @@ class PeerlabProductKeys(nn.Module):
         if self.query_norm is not None:
             q = self.query_norm(q)
         halves = q.view(M * self.num_heads, 2, self.query_dim // 2).to(self.sub_keys.dtype)  # (M*H, 2, query_dim/2)
-        top1, i1 = (halves[:, 0] @ self.sub_keys[: self.n1].t()).topk(self.k, dim=-1)  # (M*H, k) of n1
-        top2, i2 = (halves[:, 1] @ self.sub_keys[self.n1 :].t()).topk(self.k, dim=-1)  # (M*H, k) of n2
-        sums = (top1.unsqueeze(2) + top2.unsqueeze(1)).flatten(1)  # (M*H, k*k): every pair of the two top-k
-        scores, best = sums.topk(self.k, dim=-1)  # (M*H, k)
-        indices = i1.gather(1, best // self.k) * self.n2 + i2.gather(1, best % self.k)  # expert e = i * n2 + j
+        top1, i1 = topk_by_groups(halves[:, 0] @ self.sub_keys[: self.n1].t(), self.k)  # (M*H, k) of n1
+        top2, i2 = topk_by_groups(halves[:, 1] @ self.sub_keys[self.n1 :].t(), self.k)  # (M*H, k) of n2
+        rank1, rank2 = (torch.tensor(r, device=x.device) for r in self.pair_ranks)  # (P,) each
+        sums = top1.index_select(1, rank1) + top2.index_select(1, rank2)  # (M*H, P)
+        scores, best = sums.topk(self.k, dim=-1)  # (M*H, k) into the P pairs
+        indices = i1.gather(1, rank1[best]) * self.n2 + i2.gather(1, rank2[best])  # expert e = i * n2 + j
         return scores.view(M, self.num_heads, self.k), indices.view(M, self.num_heads, self.k)
 
 
