@@ -279,6 +279,21 @@ def test_lm_evals_hf_model_scores_the_folder_as_peerlabs_adapter_scores_the_chec
     assert math.isfinite(bpb) and theirs["peerlab_bpb_prose"]["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-6)
 
 
+def test_lm_evals_hf_model_generates_peerlabs_text(exported, demo_corpus):
+    """generate_until through transformers' generate, prompts of different lengths left-padded in one batch."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from peerlab.eval.lm import PeerlabLM
+
+    run_dir, folder, _ = exported["peer"]
+    rows = [json.loads(line) for line in (demo_corpus / "evals" / "bpb_prose.jsonl").read_text().splitlines()]
+    args = [(r["text"][: 80 + 13 * i], {"until": ["\n\n"], "max_gen_toks": 10}) for i, r in enumerate(rows[:6])]
+    requests = [Instance(request_type="generate_until", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+    want = PeerlabLM(checkpoint=str(run_dir), batch_size=1).generate_until(requests)
+    hf = HFLM(pretrained=str(folder), trust_remote_code=True, batch_size=4, max_length=64, device="cpu")
+    assert hf.generate_until(requests) == want
+
+
 # --------------------------------------------------------------------------------------
 # The model card, the command line, bad input
 # --------------------------------------------------------------------------------------
