@@ -1,12 +1,13 @@
 """Export a checkpoint to the Hugging Face format: a folder transformers loads without peerlab.
 
-    python experiments/export.py --checkpoint PATH --out DIR [--overwrite] [--max-shard-size 2GB]
+    python experiments/export.py --checkpoint PATH --out DIR [--overwrite] [--max-shard-size 2GB] [--tokenizer T]
     python experiments/export.py --sweep SWEEP_DIR --out DIR [--metric M --mode min|max]
 
 PATH is a checkpoint folder (<run>/checkpoints/step-NNNNNN), a run's checkpoints/ folder or a
 run folder (its newest complete checkpoint). With --sweep, the sweep's best cell on its own
 metric and mode (sweep.json; --metric/--mode choose others) is exported: of that cell's trials
-the best one that has a checkpoint, at its newest checkpoint.
+the best one that has a checkpoint, at its newest checkpoint. The tokenizer is the run's
+(dataset_config.tokenizer_name); --tokenizer names it where the run's is a relative folder elsewhere.
 
 DIR then holds config.json, model.safetensors (sharded above --max-shard-size), the tokenizer,
 modeling_peerlab.py and configuration_peerlab.py (torch and transformers only) and a model card
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="the folder to write (must be empty or absent, see --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
     ap.add_argument("--max-shard-size", default="2GB", help="largest weights file before sharding (default: 2GB)")
+    ap.add_argument("--tokenizer", help="tokenizer name or folder (default: the run's dataset_config.tokenizer_name)")
     ap.add_argument("--metric", help="with --sweep: rank on this trials.parquet column (default: the sweep's)")
     ap.add_argument("--mode", choices=("min", "max"), help="with --sweep: lower or higher is better")
     args = ap.parse_args(argv)
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         path, _, why = best_checkpoint(Path(args.sweep), args.metric, args.mode)
         print(why, flush=True)
     try:
-        out = export_checkpoint(path, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        out = export_checkpoint(
+            path, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer
+        )
     except ExportError as err:
         raise UsageError(str(err)) from None
     print(f"exported {path} to {out}")

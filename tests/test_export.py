@@ -383,6 +383,26 @@ def test_bad_input_is_refused_in_one_line(exported, tmp_path, capsys):
         export_checkpoint(damaged, tmp_path / "c")
 
 
+def test_a_tokenizer_that_is_not_at_hand_is_refused_and_can_be_named(
+    exported, demo_corpus, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    import yaml
+
+    run_dir, _, _ = exported["dense"]
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    raw = yaml.safe_load((moved / "resolved_config.yaml").read_text())
+    raw["dataset_config"]["tokenizer_name"] = "./data/demo/tokenizer"  # relative to where the run was started
+    (moved / "resolved_config.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # where no data/demo/tokenizer is
+    argv = ["--checkpoint", str(moved), "--out", str(tmp_path / "out")]
+    assert "--tokenizer" in refused(capsys, argv)
+    assert export_main([*argv, "--tokenizer", str(demo_corpus / "tokenizer")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
 def test_a_sweep_exports_its_best_cells_newest_checkpoint(demo_corpus, tmp_path, capsys):
     import pandas as pd
 

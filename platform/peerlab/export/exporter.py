@@ -81,13 +81,19 @@ def _check_output(out: Path, overwrite: bool, protected: list[Path]) -> None:
 
 
 def export_checkpoint(
-    path: str | Path, out: str | Path, overwrite: bool = False, max_shard_size: str | int = "2GB"
+    path: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    tokenizer: str | None = None,
 ) -> Path:
     """Export the checkpoint `path` names (a checkpoint folder, or a run's newest) to the folder `out`.
 
-    ExportError (one line) for a path that is not a checkpoint, a checkpoint that does not match
-    its manifest, a run without resolved_config.yaml, or an `out` that exists and is not empty
-    (unless `overwrite`). Returns `out`.
+    The tokenizer is the run's dataset_config.tokenizer_name, or `tokenizer` (a name or folder:
+    where the run named a relative folder that is elsewhere now). ExportError (one line) for a path
+    that is not a checkpoint, a checkpoint that does not match its manifest, a run without
+    resolved_config.yaml, a tokenizer that cannot be loaded, or an `out` that exists and is not
+    empty (unless `overwrite`). Returns `out`.
     """
     from safetensors.torch import load_file
     from transformers import GenerationConfig
@@ -110,9 +116,12 @@ def export_checkpoint(
         raise ExportError(f"no resolved_config.yaml in {run_dir} (the run folder two levels above {folder})")
     try:
         cfg = config_from_dict(read_yaml(config_path), str(config_path))
-        tokenizer = load_tokenizer(cfg.dataset_config.tokenizer_name)
-    except (ConfigError, TokenizerError) as err:
+    except ConfigError as err:
         raise ExportError(str(err)) from None
+    try:
+        tokenizer = load_tokenizer(tokenizer or cfg.dataset_config.tokenizer_name)
+    except TokenizerError as err:
+        raise ExportError(f"{err} (or name the tokenizer to export: --tokenizer NAME_OR_FOLDER)") from None
 
     state = hf_state_dict(load_file(folder / "model.safetensors"))
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)  # as trained: no cast
