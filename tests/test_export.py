@@ -171,6 +171,26 @@ def test_a_bfloat16_checkpoint_exports_as_bfloat16_with_peerlabs_logits(exported
         assert (hf(ids).logits.float() - model16(ids).float()).abs().max() <= 1e-2
 
 
+def test_a_new_model_from_the_config_starts_as_peerlabs_does(exported):
+    """from_config (no weights): every parameter drawn as peerlab draws it, none left uninitialised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, folder, model = exported["peer"]
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+    fresh = AutoModelForCausalLM.from_config(config, trust_remote_code=True).state_dict()
+    torch.manual_seed(1)
+    reference = build_model(model.config).state_dict()
+    for name, want in reference.items():
+        got = fresh[name if name.startswith("lm_head.") else f"model.{name}"].double()
+        want = want.double()
+        assert torch.isfinite(got).all(), name
+        if want.numel() == 1:  # BatchNorm's num_batches_tracked
+            assert torch.equal(got, want), name
+            continue
+        assert abs(got.mean() - want.mean()) <= 0.1 * want.std().item() + 0.01, name
+        assert abs(got.std() - want.std()) <= 0.1 * want.std().item() + 1e-6, name
+
+
 def test_greedy_generate_gives_peerlabs_tokens(exported, tokenizer, prompts):
     _, folder, model = exported["peer"]
     hf = load_exported(folder)

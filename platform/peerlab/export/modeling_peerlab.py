@@ -337,15 +337,15 @@ class PeerlabPreTrainedModel(PreTrainedModel):
     _no_split_modules: ClassVar[list[str]] = ["PeerlabBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        """peerlab's initialisation (for weights a checkpoint lacks): normal(initializer_range); keys std 1/sqrt(query_dim/2)."""
+        """peerlab's initialisation, for weights a checkpoint lacks (`from_config`, a new head).
+
+        transformers' own covers Linear and Embedding (normal, initializer_range) and the norms
+        (RMSNorm, BatchNorm: 1 and 0); the expert tables are normal(initializer_range) and the
+        sub-keys normal(1/sqrt(query_dim/2)), as in peerlab.
+        """
+        super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, PeerlabRMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, nn.BatchNorm1d):
-            module.reset_parameters()
-        elif isinstance(module, (PeerlabPEER, PeerlabPKM)):
+        if isinstance(module, (PeerlabPEER, PeerlabPKM)):
             for weight in (module.down, module.up) if isinstance(module, PeerlabPEER) else (module.values,):
                 nn.init.normal_(weight, std=std)
             nn.init.normal_(module.sub_keys, std=1.0 / math.sqrt(module.query_dim // 2))
