@@ -367,6 +367,8 @@ def refused(capsys, argv: list[str]) -> str:
 def test_bad_input_is_refused_in_one_line(exported, tmp_path, capsys):
     import shutil
 
+    import yaml
+
     run_dir, _, _ = exported["dense"]
     (tmp_path / "empty").mkdir()
     assert "neither a checkpoint folder" in refused(
@@ -401,6 +403,13 @@ def test_bad_input_is_refused_in_one_line(exported, tmp_path, capsys):
     (damaged / "resolved_config.yaml").unlink()
     with pytest.raises(ExportError, match="no resolved_config.yaml"):
         export_checkpoint(damaged, tmp_path / "c")
+    # A resolved config that describes another model than the checkpoint's.
+    raw = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    raw["model_config"]["intermediate_size"] += 32
+    (damaged / "resolved_config.yaml").write_text(yaml.safe_dump(raw))
+    err = refused(capsys, ["--checkpoint", str(damaged), "--out", str(tmp_path / "c")])
+    assert "the weights do not fit the run's model_config" in err and "fc_in.weight" in err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.export-tmp").exists()
 
 
 def test_a_tokenizer_that_is_not_at_hand_is_refused_and_can_be_named(

@@ -126,11 +126,14 @@ def export_checkpoint(
     state = hf_state_dict(load_file(folder / "model.safetensors"))
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)  # as trained: no cast
     config = hf_config(cfg.model_config, tokenizer, dtype)
-    with torch.device(
-        "meta"
-    ):  # no second copy of the weights, no initialisation: the checkpoint's tensors are assigned
+    # On the meta device: no second copy of the weights and no initialisation; the checkpoint's tensors are assigned.
+    with torch.device("meta"):
         model = PeerlabForCausalLM(config)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # a checkpoint of another model than its run's config describes
+        first = " ".join(str(err).split())[:300]
+        raise ExportError(f"{folder}: the weights do not fit the run's model_config ({first})") from None
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
@@ -141,14 +144,18 @@ def export_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    for name in STANDALONE:  # save_pretrained copies them too; these are the package's own files, byte for byte
-        shutil.copyfile(EXPORT_DIR / name, tmp / name)
-    tokenizer.save_pretrained(tmp)
-    for file in tmp.iterdir():  # save_pretrained leaves the weights readable by their owner only
-        file.chmod(0o644)
-    step = int(manifest["step"])
-    (tmp / "README.md").write_text(model_card(cfg, run_dir, step, folder, config, count(state)))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        for name in STANDALONE:  # save_pretrained copies them too; these are the package's own files, byte for byte
+            shutil.copyfile(EXPORT_DIR / name, tmp / name)
+        tokenizer.save_pretrained(tmp)
+        for file in tmp.iterdir():  # save_pretrained leaves the weights readable by their owner only
+            file.chmod(0o644)
+        step = int(manifest["step"])
+        (tmp / "README.md").write_text(model_card(cfg, run_dir, step, folder, config, count(state)))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder is left behind
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
