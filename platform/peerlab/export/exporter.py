@@ -181,6 +181,14 @@ def _run_numbers(run_dir: Path, step: int) -> tuple[dict, dict, list[dict], int 
     return trained, heldout, [r for r in evals if r["step"] == eval_step], eval_step
 
 
+def _active(model_config, parameters: int) -> str:
+    """The words that say how many parameters a token uses, where it reads only part of the experts."""
+    from peerlab.tables import active_parameters
+
+    total, active = active_parameters(model_config)
+    return f", of which {active + parameters - total:,} are used per token," if active < total else ""
+
+
 def _layers(start: int, total: int, ffn: str) -> str:
     """Which layers have which feed-forward block, in words."""
     if start <= 0 or ffn.startswith("dense"):
@@ -218,7 +226,8 @@ def model_card(cfg, run_dir: Path, step: int, folder: Path, config, parameters: 
         f"# {run_dir.name} (step {step})",
         "",
         (
-            f"A decoder-only language model of {parameters:,} parameters trained with peerlab: multi-head latent "
+            f"A decoder-only language model of {parameters:,} parameters{_active(m, parameters)} trained with "
+            "peerlab: multi-head latent "
             f"attention (DeepSeek-V2) in each of its {m.num_hidden_layers} layers (hidden size {m.hidden_size}), "
             f"{_layers(m.peer_start_layer, m.num_hidden_layers, ffn)}."
         ),
