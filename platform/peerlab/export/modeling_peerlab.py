@@ -16,8 +16,10 @@ names under `model.` (the LM head stays `lm_head`), written for inference and pl
   (kv_lora_rank + qk_rope_head_dim values per layer: in a `DynamicCache` as its keys and values),
   and decoding absorbs the up-projections into the query and the output (Sec. 2.1.2).
 - PEER (He 2024, Eq. 1-5): per head, a query (BatchNorm'd), the top-k of each half against
-  its sub-keys, the top-k of the k x k sums; the softmax of those scores weights single-neuron
-  experts gelu(u_e . x) v_e. The expert rows are gathered (a bounded number of tokens at a time).
+  its sub-keys, the top-k of the sums of the rank pairs that can win; the softmax of those
+  scores weights single-neuron experts gelu(u_e . x) v_e. The search is peerlab's step for step
+  (its grouped top-k too), so ties fall the same way, which matters in bfloat16. The expert
+  rows are gathered, a bounded number of tokens at a time.
 - MoE (DeepSeekMoE): a softmax router, the top_k routed GELU experts weighted by their
   (unnormalised) scores, plus the shared experts.
 - PKM (Lample et al. 2019): PEER's product-key search; the softmax-weighted sum of value rows.
