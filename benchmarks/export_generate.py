@@ -10,9 +10,9 @@ weights. Three decoders of the same prompts, alternating, median of `--rounds`:
 - export: `generate(do_sample=False)`, transformers' loop, the latents in a DynamicCache;
 - export without cache: `generate(use_cache=False)`, every step recomputes the whole sequence.
 
-Prints new tokens/s and each one's ratio to peerlab's (of the medians, and of the fastest rounds:
-on a machine shared with other jobs the fastest round is the least disturbed); the three must
-give the same tokens.
+Prints new tokens/s and each one's ratio to peerlab's: of the median wall times, of the fastest
+rounds and of the median CPU seconds of this process (on a machine shared with other jobs the
+last two move less with the others' load); the three must give the same tokens.
 """
 
 from __future__ import annotations
@@ -55,13 +55,15 @@ def main() -> None:
         ),
     }
     seconds = {name: [] for name in decoders}
+    cpu = {name: [] for name in decoders}  # this process's CPU seconds (all its threads): less moved by other jobs
     outputs = {}
     with torch.no_grad():
         for _ in range(args.rounds):
             for name, decode in decoders.items():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 outputs[name] = decode()
                 seconds[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - cpu_start)
     same = all(torch.equal(out, outputs["peerlab generate (latent cache)"]) for out in outputs.values())
     print(
         f"{args.config}: {sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch}, "
@@ -69,11 +71,15 @@ def main() -> None:
     )
     peer = statistics.median(seconds["peerlab generate (latent cache)"])
     fastest = min(seconds["peerlab generate (latent cache)"])
-    print("| decoder | new tokens/s (median) | ratio to peerlab's | ratio of the fastest rounds |")
-    print("| --- | --- | --- | --- |")
+    peer_cpu = statistics.median(cpu["peerlab generate (latent cache)"])
+    print("| decoder | new tokens/s (median) | ratio to peerlab's | of the fastest rounds | of the CPU seconds |")
+    print("| --- | --- | --- | --- | --- |")
     for name, times in seconds.items():
-        t = statistics.median(times)
-        print(f"| {name} | {args.batch * args.new / t:.1f} | {peer / t:.2f}x | {fastest / min(times):.2f}x |")
+        t, c = statistics.median(times), statistics.median(cpu[name])
+        print(
+            f"| {name} | {args.batch * args.new / t:.1f} | {peer / t:.2f}x | {fastest / min(times):.2f}x "
+            f"| {peer_cpu / c:.2f}x |"
+        )
     print(f"same tokens: {same}")
 
 
