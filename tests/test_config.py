@@ -31,7 +31,9 @@ def test_every_config_file_loads(path):
     elif "search_space" in raw:  # a sweep's PEER search space (experiments/ablate.py --search-space)
         from peerlab.tune import search_space
 
-        assert search_space(path=str(path)).settings()
+        space = search_space(path=str(path))
+        base = load_config(ROOT / "configs" / "demo.yaml") if space.match else None  # arms sized to the demo's PEER
+        assert space.settings(base=base)
     else:
         cfg = load_config(path)
         assert isinstance(cfg, Config)
