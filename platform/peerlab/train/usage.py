@@ -130,15 +130,19 @@ def collect(model: nn.Module, step: int, threshold: float, distributed: bool) ->
     return rows
 
 
-def write(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
-    """Append rows to <run>/usage.parquet (and log them to wandb)."""
+def append_rows(rows: list[dict], path: Path) -> None:
+    """Append rows to the parquet table at `path` (made if missing)."""
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    path = Path(run_dir) / "usage.parquet"
     if path.is_file():
         table = pd.concat([pd.read_parquet(path), table], ignore_index=True)
     table.to_parquet(path, index=False)
+
+
+def write(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
+    """Append rows to <run>/usage.parquet (and log them to wandb)."""
+    append_rows(rows, Path(run_dir) / "usage.parquet")
     if wandb_run is not None:
         import wandb
 
@@ -260,15 +264,9 @@ def collect_by_source(model: nn.Module, step: int, names: list[str], distributed
 
 def write_by_source(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
     """Append rows to <run>/usage_by_source.parquet (and log each source's dead share and each layer's nmi to wandb)."""
-    import pandas as pd
-
     if not rows:
         return
-    table = pd.DataFrame(rows)
-    path = Path(run_dir) / "usage_by_source.parquet"
-    if path.is_file():
-        table = pd.concat([pd.read_parquet(path), table], ignore_index=True)
-    table.to_parquet(path, index=False)
+    append_rows(rows, Path(run_dir) / "usage_by_source.parquet")
     if wandb_run is not None:
         for r in rows:
             if r["kind"] == "source":
