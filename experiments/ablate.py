@@ -563,9 +563,9 @@ def sweep(argv: list[str] | None, staged: dict) -> int:
     cfg0 = config_from_dict(trials[0].config)
     name = args.name or f"sweep_{Path(args.custom_datasets).stem}"
     sweep_dir = storage.local_path(cfg0.train_config.output_dir) / name
-    if storage.is_remote(cfg0.train_config.output_dir):  # credentials and bucket checked before Ray starts
+    checked_storage(storage.join(cfg0.train_config.output_dir, name))  # before Ray: a bucket's credentials, a job's dir
+    if storage.is_remote(cfg0.train_config.output_dir):
         uri = storage.join(cfg0.train_config.output_dir, name)
-        checked_storage(uri)
         sweep_dir = Path(tempfile.mkdtemp(prefix="peerlab-sweep-")) / name
         staged.update(dir=sweep_dir, uri=uri)
         try:
@@ -649,9 +649,12 @@ def sweep(argv: list[str] | None, staged: dict) -> int:
         print(f"Ray's logs: {logs} (--verbose shows them here)", flush=True)
     print(f"sweep folder: {staged.get('uri', sweep_dir)}", flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    if staged:  # trial folders (checkpoints manifest last) and the sweep's files go up as the sweep runs
+    # Where the trials write and how often Tune runs a lost one again (the base config's max_failures)
+    args.placement = {"uri": staged.get("uri"), "max_failures": cfg0.train_config.max_failures, "synced": None}
+    if staged:  # the trials write their folders on the URI; the driver's copy and the sweep's files sync with it
         staged["mirror"] = storage.Mirror(sweep_dir, staged["uri"])
         staged["mirror"].start()
+        args.placement["synced"] = staged["mirror"].now
     if mixplan is not None:
         return run_mix_search(args, mixplan, info, sweep_dir, res, name)
     if optuna_plan is not None:
@@ -674,7 +677,7 @@ def sweep(argv: list[str] | None, staged: dict) -> int:
     if todo:
         from peerlab.tune import run_sweep
 
-        run_sweep(todo, sweep_dir, res, schedule, total=len(trials), verbose=args.verbose)
+        run_sweep(todo, sweep_dir, res, schedule, total=len(trials), verbose=args.verbose, **args.placement)
     wall = time.time() - start
 
     from peerlab.tables import write_tables
@@ -761,7 +764,7 @@ def run_ladder(args, trials: list[Trial], info: dict, sweep_dir: Path, res: Reso
             flush=True,
         )
         if todo:
-            run_sweep(todo, sweep_dir, res, schedule, total=len(stage), verbose=args.verbose)
+            run_sweep(todo, sweep_dir, res, schedule, total=len(stage), verbose=args.verbose, **args.placement)
         ran += stage
         paths = write_tables(ran, sweep_dir, args.metric, multiples)
         table = pd.read_parquet(paths["trials"])
@@ -848,9 +851,10 @@ def run_mix_search(args, mixplan: MixPlan, info: dict, sweep_dir: Path, res: Res
         for s in mixplan.settings
     ]
     validation = lambda trial: trial.mix.startswith("val_")  # noqa: E731  (ASHA leaves the validation round whole)
-    search = TrialSearch(searcher, mixplan.make_trial, sweep_dir, protect=validation)
+    search = TrialSearch(searcher, mixplan.make_trial, sweep_dir, protect=validation, uri=args.placement["uri"])
     done = sum(p["status"] in ("finished", "stopped", "failed") for p in searcher.proposals)
-    run_sweep(sample, sweep_dir, res, schedule, mixplan.planned(), args.verbose, search, done_before=done)
+    run_sweep(sample, sweep_dir, res, schedule, mixplan.planned(), args.verbose, search, done_before=done,
+              **args.placement)  # fmt: skip
     wall = time.time() - start
     started = [p for p in searcher.proposals if p["status"] != "queued"]
     trials = [mixplan.make_trial(searcher.trial_config(p)) for p in started]
@@ -891,10 +895,11 @@ def run_optuna(args, optuna_plan, sample: list[Trial], info: dict, sweep_dir: Pa
     space = ", ".join(f"{k}={v}" for k, v in optuna_plan.space.items())
     print(f"Optuna search (TPE) over {space} and {len(optuna_plan.mixes)} mix(es): {optuna_plan.num_samples} trials")
     schedule = Schedule(None if args.scheduler == "none" else args.scheduler, args.metric, args.mode, args.grace_steps)
-    search = TrialSearch(optuna_plan.searcher(), optuna_plan.make_trial, sweep_dir, metric=args.metric)
+    search = TrialSearch(optuna_plan.searcher(), optuna_plan.make_trial, sweep_dir, metric=args.metric,
+                         uri=args.placement["uri"])  # fmt: skip
     start = time.time()
     run_sweep(sample, sweep_dir, res, schedule, optuna_plan.num_samples, args.verbose, search,
-              done_before=0, num_samples=optuna_plan.num_samples)  # fmt: skip
+              done_before=0, num_samples=optuna_plan.num_samples, **args.placement)  # fmt: skip
     wall = time.time() - start
     trials = list(search.trials.values())
     saved = json.loads((sweep_dir / "sweep.json").read_text())

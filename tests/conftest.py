@@ -64,6 +64,14 @@ def ray_cluster():
     """One local Ray cluster for the whole test session, bound to loopback (FACTS.md: never two)."""
     import ray
 
+    start_session_cluster()
+    yield ray
+
+
+def start_session_cluster() -> None:
+    """The session's cluster (ray_cluster); tests/test_cluster.py stops it while its own cluster runs."""
+    import ray
+
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
@@ -73,7 +81,6 @@ def ray_cluster():
             log_to_driver=False,
             configure_logging=False,
         )
-    yield ray
 
 
 @pytest.fixture(scope="session")

@@ -117,6 +117,36 @@ def test_storage_verbs_round_trip(s3, tmp_path):
     assert storage.join(f"file://{tmp_path}", "run") == str(tmp_path / "run")
 
 
+def test_a_sweeps_trial_folders_sync_both_ways_and_leave_checkpoints_on_the_bucket(s3, tmp_path):
+    """Trials write on the bucket (from any node), the driver writes markers here: each side's changes,
+    removals included, reach the other; a file changed on both sides keeps the newer."""
+    uri, local = f"{s3}/sweep", tmp_path / "sweep"
+    trial = f"{uri}/trials/t1"
+    storage.write_bytes(f"{trial}/metrics.jsonl", b'{"step": 1}\n')  # a trial on another node
+    storage.write_bytes(f"{trial}/checkpoints/step-000001/checkpoint.json", b"{}")
+    storage.write_bytes(f"{trial}/error.json", b'{"error": "an earlier run"}')
+    storage.write_bytes(f"{uri}/sweep.json", b"{}")
+    assert sorted(storage.pull_sweep(uri, local)) == ["sweep.json", "trials/t1/error.json", "trials/t1/metrics.jsonl"]
+    assert not (local / "trials" / "t1" / "checkpoints").exists()  # a trial fetches its own checkpoint
+    assert storage.sync_trials(local, uri) == []  # nothing changed since: nothing moves
+    (local / "trials" / "t2").mkdir()
+    (local / "trials" / "t2" / "stopped.json").write_text('{"step": 3}')  # the driver (ASHA) stops t2
+    storage.delete(f"{trial}/error.json")  # t1 runs again (run_trial removes its markers)
+    storage.write_bytes(f"{trial}/metrics.jsonl", b'{"step": 1}\n{"step": 2}\n')  # and logs on
+    pulled = storage.sync_trials(local, uri)
+    assert pulled == ["t1/metrics.jsonl"] and not (local / "trials" / "t1" / "error.json").exists()
+    assert (local / "trials" / "t1" / "metrics.jsonl").read_text().count("step") == 2
+    assert storage.read_bytes(f"{uri}/trials/t2/stopped.json") == b'{"step": 3}'
+    (local / "trials" / "t2" / "stopped.json").unlink()  # --resume runs t2 again
+    time.sleep(1.1)  # the bucket's clock counts seconds
+    storage.write_bytes(f"{trial}/done.json", b"{}")
+    (local / "trials" / "t1" / "done.json").write_text('{"newer": true}')  # both sides wrote it: the newer wins
+    storage.sync_trials(local, uri)
+    assert not storage.exists(f"{uri}/trials/t2/stopped.json")
+    assert storage.read_bytes(f"{trial}/done.json") == b'{"newer": true}'
+    assert "checkpoints/step-000001/checkpoint.json" in bucket_files(trial)  # never touched by the sync
+
+
 def fake_checkpoint(folder: Path, step: int) -> Path:
     """A complete checkpoint of a tiny model (real files, real manifest)."""
     import torch
@@ -255,9 +285,11 @@ def test_a_two_trial_sweep_on_the_bucket_writes_its_tables_and_report_there(ray_
     argv = ["--custom-datasets", str(mixes), "--config", str(config), *tiny_sets(demo_corpus, out, steps=3),
             "--set", "eval_config.evals=[]", "--name", "sw", "--max-concurrent", "2", "--metric", "eval_loss/mean",
             "--address", ray_cluster.get_runtime_context().gcs_address]  # fmt: skip
-    ablate = command("ablate")
-    assert ablate.main(argv) == 0
-    printed = capsys.readouterr().out
+    # Its own process, as a user's: the trial actors get the S3 settings with the job's environment
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "ablate.py"), *argv],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    printed = run.stdout
     assert f"sweep folder: {out}/sw" in printed and f"sweep folder mirrored to {out}/sw" in printed
     files = set(bucket_files(f"{out}/sw"))
     assert {
@@ -278,7 +310,8 @@ def test_a_two_trial_sweep_on_the_bucket_writes_its_tables_and_report_there(ray_
         assert f"trials/{trial_id}/metrics.jsonl" in files
     # The same command again reads the sweep back from the bucket: its trials are done, none runs again,
     # and their checkpoints stay in the bucket (no trial reads them).
-    downloaded, download = [], storage._download
+    assert (trials["attempts"] == 1).all() and trials["nodes"].str.len().gt(0).all()
+    ablate, downloaded, download = command("ablate"), [], storage._download
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(storage, "_download", lambda uri, local: downloaded.append(uri) or download(uri, local))
         assert ablate.main(argv) == 0

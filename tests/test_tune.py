@@ -329,6 +329,11 @@ def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp
     assert (good["status"] == "finished").all() and (broken["status"] == "failed").all()
     assert broken["error"].str.contains("text").all() and broken["error"].str.contains("notes").all()
     assert good["error"].isna().all()
+    # The sweep retries lost trials (max_failures), not a trial's own error: the broken mix trained once
+    assert (trials["attempts"] == 1).all() and "was lost" not in printed
+    for trial_id in broken["trial_id"]:
+        tries = [json.loads(x) for x in (sweep / "trials" / trial_id / "attempts.jsonl").read_text().splitlines()]
+        assert [("node_id" in t, t.get("retried")) for t in tries] == [(True, None), (False, False)], tries
     assert (good["steps"] == 6).all() and (good["tokens"] == 6 * 2 * 33).all()
     assert good["final_loss"].notna().all() and good["eval_loss/mean"].notna().all()
     assert set(good["peer/num_experts_per_tok"]) == {2, 4}

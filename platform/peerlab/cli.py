@@ -120,14 +120,44 @@ def checked_paths(cfg: Config) -> list[str]:
 
 
 def checked_storage(uri: str) -> None:
-    """An output_dir on object storage can be written with the environment's credentials; else exit 2
-    with one line naming the URI. Runs before Ray starts; a local path passes as it is."""
-    from peerlab.storage import StorageError, check_writable
+    """An output_dir on object storage can be written with the environment's credentials; a local one is
+    not inside a submitted job's copy of its working directory (which Ray deletes); else exit 2 with
+    one line naming it. Runs before Ray starts."""
+    from peerlab.storage import StorageError, check_writable, is_remote, local_path
 
+    if not is_remote(uri):
+        job_dir = submitted_job_dir()
+        path = local_path(uri).expanduser().resolve()
+        if job_dir is not None and (path == job_dir or job_dir in path.parents):
+            raise UsageError(
+                f"train_config.output_dir: {uri} is inside this job's copy of --working-dir ({job_dir}), which Ray "
+                "deletes after the job: give an s3:// URI or an absolute path every node shares "
+                "(--set train_config.output_dir=...)"
+            )
+        return
     try:
         check_writable(uri)
     except StorageError as err:
         raise UsageError(f"train_config.output_dir: {err}") from None
+
+
+def job_runtime_env() -> dict | None:
+    """The runtime env of a job run by `ray job submit` (its working_dir, env_vars), None outside one."""
+    import json
+    import os
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor for the job's entrypoint
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except ValueError:
+        return None
+
+
+def submitted_job_dir() -> Path | None:
+    """The working directory of a job run by `ray job submit --working-dir` (Ray unpacks a copy there), else None."""
+    return Path.cwd().resolve() if (job_runtime_env() or {}).get("working_dir") else None
 
 
 def checked_resume(cfg: Config) -> Config:

@@ -8,10 +8,13 @@ systems (the ones Ray Train's `storage_path` uses):
                                credentials are there, a probe object is written and deleted
     pull_run(uri, local)       a run's files and its newest complete checkpoint, into staging
     push_run(local, uri)       the run's changed files, its new checkpoints, manifest last
-    push_sweep(local, uri)     each trial's run folder so, then the sweep's plan, tables and report
+    sync_trials(local, uri)    a sweep's trial folders both ways, checkpoints left on the URI: the
+                               trials write theirs on the URI from whichever node runs them, the
+                               driver its markers (stopped.json, error.json) and planned configs
+    push_sweep(local, uri)     sync_trials, then the sweep's own plan, tables and report
     Mirror(local, uri)         push_sweep every 30 s while a sweep runs, and once more at its end
     download_dir / upload_dir  a whole folder, checkpoint manifests uploaded last
-    pull_sweep(uri, local)     a sweep folder, less the checkpoints of trials that ended
+    pull_sweep(uri, local)     a sweep folder, less every trial's checkpoints (a trial fetches its own)
 
 A checkpoint on the URI keeps the local promise (peerlab.train.checkpoint): its files are
 uploaded first and its `checkpoint.json` last, so a reader that finds the manifest finds every
@@ -195,8 +198,8 @@ def check_writable(uri: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _files(uri: str) -> dict[str, int]:
-    """{relative path: size} of every file under the URI (none when it does not exist)."""
+def _remote_stamps(uri: str) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, modification time in ns)} of every file under the URI."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
@@ -204,7 +207,12 @@ def _files(uri: str) -> dict[str, int]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except Exception as err:
         raise StorageError(f"{uri} cannot be listed: {_reason(err)}") from None
-    return {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+    return {i.path[len(path) + 1 :]: (i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File}
+
+
+def _files(uri: str) -> dict[str, int]:
+    """{relative path: size} of every file under the URI (none when it does not exist)."""
+    return {name: size for name, (size, _) in _remote_stamps(uri).items()}
 
 
 def list_files(uri: str) -> list[str]:
@@ -313,24 +321,84 @@ def download_dir(uri: str, local: Path) -> list[str]:
 
 
 def pull_sweep(uri: str, local: Path, plan_only: bool = False) -> list[str]:
-    """A sweep folder from the URI into staging, for the same command or --resume to continue it:
-    everything but the checkpoints of trials that ended (done.json or stopped.json), which no trial
-    reads again. `plan_only`: the sweep's own top-level files alone (a dry run). Returns what came."""
-    names = [n for n in list_files(uri) if not _skipped(n)]
-    ended = {
-        Path(n).parts[1] for n in names if n.startswith("trials/") and Path(n).name in ("done.json", "stopped.json")
-    }
-
-    def wanted(name: str) -> bool:
-        parts = Path(name).parts
-        if plan_only:
-            return len(parts) == 1
-        return not (parts[0] == "trials" and len(parts) > 3 and parts[1] in ended and parts[2] == "checkpoints")
-
-    names = [n for n in names if wanted(n)]
+    """A sweep folder from the URI into staging, for the same command or --resume to continue it: the
+    sweep's own files, and its trial folders without their checkpoints (a trial that runs again fetches
+    its own newest checkpoint, on its node). `plan_only`: the sweep's own top-level files alone (a dry
+    run). Returns what came."""
+    names = [n for n in list_files(uri) if not _skipped(n) and Path(n).parts[0] != "trials"]
+    names = [n for n in names if len(Path(n).parts) == 1 or not plan_only]
     for name in names:
         _download(join(uri, name), Path(local) / name)
+    if not plan_only:
+        names += [f"trials/{n}" for n in sync_trials(local, uri)]
     return names
+
+
+_synced: dict[str, dict[str, tuple]] = {}  # sweep staging folder -> {trials/ path: (local stamp, remote stamp)}
+
+
+def _trial_file(relative: str) -> bool:
+    """A file of trials/<id>/ that sync_trials carries: not a checkpoint's, not Ray's state, not a .tmp."""
+    parts = Path(relative).parts
+    return len(parts) >= 2 and "checkpoints" not in parts[1:2] and not _skipped(relative)
+
+
+def _local_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def sync_trials(local: Path, uri: str) -> list[str]:
+    """Carry a sweep's trials/ folder both ways between staging and the URI, checkpoints left out.
+
+    The trials write their run folders on the URI (from whichever node runs them); the driver
+    writes markers (stopped.json, error.json), removes them when a trial runs again, and writes
+    the planned configs. A file created, changed or removed on one side since the last sync is
+    so on the other; changed on both sides, the newer wins. Returns the paths that came down.
+    """
+    import pyarrow.fs as pafs
+
+    here_root, there_root = Path(local) / "trials", join(uri, "trials")
+    state = _synced.setdefault(str(Path(local).resolve()), {})
+    here = {
+        str(p.relative_to(here_root)): _local_stamp(p) for p in here_root.rglob("*") if p.is_file()
+    } if here_root.is_dir() else {}  # fmt: skip
+    here = {k: v for k, v in here.items() if _trial_file(k) and v is not None}
+    there = {k: v for k, v in _remote_stamps(there_root).items() if _trial_file(k)}
+    pulled = []
+    for name in sorted(set(here) | set(there) | set(state)):
+        mine, theirs = here.get(name), there.get(name)
+        was_mine, was_theirs = state.get(name, (None, None))
+        if mine == was_mine and theirs == was_theirs:
+            continue
+        if mine != was_mine and theirs != was_theirs:  # both changed: the newer wins (a removal loses)
+            push = mine is not None and (theirs is None or mine[1] >= theirs[1])
+        else:
+            push = mine != was_mine
+        path, target = here_root / name, join(there_root, name)
+        if push and mine is None:
+            delete(target)
+            theirs = None
+        elif push:
+            _upload(path, target)
+            fs, inside = filesystem(target)
+            info = fs.get_file_info(inside)
+            theirs = (info.size, info.mtime_ns or 0) if info.type == pafs.FileType.File else None
+        elif theirs is None:
+            path.unlink(missing_ok=True)
+            mine = None
+        else:
+            _download(target, path)
+            mine = _local_stamp(path)
+            pulled.append(name)
+        if mine is None and theirs is None:
+            state.pop(name, None)
+        else:
+            state[name] = (mine, theirs)
+    return pulled
 
 
 # --------------------------------------------------------------------------------------
@@ -426,12 +494,9 @@ def push_run(local: Path, uri: str) -> None:
 
 
 def push_sweep(local: Path, uri: str) -> None:
-    """Mirror a sweep's staging folder to the URI: each trial's run folder as `push_run` does, then the
+    """Mirror a sweep's staging folder to the URI: its trial folders both ways (`sync_trials`), then the
     sweep's own files (plan, tables, report)."""
-    local = Path(local)
-    for trial in sorted((local / "trials").glob("*")):
-        if trial.is_dir():
-            push_run(trial, join(uri, "trials", trial.name))
+    sync_trials(local, uri)
     _push_files(local, uri, leave_out="trials")
 
 
@@ -452,17 +517,22 @@ def _push_files(local: Path, uri: str, leave_out: str) -> None:
 
 class Mirror(threading.Thread):
     """Pushes a staging folder to its URI every `every` seconds while a sweep runs (`push`: push_sweep);
-    `close()` stops it and pushes a last time. A push that fails while running is logged and tried again."""
+    `close()` stops it and pushes a last time; `now()` pushes at once (the driver, before it reads the trials'
+    markers). A push that fails while running is logged and tried again."""
 
     def __init__(self, local: Path, uri: str, push=None, every: float = 30.0):
         super().__init__(daemon=True)
         self.local, self.uri, self.push, self.every = Path(local), uri, push or push_sweep, every
-        self.stop = threading.Event()
+        self.stop, self.lock = threading.Event(), threading.Lock()
+
+    def now(self) -> None:
+        with self.lock:
+            self.push(self.local, self.uri)
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
             try:
-                self.push(self.local, self.uri)
+                self.now()
             except (StorageError, OSError) as err:  # a file pruned while it went up, the network: next round
                 log.warning("mirroring %s to %s: %s (tried again in %.0f s)", self.local, self.uri, err, self.every)
 
@@ -470,4 +540,4 @@ class Mirror(threading.Thread):
         self.stop.set()
         if self.is_alive():
             self.join()
-        self.push(self.local, self.uri)
+        self.now()

@@ -23,7 +23,7 @@ import pandas as pd
 from peerlab.config import config_from_dict, ffn_type
 from peerlab.model.size import active_parameters, training_flops_per_token
 from peerlab.tracking import EVAL_KEYS, read_evals, read_metrics
-from peerlab.tune import Trial, trial_dir, trial_status
+from peerlab.tune import Trial, read_attempts, trial_dir, trial_status
 
 
 def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.DataFrame) -> dict:
@@ -61,6 +61,10 @@ def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.Data
         "flops_per_token": training_flops_per_token(m, cfg.dataset_config.max_seq_length),
         "config_path": str(run_dir / "resolved_config.yaml"),
     }
+    starts = read_attempts(run_dir, starts_only=True)
+    row["attempts"] = len(starts)  # times the trial started: more than 1 after a lost node or a --resume
+    row["nodes"] = ",".join(dict.fromkeys(a["node_id"] for a in starts))  # the Ray nodes it ran on, in order
+    records = list({r["step"]: r for r in records if "step" in r}.values())  # a step run again after a resume: its last
     logged = [r for r in records if "loss" in r]
     evaluated = [r for r in records if any(k.startswith("eval_") for k in r)]
     last = logged[-1] if logged else {}

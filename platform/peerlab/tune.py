@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from peerlab import storage
 from peerlab.arms import ARMS, arm_setting, check_match, match_arm, parse_arms
 from peerlab.config import Config, ConfigError, DataMix, PeerConfig, config_from_dict, to_dict
 
@@ -438,6 +439,7 @@ def check_optuna_space(space: SearchSpace) -> dict[str, list | str]:
 # --------------------------------------------------------------------------------------
 
 MARKERS = {"done.json": "finished", "stopped.json": "stopped", "error.json": "failed"}
+ATTEMPTS = "attempts.jsonl"  # one line per start of a trial (node, step it started from), one per error it ended with
 
 
 def trial_dir(sweep_dir: Path, trial_id: str) -> Path:
@@ -462,8 +464,13 @@ def mark(run_dir: Path, name: str, content: dict) -> None:
     write_json(run_dir / name, content)
 
 
-def write_json(path: Path, content: dict) -> None:
-    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
+def write_json(path: Path | str, content: dict) -> None:
+    """Write JSON through a temporary file and a rename: a crash never leaves half a file (a URI: one PUT,
+    which object storage makes visible whole)."""
+    if storage.is_remote(str(path)):
+        storage.write_bytes(str(path), json.dumps(content, indent=1, default=float).encode())
+        return
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(content, indent=1, default=float))
     tmp.replace(path)
@@ -479,19 +486,40 @@ def run_trial(params: dict) -> None:
 
     With train_config.num_workers = 0 the loop runs in this actor (Train's local mode: no
     start-up of a worker group, the right choice for CPU sweeps); with N >= 1 a worker group
-    of N is started and TuneReportCallback forwards rank 0's metrics.
+    of N is started and TuneReportCallback forwards rank 0's metrics. The run folder may be a
+    URI (a sweep on object storage): the run then stages on this actor's node (`fit`).
+
+    Each start appends a line to the run's attempts.jsonl: the node, Tune's trial id, the step it
+    starts from. Tune runs a trial again when its actor or node was lost (the sweep's
+    max_failures); an error of the run itself (`peerlab.train.failures.NOT_RETRIED`) is recorded
+    there too, and a retry of it fails at once with the same error instead of training again.
     """
+    import ray
+
+    from peerlab.train.failures import not_retried
     from peerlab.train.launch import fit
 
     spec = params["trial"]
     cfg = config_from_dict(spec["config"], origin=f"trial {spec['trial_id']}")
-    run_dir = Path(spec["run_dir"])
+    run_dir = spec["run_dir"]
+    tune_id = _tune_trial_id()
+    earlier = [a for a in read_attempts(run_dir) if tune_id and a.get("tune_trial_id") == tune_id]
+    if earlier and earlier[-1].get("error") and not earlier[-1].get("retried", True):
+        raise TrialError(earlier[-1]["error"])  # the run's own error comes back on every try: not trained again
     for name in MARKERS:
-        (run_dir / name).unlink(missing_ok=True)
+        remove(storage.join(run_dir, name))
+    context = ray.get_runtime_context()
+    attempt = {
+        "attempt": len(read_attempts(run_dir, starts_only=True)) + 1,
+        "node_id": context.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "tune_trial_id": tune_id,
+        "from_step": newest_step(run_dir),
+        "started_at": time.time(),
+    }
+    append_attempt(run_dir, attempt)
     callbacks, options = [], {"report_to": "tune"}  # local mode: the loop reports to Tune itself
-    import ray
-
-    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    share = context.get_assigned_resources().get("GPU", 0.0)
     if 0 < share < 1:  # a GPU shared with other trials (--gpus-per-trial 0.25): its memory capped to the share
         options["gpu_memory_fraction"] = share
     if cfg.train_config.num_workers > 0:
@@ -499,23 +527,90 @@ def run_trial(params: dict) -> None:
 
         callbacks, options = [TuneReportCallback()], {}
     start = time.time()
-    result = fit(cfg, run_dir, quiet=True, callbacks=callbacks, **options)
-    if result.error is not None:
-        raise result.error
-    mark(run_dir, "done.json", {"wall_s": time.time() - start, "finished_at": time.time()})
+    try:
+        result = fit(cfg, run_dir, quiet=True, callbacks=callbacks, **options)
+        if result.error is not None:
+            raise result.error
+    except Exception as err:
+        line = error_line([x for x in str(err).strip().splitlines() if x.strip()]) or type(err).__name__
+        append_attempt(run_dir, {"attempt": attempt["attempt"], "tune_trial_id": tune_id, "error": line,
+                                 "retried": not not_retried(err), "ended_at": time.time()})  # fmt: skip
+        raise
+    done = {"wall_s": time.time() - start, "finished_at": time.time(), "node_id": attempt["node_id"]}
+    write_json(storage.join(run_dir, "done.json"), {**done, "attempts": attempt["attempt"]})
 
 
-def resolved_run_config(trial: Trial, sweep_dir: Path) -> dict:
-    """What the trainable receives: the trial's config with output_dir inside the sweep folder."""
+class TrialError(RuntimeError):
+    """A trial's own error (its config, data, a non-finite loss), raised again when Tune retries it."""
+
+
+def _tune_trial_id() -> str | None:
+    try:
+        from ray import tune
+
+        return tune.get_context().get_trial_id()
+    except Exception:  # not inside a Tune trial (a test calling run_trial directly)
+        return None
+
+
+def read_attempts(run_dir: str | Path, starts_only: bool = False) -> list[dict]:
+    """The run's attempts.jsonl (a path or a URI): one line per start of the trial, one per error it ended with."""
+    path = storage.join(str(run_dir), ATTEMPTS)
+    try:
+        if not storage.exists(path):
+            return []
+        lines = storage.read_bytes(path).decode().splitlines()
+    except storage.StorageError:
+        return []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in records if "node_id" in r] if starts_only else records
+
+
+def append_attempt(run_dir: str | Path, record: dict) -> None:
+    path = storage.join(str(run_dir), ATTEMPTS)
+    before = b"".join(json.dumps(r).encode() + b"\n" for r in read_attempts(run_dir))
+    if storage.is_remote(path):
+        storage.write_bytes(path, before + json.dumps(record).encode() + b"\n")
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def newest_step(run_dir: str | Path) -> int:
+    """The step of the run's newest complete checkpoint (its manifest written), 0 when it has none."""
+    from peerlab.storage import MANIFEST
+
+    run_dir = str(run_dir)
+    if storage.is_remote(run_dir):
+        try:
+            found = [k for k, files in storage.remote_checkpoints(run_dir).items() if MANIFEST in files]
+        except storage.StorageError:
+            return 0
+    else:
+        folder = storage.local_path(run_dir) / "checkpoints"
+        found = [p.name for p in folder.glob("step-*") if p.suffix != ".tmp" and (p / MANIFEST).is_file()]
+    steps = [int(name.split("-", 1)[1]) for name in found if name.split("-", 1)[1].isdigit()]
+    return max(steps, default=0)
+
+
+def remove(path: str) -> None:
+    """Remove a file (a path or a URI) that may not exist."""
+    if storage.is_remote(path):
+        storage.delete(path)
+    else:
+        storage.local_path(path).unlink(missing_ok=True)
+
+
+def resolved_run_config(trial: Trial, sweep_dir: Path, uri: str | None = None) -> dict:
+    """What the trainable receives: the trial's config with output_dir inside the sweep folder, or inside the
+    sweep's URI (object storage: every node writes the trial's folder there)."""
     from peerlab.train.launch import absolute_paths
 
     raw = to_dict(absolute_paths(config_from_dict(trial.config)))  # trial actors run in other folders
-    raw["train_config"]["output_dir"] = str(Path(sweep_dir).resolve() / "trials")
-    return {
-        "trial_id": trial.trial_id,
-        "config": raw,
-        "run_dir": str(trial_dir(Path(sweep_dir).resolve(), trial.trial_id)),
-    }
+    trials = storage.join(uri, "trials") if uri else str(Path(sweep_dir).resolve() / "trials")
+    raw["train_config"]["output_dir"] = trials
+    return {"trial_id": trial.trial_id, "config": raw, "run_dir": storage.join(trials, trial.trial_id)}
 
 
 # --------------------------------------------------------------------------------------
@@ -554,6 +649,9 @@ def run_sweep(
     search: TrialSearch | None = None,
     done_before: int | None = None,
     num_samples: int = -1,
+    uri: str | None = None,
+    max_failures: int = 0,
+    synced=None,
 ) -> dict[str, str]:
     """Run `trials` with Ray Tune; returns {trial id: status}. `total` counts the whole sweep (for progress).
 
@@ -563,6 +661,11 @@ def run_sweep(
     never says it is done (Optuna). Prints a line per trial per
     report of the sweep's metric (each evaluation) and per trial that ends; `verbose` adds
     Tune's own status output.
+
+    `uri`: the sweep's folder on object storage, where the trials write their run folders (`sweep_dir`
+    is then its local staging copy and `synced()` brings the trials' files into it). A trial whose actor
+    or node is lost runs again up to `max_failures` times, from its newest checkpoint (a line says which
+    step, 0 when it had none); an error of the run itself is not retried (`run_trial`).
     """
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -649,6 +752,25 @@ def run_sweep(
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trials, trial, "failed")
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            ours = our_trial(trial)
+            run_dir = storage.join(uri, "trials", ours.trial_id) if uri else str(trial_dir(sweep_dir, ours.trial_id))
+            records = read_attempts(run_dir)
+            if records and records[-1].get("retried") is False:
+                return  # the run's own error: Tune's retry fails at once with it (run_trial), nothing was lost
+            starts = [r for r in records if "node_id" in r]
+            where = f" on node {starts[-1]['node_id'][:12]}" if starts else ""
+            error = getattr(trial, "error_file", None)
+            reason = ""
+            if error and Path(error).is_file():
+                lines = [x for x in Path(error).read_text().strip().splitlines() if x.strip()]
+                reason = f" ({error_line(lines)[:200]})"
+            step = newest_step(run_dir)
+            again = f"continues from its checkpoint of step {step}" if step else (
+                "restarts from step 0: it had no checkpoint yet")  # fmt: skip
+            print(f"  {ours.trial_id} was lost{where}{reason}; Tune runs it again "
+                  f"(try {trial.num_failures + 1} of {max_failures + 1}) and it {again}", flush=True)  # fmt: skip
+
     scheduler = None
     if schedule.scheduler == "asha":
         grace = schedule.grace_steps or first_cut([t.config for t in trials], schedule.metric, steps)
@@ -656,7 +778,7 @@ def run_sweep(
         scheduler = RecordingASHA(Rungs(grace, steps + 1, schedule.reduction_factor))
     trainable = tune.with_resources(run_trial, {"CPU": resources.cpus_per_trial, "GPU": resources.gpus_per_trial})
     if search is None:
-        space, samples = {"trial": tune.grid_search([resolved_run_config(t, sweep_dir) for t in trials])}, 1
+        space, samples = {"trial": tune.grid_search([resolved_run_config(t, sweep_dir, uri) for t in trials])}, 1
     else:
         space, samples = {}, num_samples  # -1: the search says when it is done
     tuner = tune.Tuner(
@@ -678,7 +800,7 @@ def run_sweep(
             storage_path=str(sweep_dir / ".ray"),
             callbacks=[Progress()],
             verbose=1 if verbose else 0,
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
         ),
     )
     with contextlib.nullcontext() if verbose else tune_output_to(sweep_dir / ".ray" / "tune.log"):
@@ -688,6 +810,8 @@ def run_sweep(
             trial_id = result.config["trial"]["trial_id"]
             lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
             mark(trial_dir(sweep_dir, trial_id), "error.json", {"error": error_line(lines)})
+    if synced is not None:  # the trials' own markers (done.json), from the URI
+        synced()
     return {t.trial_id: _status(sweep_dir, t) for t in by_id.values()}
 
 
@@ -706,9 +830,10 @@ class TrialSearch(_Searcher):
     resolved config. Results go back to the inner searcher as they are.
     """
 
-    def __init__(self, inner, make_trial, sweep_dir: Path, metric: str | None = None, protect=None):
+    def __init__(self, inner, make_trial, sweep_dir: Path, metric: str | None = None, protect=None, uri=None):
         super().__init__()
         self.inner, self.make_trial, self.sweep_dir = inner, make_trial, Path(sweep_dir).resolve()
+        self.uri = uri  # the sweep's folder on object storage, where the trials write (run_sweep)
         self.protect = protect or (lambda trial: False)  # trials early stopping must leave to run to the end
         self.trials: dict[str, Trial] = {}  # our trial id -> Trial, in the order they started
         self.metric_expr = metric  # a weighted sum is added to each result under its own text (Optuna reads it)
@@ -729,7 +854,7 @@ class TrialSearch(_Searcher):
         for name in MARKERS:  # a trial run again (resume) starts without its old ending
             (folder / name).unlink(missing_ok=True)
         write_resolved_config(config_from_dict(trial.config), folder)
-        return {"trial": resolved_run_config(trial, self.sweep_dir)}
+        return {"trial": resolved_run_config(trial, self.sweep_dir, self.uri)}
 
     def _with_metric(self, trial_id: str, result: dict | None) -> dict | None:
         """The result with the metric's value under its own text; the latest value where this report has none

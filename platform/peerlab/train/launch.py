@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from peerlab.cli import job_runtime_env
 from peerlab.config import Config, to_dict
 from peerlab.train.optim import total_steps
 from peerlab.train.worker import environment, train_loop
@@ -47,7 +48,10 @@ def start_ray(address: str | None = None, verbose: bool = False) -> tuple[str | 
     address = address or os.environ.get("RAY_ADDRESS")
     console = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
-        info = ray.init(address=address, runtime_env={"env_vars": environment()}, **console)
+        # Inside `ray job submit`, Ray refuses a runtime env that repeats a key of the job's own
+        job = (job_runtime_env() or {}).get("env_vars") or {}
+        env_vars = {k: v for k, v in environment().items() if k not in job}
+        info = ray.init(address=address, runtime_env={"env_vars": env_vars}, **console)
     else:
         info = ray.init(
             _node_ip_address="127.0.0.1",
