@@ -29,7 +29,7 @@ from peerlab import storage
 from peerlab.tune import newest_step, read_attempts
 
 from tests.conftest import ROOT, start_session_cluster
-from tests.test_storage import BUCKET, KEYS, free_port, s3_server  # noqa: F401  (the module's S3 server)
+from tests.test_storage import KEYS, free_port, s3, s3_server  # noqa: F401  (the S3 server and a user's S3 settings)
 from tests.test_tune import sweep_files
 
 pytest.importorskip("moto")
@@ -76,15 +76,6 @@ def cluster(tmp_path_factory):
             start_session_cluster()
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch, tmp_path):  # noqa: F811
-    for key, value in KEYS.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return f"s3://{BUCKET}/{tmp_path.name}"
-
-
 def sweep_sets(out: str, steps: int = STEPS) -> list[str]:
     sets = [
         "model_config.hidden_size=48",
@@ -128,11 +119,11 @@ def wait_for(what: str, check, proc: subprocess.Popen, timeout: float = 180):
     raise AssertionError(f"timed out waiting for {what}:\n{out[-3000:]}\n{err[-3000:]}")
 
 
-def test_a_sweep_on_two_nodes_survives_losing_the_worker_node(cluster, s3_env, demo_corpus, tmp_path):
+def test_a_sweep_on_two_nodes_survives_losing_the_worker_node(cluster, s3, demo_corpus, tmp_path):  # noqa: F811
     import pandas as pd
 
     mixes, config = sweep_files(demo_corpus, tmp_path)
-    out = f"{s3_env}/sweeps"
+    out = f"{s3}/sweeps"
     sets = [f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}"]
     argv = [sys.executable, str(ROOT / "experiments" / "ablate.py"), "--custom-datasets", str(mixes),
             "--config", str(config), *sweep_sets(out), "--set", sets[0], "--name", "two", "--max-concurrent", "2",
@@ -197,7 +188,7 @@ def ray_command() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
-def test_ray_job_submit_runs_a_sweep_whose_outputs_land_in_the_bucket(cluster, s3_env, demo_corpus, tmp_path):
+def test_ray_job_submit_runs_a_sweep_whose_outputs_land_in_the_bucket(cluster, s3, demo_corpus, tmp_path):  # noqa: F811
     import pandas as pd
 
     # The head alone: nodes on one machine share Ray's folder, so each node's agent unpacks the job's working
@@ -205,7 +196,7 @@ def test_ray_job_submit_runs_a_sweep_whose_outputs_land_in_the_bucket(cluster, s
     for node in list(cluster.worker_nodes):
         cluster.remove_node(node)
     mixes, _ = sweep_files(demo_corpus, tmp_path)
-    out = f"{s3_env}/jobs"
+    out = f"{s3}/jobs"
     keys = {k: os.environ[k] for k in [*KEYS, "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED"]}
     sweep = ["python", "experiments/ablate.py", "--custom-datasets", str(mixes), "--config", "configs/demo.yaml",
              *sweep_sets(out, steps=4), "--set", f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}",
