@@ -4,7 +4,8 @@
         [--registry DIR] [--data-dir DIR] [--confirm-run-unsafe-code]
 
 PATH is a checkpoint folder (<run>/checkpoints/step-NNNNNN), a run's checkpoints/ folder or a
-run folder (their newest complete checkpoint). The tasks default to the run's eval_config.evals, the registry to its
+run folder (their newest complete checkpoint), on this machine or on object storage
+(s3://bucket/runs/name: fetched into a temporary folder, evals.jsonl written back). The tasks default to the run's eval_config.evals, the registry to its
 evals_registry_path, the batch size to its eval_batch_size. Prints a table of the results
 and appends them to the run's evals.jsonl (step = the checkpoint's step), and to wandb when
 the run's config has a wandb_config. A task that cannot be loaded offline is skipped with one
@@ -15,14 +16,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
+from peerlab import storage
 from peerlab.cli import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint folder, a checkpoints/ folder or a run folder (the newest checkpoint)")
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint folder, a checkpoints/ folder or a run folder (the newest checkpoint)",
+    )
     ap.add_argument("--tasks", help="comma-separated lm-eval task names (default: the run's eval_config.evals)")
     ap.add_argument("--batch-size", type=int, help="requests per forward pass (default: eval_batch_size)")
     ap.add_argument("--limit", type=int, help="at most this many documents per task (default: all)")
@@ -40,13 +49,31 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    staging = run_uri = None
+    checkpoint = args.checkpoint
+    if storage.is_remote(checkpoint):  # the run's files and the checkpoint, into a temporary folder
+        staging = Path(tempfile.mkdtemp(prefix="peerlab-eval-"))
+        try:
+            run_uri, local = storage.pull_checkpoint(checkpoint, staging)
+        except storage.StorageError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UsageError(f"--checkpoint: {err}") from None
+        checkpoint = str(local)
+    try:
+        return evaluate(args, checkpoint, device, run_uri)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def evaluate(args: argparse.Namespace, checkpoint: str, device: str, run_uri: str | None) -> int:
     from peerlab.eval.harness import format_table, run_lm_eval, task_manager
     from peerlab.eval.lm import EvalError, PeerlabLM
     from peerlab.tracking import MetricsLog, append_evals
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        lm = PeerlabLM(checkpoint=args.checkpoint, batch_size=args.batch_size or 1, device=device)
+        lm = PeerlabLM(checkpoint=checkpoint, batch_size=args.batch_size or 1, device=device)
         e = lm.config.eval_config
         names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(e.evals)
         if not names:
@@ -72,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     tracker = MetricsLog(lm.run_dir, lm.config, enabled=lm.config.wandb_config is not None)
     path = append_evals(lm.run_dir, lm.step, outcome.rows, tracker.wandb)
     tracker.close()
+    if run_uri is not None:  # the run's evals.jsonl, with the new lines, back to the bucket
+        path = storage.join(run_uri, path.name)
+        storage.write_bytes(path, (lm.run_dir / "evals.jsonl").read_bytes())
     print(f"{len(outcome.rows)} results appended to {path} in {outcome.seconds:.1f} s")
     return 0
 

@@ -276,6 +276,20 @@ def test_a_run_on_the_bucket_writes_its_folder_there_and_resumes_from_it(ray_clu
     assert "checkpoints/step-000005/checkpoint.json" in bucket_files(f"{runs}/r")
     assert not list(Path.cwd().rglob("checkpoints"))  # nothing of the run in the working directory
 
+    # lm-eval on the bucket's checkpoint: the run's newest one is fetched, evals.jsonl goes back with the new lines
+    registry = ["--registry", str(ROOT / "evals" / "registry")]  # the run resolved ./evals/registry in its temp dir
+    evaluate, data = command("evaluate"), [*registry, "--data-dir", str(demo_corpus / "evals"), "--limit", "2"]
+    assert evaluate.main(["--checkpoint", f"{runs}/r", "--tasks", "peerlab_bpb_prose", *data]) == 0
+    assert f"appended to {runs}/r/evals.jsonl" in capsys.readouterr().out
+    step4 = f"{runs}/r/checkpoints/step-000004"
+    assert evaluate.main(["--checkpoint", step4, "--tasks", "peerlab_heldout_mc", *data]) == 0
+    evals = [json.loads(x) for x in storage.read_bytes(f"{runs}/r/evals.jsonl").decode().splitlines()]
+    assert {(r["step"], r["task"]) for r in evals} == {(5, "peerlab_bpb_prose"), (4, "peerlab_heldout_mc")}
+    capsys.readouterr()  # (lm-eval's progress bars on stderr)
+    line = refused(evaluate.main, ["--checkpoint", f"{runs}/r/checkpoints/step-000009", *data], capsys)
+    assert line.startswith("error: --checkpoint: ") and "step-000009 holds no complete checkpoint" in line, line
+    assert not list(Path.cwd().rglob("checkpoints"))
+
 
 def test_a_two_trial_sweep_on_the_bucket_writes_its_tables_and_report_there(ray_cluster, s3, demo_corpus, capsys):
     import pandas as pd

@@ -362,8 +362,13 @@ def test_wandb_offline_rank_zero_logs_and_checkpoints(demo_corpus, tmp_path, mon
     run(cfg, tmp_path / "wb")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # rank 0's run only
-    log = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline run's record log
-    for key in (b"grad_norm", b"tokens_seen/prose", b"eval_loss/prose", b"step-3", b"final"):
+    path = next(runs[0].glob("run-*.wandb"))  # the offline run's record log
+    keys = (b"grad_norm", b"tokens_seen/prose", b"eval_loss/prose", b"step-3", b"final")
+    deadline = time.time() + 20  # wandb's writer (its own process) may still be flushing the offline file
+    while not all(key in path.read_bytes() for key in keys) and time.time() < deadline:
+        time.sleep(0.5)
+    log = path.read_bytes()
+    for key in keys:
         assert key in log, key  # metrics, held-out loss, and the final model artifact (log_model: all)
 
 

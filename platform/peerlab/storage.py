@@ -15,6 +15,7 @@ systems (the ones Ray Train's `storage_path` uses):
     Mirror(local, uri)         push_sweep every 30 s while a sweep runs, and once more at its end
     download_dir / upload_dir  a whole folder, checkpoint manifests uploaded last
     pull_sweep(uri, local)     a sweep folder, less every trial's checkpoints (a trial fetches its own)
+    pull_checkpoint(uri, dir)  one checkpoint and its run's files, for evaluate.py
 
 A checkpoint on the URI keeps the local promise (peerlab.train.checkpoint): its files are
 uploaded first and its `checkpoint.json` last, so a reader that finds the manifest finds every
@@ -457,6 +458,25 @@ def pull_run(uri: str, local: Path) -> Path | None:
     if newest is not None:  # what came from the URI need not go back
         _pushed[str(local.resolve())] = {f"checkpoints/{newest.name}": (0, 0)}
     return newest
+
+
+def pull_checkpoint(uri: str, staging: Path) -> tuple[str, Path]:
+    """For a reader of one checkpoint on the URI (evaluate.py): the run's files and the checkpoint the URI
+    names (a checkpoint, a run's checkpoints/ folder or a run: its newest complete one), into `staging`.
+    Returns (the run's URI, the local path that names the same checkpoint); StorageError if there is none."""
+    uri = str(uri).rstrip("/")
+    name = uri.rsplit("/", 1)[-1]
+    run_uri = (
+        uri.rsplit("/", 2)[0] if name.startswith("step-") else uri.rsplit("/", 1)[0] if name == "checkpoints" else uri
+    )
+    local = Path(staging) / run_uri.rsplit("/", 1)[-1]
+    for file in list_files(run_uri):
+        if Path(file).parts[0] != "checkpoints" and not _skipped(file):
+            _download(join(run_uri, file), local / file)
+    found = fetch_checkpoint(uri if name.startswith("step-") else run_uri, local / "checkpoints")
+    if found is None:
+        raise StorageError(f"{uri} holds no complete checkpoint (none with its {MANIFEST} and matching files)")
+    return run_uri, found if name.startswith("step-") else local
 
 
 _pushed: dict[str, dict[str, tuple[int, int]]] = {}  # staging folder -> {relative path: (size, mtime) uploaded}
