@@ -811,7 +811,10 @@ def run_sweep(
             lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
             mark(trial_dir(sweep_dir, trial_id), "error.json", {"error": error_line(lines)})
     if synced is not None:  # the trials' own markers (done.json), from the URI
-        synced()
+        try:
+            synced()
+        except (storage.StorageError, OSError) as err:  # the bucket out of reach: the statuses are the last synced
+            print(f"warning: the trials' folders could not be read back from {uri}: {err}", flush=True)
     return {t.trial_id: _status(sweep_dir, t) for t in by_id.values()}
 
 
