@@ -354,7 +354,7 @@ def test_float8_leaves_each_arms_router_out(arm):
 def test_active_parameters_count_what_a_token_uses_in_each_arm():
     """Against the built models: MoE leaves num_experts - top_k routed experts per layer idle, PKM all but
     heads x k value rows; the rest of the model is used whole."""
-    from peerlab.tables import active_parameters
+    from peerlab.model.size import active_parameters
 
     moe_cfg, pkm_cfg = moe_model_config(), pkm_model_config()
     moe, pkm = build_model(moe_cfg), build_model(pkm_cfg)

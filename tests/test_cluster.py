@@ -164,7 +164,6 @@ def test_a_sweep_on_two_nodes_survives_losing_the_worker_node(cluster, s3, demo_
     assert "(try 2 of 3) and it restarts from step 0: it had no checkpoint yet" in out_text, out_text
     assert f"(try 3 of 3) and it continues from its checkpoint of step {tries[2]['from_step']}" in out_text, out_text
     assert "sweep took" in out_text and "2 finished" in out_text, out_text
-    print(out_text)
 
     files = storage.list_files(uri)
     local = tmp_path / "tables"

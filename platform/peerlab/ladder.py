@@ -118,7 +118,7 @@ def ladder_sizes(raw: dict) -> dict:
     """params_total, params_active, tokens (a run's training tokens) and flops (its training FLOPs)."""
     from peerlab.config import config_from_dict
     from peerlab.model.size import training_flops_per_token
-    from peerlab.tables import active_parameters
+    from peerlab.model.size import active_parameters
 
     cfg = config_from_dict(raw)
     t = cfg.train_config

@@ -408,13 +408,19 @@ def sync_trials(local: Path, uri: str) -> list[str]:
 
 
 def remote_checkpoints(uri: str) -> dict[str, list[str]]:
-    """{checkpoint folder name: its files} of a run's checkpoints/ on the URI, complete or not."""
+    """{checkpoint folder name: its files} of a run's checkpoints/ (a URI or a path), complete or not."""
     found: dict[str, list[str]] = {}
     for name in list_files(join(uri, "checkpoints")):
         parts = Path(name).parts
         if len(parts) == 2 and parts[0].startswith("step-"):
             found.setdefault(parts[0], []).append(parts[1])
     return found
+
+
+def complete_checkpoints(uri: str) -> list[str]:
+    """The names (step-N) of a run's checkpoints whose manifest is written, oldest first: a path or a URI."""
+    found = remote_checkpoints(uri)
+    return sorted(name for name, files in found.items() if MANIFEST in files and not name.endswith(".tmp"))
 
 
 def fetch_checkpoint(uri: str, local: Path) -> Path | None:
@@ -431,7 +437,7 @@ def fetch_checkpoint(uri: str, local: Path) -> Path | None:
         candidates = {name: ["."]}
         base = str(uri).rstrip("/").rsplit("/", 1)[0]
     else:
-        candidates = {k: v for k, v in remote_checkpoints(uri).items() if MANIFEST in v}
+        candidates = dict.fromkeys(complete_checkpoints(uri))
         base = join(uri, "checkpoints")
     for folder in sorted(candidates, reverse=True):
         target = Path(local) / folder
@@ -489,9 +495,7 @@ def push_run(local: Path, uri: str) -> None:
     local = Path(local)
     seen = _pushed.setdefault(str(local.resolve()), {})
     checkpoints = local / "checkpoints"
-    complete = sorted(
-        p.name for p in checkpoints.glob("step-*") if p.is_dir() and p.suffix != ".tmp" and (p / MANIFEST).is_file()
-    )
+    complete = complete_checkpoints(str(local))
     there = remote_checkpoints(uri)
     for name in complete:
         key = f"checkpoints/{name}"

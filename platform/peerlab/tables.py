@@ -28,7 +28,7 @@ from peerlab.tune import Trial, read_attempts, trial_dir, trial_status
 
 def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.DataFrame) -> dict:
     """The trials.parquet row of one trial (metrics NaN where the trial has none), from its metrics.jsonl
-    records and its evals.jsonl rows."""
+    records (one per step, in step order) and its evals.jsonl rows."""
     run_dir = trial_dir(sweep_dir, trial.trial_id)
     cfg = config_from_dict(trial.config)
     m, p = cfg.model_config, cfg.model_config.peer_config
@@ -64,7 +64,6 @@ def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.Data
     starts = read_attempts(run_dir, starts_only=True)
     row["attempts"] = len(starts)  # times the trial started: more than 1 after a lost node or a --resume
     row["nodes"] = ",".join(dict.fromkeys(a["node_id"] for a in starts))  # the Ray nodes it ran on, in order
-    records = list({r["step"]: r for r in records if "step" in r}.values())  # a step run again after a resume: its last
     logged = [r for r in records if "loss" in r]
     evaluated = [r for r in records if any(k.startswith("eval_") for k in r)]
     last = logged[-1] if logged else {}
@@ -95,12 +94,13 @@ def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame
     rows, curves, usage, evals, by_source = [], [], [], [], []
     for t in trials:
         run_dir = trial_dir(sweep_dir, t.trial_id)
-        records = [r for r in read_metrics(run_dir) if "step" in r]
+        # A resumed run logs again the steps after its checkpoint: the last record of a step wins
+        last = {r["step"]: r for r in read_metrics(run_dir) if "step" in r}
+        records = [last[step] for step in sorted(last)]
         found = pd.DataFrame(read_evals(run_dir), columns=EVAL_KEYS)
         rows.append(trial_row(t, sweep_dir, records, found))
-        if records:  # a resumed run logs again the steps after its checkpoint: the last record of a step wins
-            frame = pd.DataFrame(records).drop_duplicates(subset="step", keep="last").sort_values("step")
-            curves.append(_with_trial(frame.reset_index(drop=True), t.trial_id))
+        if records:
+            curves.append(_with_trial(pd.DataFrame(records), t.trial_id))
         if (run_dir / "usage.parquet").is_file():
             usage.append(_with_trial(pd.read_parquet(run_dir / "usage.parquet"), t.trial_id))
         if (run_dir / "usage_by_source.parquet").is_file():

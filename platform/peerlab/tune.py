@@ -503,14 +503,15 @@ def run_trial(params: dict) -> None:
     cfg = config_from_dict(spec["config"], origin=f"trial {spec['trial_id']}")
     run_dir = spec["run_dir"]
     tune_id = _tune_trial_id()
-    earlier = [a for a in read_attempts(run_dir) if tune_id and a.get("tune_trial_id") == tune_id]
+    records = read_attempts(run_dir)
+    earlier = [a for a in records if tune_id and a.get("tune_trial_id") == tune_id]
     if earlier and earlier[-1].get("error") and not earlier[-1].get("retried", True):
         raise TrialError(earlier[-1]["error"])  # the run's own error comes back on every try: not trained again
     for name in MARKERS:
         remove(storage.join(run_dir, name))
     context = ray.get_runtime_context()
     attempt = {
-        "attempt": len(read_attempts(run_dir, starts_only=True)) + 1,
+        "attempt": sum("node_id" in r for r in records) + 1,
         "node_id": context.get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "tune_trial_id": tune_id,
@@ -568,8 +569,8 @@ def read_attempts(run_dir: str | Path, starts_only: bool = False) -> list[dict]:
 
 def append_attempt(run_dir: str | Path, record: dict) -> None:
     path = storage.join(str(run_dir), ATTEMPTS)
-    before = b"".join(json.dumps(r).encode() + b"\n" for r in read_attempts(run_dir))
-    if storage.is_remote(path):
+    if storage.is_remote(path):  # object storage has no append: the file again, with the line
+        before = storage.read_bytes(path) if storage.exists(path) else b""
         storage.write_bytes(path, before + json.dumps(record).encode() + b"\n")
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -578,20 +579,12 @@ def append_attempt(run_dir: str | Path, record: dict) -> None:
 
 
 def newest_step(run_dir: str | Path) -> int:
-    """The step of the run's newest complete checkpoint (its manifest written), 0 when it has none."""
-    from peerlab.storage import MANIFEST
-
-    run_dir = str(run_dir)
-    if storage.is_remote(run_dir):
-        try:
-            found = [k for k, files in storage.remote_checkpoints(run_dir).items() if MANIFEST in files]
-        except storage.StorageError:
-            return 0
-    else:
-        folder = storage.local_path(run_dir) / "checkpoints"
-        found = [p.name for p in folder.glob("step-*") if p.suffix != ".tmp" and (p / MANIFEST).is_file()]
-    steps = [int(name.split("-", 1)[1]) for name in found if name.split("-", 1)[1].isdigit()]
-    return max(steps, default=0)
+    """The step of the run's newest complete checkpoint (its manifest written; a path or a URI), 0 when none."""
+    try:
+        names = storage.complete_checkpoints(str(run_dir))
+    except storage.StorageError:
+        return 0
+    return int(names[-1].split("-", 1)[1]) if names else 0
 
 
 def remove(path: str) -> None:

@@ -183,7 +183,7 @@ def _run_numbers(run_dir: Path, step: int) -> tuple[dict, dict, list[dict], int 
 
 def _active(model_config, parameters: int) -> str:
     """The words that say how many parameters a token uses, where it reads only part of the experts."""
-    from peerlab.tables import active_parameters
+    from peerlab.model.size import active_parameters
 
     total, active = active_parameters(model_config)
     return f", of which {active + parameters - total:,} are used per token," if active < total else ""

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peerlab.config import MoEConfig
+from peerlab.model.peer import CountsUsage
 
 
-class MoE(nn.Module):
+class MoE(CountsUsage):
     """`MoE(moe_config, hidden_size)(x)` with x (..., hidden_size)."""
 
     def __init__(self, config: MoEConfig, hidden_size: int, initializer_range: float = 0.02):
@@ -63,15 +64,6 @@ class MoE(nn.Module):
     def reset_parameters(self, initializer_range: float = 0.02) -> None:
         for weight in self.parameters():
             nn.init.normal_(weight, std=initializer_range)
-
-    def _apply(self, fn, recurse=True):
-        """Move the usage counts with the module; they stay float32 whatever the dtype."""
-        super()._apply(fn, recurse)
-        if self.usage is not None:
-            self.usage = fn(self.usage).float()
-        if self.usage_by_source is not None:
-            self.usage_by_source = fn(self.usage_by_source).float()
-        return self
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, d) -> (probs (T, E) float32 at least, gate (T, K), expert (T, K)): scores, top_k weights and ids."""

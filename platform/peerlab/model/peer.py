@@ -491,7 +491,23 @@ class ProductKeys(nn.Module):
         return scores.view(shape), indices.view(shape)
 
 
-class PEER(ProductKeys):
+class CountsUsage(nn.Module):
+    """A layer with expert usage counts, `usage` (E,) and `usage_by_source` (S, E): plain attributes (not
+    buffers) that move with the module (`.to(device)`, `.cuda()`...) and stay float32 whatever its dtype."""
+
+    usage: torch.Tensor | None = None
+    usage_by_source: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.usage is not None:
+            self.usage = fn(self.usage).float()
+        if self.usage_by_source is not None:
+            self.usage_by_source = fn(self.usage_by_source).float()
+        return self
+
+
+class PEER(ProductKeys, CountsUsage):
     """A PEER feed-forward layer: `PEER(peer_config, hidden_size)(x)` with x (..., hidden_size)."""
 
     def __init__(self, config: PeerConfig, hidden_size: int, initializer_range: float = 0.02):
@@ -520,15 +536,6 @@ class PEER(ProductKeys):
         nn.init.normal_(self.down, std=initializer_range)
         nn.init.normal_(self.up, std=initializer_range)
         self.reset_keys()
-
-    def _apply(self, fn, recurse=True):
-        """Move `usage` with the module (`.to(device)`, `.cuda()`...); it stays float32 whatever the dtype."""
-        super()._apply(fn, recurse)
-        if self.usage is not None:
-            self.usage = fn(self.usage).float()
-        if self.usage_by_source is not None:
-            self.usage_by_source = fn(self.usage_by_source).float()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, d = x.shape[:-1], x.shape[-1]
