@@ -590,6 +590,7 @@ def _member(fn, rank: int, world: int, port: int, args: tuple) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(*args)
+        dist.barrier()  # both ranks done with gloo before either tears it down (else: "terminate called", exit -6)
     finally:
         dist.destroy_process_group()
 

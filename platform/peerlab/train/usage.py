@@ -89,14 +89,20 @@ def load_grid(load: torch.Tensor, grid: tuple[int, int]) -> tuple[list[int], lis
     return list(cells.shape), cells.flatten().tolist()
 
 
+def spread(z: torch.Tensor) -> dict:
+    """usage, dead, kl_uniform and max_share_x_n of shares z (N,) float64 that sum to 1 (all 0: nothing routed)."""
+    n, used = z.numel(), z > 0
+    kl = math.log(n) + float((z[used] * z[used].log()).sum()) if bool(used.any()) else float("nan")
+    usage = float(used.double().mean())
+    return {"usage": usage, "dead": 1.0 - usage, "kl_uniform": kl, "max_share_x_n": float(z.max() * n)}
+
+
 def summarise(mass: torch.Tensor, threshold: float, grid: tuple[int, int] | None = None) -> dict:
     """Usage statistics of one layer's score mass (N,); `grid` = product_key_dim adds the pooled load grid."""
     n = mass.numel()
     mass = mass.double()
     total = float(mass.sum())
     z = mass / total if total > 0 else torch.zeros(n, dtype=torch.float64)
-    used = z > 0
-    kl = math.log(n) + float((z[used] * z[used].log()).sum()) if total > 0 else float("nan")
     hot = torch.nonzero(z > threshold / n).flatten()
     order = torch.argsort(z[hot], descending=True)
     load = z * n  # (N,) mean 1
@@ -108,12 +114,9 @@ def summarise(mass: torch.Tensor, threshold: float, grid: tuple[int, int] | None
         **out,
         "load_hist_counts": counts.tolist(),
         "load_hist_edges": edges.tolist(),
-        "usage": float(used.double().mean()),
-        "kl_uniform": kl,
-        "dead": 1.0 - float(used.double().mean()),
+        **spread(z),
         "hot_count": int(hot.numel()),
         "hot_ids": hot[order][:MAX_HOT_IDS].tolist(),
-        "max_share_x_n": float(z.max() * n),
     }
 
 
@@ -213,18 +216,14 @@ def summarise_sources(mass: torch.Tensor, names: list[str]) -> list[dict]:
     z = torch.where(totals[:, None] > 0, mass / totals.clamp_min(1e-300)[:, None], torch.zeros_like(mass))
     rows = []
     for s in range(S):
-        u = used[s]
         rows.append(
             {
                 "kind": "source",
                 "source": names[s],
                 "source_index": s,
                 "mass_share": float(totals[s]) / total if total > 0 else float("nan"),
-                "usage": float(u.double().mean()),
-                "dead": 1.0 - float(u.double().mean()),
-                "kl_uniform": math.log(n) + float((z[s][u] * z[s][u].log()).sum()) if totals[s] > 0 else float("nan"),
-                "max_share_x_n": float(z[s].max() * n),
-                "exclusive": float((u & (reached == 1)).double().mean()),
+                **spread(z[s]),
+                "exclusive": float((used[s] & (reached == 1)).double().mean()),
                 "load": pooled(z[s] * n),
                 "mi": mi,
                 "nmi": nmi,
