@@ -166,8 +166,17 @@ def test_a_checkpoint_counts_on_the_bucket_only_with_its_manifest_and_matching_h
     local = tmp_path / "run"
     for step in (2, 4, 6):
         fake_checkpoint(local / "checkpoints", step)
-    storage.push_run(local, run)
-    assert {n.split("/")[1] for n in bucket_files(run)} == {"step-000002", "step-000004", "step-000006"}
+    (local / "metrics.jsonl").write_text("".join(f'{{"step": {i}}}\n' for i in range(1, 7)))
+    order, upload = [], storage._upload
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage, "_upload", lambda path, uri: order.append(uri) or upload(path, uri))
+        storage.push_run(local, run)
+    # The run's lines go up before any manifest: a node lost right after a checkpoint's manifest went up
+    # leaves the lines up to that step in the bucket (the retried trial resumes there and loses none)
+    manifests = [i for i, uri in enumerate(order) if uri.endswith("checkpoint.json")]
+    assert order.index(f"{run}/metrics.jsonl") < min(manifests), order
+    assert {n.split("/")[1] for n in bucket_files(run) if n.startswith("checkpoints/")} == {
+        "step-000002", "step-000004", "step-000006"}  # fmt: skip
     # The newest upload lost its manifest (a crash before it went up), the next is damaged: step 2 is the newest good one.
     storage.delete(f"{run}/checkpoints/step-000006/checkpoint.json")
     storage.write_bytes(f"{run}/checkpoints/step-000004/optimizer.pt", b"cut short")
@@ -193,7 +202,7 @@ def test_a_checkpoint_counts_on_the_bucket_only_with_its_manifest_and_matching_h
     shutil.rmtree(local / "checkpoints" / "step-000002")
     shutil.rmtree(local / "checkpoints" / "step-000004")
     storage.push_run(local, run)
-    assert {n.split("/")[1] for n in bucket_files(run)} == {"step-000006"}
+    assert {n.split("/")[1] for n in bucket_files(run) if n.startswith("checkpoints/")} == {"step-000006"}
     assert storage.fetch_checkpoint(run, tmp_path / "again").name == "step-000006"
 
 

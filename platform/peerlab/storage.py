@@ -489,10 +489,13 @@ _pushed: dict[str, dict[str, tuple[int, int]]] = {}  # staging folder -> {relati
 
 
 def push_run(local: Path, uri: str) -> None:
-    """Mirror a run's staging folder to the URI: files that changed since the last push, each complete
-    checkpoint the URI lacks (or holds another version of) file by file with its manifest last;
-    checkpoints pruned locally are removed on the URI, manifest first."""
+    """Mirror a run's staging folder to the URI: first the files that changed since the last push (the
+    metrics through the newest checkpoint's step among them), then each complete checkpoint the URI lacks
+    (or holds another version of) file by file with its manifest last; checkpoints pruned locally are
+    removed on the URI, manifest first. So a reader that finds checkpoint N's manifest finds the run's
+    lines up to step N too (a run resumed from it loses none)."""
     local = Path(local)
+    _push_files(local, uri, leave_out="checkpoints")
     seen = _pushed.setdefault(str(local.resolve()), {})
     checkpoints = local / "checkpoints"
     complete = complete_checkpoints(str(local))
@@ -514,7 +517,6 @@ def push_run(local: Path, uri: str) -> None:
             for file in _manifest_last(files)[::-1]:
                 delete(join(uri, "checkpoints", name, file))
             seen.pop(f"checkpoints/{name}", None)
-    _push_files(local, uri, leave_out="checkpoints")
 
 
 def push_sweep(local: Path, uri: str) -> None:
