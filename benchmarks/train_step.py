@@ -85,6 +85,21 @@ def race(steps: dict, tokens: int, rounds: int, reps: int) -> dict[str, float]:
     return {name: tokens / statistics.median(t) for name, t in times.items()}
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def choices(allowed):
+    """An argparse type: a comma-separated list of names from `allowed`."""
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        if unknown := [n for n in names if n not in allowed]:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; give some of {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
@@ -97,11 +112,21 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=None, help="GPU: tokens per sequence (default: the config's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU: dense bf16 peak (default: by card name)")
     ap.add_argument("--json", help="GPU: write the figures here")
-    ap.add_argument("--compile", action="store_true", help="GPU: compile each block (train_config.compile: true)")
+    ap.add_argument("--compile", action="store_true", help="GPU: compile each block (--compile-modes default)")
+    ap.add_argument(
+        "--compile-modes",
+        type=choices(COMPILE_MODES),
+        default=None,
+        help=f"GPU: comma-separated variants, of {', '.join(COMPILE_MODES)} (none: eager; reduce-overhead: CUDA graphs)",
+    )
+    ap.add_argument(
+        "--precisions", type=choices(PRECISIONS), default=["bf16", "float8"], help="GPU: bf16, float8 or both"
+    )
     ap.add_argument(
         "--set", action="append", default=[], help="GPU: a config override, e.g. model_config.hidden_size=2048"
     )
     args = ap.parse_args(argv)
+    args.compile_modes = args.compile_modes or ["default" if args.compile else "none"]
     if args.device != "cpu":
         gpu_precision(args)
         if args.opt_steps:
@@ -227,14 +252,17 @@ def bf16_peak(name: str) -> float | None:
     return None
 
 
-PRECISIONS = {  # train_config overrides of each variant
-    "bf16 autocast": ["train_config.fp16=false", "train_config.bf16=true", "train_config.float8=false"],
+PRECISIONS = {  # (name, train_config overrides) of each variant
+    "bf16": ("bf16 autocast", ["train_config.fp16=false", "train_config.bf16=true", "train_config.float8=false"]),
     # The guide's settings for Float8 (fp16 and bf16 false): bf16 autocast runs the layers Float8 leaves out.
-    "Float8 + bf16 autocast": ["train_config.fp16=false", "train_config.bf16=false", "train_config.float8=true"],
+    "float8": (
+        "Float8 + bf16 autocast",
+        ["train_config.fp16=false", "train_config.bf16=false", "train_config.float8=true"],
+    ),
 }
 
 
-def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compile_blocks: bool = False):
+def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compile_mode: str = "none"):
     """(tokens/s, peak bytes, Float8 on) of the platform's training step: its model, precision, AdamW, clipping."""
     from peerlab.model import PEER
     from peerlab.train.optim import build_optimizer, clip_grad_norm, sparse_experts_on
@@ -248,6 +276,8 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compil
     model = optimizer = float8 = None
 
     def step():
+        if compile_mode == "reduce-overhead":  # a new iteration: the CUDA graphs may reuse the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(t, device, float8):
             loss = model(ids[:, :-1], labels=ids[:, 1:])  # the worker's fused LM head + cross-entropy
         loss.backward()
@@ -264,10 +294,10 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compil
             model = build_model(cfg.model_config)
         float8 = apply_float8(model, t, device)
         float8_on = float8.on
-        if compile_blocks:  # after Float8, as the worker does
+        if compile_mode != "none":  # after Float8, as the worker does
             from peerlab.train.compiling import apply_compile
 
-            apply_compile(model, replace(t, compile=True), device)
+            apply_compile(model, replace(t, compile=True), device, mode=compile_mode)
         for layer in model.modules():  # as the worker's DataParallel does (one process: no exchange)
             if isinstance(layer, PEER):
                 layer.sparse_grad = sparse_experts_on(t)
@@ -305,7 +335,7 @@ def gpu_precision(args) -> None:
     print(
         f"training step on {name} ({total / 2**30:.0f} GiB, bf16 peak {peak} TFLOP/s), torch {torch.__version__}, "
         f"{args.config} {' '.join(args.set)}: batch {batch} x {seq} tokens, tf32 {base.train_config.tf32}, "
-        f"compiled blocks {args.compile}; MFU is against the dense bf16 peak (Float8 peak: 2x)"
+        f"compile {', '.join(args.compile_modes)}; MFU is against the dense bf16 peak (Float8 peak: 2x)"
     )
 
     # The most PEER layers whose weights, gradients and AdamW state fill at most 3/4 of the card
@@ -342,10 +372,13 @@ def gpu_precision(args) -> None:
 
 
 def measure(args, model_override: str, batch: int, seq: int, peak: float) -> list[dict]:
-    """Each precision at one model size. Only the first (bf16) running out of memory means 'too big':
-    a later variant that does not fit is reported as such."""
+    """Each precision x compile mode at one model size. Only the first variant (bf16, or the first
+    precision asked for) running out of memory means 'too big': a later variant that does not fit is
+    reported as such."""
     rows = []
-    for i, (precision, overrides) in enumerate(PRECISIONS.items()):
+    variants = [(p, mode) for p in args.precisions for mode in args.compile_modes]
+    for i, (key, mode) in enumerate(variants):
+        precision, overrides = PRECISIONS[key]
         cfg = load_config(args.config, [*args.set, model_override, *overrides])
         m = cfg.model_config
         params = sum(parameter_formulas(m).values())
@@ -354,16 +387,19 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
             "model": f"{peer_layers} PEER layers" if peer_layers else "dense (use_peer: false)",
             "params": params,
             "precision": precision,
+            "compile": mode,
         }
+        label = f"{precision}, {'eager' if mode == 'none' else 'compile ' + mode}"
         try:
+            start = time.perf_counter()
             rate, peak_bytes, float8_on = step_rate(
-                cfg, torch.device(args.device), batch, seq, args.reps, args.rounds, compile_blocks=args.compile
+                cfg, torch.device(args.device), batch, seq, args.reps, args.rounds, compile_mode=mode
             )
         except torch.OutOfMemoryError:
             if i == 0:
                 raise
             rows.append({**row, "out_of_memory": True})
-            print(f"  {row['model']:<24} {params / 1e9:6.2f} G params  {precision:<24} out of memory")
+            print(f"  {row['model']:<24} {params / 1e9:6.2f} G params  {label:<44} out of memory")
             continue
         flops = training_flops_per_token(m, seq)
         mfu = rate * flops / (peak * 1e12)
@@ -373,17 +409,30 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
             flops_per_token=flops,
             mfu_vs_bf16_peak=mfu,
             peak_gib=peak_bytes / 2**30,
+            wall_s=time.perf_counter() - start,  # build, compile, warm-up and the timed steps
         )
         rows.append(row)
         note = "" if float8_on == ("Float8" in precision) else "  (Float8 not applied)"
         print(
-            f"  {row['model']:<24} {params / 1e9:6.2f} G params  {precision:<24} {rate:>10,.0f} tokens/s  "
-            f"MFU {100 * mfu:5.1f}%  peak {row['peak_gib']:6.1f} GiB{note}"
+            f"  {row['model']:<24} {params / 1e9:6.2f} G params  {label:<44} {rate:>10,.0f} tokens/s  "
+            f"MFU {100 * mfu:5.1f}%  peak {row['peak_gib']:6.1f} GiB  ({row['wall_s']:.0f} s){note}"
         )
-    base = rows[0]["tokens_per_s"]
+    base = rows[0]
     for row in rows[1:]:
-        if "tokens_per_s" in row:
-            print(f"    {row['precision']} / bf16 autocast: {row['tokens_per_s'] / base:.2f}")
+        if "tokens_per_s" not in row:
+            continue
+        same_mode = next(
+            (
+                r
+                for r in rows
+                if r["compile"] == row["compile"] and r["precision"] != row["precision"] and "tokens_per_s" in r
+            ),
+            None,
+        )
+        line = f"    {row['precision']}, compile {row['compile']}: {row['tokens_per_s'] / base['tokens_per_s']:.2f}x of {base['precision']}, compile {base['compile']}"
+        if same_mode is not None and "Float8" in row["precision"]:
+            line += f"; {row['tokens_per_s'] / same_mode['tokens_per_s']:.2f}x of {same_mode['precision']} at the same compile"
+        print(line)
     return rows
 
 

@@ -39,16 +39,20 @@ def compile_choice(train: TrainConfig, device: torch.device) -> tuple[bool, str]
     return bool(train.compile), f"train_config.compile: {str(train.compile).lower()}"
 
 
-def apply_compile(model: nn.Module, train: TrainConfig, device: torch.device, backend: str = "inductor") -> dict:
+def apply_compile(
+    model: nn.Module, train: TrainConfig, device: torch.device, backend: str = "inductor", mode: str | None = None
+) -> dict:
     """Compile every block of `model.layers` in place where `compile_choice` says so.
 
     `backend`: torch.compile's (tests use "aot_eager", which traces the same graphs without
-    generating code). Returns what run_info.json records: {"compile": bool, "compile_reason": str}.
+    generating code). `mode`: torch.compile's ("reduce-overhead" adds CUDA graphs; None is its
+    default; benchmarks/train_step.py --compile-modes compares them). Returns what run_info.json
+    records: {"compile": bool, "compile_reason": str}.
     """
     on, reason = compile_choice(train, device)
     if on:
         for block in model.layers:
-            block.compile(backend=backend)
+            block.compile(backend=backend, mode=None if mode in (None, "default") else mode)
         log.info("torch.compile is on for each of the %d transformer blocks (%s)", len(model.layers), reason)
     else:
         log.info("torch.compile is off (%s)", reason)
