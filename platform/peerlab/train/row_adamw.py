@@ -12,27 +12,20 @@ the system's C compiler: one OpenMP pass that reads w, m, v and g of a row and w
 v back, the least any AdamW must move (7 x 4 x d bytes a row). It runs on torch's own OpenMP
 runtime (torch ships libgomp, which the loader reuses) with torch's thread count.
 
-The library is built once per machine into ~/.cache/peerlab (PEERLAB_CACHE_DIR), keyed by
-the source's hash; building takes under a second. Where there is no C compiler, or the
-tensors are not contiguous float32 on the CPU, `row_adamw` returns False and the caller
-uses torch's ops. PEERLAB_ROW_ADAMW_KERNEL=0 turns the kernel off.
+The library is built once per machine (`peerlab.native`). Where there is no C compiler, or
+the tensors are not contiguous float32 on the CPU, `row_adamw` returns False and the caller
+uses torch's ops. PEERLAB_ROW_ADAMW_KERNEL=0 (or PEERLAB_NATIVE=0) turns the kernel off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger("peerlab.train")
+from peerlab import native
 
 SOURCE = r"""
 #include <stdint.h>
@@ -63,36 +56,15 @@ void row_adamw(float *w, float *m, float *v, const int64_t *rows, const float *g
     }
 }
 """
-FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
-
-
 @functools.cache
 def _library():
-    """The compiled kernel (built on first use, then loaded from the cache), or None where it cannot be built."""
+    """The compiled kernel (`peerlab.native`), or None where it cannot be built or is turned off."""
     if os.environ.get("PEERLAB_ROW_ADAMW_KERNEL", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("row-sparse AdamW: no C compiler found; torch's gather/scatter path is used")
-        return None
-    key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("PEERLAB_CACHE_DIR", Path.home() / ".cache" / "peerlab"))
-    path = cache / f"row_adamw-{key}.so"
-    try:
-        if not path.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # concurrent builders each rename a whole file
-                source, built = Path(tmp) / "row_adamw.c", Path(tmp) / "row_adamw.so"
-                source.write_text(SOURCE)
-                subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True)
-                os.replace(built, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        log.info("row-sparse AdamW: kernel not built (%s %s); torch's path is used", error, detail.decode()[-500:])
-        return None
-    lib.row_adamw.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 7 + [ctypes.c_int]
-    lib.row_adamw.restype = None
+    lib = native.load("row_adamw", SOURCE)
+    if lib is not None:
+        lib.row_adamw.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 7 + [ctypes.c_int]
+        lib.row_adamw.restype = None
     return lib
 
 
