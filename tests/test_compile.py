@@ -51,6 +51,9 @@ def test_opcheck_every_peer_op():
         ops.peer_experts_backward.default, (grad_y, plain[0], idx, plain[1], hidden, *plain[2:], order)
     )
     torch.library.opcheck(ops.gather_dot_backward.default, (torch.randn(idx.shape), plain[2], idx, plain[0]))
+    pairs = [(a, b) for a in range(4) for b in range(4) if (a + 1) * (b + 1) <= 4]
+    ranks = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
+    torch.library.opcheck(ops.product_key_search.default, (torch.randn(9, 16), torch.randn(9, 12), 4, *ranks))
 
 
 def tiny_inputs(seed: int = 0):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from peerlab.config import PeerConfig
-from peerlab.model.peer import PEER, gather_dot, peer_experts, search_group, topk_by_groups
+from peerlab.model import search
+from peerlab.model.peer import PEER, gather_dot, peer_experts, search_group, search_with_torch, topk_by_groups
 
 
 def make_peer(n1, n2, k, heads, dim=16, query_dim=12, hidden=1, bn=True, seed=0) -> PEER:
@@ -84,6 +84,58 @@ def test_topk_by_groups_equals_topk(rows, n, k):
         assert search_group(n, k) == 4  # the case only groups of 4 serve
     assert torch.equal(values, want_values)
     assert torch.equal(columns, want_columns)
+
+
+def rank_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k]
+    return torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
+
+
+@pytest.mark.parametrize(
+    "rows,n1,n2,k",
+    [(500, 128, 128, 8), (100, 1024, 512, 16), (64, 13, 9, 5), (50, 8, 8, 8), (30, 20, 17, 1), (40, 64, 64, 32)],
+)
+def test_search_kernel_equals_the_full_product_top_k(rows, n1, n2, k):
+    """The C search (model/search.py) against the top k of all n1 x n2 sums in float64, and torch's path."""
+    if not search.available(torch.zeros(1)):
+        pytest.skip("no C compiler: the search runs torch's ops")
+    torch.manual_seed(rows + n1 + k)
+    s1, s2 = torch.randn(rows, n1), torch.randn(rows, n2)
+    s1[1] = torch.arange(n1, dtype=torch.float32)  # rising: every block of 8 beats the list so far
+    s2[2] = -torch.arange(n2, dtype=torch.float32)  # falling: the first k are the best
+    rank1, rank2 = rank_pairs(k)
+    found = search.search(s1, s2, k, rank1, rank2)
+    assert found is not None
+    sums, i1, i2 = found
+    full = (s1.double()[:, :, None] + s2.double()[:, None, :]).view(rows, -1)  # (rows, n1 * n2)
+    want_sums, want = full.topk(k, dim=-1)
+    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-6, atol=1e-6)  # float32 sums
+    assert torch.equal(i1 * n2 + i2, want)
+    assert all(torch.equal(a, b) for a, b in zip(found, search_with_torch(s1, s2, k, rank1, rank2)))
+
+
+def test_search_op_falls_back_to_torch_on_nan_and_other_dtypes():
+    """A NaN score: the kernel declines and the op gives torch's ranking (NaN first); float64 runs torch's path."""
+    torch.manual_seed(0)
+    s1, s2 = torch.randn(20, 32), torch.randn(20, 24)
+    s1[3, 5] = float("nan")
+    rank1, rank2 = rank_pairs(4)
+    assert search.search(s1, s2, 4, rank1, rank2) is None
+    got = torch.ops.peerlab.product_key_search(s1, s2, 4, rank1, rank2)
+    want = search_with_torch(s1, s2, 4, rank1, rank2)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]) and got[1][3, 0] == 5
+    assert search.search(s1.double(), s2.double(), 4, rank1, rank2) is None
+
+
+def test_float32_retrieval_equals_brute_force_in_float64():
+    """The layer's float32 retrieval (the C search on the CPU) picks the experts a float64 brute force does."""
+    layer = make_peer(128, 128, 8, 4, dim=32, query_dim=64).eval()
+    x = torch.randn(300, 32, dtype=torch.float64)
+    want_scores, want = brute_force(layer, x)
+    with torch.no_grad():
+        scores, indices = layer.float().retrieve(x.float())
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-4, atol=1e-4)
+    assert torch.equal(indices, want)
 
 
 def test_retrieve_keeps_leading_dims():

@@ -106,6 +106,39 @@ def topk_by_groups(scores: torch.Tensor, k: int, group: int | None = None) -> tu
     return values, columns.gather(1, pick)
 
 
+def search_with_torch(
+    s1: torch.Tensor, s2: torch.Tensor, k: int, rank1: torch.Tensor, rank2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sums, i1, i2), each (R, k): the k best s1[r, i1] + s2[r, i2] of each row, highest first.
+
+    s1 (R, n1), s2 (R, n2): each query half's sub-key scores; rank1, rank2 (P,): the rank pairs
+    (a, b) with (a+1)(b+1) <= k, the only ones that can be among the k best sums (every pair of
+    lower ranks scores at least as high; for k = 16 that is 50 of the 256 pairs).
+    """
+    top1, j1 = topk_by_groups(s1, k)  # (R, k) of n1
+    top2, j2 = topk_by_groups(s2, k)  # (R, k) of n2
+    sums = top1.index_select(1, rank1) + top2.index_select(1, rank2)  # (R, P)
+    best_sums, best = sums.topk(k, dim=-1)  # (R, k) into the P pairs
+    return best_sums, j1.gather(-1, rank1[best]), j2.gather(-1, rank2[best])
+
+
+@torch.library.custom_op("peerlab::product_key_search", mutates_args=())
+def _product_key_search_op(
+    s1: torch.Tensor, s2: torch.Tensor, k: int, rank1: torch.Tensor, rank2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`search_with_torch` on the CPU in one C pass per query (model/search.py), where it can run."""
+    from peerlab.model import search
+
+    found = search.search(s1, s2, k, rank1, rank2)
+    return found if found is not None else search_with_torch(s1, s2, k, rank1, rank2)
+
+
+@_product_key_search_op.register_fake
+def _(s1, s2, k, rank1, rank2):
+    R = s1.shape[0]
+    return s1.new_empty(R, k), s1.new_empty(R, k, dtype=torch.int64), s1.new_empty(R, k, dtype=torch.int64)
+
+
 class Bags:
     """Token t's "bag" holds the S rows idx[t, :] it retrieved from a table of `num_rows` rows.
 
@@ -473,14 +506,10 @@ class ProductKeys(nn.Module):
             halves = q.view(-1, self.query_dim // 2).to(self.sub_keys.dtype)
             with torch.no_grad():
                 pairs = halves.view(-1, 2, self.query_dim // 2)  # (M*H, 2, query_dim/2)
-                top1, i1 = topk_by_groups(pairs[:, 0] @ self.sub_keys[: self.n1].t(), self.k)  # (M*H, k) of n1
-                top2, i2 = topk_by_groups(pairs[:, 1] @ self.sub_keys[self.n1 :].t(), self.k)  # (M*H, k) of n2
-                # Only pairs of ranks (a, b) with (a+1)(b+1) <= k can be among the k best sums: every
-                # pair of lower ranks scores at least as high. For k = 16 that is 50 of the 256 pairs.
-                sums = top1.index_select(1, self.pair_rank1) + top2.index_select(1, self.pair_rank2)  # (M*H, P)
-                best_sums, best = sums.topk(self.k, dim=-1)  # (M*H, k) into the P pairs
-                i1 = i1.gather(-1, self.pair_rank1[best])  # (M*H, k): first sub-key of each winner
-                i2 = i2.gather(-1, self.pair_rank2[best])  # (M*H, k): second sub-key
+                s1 = pairs[:, 0] @ self.sub_keys[: self.n1].t()  # (M*H, n1)
+                s2 = pairs[:, 1] @ self.sub_keys[self.n1 :].t()  # (M*H, n2)
+                search = torch.ops.peerlab.product_key_search if s1.device.type == "cpu" else search_with_torch
+                best_sums, i1, i2 = search(s1, s2, self.k, self.pair_rank1, self.pair_rank2)  # (M*H, k) each
             indices = i1 * self.n2 + i2  # (M*H, k)
             if torch.is_grad_enabled():
                 key_rows = torch.stack((i1, i2 + self.n1), dim=1).view(-1, self.k)  # (M*H*2, k) rows of sub_keys
