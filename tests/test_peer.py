@@ -95,7 +95,8 @@ def rank_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     "rows,n1,n2,k",
     [(500, 128, 128, 8), (100, 1024, 512, 16), (64, 13, 9, 5), (50, 8, 8, 8), (30, 20, 17, 1), (40, 64, 64, 32)],
 )
-def test_search_kernel_equals_the_full_product_top_k(rows, n1, n2, k):
+@pytest.mark.parametrize("simd", [True, False], ids=["avx2", "plain"])
+def test_search_kernel_equals_the_full_product_top_k(rows, n1, n2, k, simd):
     """The C search (model/search.py) against the top k of all n1 x n2 sums in float64, and torch's path."""
     if not search.available(torch.zeros(1)):
         pytest.skip("no C compiler: the search runs torch's ops")
@@ -104,7 +105,7 @@ def test_search_kernel_equals_the_full_product_top_k(rows, n1, n2, k):
     s1[1] = torch.arange(n1, dtype=torch.float32)  # rising: every block of 8 beats the list so far
     s2[2] = -torch.arange(n2, dtype=torch.float32)  # falling: the first k are the best
     rank1, rank2 = rank_pairs(k)
-    found = search.search(s1, s2, k, rank1, rank2)
+    found = search.search(s1, s2, k, rank1, rank2, simd=simd)
     assert found is not None
     sums, i1, i2 = found
     full = (s1.double()[:, :, None] + s2.double()[:, None, :]).view(rows, -1)  # (rows, n1 * n2)
