@@ -126,6 +126,17 @@ def test_search_op_falls_back_to_torch_on_nan_and_other_dtypes():
     want = search_with_torch(s1, s2, 4, rank1, rank2)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]) and got[1][3, 0] == 5
     assert search.search(s1.double(), s2.double(), 4, rank1, rank2) is None
+    s1[3, 5] = 0.0
+    assert search.search(s1, s2, 4, rank1, rank2) is not None  # the valid case the checks below depart from
+    for bad in (  # arguments the C loop must not index with: it declines and torch's path answers (or raises)
+        (s1, s2, 0, rank1, rank2),  # k = 0
+        (s1, s2, 4, rank1.int(), rank2.int()),  # 32-bit ranks
+        (s1, s2, 4, rank1 + 100_000, rank2),  # ranks past the k-entry lists
+        (s1, s2, 4, rank1[:3], rank2[:3]),  # fewer pairs than k
+    ):
+        assert search.search(*bad) is None
+    overflow = torch.full((5, 16), -3e38)  # every sum rounds to -inf: fewer than k sums above it
+    assert search.search(overflow, overflow.clone(), 4, rank1, rank2) is None
 
 
 def test_float32_retrieval_equals_brute_force_in_float64():

@@ -126,7 +126,8 @@ def search_with_torch(
 def _product_key_search_op(
     s1: torch.Tensor, s2: torch.Tensor, k: int, rank1: torch.Tensor, rank2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`search_with_torch` on the CPU in one C pass per query (model/search.py), where it can run."""
+    """`search_with_torch` on the CPU in one C pass per query (model/search.py) where it can run
+    (float32, k <= 32, int64 ranks, no NaN: see `search.search`), else torch's path."""
     from peerlab.model import search
 
     found = search.search(s1, s2, k, rank1, rank2)
@@ -136,7 +137,8 @@ def _product_key_search_op(
 @_product_key_search_op.register_fake
 def _(s1, s2, k, rank1, rank2):
     R = s1.shape[0]
-    return s1.new_empty(R, k), s1.new_empty(R, k, dtype=torch.int64), s1.new_empty(R, k, dtype=torch.int64)
+    sums = s1.new_empty(R, k, dtype=torch.promote_types(s1.dtype, s2.dtype))  # as torch's path adds them
+    return sums, s1.new_empty(R, k, dtype=torch.int64), s1.new_empty(R, k, dtype=torch.int64)
 
 
 class Bags:

@@ -15,7 +15,8 @@ dim 128: 1.8 ms per top-k over 8,192 rows). The kernel here does each query in o
      k pairs of lower ranks, hence k sums, at least as high: `ProductKeys.pair_rank1/2`).
 
 Same values as torch's path (the same float32 additions), sorted highest first; equal scores
-keep the lower column first (torch leaves the order of ties unspecified). For k up to 32 (more:
+keep the lower column first within a half, equal sums the earlier rank pair (torch leaves the
+order of ties unspecified). For k up to 32 (more:
 torch's path). A NaN score makes `search` return None, and the caller runs torch's path, which
 ranks NaN highest. 2.4-3.1x torch's path on this project's 2-core CPU (8,192 queries: 128
 sub-keys and k = 8, 1,024 and k = 16), AVX2 or not chosen at run time.
@@ -120,7 +121,8 @@ __attribute__((target("avx2"))) static int64_t half_avx2(const float *s, int64_t
 #endif
 
 /* One query: the k best of each half, then the k best sums over the P rank pairs, into sums, i1, i2
-   (k each). Returns the NaNs seen, plus 1 if a half has fewer than k numbers. */
+   (k each). Returns the NaNs seen, plus 1 if a half has fewer than k numbers above -inf, or the
+   pairs fewer than k sums above -inf (the outputs are then not written). */
 #define SEARCH_ROW(NAME, ATTR, HALF, PUSH)                                                              \
 ATTR static int64_t NAME(const float *s1, const float *s2, int64_t n1, int64_t n2, int k,               \
                          const int64_t *rank1, const int64_t *rank2, int64_t P,                         \
@@ -130,11 +132,12 @@ ATTR static int64_t NAME(const float *s1, const float *s2, int64_t n1, int64_t n
     int32_t j1[MAXK] __attribute__((aligned(32))), j2[MAXK] __attribute__((aligned(32)));               \
     int32_t pick[MAXK] __attribute__((aligned(32)));                                                    \
     int64_t nans = HALF(s1, n1, k, v1, j1) + HALF(s2, n2, k, v2, j2);                                   \
-    for (int q = 0; q < MAXK; q++) { best[q] = -INFINITY; pick[q] = 0; }                                \
+    for (int q = 0; q < MAXK; q++) { best[q] = -INFINITY; pick[q] = -1; }                               \
     for (int64_t p = 0; p < P; p++) {                                                                   \
         const float v = v1[rank1[p]] + v2[rank2[p]];                                                    \
         if (v > best[k - 1]) PUSH(best, pick, k, v, (int32_t)p);                                        \
     }                                                                                                   \
+    if (pick[k - 1] < 0) return nans + 1; /* fewer than k sums above -inf: the caller falls back */     \
     for (int q = 0; q < k; q++) {                                                                       \
         sums[q] = best[q];                                                                              \
         i1[q] = j1[rank1[pick[q]]];                                                                     \
@@ -196,15 +199,22 @@ def search(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(sums, i1, i2), each (R, k): the k best s1[r, i1] + s2[r, i2] of each row, highest first.
 
-    s1 (R, n1), s2 (R, n2) float32 on the CPU; rank1, rank2 (P,) int64, the candidate rank pairs.
-    None where the kernel cannot run (not built, other dtypes or devices, k > min(n1, n2, 32), a
-    NaN score). `simd`: AVX2 where the CPU has it (False: the plain C loop, as on other CPUs).
+    s1 (R, n1), s2 (R, n2) float32 on the CPU; rank1, rank2 (P,) int64 on the CPU, the candidate
+    rank pairs, each in [0, k). None where the kernel cannot run: not built, other dtypes, devices
+    or shapes, k outside [1, min(n1, n2, 32)], fewer than k numbers above -inf in a half or in a
+    row's candidate sums, a NaN score. `simd`: AVX2 where the CPU has it (False: the plain C loop,
+    as on other CPUs).
     """
     if not (available(s1) and s2.dtype == torch.float32 and s2.device.type == "cpu"):
         return None
     R, n1 = s1.shape
     n2 = s2.shape[1]
-    if k > min(n1, n2, 32) or s2.shape[0] != R:
+    if not 1 <= k <= min(n1, n2, 32) or s2.shape[0] != R:
+        return None
+    for rank in (rank1, rank2):  # the C loop indexes its k-entry lists with them
+        if rank.dtype != torch.int64 or rank.device.type != "cpu" or rank.shape != rank1.shape:
+            return None
+    if rank1.numel() < k or int(torch.minimum(rank1, rank2).min()) < 0 or int(torch.maximum(rank1, rank2).max()) >= k:
         return None
     s1, s2 = s1.contiguous(), s2.contiguous()
     rank1, rank2 = rank1.contiguous(), rank2.contiguous()
