@@ -9,7 +9,7 @@ cluster: first with a whole GPU per trial (`--gpus-per-trial 1`: one trial at a 
 card), then with `--gpus-per-trial SHARE` (1/SHARE trials at once, each with its CUDA memory
 capped to its share). For each it prints the wall time of the whole `ablate.py` run (Ray's
 start and the report included, the same in both), the trials that finished, trials per hour,
-the trials' mean wall time each, and the trials' median held-out loss (the same work: the
+the trials' mean wall time each, and the trials' median held-out loss (eval_loss/mean) (the same work: the
 shared run must train as well). Then the ratio of trials per hour, shared over one at a time.
 
 With `--unit cpu` it compares `--max-concurrent 1` against `--max-concurrent 1/SHARE` on the
@@ -54,7 +54,6 @@ def run(name: str, out: Path, resources: list[str], steps: int, extra: list[str]
     trials = pd.read_parquet(out / name / "trials.parquet")
     plan = json.loads((out / name / "sweep.json").read_text())
     finished = trials[trials["status"] == "finished"]
-    loss = [c for c in trials.columns if c.startswith("eval_loss")]
     return {
         "name": name,
         "resources": " ".join(resources),
@@ -65,7 +64,7 @@ def run(name: str, out: Path, resources: list[str], steps: int, extra: list[str]
         "finished": len(finished),
         "trials_per_hour": 3600 * len(finished) / wall,
         "trial_wall_s": float(finished["wall_s"].mean()),
-        "eval_loss": float(finished[loss[0]].median()) if loss and len(finished) else float("nan"),
+        "eval_loss": float(finished["eval_loss/mean"].median()) if len(finished) else float("nan"),
     }
 
 

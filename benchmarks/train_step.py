@@ -418,20 +418,14 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
             f"MFU {100 * mfu:5.1f}%  peak {row['peak_gib']:6.1f} GiB  ({row['wall_s']:.0f} s){note}"
         )
     base = rows[0]
+    bf16 = {r["compile"]: r for r in rows if r["precision"] == "bf16 autocast" and "tokens_per_s" in r}
     for row in rows[1:]:
         if "tokens_per_s" not in row:
             continue
-        same_mode = next(
-            (
-                r
-                for r in rows
-                if r["compile"] == row["compile"] and r["precision"] != row["precision"] and "tokens_per_s" in r
-            ),
-            None,
-        )
-        line = f"    {row['precision']}, compile {row['compile']}: {row['tokens_per_s'] / base['tokens_per_s']:.2f}x of {base['precision']}, compile {base['compile']}"
-        if same_mode is not None and "Float8" in row["precision"]:
-            line += f"; {row['tokens_per_s'] / same_mode['tokens_per_s']:.2f}x of {same_mode['precision']} at the same compile"
+        line = f"    {row['precision']}, compile {row['compile']}: {row['tokens_per_s'] / base['tokens_per_s']:.2f}x"
+        line += f" of {base['precision']}, compile {base['compile']}"
+        if "Float8" in row["precision"] and row["compile"] in bf16:
+            line += f"; {row['tokens_per_s'] / bf16[row['compile']]['tokens_per_s']:.2f}x of bf16 at the same compile"
         print(line)
     return rows
 

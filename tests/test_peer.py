@@ -132,6 +132,7 @@ def test_search_op_falls_back_to_torch_on_nan_and_other_dtypes():
         (s1, s2, 0, rank1, rank2),  # k = 0
         (s1, s2, 4, rank1.int(), rank2.int()),  # 32-bit ranks
         (s1, s2, 4, rank1 + 100_000, rank2),  # ranks past the k-entry lists
+        (s1, s2, 4, rank1, rank2 - 1),  # and before them
         (s1, s2, 4, rank1[:3], rank2[:3]),  # fewer pairs than k
     ):
         assert search.search(*bad) is None

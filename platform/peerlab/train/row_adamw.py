@@ -56,6 +56,8 @@ void row_adamw(float *w, float *m, float *v, const int64_t *rows, const float *g
     }
 }
 """
+
+
 @functools.cache
 def _library():
     """The compiled kernel (`peerlab.native`), or None where it cannot be built or is turned off."""
