@@ -263,7 +263,10 @@ PRECISIONS = {  # (name, train_config overrides) of each variant
 
 
 def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compile_mode: str = "none"):
-    """(tokens/s, peak bytes, Float8 on) of the platform's training step: its model, precision, AdamW, clipping."""
+    """(tokens/s, peak bytes, Float8's plan) of the platform's training step: its model, precision, AdamW, clipping.
+
+    Float8's filter times each layer shape at this batch's tokens, compiled as the step is (`measure_float8`).
+    """
     from peerlab.model import PEER
     from peerlab.train.optim import build_optimizer, clip_grad_norm, sparse_experts_on
     from peerlab.train.precision import apply_float8, autocast, set_tf32
@@ -292,8 +295,7 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compil
             torch.cuda.reset_peak_memory_stats()
         with device:  # build and initialise the weights where they will live
             model = build_model(cfg.model_config)
-        float8 = apply_float8(model, t, device)
-        float8_on = float8.on
+        float8 = apply_float8(model, t, device, tokens=batch * seq, compiled=compile_mode != "none")
         if compile_mode != "none":  # after Float8, as the worker does
             from peerlab.train.compiling import apply_compile
 
@@ -313,7 +315,7 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compil
                 step()
             sync()
             times.append((time.perf_counter() - t0) / steps)
-        return batch * seq / statistics.median(times), torch.cuda.max_memory_allocated() if cuda else 0, float8_on
+        return batch * seq / statistics.median(times), torch.cuda.max_memory_allocated() if cuda else 0, float8
     finally:
         model = optimizer = None  # free the card for the next variant, also after running out of memory
         gc.collect()
@@ -392,7 +394,7 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
         label = f"{precision}, {'eager' if mode == 'none' else 'compile ' + mode}"
         try:
             start = time.perf_counter()
-            rate, peak_bytes, float8_on = step_rate(
+            rate, peak_bytes, plan = step_rate(
                 cfg, torch.device(args.device), batch, seq, args.reps, args.rounds, compile_mode=mode
             )
         except torch.OutOfMemoryError:
@@ -403,8 +405,12 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
             continue
         flops = training_flops_per_token(m, seq)
         mfu = rate * flops / (peak * 1e12)
+        float8_on = plan.on
         row.update(
             float8_on=float8_on,
+            float8_layers=len(plan.converted),
+            float8_filter=plan.filter,
+            float8_speedups=plan.speedups,
             tokens_per_s=rate,
             flops_per_token=flops,
             mfu_vs_bf16_peak=mfu,
@@ -413,6 +419,12 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
         )
         rows.append(row)
         note = "" if float8_on == ("Float8" in precision) else "  (Float8 not applied)"
+        if float8_on:
+            note += (
+                f"  (Float8 on {len(plan.converted)} layers; {plan.filter}; "
+                + (", ".join(f"{shape} {ratio:.2f}x" for shape, ratio in plan.speedups.items()) or "no figures")
+                + ")"
+            )
         print(
             f"  {row['model']:<24} {params / 1e9:6.2f} G params  {label:<44} {rate:>10,.0f} tokens/s  "
             f"MFU {100 * mfu:5.1f}%  peak {row['peak_gib']:6.1f} GiB  ({row['wall_s']:.0f} s){note}"

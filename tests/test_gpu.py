@@ -205,3 +205,32 @@ def test_a_trial_sharing_the_gpu_keeps_to_its_memory_share(demo_corpus, tmp_path
     with pytest.raises(torch.OutOfMemoryError):  # the cap is this process's from now on
         torch.empty(int(total * 0.3), dtype=torch.uint8, device="cuda")
     torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_float8_measured_filter_on_the_card(tmp_path, monkeypatch):
+    """The measured filter on a Float8 card: every candidate shape timed (eager and compiled), figures kept,
+    and only shapes measured at least FLOAT8_MIN_SPEEDUP faster converted."""
+    from torch import nn
+    from torchao.float8.float8_linear import Float8Linear
+
+    from peerlab.config import TrainConfig
+    from peerlab.train.precision import FLOAT8_MIN_SPEEDUP, apply_float8, float8_reason, float8_shapes
+
+    device = torch.device("cuda")
+    t = TrainConfig()
+    if float8_reason(t, device) is not None:
+        pytest.skip(float8_reason(t, device))
+    monkeypatch.setenv("PEERLAB_CACHE_DIR", str(tmp_path))
+    cfg = tiny_model_config(hidden_size=1024, intermediate_size=4096, q_lora_rank=512)
+    for compiled in (False, True):
+        model = build_model(cfg).to(device)
+        plan = apply_float8(model, t, device, tokens=8192, compiled=compiled)
+        assert plan.filter.startswith("measured") and ("compiled" if compiled else "eager") in plan.filter
+        assert set(plan.speedups) == {f"{o}x{i}" for o, i in float8_shapes(model)}
+        assert all(0 < r < 10 for r in plan.speedups.values()), plan.speedups
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and f"{module.weight.shape[0]}x{module.weight.shape[1]}" in plan.speedups:
+                wins = plan.speedups[f"{module.weight.shape[0]}x{module.weight.shape[1]}"] >= FLOAT8_MIN_SPEEDUP
+                assert isinstance(module, Float8Linear) == wins, (name, plan.speedups)
+    kept = json.loads((tmp_path / "float8-speedups.json").read_text())
+    assert sum("|eager|" in k for k in kept) == sum("|compiled|" in k for k in kept) == len(plan.speedups)

@@ -288,9 +288,131 @@ def test_float8_run_on_cpu_lists_its_layers_and_trains(demo_corpus, tmp_path):
     info = json.loads((tmp_path / "f8" / "run_info.json").read_text())
     assert info["float8"] is True and info["autocast"] == "bf16"
     assert info["float8_layers"] == ["layers.0.mlp.fc_in"]
+    assert info["float8_filter"] == "torchao's size rule" and info["float8_speedups"] == {}  # on CPU: no timing
     assert "router" in info["float8_skipped"]["layers.1.mlp.query"] and "lm_head" in info["float8_skipped"]
     got = losses(tmp_path / "f8")
     assert len(got) == 2 and all(math.isfinite(x) for x in got)
+
+
+def test_float8_filter_converts_only_the_shapes_measured_faster():
+    """With measured figures, a layer converts where Float8 was at least FLOAT8_MIN_SPEEDUP faster than bf16."""
+    from peerlab.model import build_model
+    from peerlab.train.precision import FLOAT8_MIN_SPEEDUP, float8_plan, float8_shapes
+
+    with torch.device("meta"):
+        model = build_model(load_config(ROOT / "configs" / "config.yaml").model_config)
+    shapes = float8_shapes(model)  # routers and the LM head are never candidates
+    assert (2048, 768) not in shapes and (50272, 768) not in shapes and (3072, 768) in shapes
+    below = FLOAT8_MIN_SPEEDUP - 0.01
+    speedups = {shape: (1.3, below, FLOAT8_MIN_SPEEDUP, 0.7)[i % 4] for i, shape in enumerate(shapes)}
+    plan = float8_plan(model, speedups)
+    by_role = float8_plan(model)  # the same role decisions whatever the figures
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert sorted(plan.converted + list(plan.skipped)) == sorted(linear)
+    for name, module in linear.items():
+        shape = tuple(module.weight.shape)
+        if shape not in speedups:
+            assert plan.skipped[name] == by_role.skipped[name]
+        elif speedups[shape] >= FLOAT8_MIN_SPEEDUP:
+            assert name in plan.converted
+        else:
+            assert f"measured {speedups[shape]:.2f}x bf16" in plan.skipped[name]
+    assert {tuple(linear[n].weight.shape) for n in plan.converted} == {s for s in shapes if speedups[s] >= 1.05}
+
+
+def test_float8_figures_are_taken_once_per_machine(tmp_path, monkeypatch):
+    """measure_float8 times each (shape, tokens) once, keeps the figure in the cache folder, and reads it after."""
+    from peerlab.train import precision
+
+    monkeypatch.setenv("PEERLAB_CACHE_DIR", str(tmp_path))
+    timed = []
+    real = precision._linear_seconds
+
+    def counting(out_features, in_features, tokens, *rest, float8):
+        timed.append((out_features, in_features, tokens, float8))
+        return real(out_features, in_features, tokens, *rest, float8=float8)
+
+    monkeypatch.setattr(precision, "_linear_seconds", counting)
+    cpu = torch.device("cpu")
+    first = precision.measure_float8([(64, 32), (32, 64)], 16, cpu, compiled=False)
+    assert sorted(timed) == [(32, 64, 16, False), (32, 64, 16, True), (64, 32, 16, False), (64, 32, 16, True)]
+    assert set(first) == {(64, 32), (32, 64)} and all(math.isfinite(r) and r > 0 for r in first.values())
+    kept = json.loads((tmp_path / "float8-speedups.json").read_text())
+    assert len(kept) == 2 and all("|eager|16 tokens|" in key and "torchao" in key for key in kept)
+    timed.clear()
+    assert precision.measure_float8([(32, 64), (64, 32)], 16, cpu, compiled=False) == first and timed == []
+    precision.measure_float8([(64, 32), (48, 32)], 16, cpu, compiled=False)  # one new shape
+    assert sorted(timed) == [(48, 32, 16, False), (48, 32, 16, True)]
+    timed.clear()
+    precision.measure_float8([(64, 32)], 8, cpu, compiled=False)  # other tokens: another figure
+    assert len(timed) == 2 and len(json.loads((tmp_path / "float8-speedups.json").read_text())) == 4
+
+
+def test_float8_measured_on_cpu_converts_what_it_measured(demo_corpus, tmp_path, monkeypatch):
+    """The measured filter end to end (Float8 emulated on CPU): figures in run_info, layers as they say."""
+    from torch import nn
+    from torchao.float8.float8_linear import Float8Linear
+
+    from peerlab.model import build_model
+    from peerlab.train import precision
+
+    monkeypatch.setenv("PEERLAB_CACHE_DIR", str(tmp_path))
+    cfg = tiny(demo_corpus, *FLOAT8_WIDE)
+    model = build_model(cfg.model_config)
+    cpu = torch.device("cpu")
+    plan = precision.apply_float8(model, cfg.train_config, cpu, force=True, tokens=32, rule="measured")
+    assert plan.filter.startswith("measured") and "32 tokens, eager" in plan.filter
+    shapes = precision.float8_shapes(build_model(cfg.model_config))
+    assert set(plan.speedups) == {f"{o}x{i}" for o, i in shapes}
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Float8Linear))}
+    for name in plan.converted:
+        o, i = linear[name].weight.shape
+        assert isinstance(linear[name], Float8Linear) and plan.speedups[f"{o}x{i}"] >= precision.FLOAT8_MIN_SPEEDUP
+    for name, why in plan.skipped.items():
+        assert not isinstance(linear[name], Float8Linear)
+        if "measured" in why:
+            o, i = linear[name].weight.shape
+            assert plan.speedups[f"{o}x{i}"] < precision.FLOAT8_MIN_SPEEDUP
+    info = precision.describe(cfg.train_config, plan)
+    assert info["float8_filter"] == plan.filter and info["float8_speedups"] == plan.speedups
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no float8 kernel")
+
+    monkeypatch.setattr(precision, "_linear_seconds", broken)
+    monkeypatch.setenv("PEERLAB_CACHE_DIR", str(tmp_path / "empty"))
+    fallback = precision.float8_filter(build_model(cfg.model_config), cfg.train_config, cpu, 32, False, "measured")
+    assert fallback.filter.startswith("torchao's size rule (measuring failed: RuntimeError: no float8 kernel")
+    assert fallback.converted == precision.float8_plan(build_model(cfg.model_config)).converted
+    monkeypatch.setenv("PEERLAB_FLOAT8_FILTER", "fastest")
+    with pytest.raises(ValueError, match="PEERLAB_FLOAT8_FILTER='fastest': use one of measured, torchao"):
+        precision.float8_filter(model, cfg.train_config, cpu, 32, False, None)
+
+
+def _float8_rank(cfg_dict: dict, out: str) -> None:
+    """One rank of a process group: apply Float8's measured filter with a cache folder of its own."""
+    import torch.distributed as dist
+
+    from peerlab.config import config_from_dict
+    from peerlab.model import build_model
+    from peerlab.train.precision import apply_float8
+
+    rank = dist.get_rank()
+    os.environ["PEERLAB_CACHE_DIR"] = f"{out}/cache-{rank}"
+    cfg = config_from_dict(cfg_dict)
+    plan = apply_float8(
+        build_model(cfg.model_config), cfg.train_config, torch.device("cpu"), True, 32, False, "measured"
+    )
+    Path(f"{out}/plan-{rank}.json").write_text(json.dumps([plan.converted, plan.skipped, plan.speedups]))
+
+
+def test_float8_with_two_workers_every_rank_uses_rank_zeros_figures(demo_corpus, tmp_path):
+    """Rank 0 measures; the other ranks convert the same layers from its figures (DDP needs the same model)."""
+    in_two_processes(_float8_rank, to_dict(tiny(demo_corpus, *FLOAT8_WIDE)), str(tmp_path))
+    plans = [json.loads((tmp_path / f"plan-{rank}.json").read_text()) for rank in range(2)]
+    assert plans[0] == plans[1] and plans[0][2]  # the same layers, reasons and figures
+    assert (tmp_path / "cache-0" / "float8-speedups.json").exists()
+    assert not (tmp_path / "cache-1" / "float8-speedups.json").exists()  # rank 1 measured nothing
 
 
 # --------------------------------------------------------------------------------------

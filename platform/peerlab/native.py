@@ -26,6 +26,11 @@ log = logging.getLogger("peerlab")
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 
 
+def cache_dir() -> Path:
+    """Where peerlab keeps what it builds or measures once per machine: ~/.cache/peerlab, or PEERLAB_CACHE_DIR."""
+    return Path(os.environ.get("PEERLAB_CACHE_DIR", Path.home() / ".cache" / "peerlab"))
+
+
 @functools.cache
 def load(name: str, source: str) -> ctypes.CDLL | None:
     """The library built from `source` (once per machine, then from the cache), or None where it cannot be built."""
@@ -36,7 +41,7 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
         log.info("%s: no C compiler found; torch's ops are used", name)
         return None
     key = hashlib.sha256((source + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("PEERLAB_CACHE_DIR", Path.home() / ".cache" / "peerlab"))
+    cache = cache_dir()
     path = cache / f"{name}-{key}.so"
     try:
         if not path.exists():

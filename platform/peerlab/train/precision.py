@@ -4,6 +4,13 @@ Float8 (`train_config.float8`, on by default) converts the model's linear layers
 (`float8_plan`: not the LM head or PEER's router, and only those large enough) with
 `torchao.float8.convert_to_float8_training` where a GPU of compute capability 8.9 or newer
 is there; everywhere else the run says once why it is not used, and nothing else changes.
+"Large enough" is measured on the card (`measure_float8`): each distinct shape of linear layer,
+forward and backward at the run's tokens per micro-batch, compiled where the run compiles, in
+Float8 against bf16; a layer converts only where Float8 came out at least FLOAT8_MIN_SPEEDUP
+faster, so Float8 on by default does not make a layer slower than bf16 would. The figures are
+kept per machine (~/.cache/peerlab/float8-speedups.json) and taken once per card, software and
+shape; with several workers rank 0 measures and every rank uses its figures.
+PEERLAB_FLOAT8_FILTER=torchao uses torchao's fixed size rule instead (no measuring).
 Float8 manages precision itself, as the configuration guide notes (set fp16 and bf16 false
 with it): with Float8 on and both false, bf16 autocast runs the rest of the model (attention,
 the layers left out, PEER's query projection; PEER's key search and experts keep the tables'
@@ -15,7 +22,12 @@ log says which.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
+import os
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +39,8 @@ from peerlab.model.peer import ProductKeys
 
 log = logging.getLogger("peerlab.train")
 RECIPE = "tensorwise"  # torchao's Float8 recipe: one scale per tensor
+FLOAT8_MIN_SPEEDUP = 1.05  # a layer converts where Float8 measured at least this much faster than bf16 (noise margin)
+FILTERS = ("measured", "torchao")  # PEERLAB_FLOAT8_FILTER: which layers are large enough for Float8
 
 
 def autocast(train: TrainConfig, device: torch.device, float8: Float8Layers | None = None):
@@ -67,13 +81,15 @@ class Float8Layers:
     off: str | None
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    filter: str = ""  # how "large enough" was decided, in words
+    speedups: dict[str, float] = field(default_factory=dict)  # "out x in" -> Float8's measured speed over bf16
 
     @property
     def on(self) -> bool:
         return self.off is None
 
 
-def float8_plan(model: nn.Module) -> Float8Layers:
+def float8_plan(model: nn.Module, speedups: dict[tuple[int, int], float] | None = None) -> Float8Layers:
     """Which linear layers Float8 converts (and why each other one is left in high precision).
 
     Kept out by role: the LM head, and every linear layer inside a PEER, PKM or MoE layer, which
@@ -84,11 +100,33 @@ def float8_plan(model: nn.Module) -> Float8Layers:
     (what torchtitan switches on with `filter_fqns = ["auto_filter_small_kn"]`): dimensions must
     be multiples of 16, and a layer with in_features K <= 4096 and out_features N <= 1024 stays
     out, because there casting and scaling cost more than the faster float8 product saves
-    (torchao's H100 tables).
+    (torchao's H100 tables). With `speedups` ((out_features, in_features) -> Float8's measured
+    speed over bf16, from `measure_float8`) the measurement decides instead: a layer converts
+    where its shape came out at least FLOAT8_MIN_SPEEDUP faster.
     """
     from torchao.float8 import _auto_filter_for_recipe
 
     pays = _auto_filter_for_recipe(RECIPE, filter_fqns=[])
+    plan = Float8Layers(off=None)
+    for name, module, why_not in _linear_layers(model):
+        out_features, in_features = module.weight.shape
+        if why_not:
+            plan.skipped[name] = why_not
+            continue
+        ratio = None if speedups is None else speedups[out_features, in_features]
+        if ratio is not None and ratio < FLOAT8_MIN_SPEEDUP:
+            plan.skipped[name] = (
+                f"{out_features}x{in_features}: Float8 measured {ratio:.2f}x bf16 (converts from {FLOAT8_MIN_SPEEDUP}x)"
+            )
+        elif ratio is None and not pays(module, name):
+            plan.skipped[name] = f"{out_features}x{in_features}: too small for Float8 to pay"
+        else:
+            plan.converted.append(name)
+    return plan
+
+
+def _linear_layers(model: nn.Module):
+    """(name, module, why Float8 must leave it out by role or shape, or "") for each linear layer of `model`."""
     routers = {
         f"{prefix}.{name}" if prefix else name
         for prefix, peer in model.named_modules()
@@ -96,28 +134,119 @@ def float8_plan(model: nn.Module) -> Float8Layers:
         for name, m in peer.named_modules()
         if isinstance(m, nn.Linear)
     }
-    plan = Float8Layers(off=None)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         out_features, in_features = module.weight.shape
         if name in routers:
-            plan.skipped[name] = "router (its top-k picks the experts or memory rows)"
+            yield name, module, "router (its top-k picks the experts or memory rows)"
         elif name.split(".")[-1] == "lm_head":
-            plan.skipped[name] = "LM head"
+            yield name, module, "LM head"
         elif out_features % 16 or in_features % 16:
-            plan.skipped[name] = f"{out_features}x{in_features}: not multiples of 16"
-        elif not pays(module, name):
-            plan.skipped[name] = f"{out_features}x{in_features}: too small for Float8 to pay"
+            yield name, module, f"{out_features}x{in_features}: not multiples of 16"
         else:
-            plan.converted.append(name)
-    return plan
+            yield name, module, ""
 
 
-def apply_float8(model: nn.Module, train: TrainConfig, device: torch.device, force: bool = False) -> Float8Layers:
+def float8_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """The distinct (out_features, in_features) of the linear layers Float8 may convert (not ruled out by role)."""
+    return sorted({tuple(m.weight.shape) for _, m, why_not in _linear_layers(model) if not why_not})
+
+
+def measure_float8(
+    shapes: list[tuple[int, int]], tokens: int, device: torch.device, compiled: bool, dtype: str = "bf16"
+) -> dict[tuple[int, int], float]:
+    """Float8's speed over `dtype` autocast for each (out_features, in_features) shape: time of one
+    linear layer's forward and backward (fp32 weights, as the model keeps them, and a (tokens, in)
+    input) in `dtype`, over the same in Float8, compiled with inductor where `compiled`.
+
+    Taken once per machine: the figures are kept in `peerlab.native.cache_dir()` under the card's
+    name, torch's and torchao's versions, the tokens and the shape; a file lock makes concurrent
+    processes (trials sharing a card) wait for one measurement instead of timing each other.
+    """
+    import torchao
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} CPUs)"
+    prefix = f"{name}|torch {torch.__version__}|torchao {torchao.__version__}|{RECIPE}|{dtype}"
+    prefix += f"|{'compiled' if compiled else 'eager'}|{tokens} tokens"
+    from peerlab.native import cache_dir
+
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / "float8-speedups.json"
+    with open(cache / "float8-speedups.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        known = json.loads(path.read_text()) if path.exists() else {}
+        keys = {shape: f"{prefix}|{shape[0]}x{shape[1]}" for shape in shapes}
+        missing = [shape for shape in shapes if keys[shape] not in known]
+        for out_features, in_features in missing:
+            high = _linear_seconds(out_features, in_features, tokens, device, compiled, dtype, float8=False)
+            low = _linear_seconds(out_features, in_features, tokens, device, compiled, dtype, float8=True)
+            known[keys[out_features, in_features]] = high / low
+            log.info("Float8 at %dx%d, %d tokens: %.2fx %s", out_features, in_features, tokens, high / low, dtype)
+        if missing:
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+            os.replace(partial, path)  # readers never see half a file
+    return {shape: known[key] for shape, key in keys.items()}
+
+
+def _linear_seconds(
+    out_features: int, in_features: int, tokens: int, device: torch.device, compiled: bool, dtype: str, float8: bool
+) -> float:
+    """Median seconds of one forward and backward of a (out, in) linear layer on (tokens, in) inputs."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    torch.manual_seed(0)
+    half = torch.float16 if dtype == "fp16" else torch.bfloat16
+    layer = nn.Linear(in_features, out_features, bias=False, device=device)  # fp32 weight, as the model's
+    if float8:
+        layer = convert_to_float8_training(layer, config=Float8LinearConfig.from_recipe_name(RECIPE))
+    if compiled:
+        torch._dynamo.reset()  # one graph per shape: no shape hits dynamo's recompile limit
+        run = torch.compile(layer)
+    else:
+        run = layer
+    x = torch.randn(tokens, in_features, device=device, dtype=half, requires_grad=True)  # (M, K)
+    grad = torch.randn(tokens, out_features, device=device, dtype=half)  # (M, N)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        x.grad = layer.weight.grad = None
+        with torch.autocast(device.type, dtype=half):
+            y = run(x)
+        y.backward(grad)
+
+    for _ in range(3):  # compile, Float8's scales, the allocator
+        step()
+    rounds = []
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            step()
+        sync()
+        rounds.append((time.perf_counter() - start) / 10)
+    if compiled:
+        torch._dynamo.reset()
+    return statistics.median(rounds)
+
+
+def apply_float8(
+    model: nn.Module,
+    train: TrainConfig,
+    device: torch.device,
+    force: bool = False,
+    tokens: int | None = None,
+    compiled: bool | None = None,
+    rule: str | None = None,
+) -> Float8Layers:
     """Convert the linear layers of `float8_plan` to Float8 training where it applies.
 
     `force` applies it whatever the device (torchao emulates it on CPU: tests use this).
+    `tokens` (per micro-batch) and `compiled` (None: as `train_config.compile` decides) are what
+    `measure_float8` times the layers at. `rule`: "measured" or "torchao" (None: the
+    PEERLAB_FLOAT8_FILTER variable, else "measured" on CUDA where `tokens` is given, else "torchao").
     """
     reason = None if force else float8_reason(train, device)
     if reason is not None:
@@ -125,7 +254,7 @@ def apply_float8(model: nn.Module, train: TrainConfig, device: torch.device, for
         return Float8Layers(off=reason)
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    plan = float8_plan(model)
+    plan = float8_filter(model, train, device, tokens, compiled, rule)
     chosen = set(plan.converted)
     convert_to_float8_training(
         model, config=Float8LinearConfig.from_recipe_name(RECIPE), module_filter_fn=lambda m, name: name in chosen
@@ -133,13 +262,51 @@ def apply_float8(model: nn.Module, train: TrainConfig, device: torch.device, for
     why = "" if train.fp16 or train.bf16 else " (fp16 and bf16 are false: Float8 manages precision)"
     log.info(
         "Float8 training is on for %d of %d linear layers (%s; the others are too small, PEER routers or the "
-        "LM head: run_info.json lists them); %s autocast covers the rest%s",
+        "LM head: run_info.json lists them; large enough by %s); %s autocast covers the rest%s",
         len(plan.converted),
         len(plan.converted) + len(plan.skipped),
         ", ".join(plan.converted) or "none is large enough",
+        plan.filter,
         autocast_dtype(train, plan),
         why,
     )
+    return plan
+
+
+def float8_filter(model, train, device, tokens, compiled, rule) -> Float8Layers:
+    """`float8_plan` by the rule asked for, with rank 0's measurements on every rank of a process group."""
+    import torch.distributed as dist
+
+    rule = rule or os.environ.get("PEERLAB_FLOAT8_FILTER") or ("measured" if device.type == "cuda" else "torchao")
+    if rule not in FILTERS:
+        raise ValueError(f"PEERLAB_FLOAT8_FILTER={rule!r}: use one of {', '.join(FILTERS)}")
+    if rule == "torchao" or not tokens:
+        plan = float8_plan(model)
+        plan.filter = "torchao's size rule" + ("" if rule == "torchao" else " (no token count to measure at)")
+        return plan
+    if compiled is None:
+        from peerlab.train.compiling import compile_choice
+
+        compiled = compile_choice(train, device)[0]
+    dtype = "fp16" if train.fp16 else "bf16"
+    shapes = float8_shapes(model)
+    found: list = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            found[0] = measure_float8(shapes, tokens, device, compiled, dtype)
+        except Exception as error:  # noqa: BLE001 - a failed measurement must not stop the run
+            log.warning("Float8: measuring the layers failed (%s); torchao's size rule decides", error)
+            found[0] = f"torchao's size rule (measuring failed: {type(error).__name__}: {str(error)[:200]})"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)  # every rank converts the same layers
+    if isinstance(found[0], str):
+        plan = float8_plan(model)
+        plan.filter = found[0]
+        return plan
+    plan = float8_plan(model, found[0])
+    compile_word = "compiled" if compiled else "eager"
+    plan.filter = f"measured: forward and backward of each shape at {tokens} tokens, {compile_word}, against {dtype}"
+    plan.speedups = {f"{out}x{inp}": round(ratio, 3) for (out, inp), ratio in found[0].items()}
     return plan
 
 
@@ -164,4 +331,6 @@ def describe(train: TrainConfig, float8: Float8Layers) -> dict:
         "float8_off_reason": float8.off,
         "float8_layers": float8.converted,
         "float8_skipped": float8.skipped,
+        "float8_filter": float8.filter,
+        "float8_speedups": float8.speedups,
     }

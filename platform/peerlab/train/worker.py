@@ -202,7 +202,10 @@ def train_loop(loop_config: dict) -> dict:
     if cfg.model_config.use_peer and cfg.model_config.peer_config.log_expert_usage:
         usage.track_moe(model)  # an MoE arm's layers count their experts' load too
         by_source = usage.track_sources(model, len(sources))
-    float8 = apply_float8(model, t, place.device, force=loop_config.get("force_float8", False))
+    micro_batch_tokens = t.per_device_train_batch_size * d.max_seq_length  # what Float8's filter times layers at
+    float8 = apply_float8(
+        model, t, place.device, force=loop_config.get("force_float8", False), tokens=micro_batch_tokens
+    )
     # each block, after Float8 and before DDP/FSDP wrap it
     compiled = apply_compile(model, t, place.device, backend=loop_config.get("compile_backend", "inductor"))
     steps = total_steps(t)
