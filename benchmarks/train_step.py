@@ -415,7 +415,7 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
             flops_per_token=flops,
             mfu_vs_bf16_peak=mfu,
             peak_gib=peak_bytes / 2**30,
-            wall_s=time.perf_counter() - start,  # build, compile, warm-up and the timed steps
+            wall_s=time.perf_counter() - start,  # build, Float8's layer timings, compile, warm-up, timed steps
         )
         rows.append(row)
         note = "" if float8_on == ("Float8" in precision) else "  (Float8 not applied)"

@@ -209,12 +209,14 @@ def test_a_trial_sharing_the_gpu_keeps_to_its_memory_share(demo_corpus, tmp_path
 
 def test_float8_measured_filter_on_the_card(tmp_path, monkeypatch):
     """The measured filter on a Float8 card: every candidate shape timed (eager and compiled), figures kept,
-    and only shapes measured at least FLOAT8_MIN_SPEEDUP faster converted."""
-    from torch import nn
+    only shapes measured at least FLOAT8_MIN_SPEEDUP faster converted, and the compiled model then trains."""
+    from dataclasses import replace
+
     from torchao.float8.float8_linear import Float8Linear
 
     from peerlab.config import TrainConfig
-    from peerlab.train.precision import FLOAT8_MIN_SPEEDUP, apply_float8, float8_reason, float8_shapes
+    from peerlab.train.compiling import apply_compile
+    from peerlab.train.precision import FLOAT8_MIN_SPEEDUP, apply_float8, autocast, float8_reason, float8_shapes
 
     device = torch.device("cuda")
     t = TrainConfig()
@@ -224,13 +226,25 @@ def test_float8_measured_filter_on_the_card(tmp_path, monkeypatch):
     cfg = tiny_model_config(hidden_size=1024, intermediate_size=4096, q_lora_rank=512)
     for compiled in (False, True):
         model = build_model(cfg).to(device)
+        shapes = float8_shapes(model)
         plan = apply_float8(model, t, device, tokens=8192, compiled=compiled)
         assert plan.filter.startswith("measured") and ("compiled" if compiled else "eager") in plan.filter
-        assert set(plan.speedups) == {f"{o}x{i}" for o, i in float8_shapes(model)}
+        assert set(plan.speedups) == {f"{o}x{i}" for o, i in shapes}
         assert all(0 < r < 10 for r in plan.speedups.values()), plan.speedups
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and f"{module.weight.shape[0]}x{module.weight.shape[1]}" in plan.speedups:
-                wins = plan.speedups[f"{module.weight.shape[0]}x{module.weight.shape[1]}"] >= FLOAT8_MIN_SPEEDUP
-                assert isinstance(module, Float8Linear) == wins, (name, plan.speedups)
+        modules = dict(model.named_modules())
+        for name in plan.converted:
+            o, i = modules[name].weight.shape
+            assert isinstance(modules[name], Float8Linear) and plan.speedups[f"{o}x{i}"] >= FLOAT8_MIN_SPEEDUP
+        for name, why in plan.skipped.items():
+            assert not isinstance(modules[name], Float8Linear)
+            if "measured" in why:
+                o, i = modules[name].weight.shape
+                assert plan.speedups[f"{o}x{i}"] < FLOAT8_MIN_SPEEDUP
+    apply_compile(model, replace(t, compile=True), device)  # the measurement's dynamo reset left compile usable
+    ids = torch.randint(0, cfg.vocab_size, (4, 65), device=device)
+    with autocast(t, device, plan):
+        loss = model(ids[:, :-1], labels=ids[:, 1:])
+    loss.backward()
+    assert math.isfinite(loss.item())
     kept = json.loads((tmp_path / "float8-speedups.json").read_text())
     assert sum("|eager|" in k for k in kept) == sum("|compiled|" in k for k in kept) == len(plan.speedups)

@@ -316,7 +316,7 @@ def test_float8_filter_converts_only_the_shapes_measured_faster():
         elif speedups[shape] >= FLOAT8_MIN_SPEEDUP:
             assert name in plan.converted
         else:
-            assert f"measured {speedups[shape]:.2f}x bf16" in plan.skipped[name]
+            assert f"measured {speedups[shape]:.3f}x bf16" in plan.skipped[name]
     assert {tuple(linear[n].weight.shape) for n in plan.converted} == {s for s in shapes if speedups[s] >= 1.05}
 
 
@@ -326,26 +326,72 @@ def test_float8_figures_are_taken_once_per_machine(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PEERLAB_CACHE_DIR", str(tmp_path))
     timed = []
-    real = precision._linear_seconds
+    real = precision._speedup
 
-    def counting(out_features, in_features, tokens, *rest, float8):
-        timed.append((out_features, in_features, tokens, float8))
-        return real(out_features, in_features, tokens, *rest, float8=float8)
+    def counting(out_features, in_features, tokens, *rest):
+        timed.append((out_features, in_features, tokens))
+        return real(out_features, in_features, tokens, *rest)
 
-    monkeypatch.setattr(precision, "_linear_seconds", counting)
+    monkeypatch.setattr(precision, "_speedup", counting)
     cpu = torch.device("cpu")
     first = precision.measure_float8([(64, 32), (32, 64)], 16, cpu, compiled=False)
-    assert sorted(timed) == [(32, 64, 16, False), (32, 64, 16, True), (64, 32, 16, False), (64, 32, 16, True)]
+    assert sorted(timed) == [(32, 64, 16), (64, 32, 16)]
     assert set(first) == {(64, 32), (32, 64)} and all(math.isfinite(r) and r > 0 for r in first.values())
-    kept = json.loads((tmp_path / "float8-speedups.json").read_text())
+    assert all(r == round(r, 3) for r in first.values())  # what is kept is what decides
+    path = tmp_path / "float8-speedups.json"
+    kept = json.loads(path.read_text())
     assert len(kept) == 2 and all("|eager|16 tokens|" in key and "torchao" in key for key in kept)
     timed.clear()
     assert precision.measure_float8([(32, 64), (64, 32)], 16, cpu, compiled=False) == first and timed == []
     precision.measure_float8([(64, 32), (48, 32)], 16, cpu, compiled=False)  # one new shape
-    assert sorted(timed) == [(48, 32, 16, False), (48, 32, 16, True)]
+    assert timed == [(48, 32, 16)]
     timed.clear()
     precision.measure_float8([(64, 32)], 8, cpu, compiled=False)  # other tokens: another figure
-    assert len(timed) == 2 and len(json.loads((tmp_path / "float8-speedups.json").read_text())) == 4
+    assert timed == [(64, 32, 8)] and len(json.loads(path.read_text())) == 4
+
+    path.write_text('{"half a file')  # unreadable: measured again and rewritten
+    timed.clear()
+    assert set(precision.measure_float8([(64, 32)], 16, cpu, compiled=False)) == {(64, 32)} and len(timed) == 1
+    assert len(json.loads(path.read_text())) == 1
+
+    def broken(out_features, *rest):
+        if out_features == 48:
+            raise RuntimeError("no float8 kernel")
+        return real(out_features, *rest)
+
+    monkeypatch.setattr(precision, "_speedup", broken)  # one shape fails: it alone stays out, and is not kept
+    got = precision.measure_float8([(48, 32), (32, 64)], 16, cpu, compiled=False)
+    assert got[48, 32] == 0.0 and got[32, 64] > 0
+    assert not any(key.endswith("|48x32") for key in json.loads(path.read_text()))
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("PEERLAB_CACHE_DIR", str(blocked / "cache"))  # cannot be created: measured, not kept
+    assert precision.measure_float8([(32, 64)], 16, cpu, compiled=False)[32, 64] > 0
+
+
+def test_float8_figures_wait_for_another_process_then_give_up(tmp_path, monkeypatch):
+    """A process waits for another's measurement (the lock), and past LOCK_WAIT_S torchao's rule decides."""
+    import fcntl
+
+    from peerlab.config import TrainConfig
+    from peerlab.model import build_model
+    from peerlab.train import precision
+    from tests.conftest import tiny_model_config
+
+    monkeypatch.setenv("PEERLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "LOCK_WAIT_S", 0.5)
+    with open(tmp_path / "float8-speedups.lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process measuring
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="another process held it"):
+            precision.measure_float8([(32, 64)], 16, torch.device("cpu"), compiled=False)
+        assert time.monotonic() - start >= 0.5
+        cfg = tiny_model_config(hidden_size=64, intermediate_size=2048)
+        plan = precision.float8_filter(build_model(cfg), TrainConfig(), torch.device("cpu"), 16, False, "measured")
+        assert plan.filter.startswith("torchao's size rule (measuring failed: TimeoutError")
+        assert plan.converted == precision.float8_plan(build_model(cfg)).converted and plan.speedups == {}
+    assert precision.measure_float8([(32, 64)], 16, torch.device("cpu"), compiled=False)[32, 64] > 0  # released
 
 
 def test_float8_measured_on_cpu_converts_what_it_measured(demo_corpus, tmp_path, monkeypatch):
@@ -379,14 +425,31 @@ def test_float8_measured_on_cpu_converts_what_it_measured(demo_corpus, tmp_path,
     def broken(*args, **kwargs):
         raise RuntimeError("no float8 kernel")
 
-    monkeypatch.setattr(precision, "_linear_seconds", broken)
+    monkeypatch.setattr(precision, "_speedup", broken)  # every shape fails: every candidate stays in bf16
     monkeypatch.setenv("PEERLAB_CACHE_DIR", str(tmp_path / "empty"))
+    failed = precision.float8_filter(build_model(cfg.model_config), cfg.train_config, cpu, 32, False, "measured")
+    assert failed.converted == [] and set(failed.speedups.values()) == {0.0}
+    candidates = [name for name, _, why_not in precision._linear_layers(model) if not why_not]
+    assert candidates and all("timing Float8 failed" in failed.skipped[name] for name in candidates)
+    monkeypatch.setattr(precision, "measure_float8", broken)  # the measurement itself fails: torchao's rule
     fallback = precision.float8_filter(build_model(cfg.model_config), cfg.train_config, cpu, 32, False, "measured")
     assert fallback.filter.startswith("torchao's size rule (measuring failed: RuntimeError: no float8 kernel")
     assert fallback.converted == precision.float8_plan(build_model(cfg.model_config)).converted
     monkeypatch.setenv("PEERLAB_FLOAT8_FILTER", "fastest")
     with pytest.raises(ValueError, match="PEERLAB_FLOAT8_FILTER='fastest': use one of measured, torchao"):
         precision.float8_filter(model, cfg.train_config, cpu, 32, False, None)
+
+
+def test_peerlab_switches_travel_to_the_workers(monkeypatch):
+    """The PEERLAB_* variables of the driver go to every worker's environment (Ray's runtime_env)."""
+    from peerlab.train.worker import environment
+
+    monkeypatch.setenv("PEERLAB_FLOAT8_FILTER", "torchao")
+    monkeypatch.setenv("PEERLAB_CACHE_DIR", "/tmp/peerlab-cache")
+    monkeypatch.setenv("NOT_PEERLAB_SWITCH", "1")
+    sent = environment()
+    assert sent["PEERLAB_FLOAT8_FILTER"] == "torchao" and sent["PEERLAB_CACHE_DIR"] == "/tmp/peerlab-cache"
+    assert "NOT_PEERLAB_SWITCH" not in sent
 
 
 def _float8_rank(cfg_dict: dict, out: str) -> None:

@@ -114,9 +114,11 @@ def float8_plan(model: nn.Module, speedups: dict[tuple[int, int], float] | None 
             plan.skipped[name] = why_not
             continue
         ratio = None if speedups is None else speedups[out_features, in_features]
-        if ratio is not None and ratio < FLOAT8_MIN_SPEEDUP:
+        if ratio == 0.0:
+            plan.skipped[name] = f"{out_features}x{in_features}: timing Float8 failed (the log says why)"
+        elif ratio is not None and ratio < FLOAT8_MIN_SPEEDUP:
             plan.skipped[name] = (
-                f"{out_features}x{in_features}: Float8 measured {ratio:.2f}x bf16 (converts from {FLOAT8_MIN_SPEEDUP}x)"
+                f"{out_features}x{in_features}: Float8 measured {ratio:.3f}x bf16 (converts from {FLOAT8_MIN_SPEEDUP}x)"
             )
         elif ratio is None and not pays(module, name):
             plan.skipped[name] = f"{out_features}x{in_features}: too small for Float8 to pay"
@@ -156,80 +158,158 @@ def float8_shapes(model: nn.Module) -> list[tuple[int, int]]:
 def measure_float8(
     shapes: list[tuple[int, int]], tokens: int, device: torch.device, compiled: bool, dtype: str = "bf16"
 ) -> dict[tuple[int, int], float]:
-    """Float8's speed over `dtype` autocast for each (out_features, in_features) shape: time of one
-    linear layer's forward and backward (fp32 weights, as the model keeps them, and a (tokens, in)
-    input) in `dtype`, over the same in Float8, compiled with inductor where `compiled`.
+    """Float8's speed over `dtype` autocast for each (out_features, in_features) shape (`_speedup`),
+    rounded to 3 decimals; 0.0 for a shape whose timing failed (it stays in `dtype`).
 
     Taken once per machine: the figures are kept in `peerlab.native.cache_dir()` under the card's
-    name, torch's and torchao's versions, the tokens and the shape; a file lock makes concurrent
-    processes (trials sharing a card) wait for one measurement instead of timing each other.
+    name, the versions of torch, CUDA, Triton and torchao, the tokens and the shape, each written
+    as it is taken. A file lock makes concurrent processes (trials sharing a card) wait for one
+    measurement instead of timing each other; a process that waits over LOCK_WAIT_S raises
+    TimeoutError. Where the folder cannot be written, the figures are taken and not kept.
     """
-    import torchao
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} CPUs)"
-    prefix = f"{name}|torch {torch.__version__}|torchao {torchao.__version__}|{RECIPE}|{dtype}"
-    prefix += f"|{'compiled' if compiled else 'eager'}|{tokens} tokens"
     from peerlab.native import cache_dir
 
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / "float8-speedups.json"
-    with open(cache / "float8-speedups.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        known = json.loads(path.read_text()) if path.exists() else {}
-        keys = {shape: f"{prefix}|{shape[0]}x{shape[1]}" for shape in shapes}
-        missing = [shape for shape in shapes if keys[shape] not in known]
-        for out_features, in_features in missing:
-            high = _linear_seconds(out_features, in_features, tokens, device, compiled, dtype, float8=False)
-            low = _linear_seconds(out_features, in_features, tokens, device, compiled, dtype, float8=True)
-            known[keys[out_features, in_features]] = high / low
-            log.info("Float8 at %dx%d, %d tokens: %.2fx %s", out_features, in_features, tokens, high / low, dtype)
-        if missing:
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(json.dumps(known, indent=1, sort_keys=True))
-            os.replace(partial, path)  # readers never see half a file
-    return {shape: known[key] for shape, key in keys.items()}
+    keys = {
+        shape: f"{_figures_prefix(device, compiled, dtype)}|{tokens} tokens|{shape[0]}x{shape[1]}" for shape in shapes
+    }
+    path = cache_dir() / "float8-speedups.json"
+    known = _read_figures(path)
+    if all(key in known for key in keys.values()):
+        return {shape: known[key] for shape, key in keys.items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - held across the measurement below
+    except OSError as error:
+        log.warning("Float8: %s cannot be written (%s); the figures are taken and not kept", path.parent, error)
+        lock = None
+    try:
+        if lock is not None:
+            _wait_for(lock, LOCK_WAIT_S)
+            known = _read_figures(path)  # another process may have measured them while this one waited
+        found = {}
+        for shape, key in keys.items():
+            if key in known:
+                found[shape] = known[key]
+                continue
+            try:
+                found[shape] = round(_speedup(*shape, tokens, device, compiled, dtype), 3)
+            except Exception as error:  # noqa: BLE001 - a shape that cannot be timed stays in bf16
+                log.warning("Float8: timing %dx%d failed (%s); that shape stays in %s", *shape, error, dtype)
+                found[shape] = 0.0  # not kept: the next run tries again
+                continue
+            log.info("Float8 at %dx%d, %d tokens: %.3fx %s", *shape, tokens, found[shape], dtype)
+            if lock is not None:
+                known[key] = found[shape]
+                _write_figures(path, known)
+        return found
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
 
 
-def _linear_seconds(
-    out_features: int, in_features: int, tokens: int, device: torch.device, compiled: bool, dtype: str, float8: bool
+LOCK_WAIT_S = 900  # the longest a process waits for another's Float8 figures
+
+
+def _figures_prefix(device: torch.device, compiled: bool, dtype: str) -> str:
+    """What a figure depends on besides tokens and shape: the card and the software that times it."""
+    import torchao
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} CPUs)"
+    return (
+        f"{name}|torch {torch.__version__}|cuda {torch.version.cuda}|triton {triton_version}"
+        f"|torchao {torchao.__version__}|{RECIPE}|{dtype}|{'compiled' if compiled else 'eager'}"
+    )
+
+
+def _read_figures(path) -> dict:
+    """The kept figures; none where the file is missing or unreadable (it is rewritten at the next figure)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        log.warning("Float8: %s is unreadable (%s); measuring again", path, error)
+        return {}
+
+
+def _write_figures(path, known: dict) -> None:
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+    os.replace(partial, path)  # readers never see half a file
+
+
+def _wait_for(lock, seconds: float) -> None:
+    """Take the exclusive lock on the open file `lock`, or raise TimeoutError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{lock.name}: another process held it for over {seconds:.0f} s") from None
+            time.sleep(0.2)
+
+
+def _speedup(
+    out_features: int, in_features: int, tokens: int, device: torch.device, compiled: bool, dtype: str
 ) -> float:
-    """Median seconds of one forward and backward of a (out, in) linear layer on (tokens, in) inputs."""
+    """Time in `dtype` over time in Float8 of one forward and backward of a (out, in) linear layer
+    (fp32 weight, as the model keeps it) on a (tokens, in) input under `dtype` autocast.
+
+    The two layers alternate round by round (each round at least ~20 ms of steps, after warm-up),
+    so a drift of the card's clocks or load falls on both; the ratio is of the medians. Runs
+    with its own random state: the caller's is left as it was.
+    """
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
     half = torch.float16 if dtype == "fp16" else torch.bfloat16
-    layer = nn.Linear(in_features, out_features, bias=False, device=device)  # fp32 weight, as the model's
-    if float8:
-        layer = convert_to_float8_training(layer, config=Float8LinearConfig.from_recipe_name(RECIPE))
-    if compiled:
-        torch._dynamo.reset()  # one graph per shape: no shape hits dynamo's recompile limit
-        run = torch.compile(layer)
-    else:
-        run = layer
-    x = torch.randn(tokens, in_features, device=device, dtype=half, requires_grad=True)  # (M, K)
-    grad = torch.randn(tokens, out_features, device=device, dtype=half)  # (M, N)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(0)
+        high = nn.Linear(in_features, out_features, bias=False, device=device)  # fp32 weight, as the model's
+        low = convert_to_float8_training(
+            nn.Linear(in_features, out_features, bias=False, device=device),
+            config=Float8LinearConfig.from_recipe_name(RECIPE),
+        )
+        x = torch.randn(tokens, in_features, device=device, dtype=half, requires_grad=True)  # (M, K)
+        grad = torch.randn(tokens, out_features, device=device, dtype=half)  # (M, N)
+        if compiled:
+            torch._dynamo.reset()  # this shape's graphs alone: no shape hits dynamo's recompile limit
+        try:
+            runs = {layer: torch.compile(layer) if compiled else layer for layer in (high, low)}
 
-    def step() -> None:
-        x.grad = layer.weight.grad = None
-        with torch.autocast(device.type, dtype=half):
-            y = run(x)
-        y.backward(grad)
+            def steps(layer: nn.Module, count: int) -> float:
+                """Seconds per step over `count` steps."""
+                sync()
+                start = time.perf_counter()
+                for _ in range(count):
+                    x.grad = layer.weight.grad = None
+                    with torch.autocast(device.type, dtype=half):
+                        y = runs[layer](x)
+                    y.backward(grad)
+                sync()
+                return (time.perf_counter() - start) / count
 
-    for _ in range(3):  # compile, Float8's scales, the allocator
-        step()
-    rounds = []
-    for _ in range(5):
-        sync()
-        start = time.perf_counter()
-        for _ in range(10):
-            step()
-        sync()
-        rounds.append((time.perf_counter() - start) / 10)
-    if compiled:
-        torch._dynamo.reset()
-    return statistics.median(rounds)
+            for layer in (high, low):
+                steps(layer, 3)  # compile, Float8's scales, the allocator
+            count = max(3, min(200, int(0.02 / max(steps(high, 3), 1e-6))))  # ~20 ms a round
+            times = {high: [], low: []}
+            for i in range(6):
+                for layer in (high, low) if i % 2 == 0 else (low, high):
+                    times[layer].append(steps(layer, count))
+            return statistics.median(times[high]) / statistics.median(times[low])
+        finally:
+            if compiled:
+                torch._dynamo.reset()
 
 
 def apply_float8(
@@ -274,40 +354,44 @@ def apply_float8(
 
 
 def float8_filter(model, train, device, tokens, compiled, rule) -> Float8Layers:
-    """`float8_plan` by the rule asked for, with rank 0's measurements on every rank of a process group."""
+    """`float8_plan` by the rule asked for (see `apply_float8`). In a process group rank 0 decides
+    (its rule, its figures) and every rank converts the same layers."""
     import torch.distributed as dist
 
     rule = rule or os.environ.get("PEERLAB_FLOAT8_FILTER") or ("measured" if device.type == "cuda" else "torchao")
     if rule not in FILTERS:
         raise ValueError(f"PEERLAB_FLOAT8_FILTER={rule!r}: use one of {', '.join(FILTERS)}")
-    if rule == "torchao" or not tokens:
-        plan = float8_plan(model)
-        plan.filter = "torchao's size rule" + ("" if rule == "torchao" else " (no token count to measure at)")
-        return plan
+    group = dist.is_initialized() and dist.get_world_size() > 1
+    decision: list = [None]
+    if not group or dist.get_rank() == 0:
+        decision[0] = _decide(model, train, device, tokens, compiled, rule)
+    if group:
+        dist.broadcast_object_list(decision, src=0)
+    words, figures = decision[0]
+    plan = float8_plan(model, figures)
+    plan.filter = words
+    plan.speedups = {f"{out}x{inp}": ratio for (out, inp), ratio in (figures or {}).items()}
+    return plan
+
+
+def _decide(model, train, device, tokens, compiled, rule) -> tuple[str, dict | None]:
+    """(the filter in words, the measured figures or None for torchao's size rule)."""
+    if rule == "torchao":
+        return "torchao's size rule", None
+    if not tokens:
+        return "torchao's size rule (no token count to measure at)", None
     if compiled is None:
         from peerlab.train.compiling import compile_choice
 
         compiled = compile_choice(train, device)[0]
     dtype = "fp16" if train.fp16 else "bf16"
-    shapes = float8_shapes(model)
-    found: list = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            found[0] = measure_float8(shapes, tokens, device, compiled, dtype)
-        except Exception as error:  # noqa: BLE001 - a failed measurement must not stop the run
-            log.warning("Float8: measuring the layers failed (%s); torchao's size rule decides", error)
-            found[0] = f"torchao's size rule (measuring failed: {type(error).__name__}: {str(error)[:200]})"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(found, src=0)  # every rank converts the same layers
-    if isinstance(found[0], str):
-        plan = float8_plan(model)
-        plan.filter = found[0]
-        return plan
-    plan = float8_plan(model, found[0])
-    compile_word = "compiled" if compiled else "eager"
-    plan.filter = f"measured: forward and backward of each shape at {tokens} tokens, {compile_word}, against {dtype}"
-    plan.speedups = {f"{out}x{inp}": round(ratio, 3) for (out, inp), ratio in found[0].items()}
-    return plan
+    try:
+        figures = measure_float8(float8_shapes(model), tokens, device, compiled, dtype)
+    except Exception as error:  # noqa: BLE001 - a failed measurement must not stop the run
+        log.warning("Float8: measuring the layers failed (%s); torchao's size rule decides", error)
+        return f"torchao's size rule (measuring failed: {type(error).__name__}: {str(error)[:200]})", None
+    words = "compiled" if compiled else "eager"
+    return f"measured: forward and backward of each shape at {tokens} tokens, {words}, against {dtype}", figures
 
 
 def autocast_dtype(train: TrainConfig, float8: Float8Layers | None = None) -> str | None:

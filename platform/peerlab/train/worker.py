@@ -416,4 +416,5 @@ def environment() -> dict:
     """Variables the workers need (the driver's offline switches travel with the job)."""
     keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_DIR", "RAY_AUTH_MODE")
     keys += storage.ENVIRONMENT  # object storage's credentials and endpoint, for an s3:// or gs:// output_dir
+    keys += tuple(k for k in os.environ if k.startswith("PEERLAB_"))  # peerlab's own switches (README), on any node
     return {k: os.environ[k] for k in keys if k in os.environ}
