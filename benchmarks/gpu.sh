@@ -17,7 +17,8 @@
 #             k 16, dim 768, bf16, at 1k and 16k tokens (peerlab, its Triton kernels, PEER-pytorch,
 #             the HBM-floor share); the training step of the guide's model (as many PEER layers as
 #             fit) and its dense baseline, eager and with compiled blocks, bf16 and Float8, tokens/s
-#             and MFU (benchmarks/train_step.py).
+#             and MFU (benchmarks/train_step.py; its first Float8 variant of each compile mode also
+#             times the layer shapes for Float8's filter, and prints those figures).
 #     speed2: the dense model at hidden 2048, compiled, bf16 against Float8; 8 demo trials sharing
 #             the card at --gpus-per-trial 0.25 against one at a time (benchmarks/gpu_share.py); the
 #             fused LM-head loss against liger-kernel's; the GPU tests of compiled blocks and of a
@@ -110,7 +111,7 @@ if [ "$part" = speed ]; then
   step 50 $PYTEST tests/test_peer_triton.py -k on_cuda
   step 70 python3 $PEER_1M --batch 1 --seq 1024 --json $JSON/peer_1k.json
   step 70 python3 $PEER_1M --batch 4 --seq 4096 --json $JSON/peer_16k.json
-  step 240 python3 $TRAIN_STEP --config configs/config.yaml --compile-modes none,default --json $JSON/train_step.json
+  step 280 python3 $TRAIN_STEP --config configs/config.yaml --compile-modes none,default --json $JSON/train_step.json
 elif [ "$part" = speed2 ]; then
   step 110 python3 $TRAIN_STEP --config configs/config.yaml --compile --set model_config.use_peer=false \
     --set model_config.hidden_size=2048 --json $JSON/train_step_2048.json
