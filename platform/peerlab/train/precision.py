@@ -168,10 +168,10 @@ def measure_float8(
     TimeoutError. Where the folder cannot be written, the figures are taken and not kept.
     """
     from peerlab.native import cache_dir
+    from peerlab.tune import write_json  # through a temporary file: readers never see half a file
 
-    keys = {
-        shape: f"{_figures_prefix(device, compiled, dtype)}|{tokens} tokens|{shape[0]}x{shape[1]}" for shape in shapes
-    }
+    prefix = f"{_figures_prefix(device, compiled, dtype)}|{tokens} tokens"
+    keys = {shape: f"{prefix}|{shape[0]}x{shape[1]}" for shape in shapes}
     path = cache_dir() / "float8-speedups.json"
     known = _read_figures(path)
     if all(key in known for key in keys.values()):
@@ -200,7 +200,7 @@ def measure_float8(
             log.info("Float8 at %dx%d, %d tokens: %.3fx %s", *shape, tokens, found[shape], dtype)
             if lock is not None:
                 known[key] = found[shape]
-                _write_figures(path, known)
+                write_json(path, known)  # one writer at a time: this process holds the lock
         return found
     finally:
         if lock is not None:
@@ -236,12 +236,6 @@ def _read_figures(path) -> dict:
     except (OSError, ValueError) as error:
         log.warning("Float8: %s is unreadable (%s); measuring again", path, error)
         return {}
-
-
-def _write_figures(path, known: dict) -> None:
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(known, indent=1, sort_keys=True))
-    os.replace(partial, path)  # readers never see half a file
 
 
 def _wait_for(lock, seconds: float) -> None:
