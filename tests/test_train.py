@@ -693,8 +693,10 @@ def test_training_with_sparse_experts_is_the_default(demo_corpus, tmp_path):
 def test_freed_memory_is_reused_without_new_page_faults():
     """After reuse_freed_memory(), a PEER layer's training steps take the pages earlier steps freed: almost no
     fresh zero-filled pages (minor faults) once warm, where glibc's default mmap/munmap of large blocks faults
-    in tens of thousands every step, and the resident size settles (at about its peak, some 5% above the first
-    steps' in a 40-step probe, not growing further)."""
+    in tens of thousands every step, and the resident size settles near its peak. The heap may still grow once
+    in a while when the touched rows' temporaries come out larger than any before (one growth of some 13,000
+    pages at step 12 of 16 was seen on CI), so the warm steps are judged by their median and their sum, not by
+    their largest."""
     import subprocess
     import sys
 
@@ -718,17 +720,21 @@ def test_freed_memory_is_reused_without_new_page_faults():
         "    opt.zero_grad(set_to_none=True)\n"
         "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
         "    rss.append(int(open('/proc/self/statm').read().split()[1]))\n"
-        "print(took, max(faults[-4:]), rss[-5], rss[-1])\n"
+        "print(took, ' '.join(map(str, faults[4:])), rss[3], rss[-1], sep=',')\n"
     )
     runs = {}
     for mode in ("reuse", "default"):
         out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True)
-        took, faults, rss_early, rss_late = out.stdout.split()
-        runs[mode] = (took == "True", int(faults), int(rss_early), int(rss_late))
-    assert runs["reuse"][0], runs
-    assert runs["default"][1] > 5000, runs  # each step's large temporaries faulted in afresh
-    assert runs["reuse"][1] < runs["default"][1] / 20, runs
-    assert runs["reuse"][3] < 1.03 * runs["reuse"][2], runs  # settled: no growth over the last 4 steps
+        took, faults, rss_early, rss_late = out.stdout.strip().split(",")
+        warm = sorted(int(f) for f in faults.split())  # the 12 steps after 4 of warm-up
+        rss = (int(rss_early), int(rss_late))
+        runs[mode] = {"took": took == "True", "median": warm[len(warm) // 2], "total": sum(warm), "rss": rss}
+    reuse, default = runs["reuse"], runs["default"]
+    assert reuse["took"], runs
+    assert default["median"] > 5000, runs  # each step's large temporaries faulted in afresh
+    assert reuse["median"] < default["median"] / 20, runs  # a typical warm step takes no fresh pages
+    assert reuse["total"] < default["total"] / 8, runs  # at most an occasional heap growth, not one per step
+    assert reuse["rss"][1] < 1.10 * reuse["rss"][0], runs  # settled: no steady growth over the 12 warm steps
 
 
 def test_fsdp_on_two_cpu_workers_trains_and_resumes(ray_cluster, demo_corpus, tmp_path):
