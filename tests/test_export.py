@@ -144,7 +144,7 @@ def test_exported_logits_equal_peerlabs(exported, tokenizer, prompts, arm):
             assert torch.equal(theirs[key], value), name
         # The latent cache: the prompt, then one token at a time, gives the logits of the whole sequence.
         out = hf(ids[:, :-3], use_cache=True)
-        cache = out.cache
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers 5.2x, earlier
         steps = [out.logits[:, -1]]
         for t in range(ids.shape[1] - 3, ids.shape[1]):
             out = hf(ids[:, t : t + 1], cache=cache, use_cache=True)

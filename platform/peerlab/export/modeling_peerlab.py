@@ -356,6 +356,17 @@ class PeerlabPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.expert_out, std=std)
 
 
+def with_cache(output_class, cache: Cache | None, **fields):
+    """An output with its cache under the name this transformers gives it: `cache` (5.2x) or `past_key_values`."""
+    name = "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
+    return output_class(**fields, **{name: cache})
+
+
+def cache_of(output) -> Cache | None:
+    """The cache of an output made by `with_cache`, whichever name it has."""
+    return getattr(output, "cache", None) if "cache" in type(output).__dataclass_fields__ else output.past_key_values
+
+
 class PeerlabModel(PeerlabPreTrainedModel):
     """The decoder without its LM head: input_ids (B, T) -> the final normed hidden states (B, T, d)."""
 
@@ -411,7 +422,7 @@ class PeerlabModel(PeerlabPreTrainedModel):
             mask = mask | (keys == queries)
         for layer in self.layers:
             x = layer(x, position_ids, mask, cache)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache)
+        return with_cache(BaseModelOutputWithPast, cache, last_hidden_state=self.norm(x))
 
 
 class PeerlabForCausalLM(PeerlabPreTrainedModel, GenerationMixin):
@@ -460,7 +471,7 @@ class PeerlabForCausalLM(PeerlabPreTrainedModel, GenerationMixin):
         if labels is not None:
             shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
             loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return with_cache(CausalLMOutputWithPast, cache_of(out), loss=loss, logits=logits)
 
 
 __all__ = ["PeerlabForCausalLM", "PeerlabModel", "PeerlabPreTrainedModel"]
