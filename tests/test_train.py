@@ -98,9 +98,28 @@ def test_resume_continues_bit_for_bit(demo_corpus, tmp_path):
 
 
 def test_rerunning_a_run_name_continues_it(demo_corpus, tmp_path):
-    run(tiny(demo_corpus, steps=3), tmp_path / "r")
-    run(tiny(demo_corpus, steps=3), tmp_path / "r")  # nothing left to do: it resumes at step 3 of 3
+    first = run(tiny(demo_corpus, steps=3), tmp_path / "r")
+    again = run(tiny(demo_corpus, steps=3), tmp_path / "r")  # nothing left to do: it resumes at step 3 of 3
     assert [r["step"] for r in read_metrics(tmp_path / "r") if "loss" in r] == [1, 2, 3]
+    assert again == first == read_metrics(tmp_path / "r")[-1]  # and hands back what its last step logged
+
+
+def test_a_run_stopped_after_its_final_checkpoint_runs_its_final_lm_eval_once(demo_corpus, tmp_path):
+    """Stopped between its final checkpoint and its end-of-run lm-eval set (a Ctrl-C, a lost node), a run
+    started again has no step to train: it runs that evaluation then, and only while it is missing."""
+    from peerlab.tracking import read_evals
+
+    cfg = tiny(demo_corpus, *lm_eval_settings(demo_corpus), steps=3)
+    last = run(cfg, tmp_path / "e")
+    rows = read_evals(tmp_path / "e")
+    assert rows and {r["step"] for r in rows} == {3}
+    (tmp_path / "e" / "evals.jsonl").unlink()  # as if stopped before the evaluation
+    assert run(cfg, tmp_path / "e") == last
+    again = read_evals(tmp_path / "e")
+    assert [(r["task"], r["metric"], r["step"]) for r in again] == [(r["task"], r["metric"], r["step"]) for r in rows]
+    assert [r["value"] for r in again] == pytest.approx([r["value"] for r in rows])  # the same model evaluated
+    run(cfg, tmp_path / "e")  # evaluated already: not again
+    assert len(read_evals(tmp_path / "e")) == len(rows)
 
 
 def test_outputs_of_a_run(demo_corpus, tmp_path):

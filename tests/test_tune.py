@@ -19,6 +19,7 @@ import pytest
 
 from peerlab.config import ConfigError, config_from_dict, load_config, load_mixes
 from peerlab.data.corpus import DOMAINS
+from peerlab.tracking import read_metrics
 from peerlab.tune import Rungs, first_cut, plan_trials, search_space, setting_label
 from tests.conftest import ROOT
 
@@ -369,7 +370,7 @@ def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp
     assert len(json.loads((sweep / "sweep.json").read_text())["trials"]) == 6
 
 
-def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_path):
+def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_path, capsys):
     mixes, config = sweep_files(demo_corpus, tmp_path)
     sets = tiny_sets(demo_corpus, tmp_path / "out", steps=12)
     argv = ["--custom-datasets", str(mixes), "--config", str(config), *sets,
@@ -396,6 +397,18 @@ def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_pa
     curves = pd.read_parquet(sweep / "curves.parquet")
     steps = curves.dropna(subset=["loss"]).groupby("trial_id")["step"].agg(list)
     assert all(s == list(range(1, 13)) for s in steps)  # resumed runs continue to the end, no step missing
+
+    # A trial stopped after its final checkpoint, before its done.json: resumed, it has no step left to
+    # train, and still hands Tune (searchers, schedulers, the console) the metric its last step logged.
+    trial_id = next(iter(finished))
+    logged = [r for r in read_metrics(sweep / "trials" / trial_id) if "loss" in r][-1]
+    (sweep / "trials" / trial_id / "done.json").unlink()
+    capsys.readouterr()
+    assert ablate_module().main([*argv, "--resume"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if f"{trial_id} done:" in x)
+    assert f"eval_loss/mean {logged['eval_loss/mean']:.4f}" in line, line
+    assert (sweep / "trials" / trial_id / "done.json").is_file()
+    assert [r["step"] for r in read_metrics(sweep / "trials" / trial_id) if "loss" in r] == list(range(1, 13))
 
 
 def test_asha_stops_some_trials(ray_cluster, demo_corpus, tmp_path):

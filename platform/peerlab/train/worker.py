@@ -40,7 +40,7 @@ from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.model import build_model, peer_bytes_per_token, training_flops_per_token
 from peerlab.model.moe import MoE
-from peerlab.tracking import MetricsLog
+from peerlab.tracking import MetricsLog, read_evals, read_metrics
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
 from peerlab.train.allocator import reuse_freed_memory
@@ -348,14 +348,36 @@ def train_loop(loop_config: dict) -> dict:
                 lm_evaluate(cfg, model, tokenizer, step, place, amp, run_dir, metrics.wandb)
         if place.rank == 0:
             log.info("finished %d steps in %.1f s", steps - start_step, time.perf_counter() - run_start)
+    final_eval_due = steps > start_step
+    if start_step >= steps:  # resumed at its last step: it stopped after its final checkpoint, before it ended
+        last, final_eval_due = already_trained(run_dir, steps, place, bool(cfg.eval_config.evals))
+        if last:
+            report(last, to_tune=loop_config.get("report_to") == "tune")
     # The end-of-run lm-eval set runs once the data streams are closed: their Ray Data tasks no longer
     # compete with it for the CPUs (demo set on 2 cores: 11.7 s, against 30.3 s while they still ran).
-    if cfg.eval_config.evals and steps > start_step:
+    if cfg.eval_config.evals and final_eval_due:
         lm_evaluate(cfg, model, tokenizer, steps, place, amp, run_dir, metrics.wandb)
     metrics.close()
     if run_uri and place.rank == 0:
         storage.push_run(run_dir, run_uri)  # the lines and evaluations written after the last checkpoint
     return last
+
+
+def already_trained(run_dir: Path, steps: int, place: Place, evals: bool) -> tuple[dict, bool]:
+    """A run that starts at its last step (interrupted after its final checkpoint, before its end): what its
+    last step logged (the record Tune and the caller get again) and whether its final lm-eval set is still
+    to run. Rank 0 reads its metrics.jsonl and evals.jsonl; every rank gets the same answer."""
+    answer = ({}, False)
+    if place.rank == 0:
+        logged = [r for r in read_metrics(run_dir) if r.get("step") == steps and "loss" in r]
+        evaluated = any(row.get("step") == steps for row in read_evals(run_dir))
+        answer = (logged[-1] if logged else {}, evals and not evaluated)
+        log.info(
+            "the run had trained all %d steps; %s",
+            steps,
+            "its final lm-eval set runs now" if answer[1] else "nothing to do",
+        )
+    return gather(answer, place)[0]
 
 
 def fed(layers: list, batch: torch.Tensor, sources: list[int]) -> torch.Tensor:
