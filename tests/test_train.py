@@ -774,6 +774,12 @@ def test_fsdp_on_two_cpu_workers_trains_and_resumes(ray_cluster, demo_corpus, tm
     assert len(got) == 4 and all(math.isfinite(x) for x in got)
     weights = load_file(tmp_path / "fsdp" / "checkpoints" / "step-000004" / "model.safetensors")
     assert weights["layers.1.mlp.down"].shape == (1024, 64)  # gathered whole, not a shard
+    (tmp_path / "fsdp" / "evals.jsonl").unlink()  # as if stopped after its final checkpoint, before the lm-eval set
+    again = fit(cfg, tmp_path / "fsdp", quiet=True)  # no step to train: both ranks run the missing evaluation
+    assert again.error is None and again.return_value["step"] == 4 and again.return_value["loss"] == got[-1]
+    assert [(r["task"], r["metric"]) for r in read_evals(tmp_path / "fsdp")] == [
+        (r["task"], r["metric"]) for r in evals
+    ]
     more = tiny(demo_corpus, "train_config.num_workers=2", "train_config.fsdp=true", steps=6)
     assert fit(more, tmp_path / "fsdp", quiet=True).error is None  # the same run name: continues at step 5
     assert [r["step"] for r in read_metrics(tmp_path / "fsdp") if "loss" in r] == [1, 2, 3, 4, 5, 6]
