@@ -97,6 +97,27 @@ def test_resume_continues_bit_for_bit(demo_corpus, tmp_path):
     assert all(torch.equal(got.rng_tensors[k], want.rng_tensors[k]) for k in want.rng_tensors)  # torch's
 
 
+def test_a_resume_trains_on_with_the_new_configs_rate_decay_and_schedule(demo_corpus, tmp_path):
+    """Resumed with another learning rate, weight decay, schedule and max_steps, a run follows the new
+    config from its first step on (the checkpoint's optimizer state brought back the old values, and its
+    first step took the old schedule's rate): each step's lr is the new linear schedule's, in closed form."""
+    run(tiny(demo_corpus, steps=4), tmp_path / "old")
+    changed = [
+        "train_config.learning_rate=1e-2",
+        "train_config.weight_decay=0.2",
+        "train_config.lr_scheduler_type=linear",
+        "train_config.warmup_ratio=0",
+        f"train_config.resume_from_checkpoint={tmp_path / 'old' / 'checkpoints' / 'step-000004'}",
+    ]
+    run(tiny(demo_corpus, *changed, steps=8), tmp_path / "new")
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "new") if "lr" in r}
+    assert sorted(lrs) == [5, 6, 7, 8]
+    for step, lr in lrs.items():  # step s trains at 1e-2 x (8 - (s - 1)) / 8, linear decay without warm-up
+        assert lr == pytest.approx(1e-2 * (8 - (step - 1)) / 8, rel=1e-12), step
+    groups = ckpt.load(tmp_path / "new" / "checkpoints" / "step-000008").optimizer["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0] and {g["initial_lr"] for g in groups} == {1e-2}
+
+
 def test_rerunning_a_run_name_continues_it(demo_corpus, tmp_path):
     first = run(tiny(demo_corpus, steps=3), tmp_path / "r")
     again = run(tiny(demo_corpus, steps=3), tmp_path / "r")  # nothing left to do: it resumes at step 3 of 3

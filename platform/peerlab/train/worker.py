@@ -96,8 +96,11 @@ def resume_point(cfg: Config, run_dir: Path, place: Place, run_uri: str | None =
     path = None
     if place.rank == 0:
         path = ckpt.latest(run_dir / "checkpoints")
-        if path is None and cfg.train_config.resume_from_checkpoint:
-            path = ckpt.resolve(cfg.train_config.resume_from_checkpoint)
+        named = cfg.train_config.resume_from_checkpoint
+        if path is None and named:
+            path = ckpt.resolve(named)
+        elif path is not None and named:
+            log.warning("resume_from_checkpoint %s is not used: the run folder has checkpoints of its own", named)
     if place.world > 1:
         shared = [str(path) if path else None]
         dist.broadcast_object_list(shared, src=0)
@@ -109,6 +112,17 @@ def resume_point(cfg: Config, run_dir: Path, place: Place, run_uri: str | None =
                 f"rank {place.rank} cannot see checkpoint {path}: put output_dir on storage all workers share"
             )
     return path
+
+
+def follow_config(optimizer: torch.optim.Optimizer, scheduler, weight_decay: list[float]) -> None:
+    """After a resume, train on with this config's learning rate, weight decay and schedule (its max_steps
+    and warm-up too): a checkpoint's optimizer state brings back the values it trained with, and its first
+    step would otherwise take the old schedule's rate. `scheduler` has the config's base rates already (a
+    LambdaLR, as transformers' schedules are); with an unchanged config every value is what it was."""
+    for group, base, decay, lr_lambda in zip(
+        optimizer.param_groups, scheduler.base_lrs, weight_decay, scheduler.lr_lambdas, strict=True
+    ):
+        group.update(initial_lr=base, lr=base * lr_lambda(scheduler.last_epoch), weight_decay=decay)
 
 
 def stop_if_not_finite(step: int, loss: float, grad_norm: float, fp16: bool, place: Place, run_dir: Path) -> None:
@@ -233,8 +247,10 @@ def train_loop(loop_config: dict) -> dict:
         state = ckpt.load(source)
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, state.model, options=full)
+        configured = [group["weight_decay"] for group in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state.optimizer, options=full)
-        scheduler.load_state_dict(state.scheduler)
+        scheduler.load_state_dict({**state.scheduler, "base_lrs": scheduler.base_lrs})
+        follow_config(optimizer, scheduler, configured)
         trainer_state = state.trainer
         scaler.load_state_dict(trainer_state.get("scaler", {}) or scaler.state_dict())
         start_step = trainer_state["step"]
@@ -301,7 +317,7 @@ def train_loop(loop_config: dict) -> dict:
             batches = (fed(by_source, *data.next_batch(t.per_device_train_batch_size)) for _ in micro_batches)
             check = functools.partial(stop_if_not_finite, step, fp16=t.fp16, place=place, run_dir=run_dir)
             step_loss, grad_norm = parallel.step(batches, optimizer, scaler, amp, t, check)
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]  # what this step used
             scheduler.step()
             window_tokens += tokens_per_step
             window_train_s += time.perf_counter() - step_start
