@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ import torch
 
 from peerlab.config import load_config, to_dict
 from peerlab.data.corpus import DOMAINS
-from peerlab.tracking import read_metrics
+from peerlab.tracking import read_metrics, wandb_run_id
 from peerlab.train import checkpoint as ckpt
 from peerlab.train.optim import build_optimizer, build_scheduler
 from peerlab.train.worker import TrainingError, train_loop
@@ -580,6 +581,23 @@ def test_two_worker_run_end_to_end_survives_a_killed_worker(ray_cluster, demo_co
     assert any("eval_loss/code" in r for r in records)
 
 
+def test_wandb_run_ids_follow_the_run_folder_not_its_name(tmp_path):
+    """Runs (or sweep trials) of the same name in two folders log to two wandb runs; the same folder, or
+    the same URI behind different staging folders, keeps its run (wandb resumes it)."""
+    a, b = (
+        wandb_run_id(tmp_path / "sweep_a" / "trials" / "mix_k16_s42"),
+        wandb_run_id(tmp_path / "sweep_b" / "trials" / "mix_k16_s42"),
+    )
+    assert a != b and a.startswith("mix_k16_s42-") and b.startswith("mix_k16_s42-")
+    assert wandb_run_id(tmp_path / "sweep_a" / "trials" / "mix_k16_s42") == a
+    assert (
+        wandb_run_id("s3://bucket/runs/demo/")
+        == wandb_run_id("s3://bucket/runs/demo")
+        != wandb_run_id("s3://other/runs/demo")
+    )
+    assert re.fullmatch(r"[A-Za-z0-9_.-]{1,57}", wandb_run_id(tmp_path / ("x|y=z " * 20)))
+
+
 def test_wandb_offline_rank_zero_logs_and_checkpoints(demo_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -587,6 +605,7 @@ def test_wandb_offline_rank_zero_logs_and_checkpoints(demo_corpus, tmp_path, mon
     run(cfg, tmp_path / "wb")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # rank 0's run only
+    assert runs[0].name.endswith(f"-{wandb_run_id((tmp_path / 'wb').resolve())}")  # its folder's own wandb run
     path = next(runs[0].glob("run-*.wandb"))  # the offline run's record log
     keys = (b"grad_norm", b"tokens_seen/prose", b"eval_loss/prose", b"step-3", b"final")
     deadline = time.time() + 20  # wandb's writer (its own process) may still be flushing the offline file

@@ -10,9 +10,11 @@ workers, per logged step and per lm-eval evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -20,10 +22,22 @@ from pathlib import Path
 log = logging.getLogger("peerlab.train")
 
 
-class MetricsLog:
-    """Appends one JSON object per logged step to <run>/metrics.jsonl (and to the dashboard and wandb)."""
+def wandb_run_id(location: str | Path) -> str:
+    """The wandb run id of the run kept at `location` (its folder's absolute path, or its URI on object
+    storage): the folder's name and a hash of the whole location, so the same run resumed logs on in its
+    wandb run, and runs or trials of the same name in other folders (another sweep) get runs of their own."""
+    location = str(location).rstrip("/")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", location.rsplit("/", 1)[-1])[:48]
+    return f"{name}-{hashlib.sha256(location.encode()).hexdigest()[:8]}"
 
-    def __init__(self, run_dir: Path, config, enabled: bool):
+
+class MetricsLog:
+    """Appends one JSON object per logged step to <run>/metrics.jsonl (and to the dashboard and wandb).
+
+    `location`: where the run is kept, for its wandb run id (`wandb_run_id`); the run folder by default.
+    """
+
+    def __init__(self, run_dir: Path, config, enabled: bool, location: str | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.gauges = None
@@ -51,7 +65,7 @@ class MetricsLog:
                 dir=str(run_dir),
                 config=_plain(config),
                 resume="allow",
-                id=Path(run_dir).name,
+                id=wandb_run_id(location or Path(run_dir).resolve()),
             )
             self.log_model = w.log_model
 

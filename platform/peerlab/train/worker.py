@@ -276,7 +276,7 @@ def train_loop(loop_config: dict) -> dict:
         info.update(flops_per_token=flops_per_token, peer_bytes_per_token=bytes_per_token)
         write_run_info(run_dir, place, info, start_step, pids)
 
-    metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0)
+    metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0, location=run_uri)
     amp = autocast(t, place.device, float8)
     # Evaluation runs on rank 0, except under FSDP, where every forward needs every rank.
     evaluates = place.rank == 0 or (t.fsdp and place.world > 1)
