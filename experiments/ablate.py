@@ -86,7 +86,7 @@ from peerlab.cli import (  # noqa: E402
     checked_storage,
     config_from_arguments,
 )
-from peerlab.config import ConfigError, config_from_dict, load_mixes_file, to_dict  # noqa: E402
+from peerlab.config import ConfigError, TrainConfig, config_from_dict, load_mixes_file, to_dict  # noqa: E402
 from peerlab.ladder import LadderError, ladder_options, parse_scales  # noqa: E402
 from peerlab.mixsearch import MixPlan, mix_options, plan_mix_search  # noqa: E402
 from peerlab.tune import (  # noqa: E402
@@ -220,6 +220,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
     config_from = "--config" if args.config else args.custom_datasets if mixes_file.base_config else "default"
     args.config = args.config or str(mixes_file.base_config or DEFAULT_CONFIG)
     base = config_from_arguments(args)
+    configured_workers = base.train_config.num_workers  # a sweep's trials run on --workers-per-trial instead
     named = mixes_file.search_space  # the mixes file's: a file, or the section inline; --search-space overrides it
     section = named if isinstance(named, dict) and not args.search_space else None
     space_file = args.search_space or (str(named) if named is not None and section is None else None)
@@ -307,6 +308,15 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
             ]
     except (ConfigError, LadderError) as err:
         raise UsageError(str(err)) from None
+    default_workers = TrainConfig.__dataclass_fields__["num_workers"].default
+    if configured_workers not in (args.workers_per_trial, default_workers):  # the config asked for other workers
+        how = (
+            f"on {args.workers_per_trial} Ray Train workers" if args.workers_per_trial else "in Ray Train's local mode"
+        )
+        print(
+            f"note: each trial runs {how} (--workers-per-trial {args.workers_per_trial}), not on the config's "
+            f"train_config.num_workers = {configured_workers}; pass --workers-per-trial {configured_workers} to keep it"
+        )
     for trial in trials:  # how each trial runs: on N Train workers, or in its own actor (local mode)
         t = trial.config["train_config"]
         t["num_workers"] = args.workers_per_trial

@@ -370,6 +370,22 @@ def test_tiny_sweep_tables_and_an_isolated_failure(ray_cluster, demo_corpus, tmp
     assert len(json.loads((sweep / "sweep.json").read_text())["trials"]) == 6
 
 
+def test_a_sweep_says_when_its_trials_do_not_run_on_the_configs_workers(tmp_path, capsys, monkeypatch):
+    """Trials run on --workers-per-trial (local mode by default); a config that asks for other workers hears so
+    in the plan, and its trials run as the flag says; a config at the default hears nothing."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.chdir(ROOT)
+    argv = ["--custom-datasets", "configs/datasets.yaml", "--set", f"train_config.output_dir={tmp_path}", "--dry-run"]
+    assert ablate_module().main([*argv, "--set", "train_config.num_workers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "not on the config's train_config.num_workers = 2; pass --workers-per-trial 2 to keep it" in out, out
+    assert ablate_module().main([*argv, "--set", "train_config.num_workers=2", "--workers-per-trial", "2"]) == 0
+    assert ablate_module().main(argv) == 0
+    assert "train_config.num_workers" not in capsys.readouterr().out
+
+
 def test_resume_runs_only_the_unfinished_trials(ray_cluster, demo_corpus, tmp_path, capsys):
     mixes, config = sweep_files(demo_corpus, tmp_path)
     sets = tiny_sets(demo_corpus, tmp_path / "out", steps=12)
