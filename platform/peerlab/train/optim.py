@@ -150,7 +150,7 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total: int):
-    """transformers' schedules by name: linear, cosine, constant, constant_with_warmup (and the others it has)."""
+    """transformers' schedule of that name: linear, cosine, constant or constant_with_warmup (config.LR_SCHEDULERS)."""
     from transformers import get_scheduler
 
     return get_scheduler(
