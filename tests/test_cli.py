@@ -188,6 +188,20 @@ def test_a_resume_path_without_a_complete_checkpoint_fails_before_ray_starts(dry
     assert "Ray dashboard" not in out.stdout
 
 
+def test_a_resume_past_max_steps_fails_before_ray_starts(demo_corpus, tmp_path):
+    import torch
+
+    from peerlab.train import checkpoint as ckpt
+
+    folder = ckpt.save(tmp_path / "old" / "checkpoints" / "step-000009", {"w": torch.zeros(1)}, {}, {}, {}, {"step": 9})
+    resume = f"train_config.resume_from_checkpoint={tmp_path / 'old'}"
+    out = train_command(*tiny_run(demo_corpus, tmp_path / "out"), "--set", resume, *NO_CLUSTER, timeout=120)
+    assert out.returncode == 2 and "Ray dashboard" not in out.stdout
+    assert one_line(out).startswith(
+        f"error: train_config.resume_from_checkpoint: {folder} is at step 9, past max_steps = "
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Failures: our own errors are not retried; lost workers are
 # --------------------------------------------------------------------------------------

@@ -124,6 +124,12 @@ def test_rerunning_a_run_name_continues_it(demo_corpus, tmp_path):
     again = run(tiny(demo_corpus, steps=3), tmp_path / "r")  # nothing left to do: it resumes at step 3 of 3
     assert [r["step"] for r in read_metrics(tmp_path / "r") if "loss" in r] == [1, 2, 3]
     assert again == first == read_metrics(tmp_path / "r")[-1]  # and hands back what its last step logged
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a line cut short by a crash
+    assert run(tiny(demo_corpus, steps=3), tmp_path / "r") == first
+    past = tiny(demo_corpus, f"train_config.resume_from_checkpoint={tmp_path / 'r'}", steps=2)
+    with pytest.raises(TrainingError, match=r"step-000003 is at step 3, past this run's 2 steps: raise max_steps"):
+        run(past, tmp_path / "shorter")
 
 
 def test_a_run_stopped_after_its_final_checkpoint_runs_its_final_lm_eval_once(demo_corpus, tmp_path):
@@ -581,20 +587,21 @@ def test_two_worker_run_end_to_end_survives_a_killed_worker(ray_cluster, demo_co
     assert any("eval_loss/code" in r for r in records)
 
 
-def test_wandb_run_ids_follow_the_run_folder_not_its_name(tmp_path):
-    """Runs (or sweep trials) of the same name in two folders log to two wandb runs; the same folder, or
-    the same URI behind different staging folders, keeps its run (wandb resumes it)."""
-    a, b = (
-        wandb_run_id(tmp_path / "sweep_a" / "trials" / "mix_k16_s42"),
-        wandb_run_id(tmp_path / "sweep_b" / "trials" / "mix_k16_s42"),
-    )
+def test_wandb_run_ids_belong_to_the_run_folder_not_its_name(tmp_path):
+    """Runs (or sweep trials) of the same name in two folders get two wandb runs; the same folder keeps its
+    run (wandb resumes it); a folder deleted and used again gets a new one; a folder from before the id
+    file, whose wandb/ holds a run under the bare name, keeps that name."""
+    import shutil
+
+    a_dir, b_dir = tmp_path / "sweep_a" / "trials" / "mix_k16_s42", tmp_path / "sweep_b" / "trials" / "mix_k16_s42"
+    a, b = wandb_run_id(a_dir), wandb_run_id(b_dir)
     assert a != b and a.startswith("mix_k16_s42-") and b.startswith("mix_k16_s42-")
-    assert wandb_run_id(tmp_path / "sweep_a" / "trials" / "mix_k16_s42") == a
-    assert (
-        wandb_run_id("s3://bucket/runs/demo/")
-        == wandb_run_id("s3://bucket/runs/demo")
-        != wandb_run_id("s3://other/runs/demo")
-    )
+    assert wandb_run_id(a_dir) == a and (a_dir / "wandb_id").read_text().strip() == a
+    shutil.rmtree(a_dir)
+    assert wandb_run_id(a_dir) != a
+    old = tmp_path / "old" / "demo"
+    (old / "wandb" / "offline-run-20261101_120000-demo").mkdir(parents=True)
+    assert wandb_run_id(old) == "demo"
     assert re.fullmatch(r"[A-Za-z0-9_.-]{1,57}", wandb_run_id(tmp_path / ("x|y=z " * 20)))
 
 
@@ -605,7 +612,7 @@ def test_wandb_offline_rank_zero_logs_and_checkpoints(demo_corpus, tmp_path, mon
     run(cfg, tmp_path / "wb")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # rank 0's run only
-    assert runs[0].name.endswith(f"-{wandb_run_id((tmp_path / 'wb').resolve())}")  # its folder's own wandb run
+    assert runs[0].name.endswith(f"-{(tmp_path / 'wb' / 'wandb_id').read_text().strip()}")  # the folder's own id
     path = next(runs[0].glob("run-*.wandb"))  # the offline run's record log
     keys = (b"grad_norm", b"tokens_seen/prose", b"eval_loss/prose", b"step-3", b"final")
     deadline = time.time() + 20  # wandb's writer (its own process) may still be flushing the offline file

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -177,6 +178,12 @@ def checked_resume(cfg: Config) -> Config:
         folder = resolve(fetched(t.resume_from_checkpoint))
     except CheckpointError as err:
         raise UsageError(f"train_config.resume_from_checkpoint: {err}") from None
+    step = json.loads((folder / "trainer.json").read_text()).get("step", 0)
+    if t.max_steps and step > t.max_steps:
+        raise UsageError(
+            f"train_config.resume_from_checkpoint: {folder} is at step {step}, past max_steps = {t.max_steps}; "
+            "raise max_steps or resume from an earlier checkpoint"
+        )
     return dataclasses.replace(cfg, train_config=dataclasses.replace(t, resume_from_checkpoint=str(folder)))
 
 

@@ -10,11 +10,12 @@ workers, per logged step and per lm-eval evaluation.
 
 from __future__ import annotations
 
-import hashlib
+import glob
 import json
 import logging
 import math
 import re
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -22,22 +23,31 @@ from pathlib import Path
 log = logging.getLogger("peerlab.train")
 
 
-def wandb_run_id(location: str | Path) -> str:
-    """The wandb run id of the run kept at `location` (its folder's absolute path, or its URI on object
-    storage): the folder's name and a hash of the whole location, so the same run resumed logs on in its
-    wandb run, and runs or trials of the same name in other folders (another sweep) get runs of their own."""
-    location = str(location).rstrip("/")
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", location.rsplit("/", 1)[-1])[:48]
-    return f"{name}-{hashlib.sha256(location.encode()).hexdigest()[:8]}"
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's wandb id, kept in <run>/wandb_id: made once per run folder (its name and 8 random hex
+    digits), so the same run resumed logs on in its wandb run (on object storage too: the file travels
+    with the run's files), while runs of the same name in other folders (the same trial id in another
+    sweep) or in a folder deleted and used again get wandb runs of their own. A folder from before the
+    file, whose wandb/ holds a run under the bare name (the id used then), keeps that id."""
+    path = Path(run_dir) / "wandb_id"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    name = Path(run_dir).name
+    if any((Path(run_dir) / "wandb").glob(f"*run-*-{glob.escape(name)}")):
+        run_id = name
+    else:
+        run_id = f"{re.sub(r'[^A-Za-z0-9_.-]', '-', name)[:48]}-{secrets.token_hex(4)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".wandb_id.tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+    return run_id
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to <run>/metrics.jsonl (and to the dashboard and wandb).
+    """Appends one JSON object per logged step to <run>/metrics.jsonl (and to the dashboard and wandb)."""
 
-    `location`: where the run is kept, for its wandb run id (`wandb_run_id`); the run folder by default.
-    """
-
-    def __init__(self, run_dir: Path, config, enabled: bool, location: str | None = None):
+    def __init__(self, run_dir: Path, config, enabled: bool):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.gauges = None
@@ -65,7 +75,7 @@ class MetricsLog:
                 dir=str(run_dir),
                 config=_plain(config),
                 resume="allow",
-                id=wandb_run_id(location or Path(run_dir).resolve()),
+                id=wandb_run_id(run_dir),
             )
             self.log_model = w.log_model
 

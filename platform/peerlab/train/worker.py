@@ -40,7 +40,7 @@ from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.model import build_model, peer_bytes_per_token, training_flops_per_token
 from peerlab.model.moe import MoE
-from peerlab.tracking import MetricsLog, read_evals, read_metrics
+from peerlab.tracking import MetricsLog
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
 from peerlab.train.allocator import reuse_freed_memory
@@ -99,7 +99,7 @@ def resume_point(cfg: Config, run_dir: Path, place: Place, run_uri: str | None =
         named = cfg.train_config.resume_from_checkpoint
         if path is None and named:
             path = ckpt.resolve(named)
-        elif path is not None and named:
+        elif path is not None and named and not Path(named).resolve().is_relative_to(run_dir.resolve()):
             log.warning("resume_from_checkpoint %s is not used: the run folder has checkpoints of its own", named)
     if place.world > 1:
         shared = [str(path) if path else None]
@@ -254,6 +254,11 @@ def train_loop(loop_config: dict) -> dict:
         trainer_state = state.trainer
         scaler.load_state_dict(trainer_state.get("scaler", {}) or scaler.state_dict())
         start_step = trainer_state["step"]
+        if start_step > steps:
+            raise TrainingError(
+                f"{source} is at step {start_step}, past this run's {steps} steps: raise max_steps "
+                "(or num_train_epochs), or resume from an earlier checkpoint"
+            )
         ranks = state.data["ranks"]
         if len(ranks) != place.world:
             raise TrainingError(f"{source} was written by {len(ranks)} workers; this run has {place.world}")
@@ -276,7 +281,7 @@ def train_loop(loop_config: dict) -> dict:
         info.update(flops_per_token=flops_per_token, peer_bytes_per_token=bytes_per_token)
         write_run_info(run_dir, place, info, start_step, pids)
 
-    metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0, location=run_uri)
+    metrics = MetricsLog(run_dir, cfg, enabled=place.rank == 0)
     amp = autocast(t, place.device, float8)
     # Evaluation runs on rank 0, except under FSDP, where every forward needs every rank.
     evaluates = place.rank == 0 or (t.fsdp and place.world > 1)
@@ -379,14 +384,25 @@ def train_loop(loop_config: dict) -> dict:
     return last
 
 
+def records(path: Path) -> list[dict]:
+    """The JSON lines of `path` that parse (a line cut short by a crash is left out); none if it is missing."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [row for row in rows if isinstance(row, dict)]
+
+
 def already_trained(run_dir: Path, steps: int, place: Place, evals: bool) -> tuple[dict, bool]:
     """A run that starts at its last step (interrupted after its final checkpoint, before its end): what its
     last step logged (the record Tune and the caller get again) and whether its final lm-eval set is still
     to run. Rank 0 reads its metrics.jsonl and evals.jsonl; every rank gets the same answer."""
     answer = ({}, False)
     if place.rank == 0:
-        logged = [r for r in read_metrics(run_dir) if r.get("step") == steps and "loss" in r]
-        evaluated = any(row.get("step") == steps for row in read_evals(run_dir))
+        logged = [r for r in records(run_dir / "metrics.jsonl") if r.get("step") == steps and "loss" in r]
+        evaluated = any(row.get("step") == steps for row in records(run_dir / "evals.jsonl"))
         answer = (logged[-1] if logged else {}, evals and not evaluated)
         log.info(
             "the run had trained all %d steps; %s",
