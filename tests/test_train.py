@@ -800,7 +800,7 @@ def test_freed_memory_is_reused_without_new_page_faults():
     assert default["median"] > 5000, runs  # each step's large temporaries faulted in afresh
     assert reuse["median"] < default["median"] / 20, runs  # a typical warm step takes no fresh pages
     assert reuse["total"] < default["total"] / 8, runs  # at most an occasional heap growth, not one per step
-    assert reuse["rss"][1] < 1.10 * reuse["rss"][0], runs  # settled: no steady growth over the 12 warm steps
+    assert reuse["rss"][1] < 1.15 * reuse["rss"][0], runs  # settled: a growth or two (~5% each), no steady growth
 
 
 def test_fsdp_on_two_cpu_workers_trains_and_resumes(ray_cluster, demo_corpus, tmp_path):
