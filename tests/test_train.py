@@ -632,6 +632,23 @@ def test_progress_line_has_step_loss_rate_and_eta():
     assert line == "step 30/100  loss 2.5000  1,234 tokens/s  held-out code 3.250  ETA 01:02:05"
 
 
+def test_a_line_cut_short_by_a_crash_is_ended_and_left_out(demo_corpus, tmp_path):
+    """A crash can cut metrics.jsonl's last line short. The run started again ends that line before it
+    appends (its own lines stay whole), and the readers (the tables, a run resumed at its end, the driver's
+    progress lines) leave the cut line out and read the rest."""
+    from peerlab.tracking import Progress
+
+    run(tiny(demo_corpus, steps=2), tmp_path / "c")
+    before = read_metrics(tmp_path / "c")
+    with open(tmp_path / "c" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # the crash
+    progress = Progress(tmp_path / "c", total_steps=4)  # follows what is written from here on
+    run(tiny(demo_corpus, steps=4), tmp_path / "c")  # resumes at step 2, logs steps 3 and 4
+    after = read_metrics(tmp_path / "c")
+    assert after[: len(before)] == before and [r["step"] for r in after[len(before) :] if "loss" in r] == [3, 4]
+    assert [r["step"] for r in progress._new_records("metrics.jsonl") if "loss" in r] == [3, 4]
+
+
 def test_expert_usage_is_written_every_log_freq(demo_corpus, tmp_path):
     import pandas as pd
 

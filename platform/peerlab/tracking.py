@@ -10,6 +10,7 @@ workers, per logged step and per lm-eval evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -30,8 +31,9 @@ def wandb_run_id(run_dir: Path) -> str:
     sweep) or in a folder deleted and used again get wandb runs of their own. A folder from before the
     file, whose wandb/ holds a run under the bare name (the id used then), keeps that id."""
     path = Path(run_dir) / "wandb_id"
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    kept = path.read_text().strip() if path.is_file() else ""
+    if kept:
+        return kept
     name = Path(run_dir).name
     if any((Path(run_dir) / "wandb").glob(f"*run-*-{glob.escape(name)}")):
         run_id = name
@@ -55,6 +57,7 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        end_cut_line(self.path)
         try:
             from ray.util.metrics import Gauge
 
@@ -112,11 +115,35 @@ def _plain(config) -> dict:
     return to_dict(config)
 
 
+def end_cut_line(path: Path) -> None:
+    """Before appending to a JSON-lines file: end a last line a crash cut short, so the lines that follow
+    stay whole (`read_lines` leaves the cut one out)."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (none if it is missing). A line that does not parse (one a crash
+    cut short) is left out."""
+    path = Path(path)
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if line.strip():
+                log.warning("%s: a line that is not JSON is left out: %.80s", path, line)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_lines(Path(run_dir) / "metrics.jsonl")
 
 
 EVAL_KEYS = ("step", "task", "metric", "value", "stderr")
@@ -130,6 +157,7 @@ def append_evals(run_dir: Path, step: int, rows: list[dict], wandb_run=None) -> 
     """
     path = Path(run_dir) / "evals.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
+    end_cut_line(path)
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps({"step": step, **{k: row.get(k) for k in EVAL_KEYS[1:]}}) + "\n")
@@ -139,10 +167,7 @@ def append_evals(run_dir: Path, step: int, rows: list[dict], wandb_run=None) -> 
 
 
 def read_evals(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "evals.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_lines(Path(run_dir) / "evals.jsonl")
 
 
 class Progress(threading.Thread):
@@ -188,7 +213,8 @@ class Progress(threading.Thread):
                 if not line.endswith("\n"):
                     break
                 self.offsets[name] += len(line)
-                records.append(json.loads(line))
+                with contextlib.suppress(ValueError):  # a line a crash cut short (read_lines)
+                    records.append(json.loads(line))
         return records
 
     def poll(self) -> None:

@@ -40,7 +40,7 @@ from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.model import build_model, peer_bytes_per_token, training_flops_per_token
 from peerlab.model.moe import MoE
-from peerlab.tracking import MetricsLog
+from peerlab.tracking import MetricsLog, read_evals, read_metrics
 from peerlab.train import checkpoint as ckpt
 from peerlab.train import usage
 from peerlab.train.allocator import reuse_freed_memory
@@ -384,25 +384,14 @@ def train_loop(loop_config: dict) -> dict:
     return last
 
 
-def records(path: Path) -> list[dict]:
-    """The JSON lines of `path` that parse (a line cut short by a crash is left out); none if it is missing."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return [row for row in rows if isinstance(row, dict)]
-
-
 def already_trained(run_dir: Path, steps: int, place: Place, evals: bool) -> tuple[dict, bool]:
     """A run that starts at its last step (interrupted after its final checkpoint, before its end): what its
     last step logged (the record Tune and the caller get again) and whether its final lm-eval set is still
     to run. Rank 0 reads its metrics.jsonl and evals.jsonl; every rank gets the same answer."""
     answer = ({}, False)
     if place.rank == 0:
-        logged = [r for r in records(run_dir / "metrics.jsonl") if r.get("step") == steps and "loss" in r]
-        evaluated = any(row.get("step") == steps for row in records(run_dir / "evals.jsonl"))
+        logged = [r for r in read_metrics(run_dir) if r.get("step") == steps and "loss" in r]
+        evaluated = any(row.get("step") == steps for row in read_evals(run_dir))
         answer = (logged[-1] if logged else {}, evals and not evaluated)
         log.info(
             "the run had trained all %d steps; %s",
