@@ -623,6 +623,27 @@ def test_wandb_offline_rank_zero_logs_and_checkpoints(demo_corpus, tmp_path, mon
         assert key in log, key  # metrics, held-out loss, and the final model artifact (log_model: all)
 
 
+def test_wandb_keeps_rows_of_a_step_it_has_passed(demo_corpus, tmp_path, monkeypatch):
+    """A resumed run logs steps (and a run resumed at its end its lm-eval set) that its wandb run has
+    passed; logged at wandb's own step they were dropped. The training step is a value on every row."""
+    from peerlab.tracking import MetricsLog, append_evals
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = MetricsLog(tmp_path, tiny(demo_corpus, "wandb_config.project=t"), enabled=True)
+    metrics.write({"step": 4, "loss": 1.5})
+    metrics.write({"step": 3, "late_loss": 2.5})
+    append_evals(tmp_path, 2, [{"task": "late_task", "metric": "acc", "value": 0.5, "stderr": None}], metrics.wandb)
+    metrics.close()
+    path = next(next((tmp_path / "wandb").glob("offline-run-*")).glob("run-*.wandb"))
+    keys = (b"late_loss", b"lm_eval/late_task/acc")
+    deadline = time.time() + 20  # wandb's writer (its own process) may still be flushing the offline file
+    while not all(key in path.read_bytes() for key in keys) and time.time() < deadline:
+        time.sleep(0.5)
+    for key in keys:
+        assert key in path.read_bytes(), key
+
+
 def test_progress_line_has_step_loss_rate_and_eta():
     from peerlab.tracking import format_progress
 

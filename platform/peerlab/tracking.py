@@ -80,6 +80,11 @@ class MetricsLog:
                 resume="allow",
                 id=wandb_run_id(run_dir),
             )
+            # Every chart's x axis is the training step, logged as a value ("step") rather than as
+            # wandb's own row counter: rows of a step wandb has passed (a resumed run's first steps,
+            # the lm-eval set of a run resumed at its end) are kept instead of dropped.
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step", step_sync=True)
             self.log_model = w.log_model
 
     def write(self, record: dict) -> None:
@@ -92,7 +97,7 @@ class MetricsLog:
                 if key in record and math.isfinite(record[key]):
                     gauge.set(record[key])
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            wandb_log(self.wandb, record, record["step"])
 
     def checkpoint(self, folder: Path, step: int, final: bool = False) -> None:
         """wandb log_model: 'checkpoints' logs every checkpoint, 'all' also the final model; null nothing."""
@@ -107,6 +112,11 @@ class MetricsLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_log(run, values: dict, step: int) -> None:
+    """Log `values` to the wandb run at training step `step` (the x axis MetricsLog defines)."""
+    run.log({**values, "step": step})
 
 
 def _plain(config) -> dict:
@@ -162,7 +172,7 @@ def append_evals(run_dir: Path, step: int, rows: list[dict], wandb_run=None) -> 
         for row in rows:
             f.write(json.dumps({"step": step, **{k: row.get(k) for k in EVAL_KEYS[1:]}}) + "\n")
     if wandb_run is not None and rows:
-        wandb_run.log({f"lm_eval/{r['task']}/{r['metric']}": r["value"] for r in rows}, step=step)
+        wandb_log(wandb_run, {f"lm_eval/{r['task']}/{r['metric']}": r["value"] for r in rows}, step)
     return path
 
 

@@ -55,6 +55,7 @@ from torch import nn
 
 from peerlab.model.moe import MoE
 from peerlab.model.peer import PEER
+from peerlab.tracking import wandb_log
 
 MAX_HOT_IDS = 64  # hot expert ids kept per row (the count is always exact)
 MAX_GRID = 64  # the load grid is pooled to at most MAX_GRID x MAX_GRID cells
@@ -152,15 +153,13 @@ def write(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
         for r in rows:
             prefix = f"usage/layer{r['layer']}"
             counts, edges = np.array(r["load_hist_counts"]), np.array(r["load_hist_edges"])  # of load = share x N
-            wandb_run.log(
-                {
-                    f"{prefix}/usage": r["usage"],
-                    f"{prefix}/kl_uniform": r["kl_uniform"],
-                    f"{prefix}/hot_count": r["hot_count"],
-                    f"{prefix}/share_x_n": wandb.Histogram(np_histogram=(counts, edges)),
-                },
-                step=r["step"],
-            )
+            values = {
+                f"{prefix}/usage": r["usage"],
+                f"{prefix}/kl_uniform": r["kl_uniform"],
+                f"{prefix}/hot_count": r["hot_count"],
+                f"{prefix}/share_x_n": wandb.Histogram(np_histogram=(counts, edges)),
+            }
+            wandb_log(wandb_run, values, r["step"])
 
 
 # --------------------------------------------------------------------------------------
@@ -274,4 +273,4 @@ def write_by_source(rows: list[dict], run_dir: Path, wandb_run=None) -> None:
                     f"{prefix}/{r['source']}/dead": r["dead"],
                     f"{prefix}/{r['source']}/kl_uniform": r["kl_uniform"],
                 }
-                wandb_run.log({**logged, f"{prefix}/nmi_source_expert": r["nmi"]}, step=r["step"])
+                wandb_log(wandb_run, {**logged, f"{prefix}/nmi_source_expert": r["nmi"]}, r["step"])
