@@ -53,7 +53,8 @@ def cell_stats(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.Dat
 def leaderboard(trials: pd.DataFrame, metric: str, mode: str = "min", metrics: list[str] | None = None) -> pd.DataFrame:
     """One row per cell, ranked on `metric`: mean, lo, hi of every metric and cost, seeds and failures.
 
-    Columns: rank, cell, mix, setting, seeds, stopped, failed, then `<m>`, `<m> lo`, `<m> hi` per metric.
+    Columns: rank, cell, mix, setting, seeds (trials with a value of `metric`), stopped, failed, then `<m>`,
+    `<m> lo`, `<m> hi` per metric.
     Cells whose trials all failed come last with no rank.
     """
     metrics = metrics or metric_columns(trials) + cost_columns(trials)
@@ -63,12 +64,18 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str = "min", metrics: l
     wide.columns = [m if s == "mean" else f"{m} {s}" for s, m in wide.columns]
     order = [c for m in metrics for c in (m, f"{m} lo", f"{m} hi")]
     wide = wide.reindex(columns=order)  # a metric no trial reported stays a column of NaN
-    counts = trials.groupby("cell", sort=False).agg(
-        mix=("mix", "first"),
-        setting=("setting", "first"),
-        seeds=("status", lambda s: int((s != "failed").sum())),
-        stopped=("status", lambda s: int((s == "stopped").sum())),
-        failed=("status", lambda s: int((s == "failed").sum())),
+    # seeds: the trials the ranking metric's mean and interval are over (not failed, with a value)
+    counted = (trials["status"] != "failed") & (trials[metric].notna() if metric in trials else False)
+    counts = (
+        trials.assign(_counted=counted)
+        .groupby("cell", sort=False)
+        .agg(
+            mix=("mix", "first"),
+            setting=("setting", "first"),
+            seeds=("_counted", "sum"),
+            stopped=("status", lambda s: int((s == "stopped").sum())),
+            failed=("status", lambda s: int((s == "failed").sum())),
+        )
     )
     board = counts.join(wide[order], how="left")
     ascending = mode == "min"
@@ -218,15 +225,25 @@ def peer_slice(trials: pd.DataFrame, factor: str) -> pd.DataFrame:
     if factor != "peer/use_peer" and "peer/use_peer" in sub:
         sub = sub[sub["peer/use_peer"].astype(bool)]
     swept = [c for c in peer_columns(sub) if c != "peer/use_peer" and sub[c].astype(str).nunique() > 1]
-    others = [c for c in swept if c != factor]
-    if not others or factor == "peer/use_peer":
+    if factor == "peer/use_peer" or factor not in swept:
         return sub
     keys = sub[swept].astype(str)
-    full_grid = len(keys.drop_duplicates()) == keys.nunique().prod()
+    # Keys that move together (num_experts and the product_key_dim it sets) are one factor.
+    others = [c for c in swept if not aliased(keys, factor, c)]
+    if not others:
+        return sub
+    distinct = [c for i, c in enumerate(swept) if not any(aliased(keys, c, d) for d in swept[:i])]
+    full_grid = len(keys[distinct].drop_duplicates()) == keys[distinct].nunique().prod()
     if full_grid:
         return sub
     at_mode = (keys[others] == keys[others].mode().iloc[0]).all(axis=1)
     return sub[at_mode]
+
+
+def aliased(keys: pd.DataFrame, a: str, b: str) -> bool:
+    """Whether columns a and b determine each other (one-to-one levels), so they cannot be read apart."""
+    pairs = len(keys[[a, b]].drop_duplicates()) if a != b else keys[a].nunique()
+    return pairs == keys[a].nunique() == keys[b].nunique()
 
 
 def factor_effects(

@@ -59,6 +59,7 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     meta = json.loads((path / "sweep.json").read_text()) if (path / "sweep.json").is_file() else {}
     meta.setdefault("name", path.name)
     meta.setdefault("metric", DEFAULT_METRIC if DEFAULT_METRIC in trials.columns else "final_loss")
+    meta["metric"] = trial_column(meta["metric"])
     meta.setdefault("mode", "min")
     return Sweep(path=path, meta=meta, trials=trials, **frames)
 
@@ -157,6 +158,11 @@ def metric_columns(trials: pd.DataFrame) -> list[str]:
 def cost_columns(trials: pd.DataFrame) -> list[str]:
     costs = ("flops_per_token", "params_total", "tokens", "flops", "steps", "wall_s", "params_active")
     return [c for c in costs if c in trials.columns]
+
+
+def trial_column(metric: str) -> str:
+    """trials.parquet's column of a sweep metric: the training loss (`--metric loss`) is `final_loss` there."""
+    return "final_loss" if metric == "loss" else metric
 
 
 def lower_is_better(metric: str) -> bool:

@@ -53,6 +53,7 @@ from analysis.load import (  # noqa: E402
     lower_is_better,
     metric_columns,
     mix_table,
+    trial_column,
     usable,
 )
 from analysis import plots  # noqa: E402
@@ -214,13 +215,30 @@ def summary(
     )
     if len(ranked) > 1 and not diff.empty:
         runner = diff.iloc[0]
+        worse = int((diff["significant"] & ~diff["better"]).sum())
+        # diff is on the seeds both cells have (paired) and may disagree with the means over all seeds
+        ahead = runner["diff"] < 0 if lower else runner["diff"] > 0
         if np.isfinite(runner["p_holm"]):
-            verdict = "a real lead" if runner["significant"] else "not a significant lead: it may be noise"
+            if ahead:
+                verdict = (
+                    "it beats the best cell on those seeds, significantly: the ranking over all seeds rests on "
+                    "seeds only one of them has (run the missing seeds)"
+                    if runner["better"]
+                    else "the best cell's lead is not significant: it may be noise"
+                )
+                where = (
+                    f"ahead on the {int(runner['n'])} seeds both cells have"
+                    if runner["test"] == "paired t"
+                    else "ahead"
+                )
+            else:
+                verdict = "a real lead" if runner["significant"] else "not a significant lead: it may be noise"
+                where = "behind"
             lines.append(
-                f"Next is {runner['cell']}, {fmt(abs(runner['diff']))} behind "
+                f"Next is {runner['cell']}, {fmt(abs(runner['diff']))} {where} "
                 f"(95% interval of the difference {fmt(runner['lo'])} to {fmt(runner['hi'])}, "
                 f"{runner['test']}, Holm p = {fmt(runner['p_holm'])}): {verdict}. "
-                f"{int(diff['significant'].sum())} of {len(diff)} other cells are significantly worse."
+                f"{worse} of {len(diff)} other cells are significantly worse."
             )
         else:
             lines.append(
@@ -288,6 +306,7 @@ def write_report(
     `figures=False` writes the tables and text only (fast).
     """
     sweep = load_sweep(sweep_dir)
+    metric = trial_column(metric) if metric else metric
     if metric and metric != sweep.metric:
         sweep.meta["metric"] = metric
         sweep.meta["mode"] = "min" if lower_is_better(metric) else "max"

@@ -46,8 +46,9 @@ def scale_boards(ladder: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     return out[["scale", "multiple", *[c for c in out.columns if c not in ("scale", "multiple")]]]
 
 
-def _seed_values(points: pd.DataFrame, metric: str) -> dict[str, list[float]]:
-    return {cell: group[metric].tolist() for cell, group in points.groupby("cell")}
+def _seed_values(points: pd.DataFrame, metric: str) -> dict[str, dict]:
+    """{cell: {seed: value}}: the bootstrap resamples seeds across cells."""
+    return {cell: group.groupby("seed")[metric].mean().to_dict() for cell, group in points.groupby("cell")}
 
 
 def rank_agreement(ladder: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -68,7 +69,9 @@ def rank_agreement(ladder: pd.DataFrame, metric: str) -> pd.DataFrame:
             continue
         s = {c: small[c] for c in common}
         g = {c: large[c] for c in common}
-        tau = kendall_tau([np.mean(s[c]) for c in common], [np.mean(g[c]) for c in common])
+        tau = kendall_tau(
+            [np.mean(list(s[c].values())) for c in common], [np.mean(list(g[c].values())) for c in common]
+        )
         acc, lo, hi = decision_accuracy_interval(s, g)
         rows.append([scale, top, len(common), tau, acc, lo, hi])
     return pd.DataFrame(rows, columns=columns)
@@ -85,6 +88,8 @@ def scale_fits(ladder: pd.DataFrame, metric: str, target: float) -> tuple[pd.Dat
     """Per cell: points, scales, E, A, alpha, the prediction at `target` with its 95% interval, and a
     note; and {cell: PowerLawFit} for the cells that could be fitted (three or more scales)."""
     points = usable_points(ladder, metric)
+    if "status" in points:  # a run ASHA stopped early did not reach its scale's compute: not a point of the curve
+        points = points[points["status"] != "stopped"]
     rows, fits = [], {}
     for cell, group in points.groupby("cell", sort=False):
         scales = group["scale"].nunique()

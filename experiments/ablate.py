@@ -87,7 +87,7 @@ from peerlab.cli import (  # noqa: E402
     config_from_arguments,
 )
 from peerlab.config import ConfigError, TrainConfig, config_from_dict, load_mixes_file, to_dict  # noqa: E402
-from peerlab.ladder import LadderError, ladder_options, parse_scales  # noqa: E402
+from peerlab.ladder import LadderError, cell_means, ladder_options, parse_scales  # noqa: E402
 from peerlab.mixsearch import MixPlan, mix_options, plan_mix_search  # noqa: E402
 from peerlab.tune import (  # noqa: E402
     NO_PEER,
@@ -785,9 +785,7 @@ def run_ladder(args, trials: list[Trial], info: dict, sweep_dir: Path, res: Reso
             )
             return INTERRUPTED
         if i + 1 < len(ladder["scales"]):
-            column = "final_loss" if args.metric == "loss" else args.metric  # trials.parquet's name of the loss
-            values = here[column] if column in here else pd.Series(float("nan"), here.index)
-            means = {c: float(v) for c, v in values.groupby(here["cell"]).mean().items()}  # NaN: no metric
+            means = cell_means(here, args.metric)
             cells = set(promoted(means, ladder["promote"], args.mode, set(ladder["pin"])))
             shown = "; ".join(
                 f"{c} ({means[c]:.4f})"

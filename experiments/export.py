@@ -43,13 +43,13 @@ def best_checkpoint(sweep_dir: Path, metric: str | None = None, mode: str | None
     from peerlab.tune import trial_dir
 
     from analysis.compare import leaderboard
-    from analysis.load import load_sweep
+    from analysis.load import load_sweep, trial_column
 
     try:
         sweep = load_sweep(sweep_dir)
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
-    metric, mode = metric or sweep.metric, mode or sweep.mode
+    metric, mode = trial_column(metric) if metric else sweep.metric, mode or sweep.mode
     trials = sweep.trials
     if metric not in trials:
         raise UsageError(f"{sweep_dir}: trials.parquet has no column {metric!r} to rank on")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from analysis import (
     baseline_differences,
@@ -273,6 +274,59 @@ def test_one_key_at_a_time_is_not_confounded():
     assert len(pairs) == 12 * 11 // 2 and not (pairs["diff"] < 0).any()  # the better-ranked cell is the reference
     k = effects[effects["factor"] == "peer/num_experts_per_tok"]
     assert k["n"].eq(9).all()  # default and k=16 arms: 3 mixes x 3 seeds each; no num_heads=8 or no_peer trials
+
+
+def test_keys_that_move_together_are_one_factor():
+    """Sweeping num_experts sets product_key_dim with it. The two keys are one factor, so the sweep is a full
+    grid of (num_experts, k) and every trial reads each key's effect (left as a "one key at a time" sweep,
+    only the trials at the most common product_key_dim were read: one level, no p)."""
+    settings = {
+        f"num_experts={n},num_experts_per_tok={k}": {
+            "peer/num_experts": n,
+            "peer/product_key_dim": f"{int(n**0.5)}x{int(n**0.5)}",
+            "peer/num_experts_per_tok": k,
+        }
+        for n, k in itertools.product((64, 256), (8, 16))
+    }
+
+    def truth(mix, w, setting, peer):  # 256 experts are 0.1 better; k has no effect
+        return 1.0 - 0.1 * (peer["peer/num_experts"] == 256)
+
+    trials = make_trials(MIXES3, settings, seeds=2, truth=truth, rng_seed=7)
+    effects = factor_effects(trials, ["eval_bpb/mean"])
+    for key in ("peer/num_experts", "peer/product_key_dim"):
+        rows = effects[effects["factor"] == key]
+        assert len(rows) == 2 and rows["n"].eq(12).all(), rows
+        groups = [g["eval_bpb/mean"] for _, g in trials.groupby(key)]
+        assert rows["p"].iloc[0] == pytest.approx(stats.f_oneway(*groups).pvalue)  # scipy's ANOVA on all trials
+    k = effects[effects["factor"] == "peer/num_experts_per_tok"]
+    assert k["n"].eq(12).all() and k["p"].iloc[0] > 0.05
+
+
+def test_summary_reads_the_paired_difference_in_its_direction(tmp_path):
+    """The best cell on its mean over all seeds may lose to the next on the seeds both have (one of its seeds
+    failed in the other cell): the summary says so instead of calling it a real lead."""
+    trials = make_trials({"a": (0.6, 0.2, 0.2), "c": (0.2, 0.6, 0.2)}, {"s": {}}, seeds=3, truth=lambda *_: 1.0)
+    values = {("a", 0): 2.0, ("a", 1): 2.0, ("a", 2): 1.5, ("c", 0): 1.9, ("c", 1): 1.91, ("c", 2): np.nan}
+    trials["eval_bpb/mean"] = [values[(m, s)] for m, s in zip(trials["mix"], trials["seed"])]
+    board = leaderboard(trials, "eval_bpb/mean", "min")
+    assert board["cell"].iloc[0] == "a | s" and board.set_index("cell")["seeds"].to_dict() == {"a | s": 3, "c | s": 2}
+    runner = differences(trials, "eval_bpb/mean", "min").iloc[0]
+    check = stats.ttest_rel([1.9, 1.91], [2.0, 2.0])
+    assert runner["diff"] == pytest.approx(-0.095) and runner["p"] == pytest.approx(check.pvalue) and runner["better"]
+    text = write_report(write_sweep(tmp_path / "s", trials, META), figures=False).read_text()
+    assert "a real lead" not in text and "0.095 ahead on the 2 seeds both cells have" in text
+    assert "beats the best cell on those seeds, significantly" in text and "0 of 1 other cells" in text
+
+
+def test_report_ranks_on_the_training_loss_as_the_sweep_names_it(tmp_path):
+    """`--metric loss` (the training loss, a metric ablate.py offers) is trials.parquet's final_loss."""
+    trials = make_trials(MIXES3, SETTINGS_K, 2, planted_best)
+    write_sweep(tmp_path, trials, {**META, "metric": "loss"})
+    text = write_report(tmp_path, figures=False).read_text()
+    best = trials.groupby("cell")["final_loss"].mean().idxmin()
+    assert "Ranked on final_loss" in text and f"Best cell: **{best}**" in text
+    assert "Ranked on final_loss" in write_report(tmp_path, metric="loss", figures=False).read_text()
 
 
 OPTIMUM = np.array([0.5, 0.3, 0.2])

@@ -16,6 +16,7 @@ from peerlab.config import config_from_dict, load_config, to_dict
 from peerlab.data.corpus import DOMAINS
 from peerlab.ladder import (
     LadderError,
+    cell_means,
     crossing,
     decision_accuracy,
     decision_accuracy_interval,
@@ -106,6 +107,22 @@ def test_decision_accuracy_interval_over_seeds():
     assert one[0] == pytest.approx(5 / 6) and math.isnan(one[1]) and math.isnan(one[2])  # one seed: no interval
 
 
+def test_decision_accuracy_interval_resamples_seeds_across_cells():
+    """A seed shifts every cell alike (its data order, its start): here each seed orders the cells as the large
+    scale does, so every draw of seeds does too and the interval is [1, 1]. Cells resampled apart (the bug)
+    mixed one cell's good seeds with another's bad ones: an interval from 0 to 1."""
+    rng = np.random.default_rng(0)
+    shift_small, shift_large = rng.normal(0, 0.1, 5), rng.normal(0, 0.1, 5)
+    small = {c: list(0.02 * i + shift_small) for i, c in enumerate("abc")}  # a list: seeds 0 to 4
+    large = {c: list(0.03 * i + shift_large) for i, c in enumerate("abc")}
+    assert decision_accuracy_interval(small, large) == (1.0, 1.0, 1.0)
+    # By hand, seeds named by id: small a = {7: 1, 9: 3} (mean 2, a tie with b's 2: half credit), large a < b.
+    # Draws of seeds (7, 7): a 1 < b 2, agrees (1); (7, 9) or (9, 7): a 2 = b 2, a tie (0.5); (9, 9): b has
+    # no value there, no pair (left out). So the interval spans 0.5 to 1.
+    point, lo, hi = decision_accuracy_interval({"a": {7: 1.0, 9: 3.0}, "b": {7: 2.0}}, {"a": {7: 1.0}, "b": {7: 2.0}})
+    assert (point, lo, hi) == (0.5, 0.5, 1.0)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kendall_tau_is_scipys_tau_b(seed):
     rng = np.random.default_rng(seed)
@@ -164,6 +181,24 @@ def test_promotion_keeps_the_better_share_and_the_pinned():
     assert promoted(means, 0.6, "min", set()) == ["a", "b", "c"]  # ceil(2.4)
     assert promoted(means, 1.0, "min", set()) == ["a", "b", "c", "d"]
     assert promoted({"a": 1.0, "b": 1.0, "c": 0.5}, 0.34, "min", set()) == ["a", "c"]  # a tie goes by name
+
+
+def test_promotion_ranks_a_scales_runs_that_did_not_fail():
+    """A run that failed after an evaluation carries that value in trials.parquet; it is not its cell's result
+    (the report leaves it out too), so the cell's mean is over its other runs, or none."""
+    table = pd.DataFrame(
+        {
+            "cell": ["a", "a", "b", "c"],
+            "status": ["finished", "failed", "stopped", "failed"],
+            "eval_bpb/mean": [3.0, 1.0, 2.0, 0.5],
+            "final_loss": [4.0, 4.5, 5.0, 1.0],
+        }
+    )
+    means = cell_means(table, "eval_bpb/mean")
+    assert means["a"] == 3.0 and means["b"] == 2.0 and math.isnan(means["c"])
+    assert promoted(means, 0.5, "min", set()) == ["a", "b"]  # c's failed run does not win
+    assert cell_means(table, "loss") == pytest.approx({"a": 4.0, "b": 5.0, "c": math.nan}, nan_ok=True)
+    assert all(math.isnan(v) for v in cell_means(table, "lm_eval/x/acc").values())
 
 
 @pytest.mark.parametrize(
@@ -328,6 +363,25 @@ def test_a_ladder_promotes_the_better_cells_writes_its_table_and_resumes(ray_clu
     assert all(p.stat().st_mtime_ns == m for p, m in done.items() if lost not in p.parents)
     again = pd.read_parquet(sweep / "ladder.parquet")
     assert sorted(again["trial_id"]) == sorted(table["trial_id"])
+
+
+def test_a_run_stopped_early_is_not_a_point_of_its_scales_curve():
+    """ASHA stops a run before its scale's compute: its FLOPs are a fourth value but not a fourth scale. The fit
+    of three scales stays flagged, without an interval, and is fitted on the runs that reached their scale."""
+    from analysis.scales import scale_fits
+
+    curve = planted(2.0, 1.0, 0.5, c0=1e11)
+    rows = [
+        {"cell": "a", "scale": f"x{x}", "seed": seed, "flops": 1e11 * x, "status": "finished", "m": curve(1e11 * x)}
+        for x in (1, 2, 4)
+        for seed in (0, 1)
+    ]
+    rows[-1].update(status="stopped", flops=0.6 * 4e11, m=curve(4e11) + 0.3)  # stopped at 60%, worse
+    fits, fitted = scale_fits(pd.DataFrame(rows), "m", target=1e13)
+    row = fits.set_index("cell").loc["a"]
+    assert row["scales"] == 3 and row["points"] == 5 and "fit the curve exactly" in row["note"]
+    assert math.isnan(row["target lo"]) and math.isnan(row["target hi"])
+    assert row["at target"] == pytest.approx(curve(1e13), rel=1e-3)  # the stopped run's value is not in it
 
 
 def test_the_across_scales_report_recovers_planted_curves_and_their_crossing(tmp_path):

@@ -285,25 +285,45 @@ def decision_accuracy(small: dict, large: dict) -> float:
 
 
 def decision_accuracy_interval(
-    small: dict[str, list[float]], large: dict[str, list[float]], bootstrap: int = 1000, seed: int = 0
+    small: dict, large: dict, bootstrap: int = 1000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Decision accuracy of the seed means, and its 95% bootstrap interval: each cell's seeds
-    resampled (with replacement) at both scales, the accuracy of the resampled means. With one
-    seed a cell there is no interval (NaN bounds)."""
-    mean = {c: float(np.mean(v)) for c, v in small.items()}
-    point = decision_accuracy(mean, {c: float(np.mean(v)) for c, v in large.items()})
-    if all(len(v) <= 1 for v in (*small.values(), *large.values())):
-        return point, math.nan, math.nan  # one seed a cell: nothing to resample, no interval
+    """Decision accuracy of the seed means, and its 95% bootstrap interval over seeds.
+
+    `small` and `large` map each cell to its values by seed ({seed: value}; a list is read as seeds
+    0, 1, ...). A draw resamples the seeds (with replacement) and takes every cell's values at those
+    seeds, at both scales: cells run on the same seeds share the seed's data order and start, so the
+    seeds, not each cell's values apart, are what varies. With one seed there is no interval (NaN bounds).
+    """
+    small = {c: _by_seed(v) for c, v in small.items()}
+    large = {c: _by_seed(v) for c, v in large.items()}
+    mean = {c: float(np.mean(list(v.values()))) for c, v in small.items()}
+    point = decision_accuracy(mean, {c: float(np.mean(list(v.values()))) for c, v in large.items()})
+    seeds = sorted({s for v in (*small.values(), *large.values()) for s in v}, key=str)
+    if len(seeds) <= 1:
+        return point, math.nan, math.nan  # one seed: nothing to resample, no interval
     rng = np.random.default_rng(seed)
+
+    def means(values: dict, draw) -> dict:
+        out = {}
+        for cell, by_seed in values.items():
+            drawn = [by_seed[s] for s in draw if s in by_seed]
+            if drawn:
+                out[cell] = float(np.mean(drawn))
+        return out
+
     draws = []
     for _ in range(bootstrap):
-        s = {c: float(np.mean(rng.choice(v, len(v)))) for c, v in small.items()}
-        big = {c: float(np.mean(rng.choice(v, len(v)))) for c, v in large.items()}
-        draws.append(decision_accuracy(s, big))
+        draw = [seeds[i] for i in rng.integers(len(seeds), size=len(seeds))]
+        draws.append(decision_accuracy(means(small, draw), means(large, draw)))
     draws = np.array([d for d in draws if not math.isnan(d)])
     if not len(draws):
         return point, math.nan, math.nan
     return point, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
+
+
+def _by_seed(values) -> dict:
+    """{seed: value} from a mapping, or from a list (seeds 0, 1, ...)."""
+    return dict(values) if isinstance(values, dict) else dict(enumerate(values))
 
 
 # --------------------------------------------------------------------------------------
@@ -507,6 +527,20 @@ def parse_scales(items: list, base: dict, origin: str = "--ladder") -> list[tupl
         if labels[i] in labels[:i] or math.isclose(out[i][0].multiple, out[i - 1][0].multiple, rel_tol=1e-3):
             raise LadderError(f"{origin}: {labels[i - 1]} and {labels[i]} are the same compute; give distinct scales")
     return out
+
+
+def cell_means(trials, metric: str) -> dict[str, float]:
+    """{cell: mean of `metric`} over a scale's rows of trials.parquet (a DataFrame), NaN where no run has it.
+
+    The training loss (`loss`) is trials.parquet's `final_loss`. A failed run is left out: what it logged
+    before it failed is not its scale's result (the report's boards leave it out too).
+    """
+    column = "final_loss" if metric == "loss" else metric
+    cells = trials["cell"]
+    if column not in trials:
+        return {c: math.nan for c in cells.unique()}
+    values = trials[column].where(trials["status"] != "failed")
+    return {c: float(v) for c, v in values.groupby(cells, sort=False).mean().items()}
 
 
 def promoted(means: dict[str, float], fraction: float, mode: str, pinned: set[str]) -> list[str]:
