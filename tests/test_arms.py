@@ -107,6 +107,28 @@ def test_model_loss_adds_balance_loss_in_training_only():
     torch.testing.assert_close(model(ids, labels=ids), F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()))
 
 
+def test_the_logged_loss_of_an_moe_step_is_the_language_models():
+    """A training step trains on the cross-entropy plus the balance losses, and reports the cross-entropy
+    alone (the balance losses have lines of their own), so an MoE arm's loss compares with the others'."""
+    from peerlab.config import TrainConfig
+    from peerlab.train.distributed import DataParallel, Place
+    from peerlab.train.precision import autocast, grad_scaler
+
+    cfg = moe_model_config(weight=0.5)
+    model = build_model(cfg).double()
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        lm = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).item()  # same weights
+    train = TrainConfig(learning_rate=1e-3, max_grad_norm=1.0, gradient_accumulation_steps=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    parallel = DataParallel(model, Place(0, 1, torch.device("cpu")))
+    loss, _ = parallel.step(
+        iter([ids]), optimizer, grad_scaler(train, torch.device("cpu")), autocast(train, torch.device("cpu")), train
+    )
+    aux = sum(float(layer.mlp.last_balance_loss) for layer in model.layers if isinstance(layer.mlp, MoE))
+    assert aux > 1e-3 and loss == pytest.approx(lm, rel=1e-9)
+
+
 # --------------------------------------------------------------------------------------
 # PKM
 # --------------------------------------------------------------------------------------

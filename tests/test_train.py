@@ -1005,6 +1005,7 @@ def replicas(demo_corpus, tmp_path_factory):
         "fsdp": ["train_config.fsdp=true"],
         "sparse": ["train_config.sparse_experts=true"],
         "fsdp_bn": ["train_config.fsdp=true", "model_config.peer_config.batch_norm_query=true"],
+        "ddp_bn": ["model_config.peer_config.batch_norm_query=true"],
         # The other feed-forward arms, under DDP and FSDP. The MoE balance loss is off: each worker computes it
         # on its own tokens (as each device does in DeepSeekMoE), which is not the global batch's loss.
         "moe": MOE_ARM,
@@ -1014,6 +1015,9 @@ def replicas(demo_corpus, tmp_path_factory):
     }
     cfgs = {name: to_dict(tiny(demo_corpus, *common, *extra, steps=STEPS)) for name, extra in settings.items()}
     cfgs["fsdp_bn"]["train_config"]["max_steps"] = 1  # (only its statistics are looked at)
+    # A learning rate of 1e-300 (it must be > 0) leaves every float64 weight as it is (a step is far below one
+    # unit in the last place), so each worker's statistics are those of its own blocks run in one process.
+    cfgs["ddp_bn"]["train_config"]["learning_rate"] = 1e-300
     d = tiny(demo_corpus, *common).dataset_config
     blocks = torch.cat([b.ids for b in heldout_blocks(d, load_tokenizer(d.tokenizer_name), 8).values()])
     batches = blocks[: STEPS * ACCUMULATION * 2 * PER_WORKER].view(STEPS, ACCUMULATION, 2 * PER_WORKER, -1)
@@ -1021,6 +1025,9 @@ def replicas(demo_corpus, tmp_path_factory):
     in_two_processes(replica_runs, [(cfg, str(folder / f"{name}.pt")) for name, cfg in cfgs.items()], batches)
     two = {name: torch.load(folder / f"{name}.pt") for name in cfgs}
     one = {name: replica_steps(cfgs[name], batches) for name in ("dense", "sparse", "moe", "pkm")}
+    for rank in range(2):  # each worker's share of every micro-batch, alone in one process
+        share = batches[:, :, rank * PER_WORKER : (rank + 1) * PER_WORKER]
+        one[f"ddp_bn_rank{rank}"] = replica_steps(cfgs["ddp_bn"], share)
     return two, one
 
 
@@ -1121,6 +1128,26 @@ def test_fsdp_batchnorm_statistics_are_pooled_across_workers(replicas):
     pooled = variances.mean(0) + means.var(0, unbiased=False)  # law of total variance over equal shares
     torch.testing.assert_close(after[0][var_key].double(), pooled)
     assert (pooled > variances.mean(0)).any()  # the means differ, so pooling differs from averaging
+
+
+def test_ddp_batchnorm_statistics_are_each_workers_own_then_pooled(replicas):
+    """Under DDP too, each worker's running statistics follow its own blocks over every step (the same as one
+    process given only that worker's blocks), and synced they are pooled as under FSDP. DDP's default buffer
+    broadcast put rank 0's statistics on every rank before each step, so rank 1's blocks were all but lost."""
+    two, one = replicas
+    before, after = two["ddp_bn"]["stats_before"], two["ddp_bn"]["stats_after"]
+    assert len(before[0]) == 2  # running_mean and running_var of the PEER layer
+    for rank in range(2):
+        alone = one[f"ddp_bn_rank{rank}"]["stats_before"][0]
+        for name, value in alone.items():
+            torch.testing.assert_close(before[rank][name], value, rtol=1e-9, atol=1e-12, msg=f"rank {rank} {name}")
+    for name in before[0]:
+        if name.endswith("running_mean"):
+            var = name.replace("running_mean", "running_var")
+            means = torch.stack([before[r][name] for r in range(2)])
+            variances = torch.stack([before[r][var] for r in range(2)])
+            torch.testing.assert_close(after[1][name], means.mean(0))
+            torch.testing.assert_close(after[1][var], variances.mean(0) + means.var(0, unbiased=False))
 
 
 def exchange_member(out: str) -> None:

@@ -106,12 +106,16 @@ class PeerMLAModel(nn.Module):
         h = self.hidden_states(input_ids, cache, segments, at)  # (B, T, d), or (N, d) with `at`
         if labels is not None:
             loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
-            if self.training and self.config.moe_config.balance_loss_weight > 0:
-                for layer in self.layers:
-                    if isinstance(layer.mlp, MoE):
-                        loss = loss + layer.mlp.last_balance_loss
+            for balance in self.balance_losses():
+                loss = loss + balance
             return loss
         return self.lm_head(h)  # (B, T, vocab)
+
+    def balance_losses(self) -> list[torch.Tensor]:
+        """The MoE layers' balance losses that the last training forward with labels added to its loss."""
+        if not (self.training and self.config.moe_config.balance_loss_weight > 0):
+            return []
+        return [layer.mlp.last_balance_loss for layer in self.layers if isinstance(layer.mlp, MoE)]
 
     def hidden_states(
         self,

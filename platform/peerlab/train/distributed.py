@@ -12,10 +12,10 @@ as if one process had taken the whole global batch. What the wrappers leave to u
   longest, so NCCL does it too), sums them and divides by the number of workers; when the
   workers touch most of a table, one dense all-reduce of its gradient does it instead. FSDP shards
   dense tensors only and does not combine with sparse gradients (the config refuses it).
-- BatchNorm's running statistics. FSDP2 does not synchronise buffers, and DDP broadcasts rank
-  0's before each forward, after which every worker updates its own copy. `sync_buffers`
-  pools them over the workers before every evaluation and save, so every rank evaluates
-  (and rank 0 saves) the same model. In training BatchNorm normalises with each worker's own
+- BatchNorm's running statistics. FSDP2 does not synchronise buffers, and DDP is told not to
+  (its default broadcast of rank 0's before each step would drop the other workers' updates),
+  so each worker's follow its own batches. `sync_buffers` pools them over the workers before
+  every evaluation and save, so every rank evaluates (and rank 0 saves) the same model. In training BatchNorm normalises with each worker's own
   micro-batch statistics (as DDP does by default and the paper's per-batch statistics), not
   with the global batch's.
 """
@@ -212,7 +212,9 @@ class DataParallel:
             ignored = [name for name, p in model.named_parameters() if id(p) in ids]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
             devices = [place.device.index] if place.device.type == "cuda" else None
-            self.module = nn.parallel.DistributedDataParallel(model, device_ids=devices)
+            # broadcast_buffers=False: each worker's BatchNorm statistics follow its own batches and sync_buffers
+            # pools them (DDP's default put rank 0's on every rank before each step, dropping the others' updates).
+            self.module = nn.parallel.DistributedDataParallel(model, device_ids=devices, broadcast_buffers=False)
 
     def step(
         self,
@@ -225,8 +227,8 @@ class DataParallel:
     ) -> tuple[float, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches (ids (B, T+1) each) from `batches`.
 
-        Returns (loss, gradient norm): the loss is the mean over all workers, the norm that of the
-        averaged gradient before clipping (the same on every worker). `check(loss, norm)` runs
+        Returns (loss, gradient norm): the loss is the language model's cross-entropy (without MoE balance
+        losses), the mean over all workers; the norm that of the averaged gradient before clipping (the same on every worker). `check(loss, norm)` runs
         before the optimizer applies the gradients (it may raise to stop the run).
         """
         accumulation = train.gradient_accumulation_steps
@@ -243,7 +245,9 @@ class DataParallel:
                 with amp:
                     loss = self.module(ids[:, :-1], labels=ids[:, 1:])  # fused LM head + cross-entropy
                 scaler.scale(loss / accumulation).backward()
-            loss_sum += loss.item() / accumulation
+            # The logged loss is the language model's: the MoE balance losses are trained on, and logged apart.
+            lm_loss = loss.detach() - sum(b.detach() for b in self.model.balance_losses())
+            loss_sum += lm_loss.item() / accumulation
         exchange_rows(self.tables, self.place.world)
         scaler.unscale_(optimizer)
         grad_norm = clip_grad_norm(self.model.parameters(), train.max_grad_norm)
