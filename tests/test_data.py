@@ -126,6 +126,19 @@ def test_formats_json_array_jsonl_csv_text_parquet_and_folders(tmp_path):
     assert texts_of(entry(folder, format="jsonl"), heldout_fraction=0) == want
 
 
+def test_long_csv_fields_and_byte_order_marks(tmp_path):
+    """A CSV document past Python's csv field limit (131,072 characters) is read whole; a byte order mark
+    (Excel's "CSV UTF-8", Notepad's UTF-8) is not part of the first field's name or the first document."""
+    long = "word " * 60_000  # 300,000 characters
+    (tmp_path / "long.csv").write_text("text\n" + '"short"\n' + f'"{long}"\n', encoding="utf-8")
+    assert texts_of(entry(tmp_path / "long.csv"), heldout_fraction=0) == ["short", long]
+    (tmp_path / "bom.csv").write_text("text,n\nhello,1\n", encoding="utf-8-sig")
+    (tmp_path / "bom.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8-sig")
+    (tmp_path / "bom.txt").write_text("hello\n", encoding="utf-8-sig")
+    for name in ("bom.csv", "bom.jsonl", "bom.txt"):
+        assert texts_of(entry(tmp_path / name), heldout_fraction=0) == ["hello"], name
+
+
 def test_count_tokens_is_what_the_tokenizer_gives_and_counts_again_when_the_file_changes(tmp_path, small_tokenizer):
     """count_tokens: one end-of-text token per training document on top of the tokenizer's own ids, across the
     small first tables and the full ones; its per-process cache must not outlive a change to the file."""
@@ -155,6 +168,12 @@ def test_templates_render_fields(tmp_path):
     path = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Add", "input": "1 2", "output": "3"}])
     e = entry(path, text_template="Instruction:\n{instruction}\n\nInput:\n{input}\n\nOutput:\n{output}")
     assert texts_of(e, heldout_fraction=0) == ["Instruction:\nAdd\n\nInput:\n1 2\n\nOutput:\n3"]
+    # A null field (Alpaca's empty input) is empty text, not "None"; a list or an object is refused by name.
+    write_jsonl(path, [{"instruction": "Add", "input": None, "output": 3}])
+    assert texts_of(e, heldout_fraction=0) == ["Instruction:\nAdd\n\nInput:\n\n\nOutput:\n3"]
+    write_jsonl(path, [{"instruction": "Add", "input": ["1", "2"], "output": "3"}])
+    with pytest.raises(DataError, match="field 'input' is list, not text \\(used by text_template\\)"):
+        texts_of(e, heldout_fraction=0)
 
 
 def test_held_out_split_files_and_hash_rule(tmp_path):
@@ -184,12 +203,26 @@ def test_held_out_and_test_files_are_never_trained_on(tmp_path):
     assert {t.split()[0] for t in texts_of(e, heldout_fraction=0)} == {"misc"}
     assert {t.split()[0] for t in heldout_texts(e)} == {"validation", "heldout"}  # test* files: not read
     (folder / "misc.jsonl").unlink()
-    with pytest.raises(DataError, match="no files to train on for split 'train'.*test\\* files are never trained on"):
+    with pytest.raises(DataError, match="no files to train on for split 'train'.*named heldout, validation, test are"):
         texts_of(e)
     # A file named as the dataset is the user's choice: trained on, with the hash rule holding out its share.
     single = entry(folder / "validation.jsonl")
     assert len(texts_of(single, heldout_fraction=0.2)) + len(heldout_texts(single, 0.2)) == 20
     assert 0 < len(heldout_texts(single, 0.2)) < 20
+
+
+def test_splits_are_named_by_subfolders_and_by_words_of_file_names(tmp_path):
+    """The common layouts: train/, validation/ and test/ subfolders, and names such as wiki_test.jsonl or
+    heldout-00001.jsonl. A word is a split's name whole ("contest" is not "test")."""
+    folder = tmp_path / "ds"
+    for name in ("train/part-0", "validation/part-0", "test/part-0", "wiki_test", "heldout-00001", "contest"):
+        write_jsonl(folder / f"{name}.jsonl", random_docs(10, 6, f"{name.replace('/', '_')} "))
+    e = entry(folder, format="jsonl")
+    trained = {t.split()[0] for t in texts_of(e, heldout_fraction=0)}
+    assert trained == {"train_part-0"}  # train/ names the split: the other files are not trained on
+    assert {t.split()[0] for t in heldout_texts(e)} == {"validation_part-0", "heldout-00001"}  # test: not read
+    (folder / "train" / "part-0.jsonl").unlink()
+    assert {t.split()[0] for t in texts_of(e, heldout_fraction=0)} == {"contest"}
 
 
 @pytest.mark.parametrize("split", ["validation", "heldout", "test", "Test"])

@@ -497,6 +497,11 @@ def test_peerlab_switches_travel_to_the_workers(monkeypatch):
     sent = environment()
     assert sent["PEERLAB_FLOAT8_FILTER"] == "torchao" and sent["PEERLAB_CACHE_DIR"] == "/tmp/peerlab-cache"
     assert "NOT_PEERLAB_SWITCH" not in sent
+    # Ray Train's controller collects reports every 0.1 s (its 2 s default held every logged step up to 2 s),
+    # unless the user set their own interval
+    assert sent["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.1"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    assert environment()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
 
 
 def _float8_rank(cfg_dict: dict, out: str) -> None:

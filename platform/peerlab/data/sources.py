@@ -38,6 +38,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import threading
 import time
 import zlib
@@ -48,11 +49,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from peerlab.config import DatasetEntry
+from peerlab.config import DatasetEntry, template_fields
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "text", ".text": "text", ".parquet": "parquet"}
 HELDOUT_SPLITS = ("heldout", "validation")  # files of these splits are a local folder's held-out part
 NOT_TRAINING_SPLITS = (*HELDOUT_SPLITS, "test")  # files never trained on (test files are not read at all)
+CSV_FIELD_LIMIT = 2**31 - 1  # the longest CSV field read (the C long csv takes on every platform)
 ROWS_PER_TABLE = 256  # documents per Arrow table (and per tokenising call): big enough for the tokenizer
 # A pass's first tables are smaller (16 documents, doubling up to ROWS_PER_TABLE): a stream's first block
 # then waits for a few dozen documents to be tokenised, not for hundreds (BENCHMARKS.md, "Data pipeline").
@@ -89,8 +91,17 @@ class FileList:
     heldout: tuple[Path, ...]
 
 
-def _split_of(path: Path) -> str:
-    return path.name.split(".")[0].split("-")[0].split("_")[0].lower()
+def _split_of(path: Path, root: Path, wanted: str) -> str | None:
+    """The split a file of a local folder belongs to: the first split name (`wanted`, or one never trained on)
+    among the words of its path below the folder, its subfolders first (`test/part-0.jsonl`,
+    `wiki_validation.jsonl`, `heldout-00001.parquet`); words are separated by '-', '_', '.', spaces and digits.
+    None where no word names one."""
+    names = (wanted.lower(), *NOT_TRAINING_SPLITS)
+    for part in path.relative_to(root).parts:
+        for word in re.split(r"[-._ 0-9]+", part.lower()):
+            if word in names:
+                return word
+    return None
 
 
 def list_files(entry: DatasetEntry) -> FileList:
@@ -109,13 +120,14 @@ def list_files(entry: DatasetEntry) -> FileList:
     if not files:
         kinds = entry.format or "json, jsonl, csv, txt or parquet"
         raise DataError(f"dataset '{entry.name}': folder {entry.path} holds no {kinds} files")
-    heldout = tuple(p for p in files if _split_of(p) in HELDOUT_SPLITS)
-    named = tuple(p for p in files if _split_of(p) == entry.split.lower())
-    train = named or tuple(p for p in files if _split_of(p) not in NOT_TRAINING_SPLITS)
+    split = {p: _split_of(p, root, entry.split) for p in files}
+    heldout = tuple(p for p in files if split[p] in HELDOUT_SPLITS)
+    named = tuple(p for p in files if split[p] == entry.split.lower())
+    train = named or tuple(p for p in files if split[p] not in NOT_TRAINING_SPLITS)
     if not train:
         raise DataError(
             f"dataset '{entry.name}': folder {entry.path} has no files to train on for split '{entry.split}' "
-            f"({', '.join(f'{s}*' for s in NOT_TRAINING_SPLITS)} files are never trained on); add train* files"
+            f"(files or subfolders named {', '.join(NOT_TRAINING_SPLITS)} are never trained on); add train* files"
         )
     return FileList(root, train, heldout)
 
@@ -124,7 +136,7 @@ def split_refusal(split: str) -> str:
     """Why a local source cannot train on a held-out split name, and the fix."""
     return (
         f"split '{split}' would train on the files held out for evaluation; use split: train "
-        f"(a local folder's {'*, '.join(HELDOUT_SPLITS)}* files are found by name and held out, test* files are not read)"
+        f"(a local folder's {', '.join(HELDOUT_SPLITS)} files are found by name and held out, test files are not read)"
     )
 
 
@@ -148,7 +160,8 @@ def read_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict | 
         if fmt in ("json", "jsonl"):
             yield from _json_records(entry, path)
         elif fmt == "csv":
-            with open(path, newline="", encoding="utf-8") as f:
+            csv.field_size_limit(CSV_FIELD_LIMIT)  # (Python's default, 131,072 characters, refuses long documents)
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None:
                     return
@@ -156,9 +169,9 @@ def read_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict | 
                     yield row, record
         elif fmt == "text":
             if entry.text_unit == "file":
-                yield 0, path.read_text(encoding="utf-8")
+                yield 0, path.read_text(encoding="utf-8-sig")
             else:
-                with open(path, encoding="utf-8") as f:
+                with open(path, encoding="utf-8-sig") as f:
                     for row, line in enumerate(f):
                         yield row, line.rstrip("\n")
         elif fmt == "parquet":
@@ -178,7 +191,7 @@ def read_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict | 
 
 
 def _json_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         first = f.read(1)
         while first and first.isspace():
             first = f.read(1)
@@ -210,6 +223,7 @@ class TextOf:
 
     def __init__(self, entry: DatasetEntry):
         self.entry = entry
+        self.fields = list(dict.fromkeys(template_fields(entry.text_template))) if entry.text_template else []
 
     def __call__(self, record: dict | str, where: str) -> str | None:
         """The record's text; None if it must be skipped (skip_bad_records); DataError otherwise."""
@@ -225,10 +239,15 @@ class TextOf:
             if not isinstance(value, str):
                 return self._bad(f"{where}: field '{e.text_field}' is {type(value).__name__}, not text")
             return value
-        try:
-            return e.text_template.format_map(record)
-        except KeyError as err:
-            return self._bad(f"{where} has no field '{err.args[0]}' (used by text_template)")
+        values = {}
+        for name in self.fields:
+            if name not in record:
+                return self._bad(f"{where} has no field '{name}' (used by text_template)")
+            value = record[name]
+            if isinstance(value, (list, dict)):
+                return self._bad(f"{where}: field '{name}' is {type(value).__name__}, not text (used by text_template)")
+            values[name] = "" if value is None else value  # a null field (Alpaca's empty input) is empty text
+        return e.text_template.format_map(values)
 
     def _bad(self, problem: str) -> None:
         if self.entry.skip_bad_records:

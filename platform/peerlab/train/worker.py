@@ -455,9 +455,17 @@ def with_means(held: dict) -> dict:
     return out
 
 
+REPORT_POLL_S = "0.1"  # how often Ray Train's controller collects the workers' reports (seconds)
+
+
 def environment() -> dict:
     """Variables the workers need (the driver's offline switches travel with the job)."""
     keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_DIR", "RAY_AUTH_MODE")
     keys += storage.ENVIRONMENT  # object storage's credentials and endpoint, for an s3:// or gs:// output_dir
     keys += tuple(k for k in os.environ if k.startswith("PEERLAB_"))  # peerlab's own switches (README), on any node
-    return {k: os.environ[k] for k in keys if k in os.environ}
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    # Ray Train's controller takes a worker's report off a one-place queue when it polls, every 2 s by default,
+    # and ray.train.report waits for the place: a logged step cost up to 2 s of training (Ray 2.60,
+    # ray/train/v2/_internal/constants.py DEFAULT_HEALTH_CHECK_INTERVAL_S).
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
+    return env
