@@ -202,6 +202,18 @@ def test_a_resume_past_max_steps_fails_before_ray_starts(demo_corpus, tmp_path):
     )
 
 
+def test_a_dataset_with_fewer_documents_than_workers_fails_before_ray_starts(demo_corpus, tmp_path):
+    book = tmp_path / "book.jsonl"
+    book.write_text(json.dumps({"text": "one long book. " * 200}) + "\n")
+    settings = ["--set", f"dataset_config.datasets.2.path={book}", "--set", "train_config.num_workers=2"]
+    out = train_command(*tiny_run(demo_corpus, tmp_path / "out"), *settings, *NO_CLUSTER, timeout=120)
+    assert out.returncode == 2 and "Ray dashboard" not in out.stdout
+    assert one_line(out) == (
+        f"error: dataset 'docs': {book} has 1 training documents for 2 workers; workers share a dataset by "
+        "documents, so some would have none: split its text into more documents, or train on fewer workers"
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Failures: our own errors are not retried; lost workers are
 # --------------------------------------------------------------------------------------

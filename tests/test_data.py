@@ -27,7 +27,7 @@ from peerlab.data import (
 )
 from peerlab.data.corpus import DOMAINS, prepare_demo_corpus
 from peerlab.data import mixture
-from peerlab.data.sources import pass_order
+from peerlab.data.sources import list_files, pass_order
 from tests.conftest import ROOT
 
 
@@ -124,6 +124,33 @@ def test_formats_json_array_jsonl_csv_text_parquet_and_folders(tmp_path):
     write_jsonl(folder / "part-0.jsonl", recs[:2])
     write_jsonl(folder / "sub" / "part-1.jsonl", recs[2:])
     assert texts_of(entry(folder, format="jsonl"), heldout_fraction=0) == want
+
+
+def test_gzipped_files_and_folders_of_one_format(tmp_path):
+    """Shards as the hub ships them (c4-train.00000-of-01024.json.gz) are read through gzip; a folder of data
+    beside a LICENSE.txt is refused unless `format` says which kind is the data (it trained on the licence)."""
+    import gzip
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(2):
+        with gzip.open(folder / f"c4-train.0000{k}-of-00002.json.gz", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": f"shard {k} doc {i}"}) + "\n" for i in range(3))
+    want = [f"shard {k} doc {i}" for k in range(2) for i in range(3)]
+    assert texts_of(entry(folder), heldout_fraction=0) == want
+    (folder / "LICENSE.txt").write_text("Permission is hereby granted\n")
+    with pytest.raises(DataError, match="several formats: json \\(c4-train.*\\), text \\(LICENSE.txt\\); set its format"):
+        list_files(entry(folder))
+    for fmt in ("json", "jsonl"):
+        assert texts_of(entry(folder, format=fmt), heldout_fraction=0) == want
+    with gzip.open(tmp_path / "lines.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("one\ntwo\n")
+    assert texts_of(entry(tmp_path / "lines.txt.gz"), heldout_fraction=0) == ["one", "two"]
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])
+    with pytest.raises(DataError, match="cannot read .*cut.jsonl.gz as jsonl"):
+        texts_of(entry(tmp_path / "cut.jsonl.gz"), heldout_fraction=0)
+    with pytest.raises(DataError, match="holds no csv files \\(or .gz of them\\); it holds json, text files"):
+        list_files(entry(folder, format="csv"))
 
 
 def test_long_csv_fields_and_byte_order_marks(tmp_path):
@@ -274,7 +301,7 @@ def test_bad_inputs_each_give_one_line(tmp_path, small_tokenizer):
     cases = []
     cases.append((entry(tmp_path / "nope.jsonl"), "path", "does not exist"))
     (tmp_path / "empty.jsonl").write_text("")
-    cases.append((entry(tmp_path / "empty.jsonl"), "empty.jsonl", "is empty"))
+    cases.append((entry(tmp_path / "empty.jsonl"), "empty.jsonl", "has no text to train on"))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
     cases.append((entry(tmp_path / "bad.jsonl"), "bad.jsonl line 2", "malformed JSON"))
     (tmp_path / "weird.xml").write_text("<a/>")
@@ -295,6 +322,33 @@ def test_bad_inputs_each_give_one_line(tmp_path, small_tokenizer):
         assert "\n" not in message and "dataset 'd'" in message
         for part in expected:
             assert part in message, (message, part)
+
+
+def test_the_check_reads_a_dataset_whole_not_file_by_file(tmp_path):
+    """An empty shard or a shard of empty records beside shards with text is fine (empty records are left out);
+    a file whose first 100 records are empty is read on, and refused if it has no text at all (it failed only
+    after Ray started); a small dataset with fewer training documents than workers is refused (a worker would
+    get none: it too failed after Ray started, blaming the path and field)."""
+    folder = tmp_path / "shards"
+    write_jsonl(folder / "part-0.jsonl", [{"text": "some text"}] * 3)
+    (folder / "part-1.jsonl").write_text("")
+    write_jsonl(folder / "part-2.jsonl", [{"text": ""}] * 5)
+    check_source(entry(folder, format="jsonl"), heldout_fraction=0)
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}] * 150)
+    with pytest.raises(DataError, match="blank.jsonl has no text to train on"):
+        check_source(entry(blank))
+    write_jsonl(blank, [{"text": ""}] * 150 + [{"text": "late"}])
+    check_source(entry(blank), heldout_fraction=0)
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "a single long book " * 50}])
+    check_source(entry(one), heldout_fraction=0)  # one worker: fine
+    with pytest.raises(DataError, match="has 1 training documents for 2 workers.*or train on fewer workers") as err:
+        check_source(entry(one), workers=2, heldout_fraction=0)
+    assert "\n" not in str(err.value)
+    books = tmp_path / "books"
+    (books / "a.txt").parent.mkdir()
+    (books / "a.txt").write_text("one book\n")
+    with pytest.raises(DataError, match="has 1 training files \\(text_unit: file\\) for 3 workers"):
+        check_source(entry(books, format="text", text_unit="file"), workers=3, heldout_fraction=0)
 
 
 def test_skip_bad_records_skips_and_counts(tmp_path, small_tokenizer):
@@ -323,6 +377,11 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="cannot be loaded"):
         load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(TokenizerError, match="tokenizer folder .*/nothere does not exist"):
+        load_tokenizer(str(tmp_path / "nothere"))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="is a file; give the folder that holds it"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
 
 
 def test_check_data_refuses_a_tokenizer_larger_than_the_model(demo_corpus, tmp_path):
@@ -346,6 +405,23 @@ def mixed_sources(tmp_path):
     for k in range(3):
         write_jsonl(b_dir / f"part-{k}.jsonl", random_docs(40, 20 + k, f"b{k} "))
     return [entry(a, name="a", weight=1.0), entry(b_dir, name="b", format="jsonl", weight=3.0)]
+
+
+def test_resuming_inside_a_document_that_changed_is_a_data_error(tmp_path, small_tokenizer):
+    """A checkpoint's data position points into a document by its place and token; when the file was rewritten
+    and that document is now shorter, the resume is a one-line DataError naming the dataset and the fix (it was
+    an AssertionError, which Ray Train retried)."""
+    sources = mixed_sources(tmp_path)
+    opts = DataOptions(small_tokenizer, seq_len=16, seed=3, engine="local")
+    mix = DataMixture(sources, opts)
+    while mix.state_dict()["sources"][0]["offset"] < 4:  # stop where "a" resumes 4 or more tokens into a document
+        mix.next_block()
+    state = mix.state_dict()
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}] * 6)  # the same records, each now 2 tokens long
+    resumed = DataMixture(sources, opts, state)
+    with pytest.raises(DataError, match="dataset 'a': the saved data position .* changed since the checkpoint"):
+        for _ in range(50):
+            resumed.next_block()
 
 
 def test_exact_resume_at_any_block(tmp_path, small_tokenizer):

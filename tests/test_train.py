@@ -164,6 +164,21 @@ def test_outputs_of_a_run(demo_corpus, tmp_path):
     assert {"model.safetensors", "optimizer.pt", "scheduler.json", "data.json", "rng.json", "trainer.json"} <= files
 
 
+def test_metrics_count_skipped_records_and_passes(demo_corpus, tmp_path):
+    """skip_bad_records' count and each dataset's passes reach metrics.jsonl (they were only in data.json)."""
+    rows = [json.loads(x) for x in (demo_corpus / "prose" / "train.jsonl").read_text().splitlines()[:40]]
+    bad = tmp_path / "prose.jsonl"
+    bad.write_text("".join(json.dumps(r if i % 4 else {"body": r["text"]}) + "\n" for i, r in enumerate(rows)))
+    cfg = tiny(demo_corpus, f"dataset_config.datasets.0.path={bad}", "dataset_config.datasets.0.skip_bad_records=true")
+    run(cfg, tmp_path / "s")
+    last = read_metrics(tmp_path / "s")[-1]
+    state = json.loads((tmp_path / "s" / "checkpoints" / "step-000006" / "data.json").read_text())["ranks"][0]
+    for i, name in enumerate(DOMAINS):
+        assert last[f"passes/{name}"] == state["sources"][i]["passes"]
+    assert last["skipped/prose"] == state["sources"][0]["skipped"] > 0  # every fourth record has no text field
+    assert "skipped/code" not in last
+
+
 def test_checkpoints_never_load_wrong(demo_corpus, tmp_path):
     run(tiny(demo_corpus), tmp_path / "c")
     folder = tmp_path / "c" / "checkpoints" / "step-000006"

@@ -76,7 +76,7 @@ def checked_data(cfg: Config):
     if any(reads_demo_corpus(d.path) for d in cfg.dataset_config.datasets):
         prepare_demo_corpus(DEMO_DATA)
     try:
-        return check_data(cfg.dataset_config, cfg.model_config)
+        return check_data(cfg.dataset_config, cfg.model_config, workers=max(cfg.train_config.num_workers, 1))
     except (DataError, TokenizerError) as err:
         raise UsageError(str(err)) from None
 

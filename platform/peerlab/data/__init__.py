@@ -37,10 +37,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'peerlab.data' has no attribute {name!r}")
 
 
-def check_data(dataset_config, model_config=None):
+def check_data(dataset_config, model_config=None, workers: int = 1):
     """Everything about the data that can be checked before Ray starts; returns the tokenizer.
 
-    Local sources: paths, formats, the first records' JSON, fields and text. Hub sources: the
+    Local sources: paths, formats, the first records' JSON, fields and text, and a small source
+    has a training document for each of `workers` (`check_source`). Hub sources: the
     hub is reachable or `datasets` has them cached. The tokenizer must load (offline first) and
     fit the model's vocabulary. Raises DataError or TokenizerError with a one-line message.
     """
@@ -49,7 +50,7 @@ def check_data(dataset_config, model_config=None):
     from peerlab.data.tokenizer import TokenizerError, load_tokenizer
 
     for entry in dataset_config.datasets:
-        check_source(entry)
+        check_source(entry, workers=workers, heldout_fraction=dataset_config.heldout_fraction)
         check_hub_dataset(entry)
     tokenizer = load_tokenizer(dataset_config.tokenizer_name)
     if model_config is not None and len(tokenizer) > model_config.vocab_size:

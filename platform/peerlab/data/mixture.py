@@ -281,6 +281,12 @@ class SourceStream:
             where, ids = self._next_document()
             skip = self.position.offset if where == self._resume else 0  # resuming inside this document
             self._resume = None
+            if skip > len(ids):  # (len(ids) itself: only its end-of-text token was left)
+                raise DataError(
+                    f"dataset '{self.entry.name}': the saved data position (file {where[1]}, record {where[2]}, "
+                    f"token {skip}) is past that document's {len(ids) + 1} tokens: the data at {self.entry.path} "
+                    "changed since the checkpoint; restore it, or start a new run (another --name or output_dir)"
+                )
             self.packer.add(where, ids, skip)
         block = self.packer.take()
         p = self.position

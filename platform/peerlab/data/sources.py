@@ -35,6 +35,7 @@ datasource that runs it, tokenising each table, in one read task on the cluster;
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 import json
 import os
@@ -65,16 +66,29 @@ class DataError(ValueError):
     """Bad input data: a one-line message naming the dataset, the file, the record and the fix."""
 
 
+def extension_format(path: Path) -> str | None:
+    """The format a file's extension names (through a .gz: `c4-00000.json.gz` is json), or None."""
+    name = path.name.lower().removesuffix(".gz")
+    return EXTENSIONS.get(Path(name).suffix)
+
+
+def open_text(path: Path, **options):
+    """A local file opened as UTF-8 text (a leading byte order mark left out), through gzip for a .gz file."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig", **options)
+    return open(path, encoding="utf-8-sig", **options)
+
+
 def is_local(entry: DatasetEntry) -> bool:
     """A path that exists, or looks like one (./x, /x, x.jsonl), is local; anything else is a hub name."""
     p = entry.path
-    return Path(p).exists() or p.startswith((".", "/", "~")) or Path(p).suffix.lower() in EXTENSIONS
+    return Path(p).exists() or p.startswith((".", "/", "~")) or extension_format(Path(p)) is not None
 
 
 def file_format(entry: DatasetEntry, path: Path) -> str:
     if entry.format:
         return entry.format
-    fmt = EXTENSIONS.get(path.suffix.lower())
+    fmt = extension_format(path)
     if fmt is None:
         raise DataError(
             f"dataset '{entry.name}': cannot tell the format of {path}; set its format (json, jsonl, csv, text, parquet)"
@@ -113,13 +127,25 @@ def list_files(entry: DatasetEntry) -> FileList:
         raise DataError(f"dataset '{entry.name}': {split_refusal(entry.split)}")
     if root.is_file():  # a file named as the dataset is trained on, whatever its name (the hash rule holds out)
         return FileList(root.parent, (root,), ())
-    suffixes = {
-        s for s, f in EXTENSIONS.items() if entry.format in (None, f) or (entry.format == "json" and f == "jsonl")
-    }
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    kinds = {p: extension_format(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    json_like = {"json", "jsonl"}  # one reader for both
+    wanted = json_like if entry.format in json_like else {entry.format}
+    files = [p for p, kind in kinds.items() if kind is not None and (entry.format is None or kind in wanted)]
     if not files:
-        kinds = entry.format or "json, jsonl, csv, txt or parquet"
-        raise DataError(f"dataset '{entry.name}': folder {entry.path} holds no {kinds} files")
+        found = sorted({k for k in kinds.values() if k})
+        what = f"; it holds {', '.join(found)} files" if found else ""
+        kind = entry.format or "json, jsonl, csv, txt or parquet"
+        raise DataError(f"dataset '{entry.name}': folder {entry.path} holds no {kind} files (or .gz of them){what}")
+    formats = {"json" if kinds[p] in json_like else kinds[p] for p in files}
+    if entry.format is None and len(formats) > 1:  # a README.txt or LICENSE.txt beside the data is not data
+        by_kind = {
+            f: next(p.name for p in files if ("json" if kinds[p] in json_like else kinds[p]) == f) for f in formats
+        }
+        listed = ", ".join(f"{f} ({name})" for f, name in sorted(by_kind.items()))
+        raise DataError(
+            f"dataset '{entry.name}': folder {entry.path} holds files of several formats: {listed}; "
+            "set its format to read one kind"
+        )
     split = {p: _split_of(p, root, entry.split) for p in files}
     heldout = tuple(p for p in files if split[p] in HELDOUT_SPLITS)
     named = tuple(p for p in files if split[p] == entry.split.lower())
@@ -161,7 +187,7 @@ def read_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict | 
             yield from _json_records(entry, path)
         elif fmt == "csv":
             csv.field_size_limit(CSV_FIELD_LIMIT)  # (Python's default, 131,072 characters, refuses long documents)
-            with open(path, newline="", encoding="utf-8-sig") as f:
+            with open_text(path, newline="") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None:
                     return
@@ -169,9 +195,10 @@ def read_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict | 
                     yield row, record
         elif fmt == "text":
             if entry.text_unit == "file":
-                yield 0, path.read_text(encoding="utf-8-sig")
+                with open_text(path) as f:
+                    yield 0, f.read()
             else:
-                with open(path, encoding="utf-8-sig") as f:
+                with open_text(path) as f:
                     for row, line in enumerate(f):
                         yield row, line.rstrip("\n")
         elif fmt == "parquet":
@@ -186,12 +213,12 @@ def read_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict | 
         raise DataError(
             f"dataset '{entry.name}': {path} is not UTF-8 text ({err.reason} at byte {err.start})"
         ) from None
-    except (OSError, pa.ArrowInvalid, csv.Error) as err:
+    except (OSError, EOFError, pa.ArrowInvalid, csv.Error) as err:  # (EOFError: a .gz cut short)
         raise DataError(f"dataset '{entry.name}': cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
 
 
 def _json_records(entry: DatasetEntry, path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path) as f:
         first = f.read(1)
         while first and first.isspace():
             first = f.read(1)
@@ -446,6 +473,7 @@ def read_stream(entry: DatasetEntry, sel: Selection, seed: int, index: int, firs
             raise DataError(
                 f"dataset '{entry.name}' yields no text for worker {sel.rank} of {sel.world}"
                 f" (path {entry.path}); check its path, split and text_field/text_template"
+                + (", and that it has a document for every worker" if sel.world > 1 else "")
             )
 
 
@@ -494,28 +522,45 @@ def documents(entry: DatasetEntry, sel: Selection) -> Iterator[tuple[int, int, s
                 yield doc
 
 
-def check_source(entry: DatasetEntry, records: int = 100) -> None:
+def check_source(entry: DatasetEntry, records: int = 100, workers: int = 1, heldout_fraction: float = 0.01) -> None:
     """Read the first records of every file of a local source: paths, formats, JSON, fields and text.
 
-    Raises DataError with a one-line message; meant to run before Ray starts. Hub sources
-    are not checked here (that would need the network).
+    Empty files and records are left out; a source with no text to train on at all is an error
+    (past the first records only where they have none), and so is a small source (every file read
+    whole) with fewer training documents than `workers`: workers share a pass by documents, so the
+    others would have none. Raises DataError with a one-line message; meant to run before Ray
+    starts. Hub sources are not checked here (that would need the network).
     """
     if not is_local(entry):
         return
     files = list_files(entry)
     text_of = TextOf(entry)
+    found, whole = False, True  # text in the records read; every training file read to its end
     for path in files.train + files.heldout:
         if path.stat().st_size == 0:
-            raise DataError(f"dataset '{entry.name}': {path} is empty")
-        seen, found = 0, False
+            continue
+        seen = 0
         for row, record in read_records(entry, path):
             text = text_of(record, f"{path} record {row + 1}")
-            found = found or bool(text)
+            found = found or (bool(text) and path in files.train)
             seen += 1
             if seen >= records:
+                whole = whole and path not in files.train
                 break
-        if not found and seen < records:
-            raise DataError(f"dataset '{entry.name}': {path} has no text in its records")
+    train = Selection(part="train", heldout_fraction=heldout_fraction)
+    if whole:  # a small source: count its training documents
+        count = sum(1 for _ in documents(entry, train))
+        if count == 0:
+            raise DataError(f"dataset '{entry.name}': {entry.path} has no text to train on")
+        if count < workers:
+            unit = "files (text_unit: file)" if entry.text_unit == "file" else "documents"
+            raise DataError(
+                f"dataset '{entry.name}': {entry.path} has {count} training {unit} for {workers} workers; "
+                "workers share a dataset by documents, so some would have none: split its text into more "
+                "documents, or train on fewer workers"
+            )
+    elif not found and next(documents(entry, train), None) is None:  # the first records were empty: read on
+        raise DataError(f"dataset '{entry.name}': {entry.path} has no text to train on")
 
 
 def heldout_texts(entry: DatasetEntry, heldout_fraction: float = 0.01, limit: int | None = None) -> list[str]:

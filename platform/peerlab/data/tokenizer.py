@@ -30,7 +30,15 @@ def load_tokenizer(name: str):
     """The tokenizer `name` (a local folder, a cached hub name, or a hub name when online)."""
     from transformers import AutoTokenizer
 
-    if Path(name).expanduser().is_dir():
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise TokenizerError(
+            f"tokenizer_name {name} is a file; give the folder that holds it (and its tokenizer_config.json), "
+            f"e.g. {path.parent}"
+        )
+    if not path.is_dir() and name.startswith((".", "/", "~")):  # a hub name never starts so: a path that is not there
+        raise TokenizerError(f"tokenizer folder {name} does not exist; check dataset_config.tokenizer_name")
+    if path.is_dir():
         try:
             tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
         except Exception as err:  # a folder without tokenizer files, or broken ones
@@ -54,7 +62,10 @@ def load_tokenizer(name: str):
                     "check the name, or set dataset_config.tokenizer_name to a local tokenizer folder"
                 ) from None
     if eos_id(tok) is None:
-        raise TokenizerError(f"tokenizer '{name}' has no end-of-text token to join documents with")
+        raise TokenizerError(
+            f"tokenizer '{name}' has no end-of-text token to join documents with; name one as eos_token in its "
+            "tokenizer_config.json (e.g. \"eos_token\": \"<|endoftext|>\")"
+        )
     return tok
 
 

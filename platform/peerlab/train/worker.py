@@ -339,9 +339,11 @@ def train_loop(loop_config: dict) -> dict:
                 record["train_s"], window_train_s = window_train_s, 0.0  # seconds in training steps since the last line
                 record["eta_s"] = (steps - step) * tokens_per_step / rate if rate > 0 else None
                 seen = gather(data.stats(), place)  # every rank's counts: the totals of the run
-                for key in seen[0]:
-                    if key.startswith("tokens_seen/"):
-                        record[key] = sum(s[key] for s in seen)
+                for key in sorted({k for s in seen for k in s}):
+                    if key.startswith(("tokens_seen/", "skipped/")):
+                        record[key] = sum(s.get(key, 0) for s in seen)
+                    elif key.startswith("passes/"):  # passes each worker completed over its share: the most of any
+                        record[key] = max(s.get(key, 0) for s in seen)
                 record.update(moe_metrics(model))
             if step % t.eval_steps == 0 or step == steps:
                 sync_buffers(model, place.world)  # every rank evaluates the same BatchNorm statistics
