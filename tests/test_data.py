@@ -519,6 +519,19 @@ def assert_shared_fairly(shares, everything):
     assert max(map(len, shares)) - min(map(len, shares)) <= 1, [len(x) for x in shares]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_records_that_take_turns_are_shared_by_length_too(tmp_path, world):
+    """Short questions and long answers as records taking turns: by index % W one worker of two got every long
+    record (7x the tokens of the other in a researcher's file). Each run of W documents goes one to each worker
+    in a changing order, so each worker's characters are near 1/W of the pass, and its count within one of 1/W."""
+    records = [{"text": f"q{i} " * 3} if i % world == 0 else {"text": f"answer{i} " * 100} for i in range(300)]
+    e = entry(write_jsonl(tmp_path / "qa.jsonl", records))
+    shares = shares_of(e, world, heldout_fraction=0)
+    assert_shared_fairly(shares, texts_of(e, heldout_fraction=0))
+    chars = [sum(map(len, share)) for share in shares]
+    assert max(chars) / min(chars) < 1.3, chars
+
+
 def test_files_as_documents_are_shared_by_every_worker(tmp_path, small_tokenizer):
     """text_unit: file makes every document row 0 of its file: workers share them by a running index."""
     folder = tmp_path / "essays"

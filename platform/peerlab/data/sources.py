@@ -12,9 +12,11 @@ a hub dataset) and the record's place in that file. That identity makes streams 
   below `dataset_config.heldout_fraction` (1% by default). Training never sees them.
 
 Workers share a pass by a running document index: the documents of the part a stream reads
-(not empty, not the other part's), numbered from 0 in the pass's file order, go to worker
-`index % W`, so each of W workers gets within one document of 1/W of them, whatever the
-number of files and of records per file. A bad record skipped under `skip_bad_records`
+(not empty, not the other part's), numbered from 0 in the pass's file order, go one of each W
+consecutive numbers to each of W workers, in an order that changes from one run of W to the next
+(`worker_of`), so each worker gets within one document of 1/W of them, whatever the number of
+files and of records per file, and records that take turns (a short question, a long answer)
+do not all land on one worker. A bad record skipped under `skip_bad_records`
 takes no number; the worker of the next number counts it.
 
 Local formats: `json`/`jsonl` (one JSON object per line, or one JSON array per file),
@@ -35,6 +37,7 @@ datasource that runs it, tokenising each table, in one read task on the cluster;
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import itertools
 import json
@@ -324,6 +327,22 @@ def _tables(pass_: int, docs: Iterator[tuple[int, int, int, str | None]]) -> Ite
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _ranks_of_group(group: int, world: int) -> tuple[int, ...]:
+    return tuple(np.random.default_rng([group, world]).permutation(world).tolist())
+
+
+def worker_of(index: int, world: int) -> int:
+    """The worker that reads the document of running index `index`: each run of `world` documents goes one to
+    each worker, in an order drawn from the run's number (a seeded permutation), so every worker gets within one
+    document of 1/world of a pass, and a pattern in the data (short and long records taking turns) does
+    not follow one worker as index % world would."""
+    if world == 1:
+        return 0
+    group, place = divmod(index, world)
+    return _ranks_of_group(group, world)[place]
+
+
 def select(
     entry: DatasetEntry, sel: Selection, records: Iterator[tuple[int, str, str, int, dict | str]], hashed: bool
 ) -> Iterator[tuple[int, int, int, str | None]]:
@@ -331,7 +350,7 @@ def select(
     hash rule), its path (for errors), row, record).
 
     The documents of the selected part (by the hash rule where `hashed`), without empty ones,
-    are numbered from `sel.index` on; worker `sel.rank` keeps those with index % world == rank.
+    are numbered from `sel.index` on; worker `sel.rank` keeps those `worker_of` gives it.
     A bad record (text None, skip_bad_records) takes no number and goes to the worker of the next one.
     """
     text_of = TextOf(entry)
@@ -343,7 +362,7 @@ def select(
         text = text_of(record, f"{where} record {row + 1}")  # None: a bad record to skip and count
         if text == "":
             continue
-        if index % sel.world == sel.rank:
+        if worker_of(index, sel.world) == sel.rank:
             yield ordinal, row, index, text
         if text is not None:
             index += 1
