@@ -179,6 +179,20 @@ def test_metrics_count_skipped_records_and_passes(demo_corpus, tmp_path):
     assert "skipped/code" not in last
 
 
+def test_evaluated_only_datasets_are_measured_and_never_trained_on(demo_corpus, tmp_path):
+    """dataset_config.eval_datasets: held-out loss and bits per byte on a dataset the run does not train on,
+    in the means over datasets too; no tokens of it are trained on."""
+    cfg = tiny(demo_corpus, "train_config.eval_steps=6")
+    d = cfg.dataset_config
+    cfg = replace(cfg, dataset_config=replace(d, datasets=d.datasets[:2], eval_datasets=d.datasets[2:]))
+    run(cfg, tmp_path / "e")
+    last = read_metrics(tmp_path / "e")[-1]
+    trained, evaluated = [x.name for x in d.datasets[:2]], d.datasets[2].name
+    assert f"tokens_seen/{evaluated}" not in last and all(f"tokens_seen/{n}" in last for n in trained)
+    values = [last[f"eval_bpb/{n}"] for n in [*trained, evaluated]]
+    assert last["eval_bpb/mean"] == pytest.approx(sum(values) / 3)
+
+
 def test_checkpoints_never_load_wrong(demo_corpus, tmp_path):
     run(tiny(demo_corpus), tmp_path / "c")
     folder = tmp_path / "c" / "checkpoints" / "step-000006"

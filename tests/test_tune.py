@@ -17,7 +17,7 @@ import pandas as pd
 import numpy as np
 import pytest
 
-from peerlab.config import ConfigError, config_from_dict, load_config, load_mixes
+from peerlab.config import ConfigError, config_from_dict, load_config, load_mixes, to_dict
 from peerlab.data.corpus import DOMAINS
 from peerlab.tracking import read_metrics
 from peerlab.tune import Rungs, first_cut, plan_trials, search_space, setting_label
@@ -97,6 +97,28 @@ def test_plan_resolves_every_trial(demo_corpus, tmp_path):
         plan_trials(base, mixes, search_space(["peer_config.num_experts=1000"]), seeds=1)
     with pytest.raises(ConfigError, match="trial prose_heavy_query_dim=7_s42"):  # odd query_dim fails validation
         plan_trials(base, mixes, search_space(["peer_config.query_dim=7"]), seeds=1)
+
+
+def test_mixes_of_different_datasets_are_evaluated_on_the_same_ones(demo_corpus, tmp_path):
+    """A mix that leaves a dataset out still evaluates on its held-out part (eval_datasets), so every trial's
+    eval_bpb/mean is over the same text; a mix was scored on its own datasets only, and a prose-only mix
+    'beat' a code and prose mix that was better on prose. The base config's own eval_datasets stay."""
+    from peerlab.config import DataMix, DatasetEntry
+
+    prose, code, docs = (DatasetEntry(n, str(demo_corpus / n), format="jsonl", text_field="text") for n in DOMAINS)
+    mixes = {"codey": DataMix("codey", "codey", [code, prose]), "prosey": DataMix("prosey", "prosey", [prose])}
+    base = to_dict(load_config(ROOT / "configs" / "demo.yaml"))
+    base["dataset_config"]["datasets"] = [to_dict(prose)]  # (each trial's are its mix's)
+    base["dataset_config"]["eval_datasets"] = [to_dict(docs)]
+    trials = plan_trials(config_from_dict(base), mixes, search_space([]), seeds=1)
+    evaluated = {}
+    for trial in trials:
+        d = config_from_dict(trial.config).dataset_config
+        evaluated[trial.mix] = (sorted(x.name for x in d.datasets), sorted(x.name for x in d.eval_datasets))
+    assert evaluated == {"codey": (["code", "prose"], ["docs"]), "prosey": (["prose"], ["code", "docs"])}
+    base["dataset_config"]["eval_datasets"] = [to_dict(prose)]  # also trained on: refused by name
+    with pytest.raises(ConfigError, match="eval_datasets.0.name: 'prose' is a training dataset"):
+        config_from_dict(base)
 
 
 def test_asha_first_cut_is_the_metrics_first_report():

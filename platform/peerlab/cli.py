@@ -73,7 +73,8 @@ def checked_data(cfg: Config):
     from peerlab.data import DataError, TokenizerError, check_data
     from peerlab.data.corpus import prepare_demo_corpus
 
-    if any(reads_demo_corpus(d.path) for d in cfg.dataset_config.datasets):
+    d = cfg.dataset_config
+    if any(reads_demo_corpus(e.path) for e in [*d.datasets, *d.eval_datasets]):
         prepare_demo_corpus(DEMO_DATA)
     try:
         return check_data(cfg.dataset_config, cfg.model_config, workers=max(cfg.train_config.num_workers, 1))
@@ -107,7 +108,7 @@ def checked_paths(cfg: Config) -> list[str]:
     from peerlab.data.sources import is_local
 
     prepared_by_the_run = []
-    for entry in cfg.dataset_config.datasets:
+    for entry in [*cfg.dataset_config.datasets, *cfg.dataset_config.eval_datasets]:
         if not is_local(entry):
             continue
         if reads_demo_corpus(entry.path) and not Path(entry.path).exists():

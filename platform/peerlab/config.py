@@ -174,6 +174,9 @@ class DatasetConfig:
     tokenizer_name: str = "gpt2"
     max_seq_length: int = 2048
     heldout_fraction: float = 0.01  # share of documents held out where a dataset has no held-out split
+    # peerlab's own key (README, "The config"): datasets whose held-out part is evaluated, never trained on;
+    # a sweep gives each trial the datasets of the other mixes, so every mix is measured on the same text
+    eval_datasets: list[DatasetEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -710,6 +713,14 @@ def check_config(cfg: Config, src: _Source) -> None:
     if not d.datasets:
         raise src.error("dataset_config.datasets", "needs at least one dataset")
     check_datasets(d.datasets, "dataset_config.datasets", src)
+    check_datasets(d.eval_datasets, "dataset_config.eval_datasets", src)
+    trained = {e.name for e in d.datasets}
+    for i, entry in enumerate(d.eval_datasets):
+        if entry.name in trained:
+            raise src.error(
+                f"dataset_config.eval_datasets.{i}.name",
+                f"'{entry.name}' is a training dataset, whose held-out part is evaluated already; rename or drop it",
+            )
     _positive(d, "dataset_config", ["max_seq_length"], src)
     if d.max_seq_length > m.max_position_embeddings:
         raise src.error(

@@ -367,7 +367,7 @@ def plan_trials(base: Config, mixes: dict[str, DataMix], space: SearchSpace, see
                     raw = apply_to_config(base_raw, setting)
                 except ConfigError as err:
                     raise ConfigError(f"trial {trial_id}: {err}") from None
-                raw["dataset_config"]["datasets"] = [to_dict(d) for d in mix.datasets]
+                set_mix(raw, mix, mixes)
                 raw["train_config"]["seed"] = seed0 + s
                 try:
                     config_from_dict(raw, origin=f"trial {trial_id}")
@@ -377,13 +377,36 @@ def plan_trials(base: Config, mixes: dict[str, DataMix], space: SearchSpace, see
     return trials
 
 
-def trial_of(base_raw: dict, mix: DataMix, setting: dict, seed: int, trial_id: str) -> Trial:
-    """One trial: the base config (plain data) with a mix's datasets, a setting and a seed; validated."""
+def set_mix(raw: dict, mix: DataMix, mixes: dict[str, DataMix]) -> None:
+    """Train the config (plain data) on `mix`, and evaluate it on every dataset of the sweep's `mixes` too.
+
+    The datasets of the other mixes that `mix` does not train on become its `eval_datasets` (held-out part
+    only), so eval_bpb/mean and each eval_bpb/<name> measure every trial on the same text: mixes of
+    different datasets were each scored on their own. The base config's own eval_datasets stay.
+    """
+    d = raw["dataset_config"]
+    own = {x.name for x in mix.datasets}
+    evals = [e for e in d.get("eval_datasets") or [] if e["name"] not in own]
+    names = own | {e["name"] for e in evals}
+    for other in mixes.values():
+        for entry in other.datasets:
+            if entry.name not in names:
+                evals.append(to_dict(entry))
+                names.add(entry.name)
+    d["datasets"] = [to_dict(x) for x in mix.datasets]
+    d["eval_datasets"] = evals
+
+
+def trial_of(
+    base_raw: dict, mix: DataMix, setting: dict, seed: int, trial_id: str, mixes: dict[str, DataMix] | None = None
+) -> Trial:
+    """One trial: the base config (plain data) with a mix's datasets (evaluated on those of the sweep's
+    `mixes` too, `set_mix`), a setting and a seed; validated."""
     try:
         raw = apply_to_config(base_raw, setting)
     except ConfigError as err:
         raise ConfigError(f"trial {trial_id}: {err}") from None
-    raw["dataset_config"]["datasets"] = [to_dict(d) for d in mix.datasets]
+    set_mix(raw, mix, mixes or {mix.key: mix})
     raw["train_config"]["seed"] = seed
     config_from_dict(raw, origin=f"trial {trial_id}")
     return Trial(trial_id, mix.name, setting_label(setting), seed, setting, raw)
@@ -418,7 +441,7 @@ class OptunaPlan:
         seed = int(self.base["train_config"]["seed"])
         self.count = getattr(self, "count", 0) + 1
         trial_id = _slug(f"optuna_{self.count:03d}_{mix.name}_{setting_label(setting)}_s{seed}")
-        return trial_of(self.base, mix, setting, seed, trial_id)
+        return trial_of(self.base, mix, setting, seed, trial_id, self.mixes)
 
 
 def check_optuna_space(space: SearchSpace) -> dict[str, list | str]:

@@ -52,6 +52,9 @@ def check_data(dataset_config, model_config=None, workers: int = 1):
     for entry in dataset_config.datasets:
         check_source(entry, workers=workers, heldout_fraction=dataset_config.heldout_fraction)
         check_hub_dataset(entry)
+    for entry in dataset_config.eval_datasets:  # read for their held-out part only
+        check_source(entry)
+        check_hub_dataset(entry)
     tokenizer = load_tokenizer(dataset_config.tokenizer_name)
     if model_config is not None and len(tokenizer) > model_config.vocab_size:
         raise TokenizerError(

@@ -86,7 +86,8 @@ def document_tokens(tokenizer, text: str, eos: int, limit: int | None = None) ->
 
 def heldout_blocks(data: DatasetConfig, tokenizer, blocks_per_dataset: int = 8) -> dict[str, HeldoutBlocks]:
     """{dataset name: its held-out blocks}: up to `blocks_per_dataset` blocks of max_seq_length + 1
-    tokens from its first held-out documents, the last one shorter when the held-out part runs out.
+    tokens from its first held-out documents, the last one shorter when the held-out part runs out;
+    for the training datasets and the evaluated-only ones (`eval_datasets`).
 
     A dataset without held-out text is left out, with a warning; one with under
     HELDOUT_WARN_TOKENS tokens in all is warned about.
@@ -97,7 +98,7 @@ def heldout_blocks(data: DatasetConfig, tokenizer, blocks_per_dataset: int = 8) 
     length = data.max_seq_length + 1
     wanted = blocks_per_dataset * length
     out = {}
-    for entry in data.datasets:
+    for entry in [*data.datasets, *data.eval_datasets]:
         ids: list[int] = []
         nbytes: list[int] = []
         docs, everything = 0, True

@@ -97,11 +97,12 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
 
     d, t, e = cfg.dataset_config, cfg.train_config, cfg.eval_config
     datasets = [replace(x, path=fix(x.path)) if is_local(x) else x for x in d.datasets]
+    eval_datasets = [replace(x, path=fix(x.path)) if is_local(x) else x for x in d.eval_datasets]
     tokenizer = fix(d.tokenizer_name) if (base / d.tokenizer_name).exists() else d.tokenizer_name
     resume = fix(t.resume_from_checkpoint) if t.resume_from_checkpoint else None
     return replace(
         cfg,
-        dataset_config=replace(d, datasets=datasets, tokenizer_name=tokenizer),
+        dataset_config=replace(d, datasets=datasets, eval_datasets=eval_datasets, tokenizer_name=tokenizer),
         train_config=replace(t, output_dir=fix(t.output_dir), resume_from_checkpoint=resume),
         eval_config=replace(
             e,
