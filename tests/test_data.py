@@ -450,16 +450,16 @@ def test_exact_resume_on_a_worker_of_several(tmp_path, small_tokenizer, caplog):
     sources = [*mixed_sources(tmp_path), entry(tmp_path / "s", name="s", format="jsonl", weight=2.0)]
     opts = DataOptions(small_tokenizer, seq_len=8, seed=4, rank=1, world=3, heldout_fraction=0.15, engine="local")
     with DataMixture(sources, opts) as full:
-        blocks = [full.next_block() for _ in range(150)]
+        blocks = [full.next_block() for _ in range(250)]
         assert full.stats()["passes/s"] >= 1
-    for cut in (7, 64, 111):
+    for cut in (7, 64, 111, 203):
         with DataMixture(sources, opts) as first:
             for _ in range(cut):
                 first.next_block()
             state = json.loads(json.dumps(first.state_dict()))
         assert any(p["index"] > 0 for p in state["sources"])
         with DataMixture(sources, opts, state) as resumed:
-            rest = [resumed.next_block() for _ in range(150 - cut)]
+            rest = [resumed.next_block() for _ in range(250 - cut)]
         assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(rest, blocks[cut:]))
     one = DataOptions(small_tokenizer, seq_len=8, seed=4, heldout_fraction=0.15, engine="local")
     with DataMixture(sources, one) as full:
