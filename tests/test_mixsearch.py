@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -81,28 +80,6 @@ def test_fit_ranks_a_quadratic_response_and_chooses_by_cross_validated_spearman(
     grid = rng.dirichlet(np.ones(3), size=4000)
     assert spearmanr(result.predict(grid), 2 * ((grid - best) ** 2).sum(1)).statistic > 0.9
     assert tv(grid[np.argmin(result.predict(grid))], best) < 0.1
-
-
-def test_the_gaussian_process_is_cross_validated_on_folds_that_never_saw_the_held_out_point():
-    """Its leave-one-out Spearman and error are those of scikit-learn's process fitted (kernel included) on the
-    other points, written here directly. With the kernel fitted on all points, pure noise looked predictable."""
-    from scipy.stats import spearmanr
-    from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
-
-    rng = np.random.default_rng(4)
-    w, y = rng.dirichlet(np.ones(3), size=12), rng.standard_normal(12)  # pure noise
-    pred = np.empty(12)
-    for i in range(12):
-        rest = np.arange(12) != i
-        kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.full(3, 0.3), (1e-2, 1e2)) + WhiteKernel(0.1, (1e-6, 1.0))
-        gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=2, random_state=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pred[i] = gp.fit(w[rest], y[rest]).predict(w[i : i + 1])[0]
-    score = fit(w, np.ones(12), y).scores["gaussian_process"]
-    assert score["spearman"] == pytest.approx(spearmanr(pred, y).statistic, abs=1e-6)
-    assert score["rmse"] == pytest.approx(np.sqrt(np.mean((pred - y) ** 2)), rel=1e-6)
 
 
 def test_early_stopped_proxies_enter_with_their_step():
