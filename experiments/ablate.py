@@ -271,7 +271,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
                 raise ConfigError("--ladder ranks a grid's cells across scales; --search optuna is not crossed with it")
             mixes = with_pinned_mixes(mixes, ladder.pin)
         args.metric = args.metric or (options.metric if options else None) or "eval_bpb/mean"
-        check_metric(args.metric, {d.name for m in mixes.values() for d in m.datasets})
+        evaluated = {d.name for d in base.dataset_config.eval_datasets}  # (every trial evaluates them too)
+        check_metric(args.metric, {d.name for m in mixes.values() for d in m.datasets} | evaluated)
         if args.search == "optuna":
             if options is not None:
                 raise ConfigError(
@@ -603,7 +604,7 @@ def sweep(argv: list[str] | None, staged: dict) -> int:
         print(f"resuming {sweep_dir}: the saved plan of {len(trials)} trials is used", flush=True)
     elif plan_file.is_file():  # the same command again continues its sweep; another sweep is refused
         saved = json.loads(plan_file.read_text())["trials"]
-        if json.dumps(saved, sort_keys=True) != json.dumps([asdict(t) for t in trials], sort_keys=True):
+        if plan_key(saved) != plan_key([asdict(t) for t in trials]):
             raise UsageError(
                 f"{sweep_dir} already holds another sweep: continue it with --resume, or pick another --name"
             )
@@ -922,6 +923,17 @@ def run_optuna(args, optuna_plan, sample: list[Trial], info: dict, sweep_dir: Pa
     if not args.no_report:
         report(sweep_dir, args.metric)
     return 0 if len(trials) >= optuna_plan.num_samples else INTERRUPTED
+
+
+def plan_key(trials: list[dict]) -> str:
+    """A plan's trials as one string to compare; an empty dataset_config.eval_datasets counts as absent, so a
+    sweep saved before that key existed is the same sweep."""
+    out = json.loads(json.dumps(trials))
+    for trial in out:
+        data = trial.get("config", {}).get("dataset_config", {})
+        if data.get("eval_datasets") == []:
+            del data["eval_datasets"]
+    return json.dumps(out, sort_keys=True)
 
 
 def report(sweep_dir: Path, metric: str) -> None:

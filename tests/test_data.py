@@ -139,7 +139,9 @@ def test_gzipped_files_and_folders_of_one_format(tmp_path):
     want = [f"shard {k} doc {i}" for k in range(2) for i in range(3)]
     assert texts_of(entry(folder), heldout_fraction=0) == want
     (folder / "LICENSE.txt").write_text("Permission is hereby granted\n")
-    with pytest.raises(DataError, match="several formats: json \\(c4-train.*\\), text \\(LICENSE.txt\\); set its format"):
+    with pytest.raises(
+        DataError, match="several formats: json \\(c4-train.*\\), text \\(LICENSE.txt\\); set its format"
+    ):
         list_files(entry(folder))
     for fmt in ("json", "jsonl"):
         assert texts_of(entry(folder, format=fmt), heldout_fraction=0) == want
@@ -151,6 +153,31 @@ def test_gzipped_files_and_folders_of_one_format(tmp_path):
         texts_of(entry(tmp_path / "cut.jsonl.gz"), heldout_fraction=0)
     with pytest.raises(DataError, match="holds no csv files \\(or .gz of them\\); it holds json, text files"):
         list_files(entry(folder, format="csv"))
+
+
+def test_an_evaluated_only_folder_needs_held_out_files_only(tmp_path, small_tokenizer):
+    """An eval_datasets folder of validation files (no train files) is checked and evaluated; as a training
+    dataset it is refused. A test file of another format beside the data is never read, so it is no mixture."""
+    from transformers import AutoTokenizer
+
+    from peerlab.config import DatasetConfig
+    from peerlab.eval.heldout import heldout_blocks
+
+    folder = tmp_path / "val"
+    write_jsonl(folder / "validation.jsonl", random_docs(20, 30, "v "))
+    (folder / "test.csv").write_text("text\nnever read\n")
+    e = entry(folder)
+    check_source(e, evaluated=True)
+    with pytest.raises(DataError, match="has no files to train on"):
+        check_source(e)
+    blocks = heldout_blocks(
+        DatasetConfig(datasets=[], eval_datasets=[e], max_seq_length=16), AutoTokenizer.from_pretrained(small_tokenizer)
+    )
+    assert list(blocks) == ["d"] and blocks["d"].ids.numel() > 16
+    (folder / "validation.jsonl").unlink()
+    write_jsonl(folder / "train.jsonl", random_docs(5, 30, "t "))
+    with pytest.raises(DataError, match="no held-out text to evaluate"):
+        check_source(e, evaluated=True, heldout_fraction=0)
 
 
 def test_long_csv_fields_and_byte_order_marks(tmp_path):
@@ -349,6 +376,8 @@ def test_the_check_reads_a_dataset_whole_not_file_by_file(tmp_path):
     (books / "a.txt").write_text("one book\n")
     with pytest.raises(DataError, match="has 1 training files \\(text_unit: file\\) for 3 workers"):
         check_source(entry(books, format="text", text_unit="file"), workers=3, heldout_fraction=0)
+    with pytest.raises(DataError, match="text_unit: file makes each file of format text one document; part-0"):
+        check_source(entry(folder, text_unit="file"))  # a folder of jsonl: records are its documents
 
 
 def test_skip_bad_records_skips_and_counts(tmp_path, small_tokenizer):
@@ -452,15 +481,17 @@ def test_exact_resume_on_a_worker_of_several(tmp_path, small_tokenizer, caplog):
     with DataMixture(sources, opts) as full:
         blocks = [full.next_block() for _ in range(250)]
         assert full.stats()["passes/s"] >= 1
+    indices = []
     for cut in (7, 64, 111, 203):
         with DataMixture(sources, opts) as first:
             for _ in range(cut):
                 first.next_block()
             state = json.loads(json.dumps(first.state_dict()))
-        assert any(p["index"] > 0 for p in state["sources"])
+        indices += [p["index"] for p in state["sources"]]
         with DataMixture(sources, opts, state) as resumed:
             rest = [resumed.next_block() for _ in range(250 - cut)]
         assert all(i == j and np.array_equal(x, y) for (i, x), (j, y) in zip(rest, blocks[cut:]))
+    assert max(indices) > 0  # the positions carried running indices past the first document
     one = DataOptions(small_tokenizer, seq_len=8, seed=4, heldout_fraction=0.15, engine="local")
     with DataMixture(sources, one) as full:
         blocks = [full.next_block() for _ in range(60)]
@@ -475,6 +506,14 @@ def test_exact_resume_on_a_worker_of_several(tmp_path, small_tokenizer, caplog):
     with caplog.at_level("WARNING", logger="peerlab.data"):  # several workers: approximate, and it says so
         DataMixture(sources, opts, state).close()
     assert "predates the running document index" in caplog.text
+    caplog.clear()
+    with DataMixture(sources, opts) as first:
+        first.next_block()
+        state = first.state_dict()
+    del state["shares"]  # written when workers took index % W
+    with caplog.at_level("WARNING", logger="peerlab.data"):
+        DataMixture(sources, opts, state).close()
+    assert "rank modulo the workers" in caplog.text
 
 
 def test_same_seed_same_blocks_other_seed_other_order(tmp_path, small_tokenizer):

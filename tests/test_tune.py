@@ -121,6 +121,20 @@ def test_mixes_of_different_datasets_are_evaluated_on_the_same_ones(demo_corpus,
         config_from_dict(base)
 
 
+def test_a_sweep_saved_before_eval_datasets_is_the_same_sweep(demo_corpus):
+    """Its saved trials have no dataset_config.eval_datasets; today's plan of the same mixes has an empty one."""
+    plan_key = ablate_module().plan_key
+    base = load_config(ROOT / "configs" / "demo.yaml")
+    trials = [asdict(t) for t in plan_trials(base, load_mixes(ROOT / "configs" / "datasets.yaml"), search_space([]), 1)]
+    assert all(t["config"]["dataset_config"]["eval_datasets"] == [] for t in trials)  # the mixes share datasets
+    saved = json.loads(json.dumps(trials))
+    for t in saved:
+        del t["config"]["dataset_config"]["eval_datasets"]
+    assert plan_key(saved) == plan_key(trials)
+    saved[0]["config"]["train_config"]["seed"] += 1
+    assert plan_key(saved) != plan_key(trials)
+
+
 def test_asha_first_cut_is_the_metrics_first_report():
     base = load_config(ROOT / "configs" / "demo.yaml", ["train_config.eval_steps=20", "train_config.logging_steps=5"])
     mixes = load_mixes(ROOT / "configs" / "datasets.yaml")

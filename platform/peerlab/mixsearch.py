@@ -1042,9 +1042,9 @@ class MixPlan:
 
         setting = {k: v for k, v in suggestion.items() if k not in ("mix", "seed", "mix_id")}
         raw = apply_to_config(self.base, setting)
-        raw["dataset_config"]["datasets"] = [
-            {**self.entries[d], "weight": float(suggestion["mix"][d])} for d in self.domains
-        ]
+        d = raw["dataset_config"]
+        d["datasets"] = [{**self.entries[x], "weight": float(suggestion["mix"][x])} for x in self.domains]
+        d["eval_datasets"] = [e for e in d.get("eval_datasets") or [] if e["name"] not in self.domains]
         raw["train_config"]["seed"] = int(suggestion["seed"])
         trial_id = suggestion["mix_id"]
         if raw.get("wandb_config"):

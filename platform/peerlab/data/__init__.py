@@ -53,7 +53,7 @@ def check_data(dataset_config, model_config=None, workers: int = 1):
         check_source(entry, workers=workers, heldout_fraction=dataset_config.heldout_fraction)
         check_hub_dataset(entry)
     for entry in dataset_config.eval_datasets:  # read for their held-out part only
-        check_source(entry)
+        check_source(entry, heldout_fraction=dataset_config.heldout_fraction, evaluated=True)
         check_hub_dataset(entry)
     tokenizer = load_tokenizer(dataset_config.tokenizer_name)
     if model_config is not None and len(tokenizer) > model_config.vocab_size:

@@ -10,8 +10,8 @@ share of blocks.
 blocks so far fall furthest below its normalised weight times the blocks drawn (ties
 broken in a seeded order). On every worker, after n blocks each dataset's count is within
 one block of weight x n. Worker r of W reads the documents whose running index in the pass
-is r modulo W (`peerlab.data.sources.select`), so workers see different text, each about
-1/W of it, and need no coordination.
+`peerlab.data.sources.worker_of` gives it (one of each W consecutive numbers, in a seeded
+order), so workers see different text, each about 1/W of it, and need no coordination.
 
 A finite dataset that runs out starts another pass (its files in a new seeded order, the
 pass logged and counted); a dataset with no text at all is an error. `state_dict()` holds,
@@ -40,6 +40,7 @@ from peerlab.data.sources import DataError, Selection, is_local, make_datasource
 from peerlab.data.tokenizer import cached_tokenizer, encoder_spec, eos_id
 
 log = logging.getLogger("peerlab.data")
+SHARES = "runs of W"  # how workers share a pass (sources.worker_of), kept with a saved position
 # Bytes of token ids per Ray Data block. Ray Data joins what a read task yields into blocks of up to
 # DataContext.target_max_block_size (128 MiB by default), so each block, the first included, would
 # wait for tens of millions of tokens. A few tables a block keep the stream moving (BENCHMARKS.md,
@@ -325,6 +326,14 @@ class DataMixture:
                 opts.rank,
                 opts.world,
             )
+        elif state and opts.world > 1 and state.get("shares") != SHARES:
+            log.warning(
+                "the saved data position was written when workers took the documents whose index is their rank "
+                "modulo the workers: worker %d of %d continues the rest of the current pass approximately "
+                "(documents may be repeated or skipped until the next pass begins)",
+                opts.rank,
+                opts.world,
+            )
         if state and [d["name"] for d in state["datasets"]] != [d.name for d in datasets]:
             raise DataError("the saved data position belongs to another mix of datasets")
         self.streams = [SourceStream(d, i, opts, positions[i]) for i, d in enumerate(datasets)]
@@ -374,6 +383,7 @@ class DataMixture:
         return {
             "datasets": [{"name": d.name, "path": d.path} for d in self.datasets],
             "sources": [asdict(s.position) for s in self.streams],
+            "shares": SHARES,
         }
 
     def stats(self) -> dict[str, float]:

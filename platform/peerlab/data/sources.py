@@ -121,8 +121,9 @@ def _split_of(path: Path, root: Path, wanted: str) -> str | None:
     return None
 
 
-def list_files(entry: DatasetEntry) -> FileList:
-    """The local files of an entry, sorted; raises DataError for a missing path or an empty folder."""
+def list_files(entry: DatasetEntry, train: bool = True) -> FileList:
+    """The local files of an entry, sorted; raises DataError for a missing path or an empty folder, and
+    (`train`) for a folder without files to train on: one of held-out files only is enough to evaluate."""
     root = Path(entry.path).expanduser()
     if not root.exists():
         raise DataError(f"dataset '{entry.name}': path {entry.path} does not exist")
@@ -139,26 +140,27 @@ def list_files(entry: DatasetEntry) -> FileList:
         what = f"; it holds {', '.join(found)} files" if found else ""
         kind = entry.format or "json, jsonl, csv, txt or parquet"
         raise DataError(f"dataset '{entry.name}': folder {entry.path} holds no {kind} files (or .gz of them){what}")
-    formats = {"json" if kinds[p] in json_like else kinds[p] for p in files}
+    split = {p: _split_of(p, root, entry.split) for p in files}
+    read = [p for p in files if split[p] != "test"]  # test files are never read
+    formats = {"json" if kinds[p] in json_like else kinds[p] for p in read}
     if entry.format is None and len(formats) > 1:  # a README.txt or LICENSE.txt beside the data is not data
         by_kind = {
-            f: next(p.name for p in files if ("json" if kinds[p] in json_like else kinds[p]) == f) for f in formats
+            f: next(p.name for p in read if ("json" if kinds[p] in json_like else kinds[p]) == f) for f in formats
         }
         listed = ", ".join(f"{f} ({name})" for f, name in sorted(by_kind.items()))
         raise DataError(
             f"dataset '{entry.name}': folder {entry.path} holds files of several formats: {listed}; "
             "set its format to read one kind"
         )
-    split = {p: _split_of(p, root, entry.split) for p in files}
     heldout = tuple(p for p in files if split[p] in HELDOUT_SPLITS)
     named = tuple(p for p in files if split[p] == entry.split.lower())
-    train = named or tuple(p for p in files if split[p] not in NOT_TRAINING_SPLITS)
-    if not train:
+    training = named or tuple(p for p in files if split[p] not in NOT_TRAINING_SPLITS)
+    if not training and (train or not heldout):
         raise DataError(
             f"dataset '{entry.name}': folder {entry.path} has no files to train on for split '{entry.split}' "
             f"(files or subfolders named {', '.join(NOT_TRAINING_SPLITS)} are never trained on); add train* files"
         )
-    return FileList(root, train, heldout)
+    return FileList(root, training, heldout)
 
 
 def split_refusal(split: str) -> str:
@@ -297,7 +299,7 @@ class Selection:
     """Which documents of a source a stream takes.
 
     part: "train" or "heldout"; rank/world: keep the documents whose running index (in the
-    pass) is rank modulo world; start: (file, row) to begin at, for resuming, and index: the
+    pass) `worker_of` gives to rank; start: (file, row) to begin at, for resuming, and index: the
     running index of the first document at or after it; heldout_fraction: for the hash rule.
     """
 
@@ -327,14 +329,22 @@ def _tables(pass_: int, docs: Iterator[tuple[int, int, int, str | None]]) -> Ite
         )
 
 
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a well-mixed 64-bit hash of x."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 @functools.lru_cache(maxsize=64)
 def _ranks_of_group(group: int, world: int) -> tuple[int, ...]:
-    return tuple(np.random.default_rng([group, world]).permutation(world).tolist())
+    return tuple(sorted(range(world), key=lambda rank: _mix64(group * world + rank)))
 
 
 def worker_of(index: int, world: int) -> int:
     """The worker that reads the document of running index `index`: each run of `world` documents goes one to
-    each worker, in an order drawn from the run's number (a seeded permutation), so every worker gets within one
+    each worker, in an order drawn from the run's number (a hash of it), so every worker gets within one
     document of 1/world of a pass, and a pattern in the data (short and long records taking turns) does
     not follow one worker as index % world would."""
     if world == 1:
@@ -392,7 +402,7 @@ def hub_documents(entry: DatasetEntry, sel: Selection, pass_: int = 0) -> Iterat
 
 def source_files(entry: DatasetEntry, part: str) -> tuple[list[tuple[str, Path]], bool]:
     """[(stable name, path)] of the files a part of a local source reads, and whether the hash rule applies."""
-    files = list_files(entry)
+    files = list_files(entry, train=part == "train")
     if part == "heldout" and files.heldout:
         chosen, hashed = files.heldout, False
     else:
@@ -541,18 +551,28 @@ def documents(entry: DatasetEntry, sel: Selection) -> Iterator[tuple[int, int, s
                 yield doc
 
 
-def check_source(entry: DatasetEntry, records: int = 100, workers: int = 1, heldout_fraction: float = 0.01) -> None:
+def check_source(
+    entry: DatasetEntry, records: int = 100, workers: int = 1, heldout_fraction: float = 0.01, evaluated: bool = False
+) -> None:
     """Read the first records of every file of a local source: paths, formats, JSON, fields and text.
 
     Empty files and records are left out; a source with no text to train on at all is an error
     (past the first records only where they have none), and so is a small source (every file read
     whole) with fewer training documents than `workers`: workers share a pass by documents, so the
     others would have none. Raises DataError with a one-line message; meant to run before Ray
-    starts. Hub sources are not checked here (that would need the network).
+    starts. An `evaluated` source (eval_datasets: never trained on) needs held-out text instead.
+    Hub sources are not checked here (that would need the network).
     """
     if not is_local(entry):
         return
-    files = list_files(entry)
+    files = list_files(entry, train=not evaluated)
+    if entry.text_unit == "file":
+        not_text = [p for p in files.train + files.heldout if file_format(entry, p) != "text"]
+        if not_text:
+            raise DataError(
+                f"dataset '{entry.name}': text_unit: file makes each file of format text one document; "
+                f"{not_text[0].name} is {file_format(entry, not_text[0])}, whose documents are its records"
+            )
     text_of = TextOf(entry)
     found, whole = False, True  # text in the records read; every training file read to its end
     for path in files.train + files.heldout:
@@ -566,9 +586,16 @@ def check_source(entry: DatasetEntry, records: int = 100, workers: int = 1, held
             if seen >= records:
                 whole = whole and path not in files.train
                 break
+    if evaluated:
+        if next(documents(entry, Selection(part="heldout", heldout_fraction=heldout_fraction)), None) is None:
+            raise DataError(
+                f"dataset '{entry.name}': {entry.path} has no held-out text to evaluate (it is in eval_datasets); "
+                "give it heldout* or validation* files, or set dataset_config.heldout_fraction above 0"
+            )
+        return
     train = Selection(part="train", heldout_fraction=heldout_fraction)
-    if whole:  # a small source: count its training documents
-        count = sum(1 for _ in documents(entry, train))
+    if whole and (workers > 1 or not found):  # a small source: count its training documents, up to `workers`
+        count = sum(1 for _ in itertools.islice(documents(entry, train), workers))
         if count == 0:
             raise DataError(f"dataset '{entry.name}': {entry.path} has no text to train on")
         if count < workers:
@@ -578,7 +605,7 @@ def check_source(entry: DatasetEntry, records: int = 100, workers: int = 1, held
                 "workers share a dataset by documents, so some would have none: split its text into more "
                 "documents, or train on fewer workers"
             )
-    elif not found and next(documents(entry, train), None) is None:  # the first records were empty: read on
+    elif not whole and not found and next(documents(entry, train), None) is None:  # first records empty: read on
         raise DataError(f"dataset '{entry.name}': {entry.path} has no text to train on")
 
 

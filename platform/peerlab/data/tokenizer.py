@@ -64,7 +64,7 @@ def load_tokenizer(name: str):
     if eos_id(tok) is None:
         raise TokenizerError(
             f"tokenizer '{name}' has no end-of-text token to join documents with; name one as eos_token in its "
-            "tokenizer_config.json (e.g. \"eos_token\": \"<|endoftext|>\")"
+            'tokenizer_config.json (e.g. "eos_token": "<|endoftext|>")'
         )
     return tok
 
