@@ -710,12 +710,15 @@ def test_ray_stream_without_text_for_a_worker_is_a_one_line_error(
     ray_cluster, tmp_path, small_tokenizer, monkeypatch, head_tokens
 ):
     monkeypatch.setattr(mixture, "HEAD_TOKENS", head_tokens)
-    path = write_jsonl(tmp_path / "one.jsonl", [{"text": "alpha beta gamma"}])  # row 0: worker 0 of 2 only
-    opts = DataOptions(small_tokenizer, seq_len=4, rank=1, world=2, heldout_fraction=0, engine="ray")
+    from peerlab.data.sources import worker_of
+
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": "alpha beta gamma"}])  # one document: one worker's
+    idle = 1 - worker_of(0, 2)  # the worker without it
+    opts = DataOptions(small_tokenizer, seq_len=4, rank=idle, world=2, heldout_fraction=0, engine="ray")
     with pytest.raises(DataError) as err:
         with DataMixture([entry(path)], opts) as mix:
             mix.next_block()
-    assert "\n" not in str(err.value) and "yields no text for worker 1 of 2" in str(err.value)
+    assert "\n" not in str(err.value) and f"yields no text for worker {idle} of 2" in str(err.value)
 
 
 # --------------------------------------------------------------------------------------
