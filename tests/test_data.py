@@ -279,6 +279,28 @@ def test_splits_are_named_by_subfolders_and_by_words_of_file_names(tmp_path):
     assert {t.split()[0] for t in texts_of(e, heldout_fraction=0)} == {"contest"}
 
 
+def test_the_files_a_folder_never_reads_are_said_before_ray_starts(demo_corpus, tmp_path, capsys):
+    """A folder's split words can set files aside; the run says which, once, before Ray starts."""
+    from peerlab.cli import checked_data
+
+    folder = tmp_path / "ds"
+    write_jsonl(folder / "train" / "part-0.jsonl", random_docs(20, 8, "t "))
+    write_jsonl(folder / "validation" / "part-0.jsonl", random_docs(5, 8, "v "))
+    write_jsonl(folder / "unit_test_cases.jsonl", random_docs(5, 8, "u "))
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [f"dataset_config.datasets.{i}.path={demo_corpus / d}" for i, d in enumerate(DOMAINS)]
+        + [f"dataset_config.datasets.0.path={folder}", f"dataset_config.tokenizer_name={demo_corpus / 'tokenizer'}"],
+    )
+    checked_data(cfg)
+    checked_data(cfg)  # (a sweep checks each mix: said once)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        f"dataset 'prose': {folder} trains on 1 files, holds out 1 (validation/part-0.jsonl), "
+        "never reads 1 (unit_test_cases.jsonl)"
+    ]
+
+
 @pytest.mark.parametrize("split", ["validation", "heldout", "test", "Test"])
 def test_a_held_out_split_name_on_a_local_source_is_refused_at_load(demo_corpus, split):
     from peerlab.config import ConfigError

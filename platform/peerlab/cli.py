@@ -77,9 +77,30 @@ def checked_data(cfg: Config):
     if any(reads_demo_corpus(e.path) for e in [*d.datasets, *d.eval_datasets]):
         prepare_demo_corpus(DEMO_DATA)
     try:
-        return check_data(cfg.dataset_config, cfg.model_config, workers=max(cfg.train_config.num_workers, 1))
+        tokenizer = check_data(cfg.dataset_config, cfg.model_config, workers=max(cfg.train_config.num_workers, 1))
     except (DataError, TokenizerError) as err:
         raise UsageError(str(err)) from None
+    for entry in d.datasets:  # a folder with files it never reads (test/, another split): said once a process
+        said = split_summary(entry)
+        if said and entry.path not in _said:
+            _said.add(entry.path)
+            print(f"dataset '{entry.name}': {entry.path} {said}", flush=True)
+    return tokenizer
+
+
+_said: set[str] = set()  # the folders whose split_summary was printed
+
+
+def split_summary(entry) -> str:
+    """FileList.summary of a local folder with files it never reads (empty otherwise: a file, a hub dataset,
+    a folder that trains on all its files, or on all but its held-out ones)."""
+    from peerlab.data import list_files
+    from peerlab.data.sources import is_local
+
+    if not is_local(entry) or not Path(entry.path).expanduser().is_dir():
+        return ""
+    files = list_files(entry)
+    return files.summary() if files.unread else ""
 
 
 def checked_evals(cfg: Config) -> None:

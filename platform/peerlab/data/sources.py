@@ -101,11 +101,29 @@ def file_format(entry: DatasetEntry, path: Path) -> str:
 
 @dataclass(frozen=True)
 class FileList:
-    """The files of a local source: those it trains on and those it holds out (may be empty)."""
+    """The files of a local source: those it trains on, those it holds out, and those it never reads (a folder's
+    test files, and the files of another split than the one it trains on); the last two may be empty."""
 
     root: Path
     train: tuple[Path, ...]
     heldout: tuple[Path, ...]
+    unread: tuple[Path, ...] = ()
+
+    def summary(self) -> str:
+        """What a folder's split names do with its files, in words; empty where it trains on all of them."""
+        if not (self.heldout or self.unread):
+            return ""
+
+        def some(paths) -> str:
+            names = [str(p.relative_to(self.root)) for p in paths[:3]]
+            return ", ".join(names) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+        parts = [f"trains on {len(self.train)} files"]
+        if self.heldout:
+            parts.append(f"holds out {len(self.heldout)} ({some(self.heldout)})")
+        if self.unread:
+            parts.append(f"never reads {len(self.unread)} ({some(self.unread)})")
+        return ", ".join(parts)
 
 
 def _split_of(path: Path, root: Path, wanted: str) -> str | None:
@@ -160,7 +178,8 @@ def list_files(entry: DatasetEntry, train: bool = True) -> FileList:
             f"dataset '{entry.name}': folder {entry.path} has no files to train on for split '{entry.split}' "
             f"(files or subfolders named {', '.join(NOT_TRAINING_SPLITS)} are never trained on); add train* files"
         )
-    return FileList(root, training, heldout)
+    unread = tuple(p for p in files if p not in training and p not in heldout)
+    return FileList(root, training, heldout, unread)
 
 
 def split_refusal(split: str) -> str:
