@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from peerlab.tables import trial_column
 
 DEFAULT_METRIC = "eval_bpb/mean"
 TABLES = ("trials", "curves", "usage", "evals", "usage_by_source")
@@ -158,11 +159,6 @@ def metric_columns(trials: pd.DataFrame) -> list[str]:
 def cost_columns(trials: pd.DataFrame) -> list[str]:
     costs = ("flops_per_token", "params_total", "tokens", "flops", "steps", "wall_s", "params_active")
     return [c for c in costs if c in trials.columns]
-
-
-def trial_column(metric: str) -> str:
-    """trials.parquet's column of a sweep metric: the training loss (`--metric loss`) is `final_loss` there."""
-    return "final_loss" if metric == "loss" else metric
 
 
 def lower_is_better(metric: str) -> bool:

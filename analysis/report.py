@@ -53,10 +53,10 @@ from analysis.load import (  # noqa: E402
     lower_is_better,
     metric_columns,
     mix_table,
-    trial_column,
     usable,
 )
 from analysis import plots  # noqa: E402
+from peerlab.tables import trial_column  # noqa: E402
 from analysis.scales import (  # noqa: E402
     crossings,
     rank_agreement,

@@ -43,7 +43,8 @@ def best_checkpoint(sweep_dir: Path, metric: str | None = None, mode: str | None
     from peerlab.tune import trial_dir
 
     from analysis.compare import leaderboard
-    from analysis.load import load_sweep, trial_column
+    from analysis.load import load_sweep
+    from peerlab.tables import trial_column
 
     try:
         sweep = load_sweep(sweep_dir)

@@ -280,11 +280,6 @@ MALFORMED = [
         "not a valid template",
     ),
     ("scheduler typo", setter("train_config.lr_scheduler_type", "cosin"), "did you mean 'cosine'?"),
-    (
-        "text_unit file on records",
-        setter("dataset_config.datasets.0.text_unit", "file"),
-        "datasets.0.text_unit: 'file' makes each file of format text one document; the documents of json",
-    ),
     ("log level", setter("train_config.log_level", "verbose"), "train_config.log_level: must be one of"),
     ("warmup ratio", setter("train_config.warmup_ratio", 1.5), "warmup_ratio: must be in [0, 1)"),
     (

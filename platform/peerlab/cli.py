@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -191,7 +190,7 @@ def checked_resume(cfg: Config) -> Config:
     downloaded into a temporary folder and checked against its manifest). Anything else exits 2
     with one line.
     """
-    from peerlab.train.checkpoint import CheckpointError, resolve
+    from peerlab.train.checkpoint import CheckpointError, resolve, step_of
 
     t = cfg.train_config
     if not t.resume_from_checkpoint:
@@ -200,7 +199,7 @@ def checked_resume(cfg: Config) -> Config:
         folder = resolve(fetched(t.resume_from_checkpoint))
     except CheckpointError as err:
         raise UsageError(f"train_config.resume_from_checkpoint: {err}") from None
-    step = json.loads((folder / "trainer.json").read_text()).get("step", 0)
+    step = step_of(folder)
     if t.max_steps and step > t.max_steps:
         raise UsageError(
             f"train_config.resume_from_checkpoint: {folder} is at step {step}, past max_steps = {t.max_steps}; "

@@ -503,15 +503,6 @@ def check_dataset_entry(entry: DatasetEntry, path: str, src: _Source) -> None:
     if entry.format is not None:
         _one_of(entry.format, DATA_FORMATS, f"{path}.format", src)
     _one_of(entry.text_unit, TEXT_UNITS, f"{path}.text_unit", src)
-    if entry.text_unit == "file":
-        from peerlab.data.sources import extension_format  # (it imports this module)
-
-        fmt = entry.format or extension_format(Path(entry.path))
-        if fmt not in (None, "text"):
-            raise src.error(
-                f"{path}.text_unit",
-                f"'file' makes each file of format text one document; the documents of {fmt} are its records",
-            )
     if (entry.text_field is None) == (entry.text_template is None):
         which = "neither is set" if entry.text_field is None else "both are set"
         raise src.error(path, f"set exactly one of text_field and text_template ({which})")

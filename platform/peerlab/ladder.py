@@ -535,7 +535,9 @@ def cell_means(trials, metric: str) -> dict[str, float]:
     The training loss (`loss`) is trials.parquet's `final_loss`. A failed run is left out: what it logged
     before it failed is not its scale's result (the report's boards leave it out too).
     """
-    column = "final_loss" if metric == "loss" else metric
+    from peerlab.tables import trial_column
+
+    column = trial_column(metric)
     cells = trials["cell"]
     if column not in trials:
         return {c: math.nan for c in cells.unique()}

@@ -26,6 +26,11 @@ from peerlab.tracking import EVAL_KEYS, read_evals, read_metrics
 from peerlab.tune import Trial, read_attempts, trial_dir, trial_status
 
 
+def trial_column(metric: str) -> str:
+    """trials.parquet's column of a sweep metric: the training loss (`--metric loss`) is `final_loss` there."""
+    return "final_loss" if metric == "loss" else metric
+
+
 def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.DataFrame) -> dict:
     """The trials.parquet row of one trial (metrics NaN where the trial has none), from its metrics.jsonl
     records (one per step, in step order) and its evals.jsonl rows."""
@@ -67,7 +72,7 @@ def trial_row(trial: Trial, sweep_dir: Path, records: list[dict], evals: pd.Data
     logged = [r for r in records if "loss" in r]
     evaluated = [r for r in records if any(k.startswith("eval_") for k in r)]
     last = logged[-1] if logged else {}
-    row["final_loss"] = last.get("loss", float("nan"))
+    row[trial_column("loss")] = last.get("loss", float("nan"))
     row["steps"] = int(last.get("step", 0))
     row["tokens"] = int(sum(v for k, v in last.items() if k.startswith("tokens_seen/")))
     row["flops"] = 6.0 * active * row["tokens"]

@@ -110,9 +110,7 @@ class FileList:
     unread: tuple[Path, ...] = ()
 
     def summary(self) -> str:
-        """What a folder's split names do with its files, in words; empty where it trains on all of them."""
-        if not (self.heldout or self.unread):
-            return ""
+        """What a folder's split names do with its files, in words."""
 
         def some(paths) -> str:
             names = [str(p.relative_to(self.root)) for p in paths[:3]]
@@ -149,10 +147,12 @@ def list_files(entry: DatasetEntry, train: bool = True) -> FileList:
         raise DataError(f"dataset '{entry.name}': {split_refusal(entry.split)}")
     if root.is_file():  # a file named as the dataset is trained on, whatever its name (the hash rule holds out)
         return FileList(root.parent, (root,), ())
-    kinds = {p: extension_format(p) for p in sorted(root.rglob("*")) if p.is_file()}
-    json_like = {"json", "jsonl"}  # one reader for both
-    wanted = json_like if entry.format in json_like else {entry.format}
-    files = [p for p, kind in kinds.items() if kind is not None and (entry.format is None or kind in wanted)]
+    def family(fmt: str | None) -> str | None:
+        return "json" if fmt == "jsonl" else fmt  # one reader for json and jsonl
+
+    kinds = {p: family(extension_format(p)) for p in sorted(root.rglob("*")) if p.is_file()}
+    wanted = family(entry.format)
+    files = [p for p, kind in kinds.items() if kind is not None and wanted in (None, kind)]
     if not files:
         found = sorted({k for k in kinds.values() if k})
         what = f"; it holds {', '.join(found)} files" if found else ""
@@ -160,12 +160,9 @@ def list_files(entry: DatasetEntry, train: bool = True) -> FileList:
         raise DataError(f"dataset '{entry.name}': folder {entry.path} holds no {kind} files (or .gz of them){what}")
     split = {p: _split_of(p, root, entry.split) for p in files}
     read = [p for p in files if split[p] != "test"]  # test files are never read
-    formats = {"json" if kinds[p] in json_like else kinds[p] for p in read}
-    if entry.format is None and len(formats) > 1:  # a README.txt or LICENSE.txt beside the data is not data
-        by_kind = {
-            f: next(p.name for p in read if ("json" if kinds[p] in json_like else kinds[p]) == f) for f in formats
-        }
-        listed = ", ".join(f"{f} ({name})" for f, name in sorted(by_kind.items()))
+    first = {kinds[p]: p.name for p in reversed(read)}  # each format read, and its first file
+    if entry.format is None and len(first) > 1:  # a README.txt or LICENSE.txt beside the data is not data
+        listed = ", ".join(f"{f} ({name})" for f, name in sorted(first.items()))
         raise DataError(
             f"dataset '{entry.name}': folder {entry.path} holds files of several formats: {listed}; "
             "set its format to read one kind"

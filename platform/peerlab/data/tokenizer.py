@@ -40,7 +40,7 @@ def load_tokenizer(name: str):
         raise TokenizerError(f"tokenizer folder {name} does not exist; check dataset_config.tokenizer_name")
     if path.is_dir():
         try:
-            tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+            tok = AutoTokenizer.from_pretrained(str(path))
         except Exception as err:  # a folder without tokenizer files, or broken ones
             raise TokenizerError(f"tokenizer folder {name} cannot be loaded: {str(err).splitlines()[0]}") from None
     else:

@@ -165,6 +165,11 @@ def load(folder: Path) -> Loaded:
     )
 
 
+def step_of(folder: Path) -> int:
+    """The training step a checkpoint was written at (its trainer.json)."""
+    return int(json.loads((Path(folder) / "trainer.json").read_text()).get("step", 0))
+
+
 def latest(checkpoints: Path) -> Path | None:
     """The newest complete checkpoint under `checkpoints/` (damaged or unfinished ones are skipped)."""
     found = []

@@ -15,8 +15,8 @@ as if one process had taken the whole global batch. What the wrappers leave to u
 - BatchNorm's running statistics. FSDP2 does not synchronise buffers, and DDP is told not to
   (its default broadcast of rank 0's before each step would drop the other workers' updates),
   so each worker's follow its own batches. `sync_buffers` pools them over the workers before
-  every evaluation and save, so every rank evaluates (and rank 0 saves) the same model. In training BatchNorm normalises with each worker's own
-  micro-batch statistics (as DDP does by default and the paper's per-batch statistics), not
+  every evaluation and save, so every rank evaluates (and rank 0 saves) the same model. In
+  training BatchNorm normalises with each worker's own micro-batch statistics (as DDP does by default and the paper's per-batch statistics), not
   with the global batch's.
 """
 
@@ -228,8 +228,9 @@ class DataParallel:
         """One optimizer step over `gradient_accumulation_steps` micro-batches (ids (B, T+1) each) from `batches`.
 
         Returns (loss, gradient norm): the loss is the language model's cross-entropy (without MoE balance
-        losses), the mean over all workers; the norm that of the averaged gradient before clipping (the same on every worker). `check(loss, norm)` runs
-        before the optimizer applies the gradients (it may raise to stop the run).
+        losses), the mean over all workers; the norm that of the averaged gradient before clipping (the
+        same on every worker). `check(loss, norm)` runs before the optimizer applies the gradients (it may
+        raise to stop the run).
         """
         accumulation = train.gradient_accumulation_steps
         self.module.train()
