@@ -56,6 +56,12 @@ def grad_scaler(train: TrainConfig, device: torch.device) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, enabled=train.fp16)
 
 
+def optimizer_stepped(scaler: torch.amp.GradScaler, scale_before: float) -> bool:
+    """False where fp16's loss scaler skipped the step: non-finite gradients lower its scale and leave the
+    weights as they were (`scale_before`: `scaler.get_scale()` before the step; 1.0 for a disabled scaler)."""
+    return not scaler.is_enabled() or scaler.get_scale() >= scale_before
+
+
 def set_tf32(train: TrainConfig) -> None:
     torch.backends.cuda.matmul.allow_tf32 = train.tf32
     torch.backends.cudnn.allow_tf32 = train.tf32

@@ -47,7 +47,7 @@ from peerlab.train.allocator import reuse_freed_memory
 from peerlab.train.compiling import apply_compile, eager
 from peerlab.train.distributed import DataParallel, Place, gather, mean_across, sync_buffers, where_am_i
 from peerlab.train.optim import build_optimizer, build_scheduler, sparse_experts_on, total_steps
-from peerlab.train.precision import apply_float8, autocast, describe, grad_scaler, set_tf32
+from peerlab.train.precision import apply_float8, autocast, describe, grad_scaler, optimizer_stepped, set_tf32
 from peerlab.train.utilization import compute_precision, device_peaks, utilization
 
 log = logging.getLogger("peerlab.train")
@@ -321,9 +321,11 @@ def train_loop(loop_config: dict) -> dict:
             micro_batches = range(t.gradient_accumulation_steps)
             batches = (fed(by_source, *data.next_batch(t.per_device_train_batch_size)) for _ in micro_batches)
             check = functools.partial(stop_if_not_finite, step, fp16=t.fp16, place=place, run_dir=run_dir)
+            scale = scaler.get_scale()
             step_loss, grad_norm = parallel.step(batches, optimizer, scaler, amp, t, check)
             lr = optimizer.param_groups[0]["lr"]  # what this step used
-            scheduler.step()
+            if optimizer_stepped(scaler, scale):  # a step fp16's scaler skipped leaves the schedule where it was
+                scheduler.step()
             window_tokens += tokens_per_step
             window_train_s += time.perf_counter() - step_start
 
