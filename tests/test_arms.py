@@ -164,7 +164,10 @@ def pkm_brute_force(layer: PKM, x: torch.Tensor):
 
 @pytest.mark.parametrize("bn", [True, False])
 def test_pkm_retrieval_and_output_match_brute_force(bn):
+    """Each head searches its own sub-keys (Lample et al. 2019, Sec. 3.3; XLM's mem_use_different_keys) and all
+    heads share the values."""
     layer = make_pkm(bn=bn).eval()
+    assert layer.sub_keys.shape == (3 * (6 + 7), 5)  # three heads' pairs of sub-key sets
     x = torch.randn(20, 8, dtype=torch.float64)
     scores, indices = layer.retrieve(x)
     ref_scores, ref_indices, ref_y = pkm_brute_force(layer, x)

@@ -33,16 +33,24 @@ def make_peer(n1, n2, k, heads, dim=16, query_dim=12, hidden=1, bn=True, seed=0)
 
 
 def brute_force(layer: PEER, x: torch.Tensor):
-    """Score all N experts of every head directly and take the top k."""
+    """Score all N experts of every head directly and take the top k.
+
+    The sub-keys are one pair of sets for all heads (PEER), or one pair per head, head h's at rows
+    h * (n1 + n2) onwards (PKM, Lample et al. 2019, Sec. 3.3).
+    """
     q = layer.query(x)
     if layer.query_norm is not None:
         q = layer.query_norm(q)
     half = layer.query_dim // 2
     q = q.view(x.shape[0], layer.num_heads, 2, half)
-    keys1, keys2 = layer.sub_keys[: layer.n1], layer.sub_keys[layer.n1 :]
+    key_sets = layer.sub_keys.view(-1, layer.n1 + layer.n2, half)  # (1 or H, n1 + n2, half)
     experts = torch.arange(layer.num_experts)
-    full = q[:, :, 0] @ keys1[experts // layer.n2].t() + q[:, :, 1] @ keys2[experts % layer.n2].t()  # (M, H, N)
-    return full.topk(layer.k, dim=-1)
+    full = []
+    for h in range(layer.num_heads):
+        keys = key_sets[h if len(key_sets) > 1 else 0]
+        keys1, keys2 = keys[: layer.n1], keys[layer.n1 :]
+        full.append(q[:, h, 0] @ keys1[experts // layer.n2].t() + q[:, h, 1] @ keys2[experts % layer.n2].t())  # (M, N)
+    return torch.stack(full, 1).topk(layer.k, dim=-1)  # (M, H, k) each
 
 
 @pytest.mark.parametrize(

@@ -187,9 +187,10 @@ def topk_by_groups(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
 
 class PeerlabProductKeys(nn.Module):
-    """Product-key retrieval shared by PEER and PKM: the query (+ BatchNorm) and the two sub-key sets."""
+    """Product-key retrieval shared by PEER and PKM: the query (+ BatchNorm) and the two sub-key sets (one pair
+    shared by all heads in PEER; one pair per head in PKM: `per_head_keys`)."""
 
-    def __init__(self, section: dict, hidden_size: int):
+    def __init__(self, section: dict, hidden_size: int, per_head_keys: bool = False):
         super().__init__()
         self.num_heads, self.k, self.query_dim = (
             section["num_heads"],
@@ -201,7 +202,9 @@ class PeerlabProductKeys(nn.Module):
         self.query = nn.Linear(hidden_size, self.num_heads * self.query_dim, bias=False)
         self.query_norm = nn.BatchNorm1d(self.num_heads * self.query_dim) if section["batch_norm_query"] else None
         half = self.query_dim // 2
-        self.sub_keys = nn.Parameter(torch.empty(self.n1 + self.n2, half))  # rows c_1..c_n1, then c'_1..c'_n2
+        self.key_sets = self.num_heads if per_head_keys else 1
+        # per key set (head h's starts at row h * (n1 + n2)): rows c_1..c_n1, then c'_1..c'_n2
+        self.sub_keys = nn.Parameter(torch.empty(self.key_sets * (self.n1 + self.n2), half))
         # Only pairs of ranks (a, b) with (a+1)(b+1) <= k can be among the k best sums (every pair of lower
         # ranks scores at least as high); peerlab searches these, in this order.
         pairs = [(a, b) for a in range(self.k) for b in range(self.k) if (a + 1) * (b + 1) <= self.k]
@@ -213,9 +216,13 @@ class PeerlabProductKeys(nn.Module):
         q = self.query(x)  # (M, H*query_dim)
         if self.query_norm is not None:
             q = self.query_norm(q)
-        halves = q.view(M * self.num_heads, 2, self.query_dim // 2).to(self.sub_keys.dtype)  # (M*H, 2, query_dim/2)
-        top1, i1 = topk_by_groups(halves[:, 0] @ self.sub_keys[: self.n1].t(), self.k)  # (M*H, k) of n1
-        top2, i2 = topk_by_groups(halves[:, 1] @ self.sub_keys[self.n1 :].t(), self.k)  # (M*H, k) of n2
+        halves = q.view(M, self.num_heads, 2, self.query_dim // 2).to(self.sub_keys.dtype)  # (M, H, 2, query_dim/2)
+        keys = self.sub_keys.view(self.key_sets, self.n1 + self.n2, -1).transpose(1, 2)  # (1 or H, query_dim/2, n1+n2)
+        by_head = halves.transpose(0, 1)  # (H, M, 2, query_dim/2)
+        s1 = (by_head[:, :, 0] @ keys[:, :, : self.n1]).transpose(0, 1)  # (M, H, n1)
+        s2 = (by_head[:, :, 1] @ keys[:, :, self.n1 :]).transpose(0, 1)  # (M, H, n2)
+        top1, i1 = topk_by_groups(s1.reshape(M * self.num_heads, self.n1), self.k)  # (M*H, k) of n1
+        top2, i2 = topk_by_groups(s2.reshape(M * self.num_heads, self.n2), self.k)  # (M*H, k) of n2
         rank1, rank2 = (torch.tensor(r, device=x.device) for r in self.pair_ranks)  # (P,) each
         sums = top1.index_select(1, rank1) + top2.index_select(1, rank2)  # (M*H, P)
         scores, best = sums.topk(self.k, dim=-1)  # (M*H, k) into the P pairs
@@ -258,7 +265,7 @@ class PeerlabPKM(PeerlabProductKeys):
     """m(x) = sum_h sum_{i in I_h} softmax(scores)_i v_i."""
 
     def __init__(self, section: dict, hidden_size: int):
-        super().__init__(section, hidden_size)
+        super().__init__(section, hidden_size, per_head_keys=True)  # Lample et al. 2019, Sec. 3.3
         self.values = nn.Parameter(torch.empty(self.num_experts, hidden_size))  # v_i: (N, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -465,8 +465,12 @@ class ProductKeys(nn.Module):
     `retrieve(x)` gives each head's k best keys of the n1 x n2 product set and their scores.
     """
 
-    def __init__(self, config: PeerConfig | PKMConfig, hidden_size: int):
-        """`config`: its num_heads, num_experts_per_tok (k), query_dim, product_key_dim, batch_norm_query."""
+    def __init__(self, config: PeerConfig | PKMConfig, hidden_size: int, per_head_keys: bool = False):
+        """`config`: its num_heads, num_experts_per_tok (k), query_dim, product_key_dim, batch_norm_query.
+
+        `per_head_keys`: each head has its own two sub-key sets (Lample et al. 2019, Sec. 3.3, and their
+        code's default mem_use_different_keys); False: all heads share one pair (PEER, He 2024, Sec. 2).
+        """
         super().__init__()
         num_heads, k, query_dim = config.num_heads, config.num_experts_per_tok, config.query_dim
         batch_norm_query = config.batch_norm_query
@@ -479,8 +483,10 @@ class ProductKeys(nn.Module):
 
         self.query = nn.Linear(hidden_size, num_heads * query_dim, bias=False)
         self.query_norm = nn.BatchNorm1d(num_heads * query_dim) if batch_norm_query else None
-        # Both sub-key sets in one table, shared by all heads: rows 0..n1-1 are c_i, rows n1.. are c'_j.
-        self.sub_keys = nn.Parameter(torch.empty(self.n1 + self.n2, half))  # (n1 + n2, query_dim/2)
+        # Both sub-key sets in one table: rows 0..n1-1 are c_i, rows n1.. are c'_j; with per_head_keys
+        # one such block of n1 + n2 rows per head (head h's block starts at row h * (n1 + n2)).
+        self.key_sets = num_heads if per_head_keys else 1
+        self.sub_keys = nn.Parameter(torch.empty(self.key_sets * (self.n1 + self.n2), half))  # (sets*(n1+n2), qd/2)
         ranks = [(a, b) for a in range(self.k) for b in range(self.k) if (a + 1) * (b + 1) <= self.k]
         self.register_buffer("pair_rank1", torch.tensor([a for a, _ in ranks]), persistent=False)  # (P,)
         self.register_buffer("pair_rank2", torch.tensor([b for _, b in ranks]), persistent=False)  # (P,)
@@ -508,13 +514,23 @@ class ProductKeys(nn.Module):
             halves = q.view(-1, self.query_dim // 2).to(self.sub_keys.dtype)
             with torch.no_grad():
                 pairs = halves.view(-1, 2, self.query_dim // 2)  # (M*H, 2, query_dim/2)
-                s1 = pairs[:, 0] @ self.sub_keys[: self.n1].t()  # (M*H, n1)
-                s2 = pairs[:, 1] @ self.sub_keys[self.n1 :].t()  # (M*H, n2)
+                if self.key_sets == 1:
+                    s1 = pairs[:, 0] @ self.sub_keys[: self.n1].t()  # (M*H, n1)
+                    s2 = pairs[:, 1] @ self.sub_keys[self.n1 :].t()  # (M*H, n2)
+                else:  # each head against its own block of sub-keys
+                    keys = self.sub_keys.view(self.num_heads, self.n1 + self.n2, -1)  # (H, n1+n2, qd/2)
+                    by_head = pairs.view(-1, self.num_heads, 2, pairs.shape[-1])  # (M, H, 2, qd/2)
+                    s1 = torch.einsum("mhd,hnd->mhn", by_head[:, :, 0], keys[:, : self.n1]).reshape(-1, self.n1)
+                    s2 = torch.einsum("mhd,hnd->mhn", by_head[:, :, 1], keys[:, self.n1 :]).reshape(-1, self.n2)
                 search = torch.ops.peerlab.product_key_search if s1.device.type == "cpu" else search_with_torch
                 best_sums, i1, i2 = search(s1, s2, self.k, self.pair_rank1, self.pair_rank2)  # (M*H, k) each
             indices = i1 * self.n2 + i2  # (M*H, k)
             if torch.is_grad_enabled():
-                key_rows = torch.stack((i1, i2 + self.n1), dim=1).view(-1, self.k)  # (M*H*2, k) rows of sub_keys
+                key_rows = torch.stack((i1, i2 + self.n1), dim=1)  # (M*H, 2, k) rows of sub_keys
+                if self.key_sets > 1:  # row offset of each head's block
+                    block = torch.arange(self.num_heads, device=i1.device) * (self.n1 + self.n2)  # (H,)
+                    key_rows = key_rows + block.repeat(i1.shape[0] // self.num_heads).view(-1, 1, 1)
+                key_rows = key_rows.view(-1, self.k)  # (M*H*2, k)
                 scores = gather_dot(self.sub_keys, key_rows, halves).view(-1, 2, self.k).sum(1)  # (M*H, k)
             else:  # no gradient wanted: the sums of the search are the scores
                 scores = best_sums

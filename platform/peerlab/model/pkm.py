@@ -1,9 +1,10 @@
 """A product-key memory layer (Lample et al. 2019, "Large Memory Layers with Product Keys").
 
-For an input x, with H heads that share the keys and the values (Sec. 3.1-3.2, Eq. 1-3):
+For an input x, with H heads that each have their own query network and sub-keys and share the
+values (Sec. 3.1-3.3, Eq. 1-3):
 
     q_h = BN(W_h x),  split into two halves q_h = [q_h1, q_h2]             (query; BatchNorm as in Sec. 3.3)
-    I_h = top-k of (q_h1 . c_i + q_h2 . c'_j) over the n1 x n2 product keys  (Eq. 1-2, the product-key search)
+    I_h = top-k of (q_h1 . c_hi + q_h2 . c'_hj) over head h's n1 x n2 product keys  (Eq. 1-2)
     w   = softmax over I_h of those scores                                   (Eq. 2)
     m(x) = sum_h sum_{i in I_h} w_i v_i                                      (Eq. 3, summed over heads, Sec. 3.3)
 
@@ -27,7 +28,7 @@ class PKM(ProductKeys):
     """`PKM(pkm_config, hidden_size)(x)` with x (..., hidden_size)."""
 
     def __init__(self, config: PKMConfig, hidden_size: int, initializer_range: float = 0.02):
-        super().__init__(config, hidden_size)
+        super().__init__(config, hidden_size, per_head_keys=True)  # Lample et al. 2019, Sec. 3.3: keys per head
         self.values = nn.Parameter(torch.empty(self.num_experts, hidden_size))  # v_i: (N, d)
         self.reset_parameters(initializer_range)
 

@@ -36,10 +36,11 @@ def peer_layer_count(m: ModelConfig) -> int:
     return arm_layer_count(m, "peer")
 
 
-def _keys_query(d: int, p) -> int:
-    """A product-key search's parameters (PEER or PKM): query projection, two sub-key sets, BatchNorm affine."""
+def _keys_query(d: int, p, key_sets: int = 1) -> int:
+    """A product-key search's parameters (PEER or PKM): query projection, two sub-key sets (`key_sets` pairs of
+    them: PKM has one per head), BatchNorm affine."""
     q = p.num_heads * p.query_dim
-    return d * q + sum(p.product_key_dim) * p.query_dim // 2 + (2 * q if p.batch_norm_query else 0)
+    return d * q + key_sets * sum(p.product_key_dim) * p.query_dim // 2 + (2 * q if p.batch_norm_query else 0)
 
 
 def parameter_formulas(m: ModelConfig) -> dict[str, int]:
@@ -69,7 +70,7 @@ def parameter_formulas(m: ModelConfig) -> dict[str, int]:
         "moe_experts": moe_layers * (e.num_experts + e.num_shared_experts) * 2 * d * e.expert_size,
         "moe_router": moe_layers * d * e.num_experts,
         "pkm_values": pkm_layers * m.pkm_config.num_experts * d,
-        "pkm_keys_query": pkm_layers * _keys_query(d, m.pkm_config),
+        "pkm_keys_query": pkm_layers * _keys_query(d, m.pkm_config, key_sets=m.pkm_config.num_heads),
         "norms": m.num_hidden_layers * (2 * d + a.kv_lora_rank + query_norm) + d,
     }
 
