@@ -125,9 +125,9 @@ def test_generate_stops_at_eos():
 def test_mla_equals_transformers_deepseek_v3_attention(q_lora_rank, rope_interleave, rope_theta):
     """MLA (Eq. 9-19) against transformers' DeepseekV3Attention with the same weights, in float64.
 
-    Rows at different positions (packed rows), causal attention. Both libraries compute RMSNorm
-    in float32 and multiply its weight in a different order, so the norm weights are powers of
-    two (exact either way). RoPE's cos and sin are computed here in float64 from the definition
+    Rows at different positions (packed rows), causal attention. transformers' RMSNorm rounds to
+    float32 (peerlab's keeps float64 in float64), so its norms run here by the same formula in
+    float64. RoPE's cos and sin are computed here in float64 from the definition
     (transformers builds them in float32; they are checked against it to float32's precision).
     With `rope_interleave` transformers pairs rotary dimensions 2i and 2i + 1 (DeepSeek's own
     layout), against peerlab's half split: `deepseek_attention_weights` reorders the rows.
@@ -142,11 +142,16 @@ def test_mla_equals_transformers_deepseek_v3_attention(q_lora_rank, rope_interle
     ours = MLA(a, cfg.hidden_size, cfg.num_attention_heads, cfg.max_position_embeddings, cfg.layer_norm_eps).double()
     for norm in (ours.kv_norm, ours.q_norm if q_lora_rank else None):
         if norm is not None:
-            norm.weight.data = 2.0 ** torch.randint(-2, 3, norm.weight.shape, dtype=torch.float64)
+            norm.weight.data.uniform_(0.5, 2.0)
     hf_cfg = deepseek_v3_config(cfg, rope_interleave=rope_interleave)
     hf_cfg._attn_implementation = "sdpa"
     theirs = DeepseekV3Attention(hf_cfg, layer_idx=0).double().eval()
     theirs.load_state_dict(deepseek_attention_weights(ours, rope_interleave), strict=True)
+    for norm in (theirs.kv_a_layernorm, theirs.q_a_layernorm if q_lora_rank else None):
+        if norm is not None:  # transformers' formula, x * rsqrt(mean(x^2) + eps) * weight, without the float32 round
+            norm.forward = lambda h, n=norm: (
+                n.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + n.variance_epsilon))
+            )
     # transformers' RMSNorm in attention has eps 1e-6 whatever the config says: tiny_model_config's eps.
     assert cfg.layer_norm_eps == theirs.kv_a_layernorm.variance_epsilon
 

@@ -46,7 +46,7 @@ GATHER_BYTES = 256 << 20  # gathered expert rows one chunk of tokens may hold
 
 
 class PeerlabRMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight (computed in float32)."""
+    """x / sqrt(mean(x^2) + eps) * weight (computed in float32 at least: float64 stays float64)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -54,9 +54,9 @@ class PeerlabRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return (normed * self.weight.to(x32.dtype)).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

@@ -28,7 +28,7 @@ from peerlab.config import MLAConfig
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight (computed in float32)."""
+    """x / sqrt(mean(x^2) + eps) * weight (computed in float32 at least: float64 stays float64)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -36,9 +36,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return (normed * self.weight.to(x32.dtype)).to(x.dtype)
 
 
 class Rotary(nn.Module):
