@@ -171,6 +171,22 @@ def test_mla_equals_transformers_deepseek_v3_attention(q_lora_rank, rope_interle
     assert math.isclose(ours.scale, theirs.scaling)  # 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
 
 
+def test_mla_gradients_pass_a_float64_gradcheck():
+    """MLA's analytic gradients (input and every weight) against finite differences, in float64 throughout
+    (an RMSNorm that rounded to float32 fails this at once)."""
+    cfg = tiny_model_config(q_lora_rank=24)
+    torch.manual_seed(0)
+    mla = MLA(cfg.mla_config, cfg.hidden_size, cfg.num_attention_heads, cfg.max_position_embeddings, 1e-6).double()
+    x = torch.randn(1, 5, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    weights = list(mla.parameters())
+    names = [name for name, _ in mla.named_parameters()]
+
+    def attention(x, *params):
+        return torch.func.functional_call(mla, dict(zip(names, params, strict=True)), (x, torch.arange(5)))
+
+    assert torch.autograd.gradcheck(attention, (x, *weights), fast_mode=True)
+
+
 def test_max_position_embeddings_is_enforced():
     model = build_model(tiny_model_config(max_position_embeddings=16))
     model(torch.zeros(1, 16, dtype=torch.long))
