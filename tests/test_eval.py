@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -218,6 +219,41 @@ def test_cached_generation_equals_uncached_greedy_decoding(model64, tokenizer, t
         assert got[1:4] == expected[1:4]
         five = model64.generate(torch.tensor([tokenizer(prompts[1])["input_ids"]]), 5, use_cache=False)
         assert got[4] == tokenizer.decode(five[0, lengths[1] :].tolist())  # max_gen_toks is honoured
+
+
+def test_generation_settings_are_read_as_lm_eval_reads_them(model64, tokenizer, texts, tmp_path, caplog):
+    """lm-eval's other names for max_gen_toks count; an empty stop string stops nothing; a task that sets no
+    max_gen_toks keeps half the window for the prompt (a 64-token model: 32), with a warning when one is cut;
+    the request's settings are left as they were, so lm-eval's response cache (keyed on them) finds them."""
+    import copy
+
+    from lm_eval.api.model import CachingLM
+
+    def greedy(ids: list[int], new: int) -> str:  # the model's own uncached decoding
+        out = model64.generate(torch.tensor([ids]), max_new_tokens=new, use_cache=False)[0, len(ids) :].tolist()
+        return tokenizer.decode(out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out)
+
+    short = texts[0][:60]
+    long = next(t for t in texts if len(tokenizer(t)["input_ids"]) > 40)
+    short_ids, long_ids = tokenizer(short)["input_ids"], tokenizer(long)["input_ids"]
+    args = [
+        (short, {"until": ["\x00never"], "max_new_tokens": 3}),
+        (short, {"until": ["", "\x00never"], "max_gen_toks": 4}),
+        (long, {"until": ["\x00never"]}),
+    ]
+    before = copy.deepcopy([a[1] for a in args])
+    lm = PeerlabLM(model=model64, tokenizer=tokenizer, batch_size=4, max_length=64)
+    assert lm.max_gen_toks == 32
+    with caplog.at_level("WARNING", logger="peerlab.eval"):
+        got = lm.generate_until(requests("generate_until", args))
+    assert got == [greedy(short_ids, 3), greedy(short_ids, 4), greedy(long_ids[-32:], 32)]
+    assert [a[1] for a in args] == before
+    assert sum("keeps the last 32 prompt tokens" in r.getMessage() for r in caplog.records) == 1
+
+    cached = CachingLM(lm, str(tmp_path / "cache.db"))
+    first = cached.generate_until(requests("generate_until", args))
+    lm.greedy = None  # a second pass must come from the cache alone
+    assert cached.generate_until(requests("generate_until", args)) == first == got
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -578,6 +614,15 @@ def test_evaluating_a_checkpoint_appends_to_the_run(trained, demo_corpus, tmp_pa
         evaluate.main(["--checkpoint", str(tmp_path / "nope"), "--tasks", "peerlab_bpb_prose"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0  # one line
+    # A run whose config no longer describes its weights: one line that says so, not torch's traceback.
+    edited = tmp_path / "edited"
+    shutil.copytree(trained, edited)
+    config = edited / "resolved_config.yaml"
+    config.write_text(re.sub(r"hidden_size: \d+", "hidden_size: 48", config.read_text(), count=1))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint", str(edited), "--tasks", "peerlab_bpb_prose"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0 and "do not fit" in err, err
 
 
 def test_console_script_hands_everything_to_lm_eval(trained, demo_corpus, tmp_path, capsys, monkeypatch):

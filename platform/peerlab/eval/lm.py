@@ -33,7 +33,7 @@ import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 from torch import nn
 from tqdm import tqdm
 
@@ -74,7 +74,11 @@ def load_checkpoint(path: str | Path):
     except (ConfigError, ckpt.CheckpointError) as err:
         raise EvalError(str(err)) from None
     model = build_model(cfg.model_config)
-    model.load_state_dict(load_file(folder / "model.safetensors"))
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+    except RuntimeError as err:  # a checkpoint of another model than its run's config describes
+        first = " ".join(str(err).split())[:300]
+        raise EvalError(f"{folder}: the weights do not fit {config_path}'s model_config ({first})") from None
     model.eval()
     return model, load_tokenizer(cfg.dataset_config.tokenizer_name), cfg, int(manifest["step"]), run_dir
 
@@ -137,7 +141,7 @@ class PeerlabLM(TemplateLM):
         tokenizer=None,
         batch_size: int | str | None = 16,
         max_length: int | str | None = None,
-        max_gen_toks: int | str = 256,
+        max_gen_toks: int | str | None = None,
         device: str | None = None,
         use_cache: bool | str = True,
         autocast=None,
@@ -171,7 +175,10 @@ class PeerlabLM(TemplateLM):
         self.max_length = int(max_length)
         if longest is not None and self.max_length > longest:
             raise EvalError(f"max_length {self.max_length} is longer than max_position_embeddings = {longest}")
-        self.max_gen_toks = int(max_gen_toks)
+        # A task that does not say how many tokens to generate gets 256 (lm-eval's default), at most half the
+        # window: a 256-token model would otherwise be left one prompt token to generate from.
+        self.max_gen_toks = int(max_gen_toks) if max_gen_toks is not None else min(256, self.max_length // 2)
+        self._warned_prompt_cut = False
         self.use_cache = str(use_cache).lower() not in ("false", "0", "no")
         self.autocast = autocast if autocast is not None else contextlib.nullcontext()
         eot = eos_id(tokenizer)
@@ -444,13 +451,24 @@ class PeerlabLM(TemplateLM):
         out = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until (peerlab)")
         for chunk in collator.get_batched(n=self.batch_size):
-            kwargs = dict(chunk[0][2])
+            # lm-eval's reading of the settings: a deep copy (the request's own `until` stays as it is, as its
+            # cache key was hashed from it) and max_gen_toks from any of its aliases (max_new_tokens, ...)
+            kwargs = normalize_gen_kwargs(chunk[0][2], self.max_gen_toks)
             if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
                 log.warning("peerlab decodes greedily; sampling settings %s are ignored", kwargs)
-            until = handle_stop_sequences(kwargs.get("until"), eos=eos_text)
-            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            max_new = min(max_new, self.max_length - 1)
-            prompts = [e[0][-(self.max_length - max_new) :] or [self._eot] for e in chunk]
+            until = [s for s in handle_stop_sequences(kwargs.get("until"), eos=eos_text) if s]  # "" stops nothing
+            max_new = min(int(kwargs["max_gen_toks"]), self.max_length - 1)
+            keep = self.max_length - max_new  # prompt tokens the window holds beside the generated ones
+            if not self._warned_prompt_cut and any(len(e[0]) > keep for e in chunk):
+                self._warned_prompt_cut = True
+                log.warning(
+                    "generate_until keeps the last %d prompt tokens (max_length %d less %d tokens to generate); "
+                    "a lower max_gen_toks (the task's gen_kwargs, or model_args) keeps more",
+                    keep,
+                    self.max_length,
+                    max_new,
+                )
+            prompts = [e[0][-keep:] or [self._eot] for e in chunk]
             start = 0
             while start < len(prompts):  # runs of equal length decode together (no padding in the cache)
                 end = start
