@@ -23,6 +23,7 @@ folder that exists and is not empty (without --overwrite) is a one-line error, e
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -82,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if (args.metric or args.mode) and not args.sweep:
         raise UsageError("--metric and --mode choose the best cell of a --sweep")
+    shard_size = args.max_shard_size.strip()
+    if shard_size.isdigit():  # bytes
+        shard_size = int(shard_size)
+    elif not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", shard_size, flags=re.IGNORECASE):  # as save_pretrained reads it
+        raise UsageError(f"--max-shard-size {args.max_shard_size}: give a size like 2GB or 500MB, or a number of bytes")
 
     from peerlab.export import ExportError, export_checkpoint
 
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(why, flush=True)
     try:
         out = export_checkpoint(
-            path, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer
+            path, args.out, overwrite=args.overwrite, max_shard_size=shard_size, tokenizer=args.tokenizer
         )
     except ExportError as err:
         raise UsageError(str(err)) from None

@@ -320,6 +320,45 @@ def test_lm_evals_hf_model_generates_peerlabs_text(exported, demo_corpus):
 # --------------------------------------------------------------------------------------
 
 
+def test_fine_tuning_with_transformers_trainer_is_the_same_step_under_gradient_accumulation(
+    exported, tokenizer, prompts, tmp_path
+):
+    """transformers' Trainer hands a model that takes **kwargs the step's label count (`num_items_in_batch`) and
+    leaves the division to it: one step over 4 sequences is the same as 1 x 4, 2 x 2 or 4 x 1 micro-batches.
+    The loss with the count is the summed cross-entropy over it (float64, directly)."""
+    from transformers import Trainer, TrainingArguments
+
+    _, folder, _ = exported["dense"]
+    ids = ids_of(tokenizer, prompts + [p[::-1] for p in prompts[:1]])  # (4, T)
+    model = load_exported(folder).double()
+    logits = model(ids).logits[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum") / 50
+    torch.testing.assert_close(model(ids, labels=ids, num_items_in_batch=50).loss, want, rtol=1e-12, atol=0)
+
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    after = []
+    for accumulation in (1, 2, 4):
+        model = load_exported(folder)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{accumulation}"),
+            per_device_train_batch_size=4 // accumulation,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=1.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+        )
+        Trainer(model=model, args=args, train_dataset=rows).train()
+        after.append(model.lm_head.weight.detach().clone())
+    torch.testing.assert_close(after[1], after[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[2], after[0], rtol=1e-5, atol=1e-6)
+
+
 def test_the_folder_holds_config_code_tokenizer_and_a_model_card_from_the_run(exported):
     _, folder, model = exported["moe"]
     config = json.loads((folder / "config.json").read_text())
@@ -348,6 +387,9 @@ def test_the_folder_holds_config_code_tokenizer_and_a_model_card_from_the_run(ex
     ):
         assert line in card, line
     assert "| prose | `" in card and "| 0.400 | 640 |" in card  # the data mix: weight share and tokens seen
+    # The parameters are the model's, not its BatchNorm statistics (the PEER arm has them).
+    _, folder, model = exported["peer"]
+    assert f"model of {sum(p.numel() for p in model.parameters()):,} parameters" in (folder / "README.md").read_text()
 
 
 def export_main(argv: list[str]) -> int:
@@ -377,6 +419,11 @@ def test_bad_input_is_refused_in_one_line(exported, tmp_path, capsys):
         capsys, ["--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "a")]
     )
     assert "does not exist" in refused(capsys, ["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])
+    for size in ("lots", "2 gigabytes"):
+        assert "give a size like 2GB" in refused(
+            capsys, ["--checkpoint", str(run_dir), "--out", str(tmp_path / "a"), "--max-shard-size", size]
+        )
+    assert not (tmp_path / "a").exists()
     # An output folder that is not empty: refused, replaced with --overwrite.
     taken = tmp_path / "taken"
     taken.mkdir()

@@ -152,7 +152,8 @@ def export_checkpoint(
         for file in tmp.iterdir():  # save_pretrained leaves the weights readable by their owner only
             file.chmod(0o644)
         step = int(manifest["step"])
-        (tmp / "README.md").write_text(model_card(cfg, run_dir, step, folder, config, count(state)))
+        parameters = sum(p.numel() for p in model.parameters())  # not the BatchNorm statistics of the state
+        (tmp / "README.md").write_text(model_card(cfg, run_dir, step, folder, config, parameters))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder is left behind
         raise
@@ -160,10 +161,6 @@ def export_checkpoint(
         shutil.rmtree(out)
     tmp.rename(out)
     return out
-
-
-def count(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() for t in state.values())
 
 
 # ------------------------------------------------------------------------------------------ the model card

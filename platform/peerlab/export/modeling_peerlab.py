@@ -459,7 +459,9 @@ class PeerlabForCausalLM(PeerlabPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """labels (B, T): the mean next-token cross-entropy as `loss` (-100 is ignored)."""
+        """labels (B, T): the mean next-token cross-entropy as `loss` (-100 is ignored); with `num_items_in_batch`
+        (transformers' Trainer under gradient accumulation: the labels of all micro-batches of the step), the sum
+        over this micro-batch divided by it, as transformers' own models do (Trainer then does not divide)."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -476,8 +478,14 @@ class PeerlabForCausalLM(PeerlabPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)  # (B, T', vocab)
         loss = None
         if labels is not None:
-            shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-            loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+            shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # (B*(T-1), vocab)
+            targets = labels[:, 1:].reshape(-1).to(logits.device)
+            items = kwargs.get("num_items_in_batch")
+            if items is None:
+                loss = F.cross_entropy(shifted, targets, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(shifted, targets, ignore_index=-100, reduction="sum") / items
         return with_cache(CausalLMOutputWithPast, cache_of(out), loss=loss, logits=logits)
 
 
