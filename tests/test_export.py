@@ -408,7 +408,7 @@ def refused(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_bad_input_is_refused_in_one_line(exported, tmp_path, capsys):
+def test_bad_input_is_refused_in_one_line(exported, demo_corpus, tmp_path, capsys):
     import shutil
 
     import yaml
@@ -433,10 +433,24 @@ def test_bad_input_is_refused_in_one_line(exported, tmp_path, capsys):
     assert export_main(["--checkpoint", str(run_dir), "--out", str(taken), "--overwrite"]) == 0
     assert not (taken / "notes.txt").exists() and (taken / "config.json").is_file()
     capsys.readouterr()  # the export's own progress lines
-    # Never over the run itself.
+    # Never over the run itself, another of its checkpoints, or the tokenizer folder it reads.
     assert "choose another --out" in refused(
         capsys, ["--checkpoint", str(run_dir), "--out", str(run_dir), "--overwrite"]
     )
+    older = run_dir / "checkpoints" / "step-000001"
+    older.mkdir()
+    (older / "model.safetensors").write_text("an older checkpoint")
+    assert "in the run's checkpoints folder" in refused(
+        capsys, ["--checkpoint", str(run_dir / "checkpoints" / f"step-{STEP:06d}"), "--out", str(older), "--overwrite"]
+    )
+    assert (older / "model.safetensors").read_text() == "an older checkpoint"
+    shutil.rmtree(older)
+    own = tmp_path / "own-tokenizer"
+    shutil.copytree(Path(tiny(demo_corpus).dataset_config.tokenizer_name), own)
+    assert "choose another --out" in refused(
+        capsys, ["--checkpoint", str(run_dir), "--out", str(own), "--tokenizer", str(own), "--overwrite"]
+    )
+    assert (own / "tokenizer.json").is_file()
     # A checkpoint whose weights do not match its manifest.
     damaged = tmp_path / "damaged"
     shutil.copytree(run_dir, damaged)

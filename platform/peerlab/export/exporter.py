@@ -70,10 +70,15 @@ def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in state.items()}
 
 
-def _check_output(out: Path, overwrite: bool, protected: list[Path]) -> None:
+def _keep_clear_of(out: Path, protected: list[Path]) -> None:
+    """ExportError where writing `out` (even with --overwrite) would replace one of `protected`."""
     for path in protected:
         if path == out or path.is_relative_to(out):
             raise ExportError(f"output folder {out} holds {path}; choose another --out")
+
+
+def _check_output(out: Path, overwrite: bool, protected: list[Path]) -> None:
+    _keep_clear_of(out, protected)
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -111,6 +116,8 @@ def export_checkpoint(
         raise ExportError(str(err)) from None
     run_dir = folder.parent.parent  # <run>/checkpoints/step-NNNNNN
     _check_output(out, overwrite, [folder, run_dir])
+    if out.is_relative_to(run_dir / "checkpoints"):  # another checkpoint of the run, or a place for one
+        raise ExportError(f"output folder {out} is in the run's checkpoints folder; choose another --out")
     config_path = run_dir / "resolved_config.yaml"
     if not config_path.is_file():
         raise ExportError(f"no resolved_config.yaml in {run_dir} (the run folder two levels above {folder})")
@@ -118,8 +125,11 @@ def export_checkpoint(
         cfg = config_from_dict(read_yaml(config_path), str(config_path))
     except ConfigError as err:
         raise ExportError(str(err)) from None
+    tokenizer_name = tokenizer or cfg.dataset_config.tokenizer_name
+    if Path(tokenizer_name).expanduser().is_dir():  # a tokenizer folder is read, never written over
+        _keep_clear_of(out, [Path(tokenizer_name).expanduser().resolve()])
     try:
-        tokenizer = load_tokenizer(tokenizer or cfg.dataset_config.tokenizer_name)
+        tokenizer = load_tokenizer(tokenizer_name)
     except TokenizerError as err:
         raise ExportError(f"{err} (or name the tokenizer to export: --tokenizer NAME_OR_FOLDER)") from None
 
