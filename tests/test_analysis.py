@@ -303,6 +303,24 @@ def test_keys_that_move_together_are_one_factor():
     assert k["n"].eq(12).all() and k["p"].iloc[0] > 0.05
 
 
+def test_a_dataset_some_mixes_leave_out_is_a_factor_at_weight_zero(tmp_path):
+    """A trial's row names only its own mix's datasets, so sweeps written before the table said 0 have NaN where a
+    mix leaves a dataset out: read as weight 0, the dataset's factor is there (its p equals scipy's ANOVA)."""
+    mixes = {"all": [0.4, 0.3, 0.3], "no_books": [0.6, 0.4, 0.0], "books_light": [0.5, 0.4, 0.1]}
+
+    def truth(mix, w, setting, peer):  # leaving books out costs 0.1
+        return 1.0 + 0.1 * (w[2] == 0)
+
+    trials = make_trials(mixes, {"default": {}}, seeds=3, truth=truth, rng_seed=5)
+    trials.loc[trials["mix"] == "no_books", "weight/books"] = np.nan
+    sweep = load_sweep(write_sweep(tmp_path / "sweep", trials))
+    assert (sweep.trials.loc[sweep.trials["mix"] == "no_books", "weight/books"] == 0).all()
+    books = factor_effects(sweep.trials, ["eval_bpb/mean"]).query("factor == 'weight/books'")
+    assert list(books["level"]) == ["0", "0.1", "0.3"] and books["n"].eq(3).all()
+    groups = [g["eval_bpb/mean"] for _, g in trials.assign(b=trials["weight/books"].fillna(0)).groupby("b")]
+    assert books["p"].iloc[0] == pytest.approx(stats.f_oneway(*groups).pvalue, rel=1e-9)
+
+
 def test_summary_reads_the_paired_difference_in_its_direction(tmp_path):
     """The best cell on its mean over all seeds may lose to the next on the seeds both have (one of its seeds
     failed in the other cell): the summary says so instead of calling it a real lead."""

@@ -716,6 +716,8 @@ def test_progress_line_has_step_loss_rate_and_eta():
         {"step": 30, "loss": 2.5, "tokens_per_s": 1234.5, "eta_s": 3725, "eval_loss/code": 3.25}, 100
     )
     assert line == "step 30/100  loss 2.5000  1,234 tokens/s  held-out code 3.250  ETA 01:02:05"
+    # a held-out evaluation between logging steps: no loss, rate or ETA to show (not "loss nan  0 tokens/s")
+    assert format_progress({"step": 25, "eval_loss/code": 3.25}, 100) == "step 25/100  held-out code 3.250"
 
 
 def test_a_line_cut_short_by_a_crash_is_ended_and_left_out(demo_corpus, tmp_path):
@@ -738,9 +740,10 @@ def test_a_line_cut_short_by_a_crash_is_ended_and_left_out(demo_corpus, tmp_path
 def test_expert_usage_is_written_every_log_freq(demo_corpus, tmp_path):
     import pandas as pd
 
-    cfg = tiny(demo_corpus, "model_config.peer_config.log_freq=2", "model_config.num_hidden_layers=3", steps=6)
+    cfg = tiny(demo_corpus, "model_config.peer_config.log_freq=2", "model_config.num_hidden_layers=3", steps=7)
     run(cfg, tmp_path / "u")
     table = pd.read_parquet(tmp_path / "u" / "usage.parquet")
+    # every snapshot covers log_freq steps: step 7's one-step stub is left out
     assert sorted(set(table["step"])) == [2, 4, 6] and sorted(set(table["layer"])) == [1, 2]
     for column in ("usage", "kl_uniform", "dead", "hot_count", "hot_ids", "experts"):
         assert column in table.columns
@@ -760,6 +763,9 @@ def test_expert_usage_is_written_every_log_freq(demo_corpus, tmp_path):
                   else seen[step][f"tokens_seen/{d}"] for d in DOMAINS}  # fmt: skip
         for row in rows.itertuples():
             assert abs(row.mass_share - tokens[row.source] / sum(tokens.values())) < 1e-5, (step, layer, row.source)
+    # A run shorter than log_freq has one snapshot, at its end.
+    run(tiny(demo_corpus, "model_config.peer_config.log_freq=10", steps=3), tmp_path / "short")
+    assert set(pd.read_parquet(tmp_path / "short" / "usage.parquet")["step"]) == {3}
 
 
 def test_sparse_expert_gradients_equal_dense_ones():

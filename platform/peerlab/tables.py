@@ -117,8 +117,11 @@ def build_tables(trials: list[Trial], sweep_dir: Path) -> dict[str, pd.DataFrame
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
+    table = pd.DataFrame(rows)
+    weights = [c for c in table.columns if c.startswith("weight/")]
+    table[weights] = table[weights].fillna(0.0)  # a dataset a trial's mix leaves out has weight 0 there
     return {
-        "trials": pd.DataFrame(rows),
+        "trials": table,
         "curves": joined(curves, ["trial_id", "step"]),
         "usage": joined(usage, ["trial_id", "step", "layer"]),
         "evals": joined(evals, ["trial_id", *EVAL_KEYS]),

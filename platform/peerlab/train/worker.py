@@ -360,7 +360,11 @@ def train_loop(loop_config: dict) -> dict:
                     report(record, to_tune=loop_config.get("report_to") == "tune")
                     last = record
             peer = cfg.model_config.peer_config
-            if cfg.model_config.use_peer and peer.log_expert_usage and (step % peer.log_freq == 0 or step == steps):
+            # Every snapshot covers log_freq steps, so that runs and datasets compare: the steps after the last
+            # full window are left out (a stub of a few steps could show a dataset as never routed), except in a
+            # run shorter than log_freq, whose one snapshot is at its end.
+            window_ends = step % peer.log_freq == 0 or (step == steps and steps < peer.log_freq)
+            if cfg.model_config.use_peer and peer.log_expert_usage and window_ends:
                 rows = usage.collect(model, step, peer.usage_threshold, distributed=place.world > 1)
                 source_rows = usage.collect_by_source(model, step, sources, distributed=place.world > 1)
                 if place.rank == 0:
