@@ -237,6 +237,11 @@ MALFORMED = [
         "set exactly one of text_field and text_template (both are set)",
     ),
     ("neither text field nor template", deleter("dataset_config.datasets.0.text_field"), "(neither is set)"),
+    (
+        "a text file without its field",
+        both(deleter("dataset_config.datasets.0.text_field"), setter("dataset_config.datasets.0.format", "text")),
+        "(neither is set; a text file's documents are its field 'text': text_field: text)",
+    ),
     ("zero weight", setter("dataset_config.datasets.1.weight", 0), "dataset_config.datasets.1.weight: must be > 0"),
     ("negative weight", setter("dataset_config.datasets.0.weight", -0.5), "must be > 0"),
     (

@@ -349,6 +349,7 @@ def test_bad_inputs_each_give_one_line(tmp_path, small_tokenizer):
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
     cases = []
     cases.append((entry(tmp_path / "nope.jsonl"), "path", "does not exist"))
+    cases.append((entry("./nope/code"), "path ./nope/code", f"read from the working directory, {Path.cwd()}"))
     (tmp_path / "empty.jsonl").write_text("")
     cases.append((entry(tmp_path / "empty.jsonl"), "empty.jsonl", "has no text to train on"))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')

@@ -505,7 +505,9 @@ def check_dataset_entry(entry: DatasetEntry, path: str, src: _Source) -> None:
     _one_of(entry.text_unit, TEXT_UNITS, f"{path}.text_unit", src)
     if (entry.text_field is None) == (entry.text_template is None):
         which = "neither is set" if entry.text_field is None else "both are set"
-        raise src.error(path, f"set exactly one of text_field and text_template ({which})")
+        plain = entry.format == "text" or entry.path.rstrip("/").endswith((".txt", ".txt.gz"))
+        hint = "; a text file's documents are its field 'text': text_field: text" if plain and which[0] == "n" else ""
+        raise src.error(path, f"set exactly one of text_field and text_template ({which}{hint})")
     if entry.text_template is not None:
         try:
             template_fields(entry.text_template)

@@ -142,11 +142,13 @@ def list_files(entry: DatasetEntry, train: bool = True) -> FileList:
     (`train`) for a folder without files to train on: one of held-out files only is enough to evaluate."""
     root = Path(entry.path).expanduser()
     if not root.exists():
-        raise DataError(f"dataset '{entry.name}': path {entry.path} does not exist")
+        where = "" if root.is_absolute() else f" (a relative path is read from the working directory, {Path.cwd()})"
+        raise DataError(f"dataset '{entry.name}': path {entry.path} does not exist{where}")
     if entry.split.lower() in NOT_TRAINING_SPLITS:  # config loading refuses it too (check_dataset_entry)
         raise DataError(f"dataset '{entry.name}': {split_refusal(entry.split)}")
     if root.is_file():  # a file named as the dataset is trained on, whatever its name (the hash rule holds out)
         return FileList(root.parent, (root,), ())
+
     def family(fmt: str | None) -> str | None:
         return "json" if fmt == "jsonl" else fmt  # one reader for json and jsonl
 
