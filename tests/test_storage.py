@@ -170,7 +170,7 @@ def test_a_checkpoint_counts_on_the_bucket_only_with_its_manifest_and_matching_h
     order, upload = [], storage._upload
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(storage, "_upload", lambda path, uri: order.append(uri) or upload(path, uri))
-        storage.push_run(local, run)
+        storage.push_run(local, run, keep=3)
     # The run's lines go up before any manifest: a node lost right after a checkpoint's manifest went up
     # leaves the lines up to that step in the bucket (the retried trial resumes there and loses none)
     manifests = [i for i, uri in enumerate(order) if uri.endswith("checkpoint.json")]
@@ -196,14 +196,35 @@ def test_a_checkpoint_counts_on_the_bucket_only_with_its_manifest_and_matching_h
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(storage, "upload_dir", lambda folder, uri: uploads.append(folder.name) or upload_dir(folder, uri))
         storage._pushed.clear()
-        storage.push_run(local, run)
+        storage.push_run(local, run, keep=3)
     assert uploads == ["step-000006"]
     # Pruned here, gone there: manifest first
     shutil.rmtree(local / "checkpoints" / "step-000002")
     shutil.rmtree(local / "checkpoints" / "step-000004")
-    storage.push_run(local, run)
+    storage.push_run(local, run, keep=1)
     assert {n.split("/")[1] for n in bucket_files(run) if n.startswith("checkpoints/")} == {"step-000006"}
     assert storage.fetch_checkpoint(run, tmp_path / "again").name == "step-000006"
+
+
+def test_a_run_pulled_again_keeps_the_checkpoints_save_total_limit_keeps(s3, tmp_path):
+    """Staging holds the newest checkpoint it pulled and the ones written since: the bucket keeps the newest
+    `keep` of both together (a rerun of a finished run deleted every older checkpoint on the bucket)."""
+    run = f"{s3}/kept"
+    first = tmp_path / "first"
+    for step in (2, 4):
+        fake_checkpoint(first / "checkpoints", step)
+    storage.push_run(first, run, keep=2)
+
+    def on_bucket() -> list[str]:
+        return sorted({n.split("/")[1] for n in bucket_files(run) if n.startswith("checkpoints/")})
+
+    again = tmp_path / "again"  # the run started again: finished, nothing new to train
+    assert storage.pull_run(run, again).name == "step-000004"
+    storage.push_run(again, run, keep=2)
+    assert on_bucket() == ["step-000002", "step-000004"]
+    fake_checkpoint(again / "checkpoints", 6)  # resumed with more steps: one more checkpoint, the oldest goes
+    storage.push_run(again, run, keep=2)
+    assert on_bucket() == ["step-000004", "step-000006"]
 
 
 # --------------------------------------------------------------------------------------

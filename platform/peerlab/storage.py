@@ -7,7 +7,7 @@ systems (the ones Ray Train's `storage_path` uses):
     check_writable(uri)        the preflight, before Ray starts: the file system resolves, the
                                credentials are there, a probe object is written and deleted
     pull_run(uri, local)       a run's files and its newest complete checkpoint, into staging
-    push_run(local, uri)       the run's changed files, its new checkpoints, manifest last
+    push_run(local, uri, keep) the run's changed files, its new checkpoints, manifest last
     sync_trials(local, uri)    a sweep's trial folders both ways, checkpoints left on the URI: the
                                trials write theirs on the URI from whichever node runs them, the
                                driver its markers (stopped.json, error.json) and planned configs
@@ -488,12 +488,14 @@ def pull_checkpoint(uri: str, staging: Path) -> tuple[str, Path]:
 _pushed: dict[str, dict[str, tuple[int, int]]] = {}  # staging folder -> {relative path: (size, mtime) uploaded}
 
 
-def push_run(local: Path, uri: str) -> None:
+def push_run(local: Path, uri: str, keep: int) -> None:
     """Mirror a run's staging folder to the URI: first the files that changed since the last push (the
     metrics through the newest checkpoint's step among them), then each complete checkpoint the URI lacks
-    (or holds another version of) file by file with its manifest last; checkpoints pruned locally are
-    removed on the URI, manifest first. So a reader that finds checkpoint N's manifest finds the run's
-    lines up to step N too (a run resumed from it loses none)."""
+    (or holds another version of) file by file with its manifest last; then the URI keeps the newest `keep`
+    complete checkpoints of the two places together (save_total_limit: staging holds only those written
+    since the pull, and the newest it pulled) and loses the rest, manifest first, with any unfinished one
+    older than the newest. So a reader that finds checkpoint N's manifest finds the run's lines up to step
+    N too (a run resumed from it loses none)."""
     local = Path(local)
     _push_files(local, uri, leave_out="checkpoints")
     seen = _pushed.setdefault(str(local.resolve()), {})
@@ -512,8 +514,11 @@ def push_run(local: Path, uri: str) -> None:
             delete(join(uri, key, MANIFEST))  # another checkpoint of that step: incomplete until replaced
         upload_dir(checkpoints / name, join(uri, key))
         seen[key] = (0, 0)
-    for name, files in there.items():  # pruned here (older than the newest kept): gone there too, manifest first
-        if complete and name < complete[-1] and name not in complete:
+    finished = {name for name, files in there.items() if MANIFEST in files and not name.endswith(".tmp")}
+    kept = set(sorted(finished | set(complete))[-keep:])
+    for name, files in there.items():  # beyond the newest `keep`, or left unfinished: gone, manifest first
+        unfinished = name not in finished and complete and name < complete[-1]
+        if name not in complete and (unfinished or (name in finished and name not in kept)):
             for file in _manifest_last(files)[::-1]:
                 delete(join(uri, "checkpoints", name, file))
             seen.pop(f"checkpoints/{name}", None)

@@ -310,7 +310,9 @@ def train_loop(loop_config: dict) -> dict:
                 ckpt.prune(run_dir / "checkpoints", t.save_total_limit)
                 metrics.checkpoint(folder, step, final=final)
                 if run_uri:
-                    storage.push_run(run_dir, run_uri)  # the new checkpoint, manifest last, and the run's files
+                    storage.push_run(
+                        run_dir, run_uri, t.save_total_limit
+                    )  # the new checkpoint, manifest last, and the run's files
             if place.world > 1:
                 dist.barrier()
 
@@ -388,7 +390,9 @@ def train_loop(loop_config: dict) -> dict:
         lm_evaluate(cfg, model, tokenizer, steps, place, amp, run_dir, metrics.wandb)
     metrics.close()
     if run_uri and place.rank == 0:
-        storage.push_run(run_dir, run_uri)  # the lines and evaluations written after the last checkpoint
+        storage.push_run(
+            run_dir, run_uri, t.save_total_limit
+        )  # the lines and evaluations written after the last checkpoint
     return last
 
 
