@@ -32,6 +32,7 @@ from peerlab.cli import (
     UsageError,
     add_config_arguments,
     add_verbose_argument,
+    checked_continuation,
     checked_data,
     checked_evals,
     checked_paths,
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     checked_storage(cfg.train_config.output_dir)
     checked_data(cfg)
     checked_evals(cfg)
-    cfg = checked_resume(cfg)
     run_dir = join(cfg.train_config.output_dir, args.name or Path(args.config).stem)  # a path, or a URI
+    checked_continuation(cfg, run_dir)
+    cfg = checked_resume(cfg)
 
     from peerlab.train.failures import not_retried
     from peerlab.train.launch import fit, start_ray

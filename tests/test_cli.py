@@ -202,6 +202,48 @@ def test_a_resume_past_max_steps_fails_before_ray_starts(demo_corpus, tmp_path):
     )
 
 
+def test_a_run_folder_continues_only_with_its_own_model_checked_before_ray_starts(demo_corpus, tmp_path, capsys):
+    """A run folder with checkpoints continues from its newest. A config of another model is refused before Ray
+    starts and leaves the folder's resolved_config.yaml as it was (it was written again, and the checkpoint could
+    no longer be evaluated); a step past max_steps is refused; another data mix or seed, and a
+    resume_from_checkpoint that is not used, are said on the console."""
+    from peerlab.cli import checked_continuation
+    from peerlab.config import load_config
+    from peerlab.train.launch import absolute_paths, write_resolved_config
+
+    flags = tiny_run(demo_corpus, tmp_path / "out")
+    overrides = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--set"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+    run_dir = tmp_path / "out" / "demo"  # the run the same command names
+    written = write_resolved_config(absolute_paths(cfg), run_dir).read_bytes()
+    ckpt.save(run_dir / "checkpoints" / "step-000003", {"w": torch.zeros(1)}, {}, {}, {}, {"step": 3})
+
+    out = train_command(*flags, "--set", "model_config.intermediate_size=96", *NO_CLUSTER, timeout=120)
+    assert out.returncode == 2 and "Ray dashboard" not in out.stdout
+    assert one_line(out) == (
+        f"error: {run_dir} holds checkpoints of another model (model_config.intermediate_size: 64 -> 96): "
+        "give the run another --name, or delete the folder to start it again"
+    )
+    assert (run_dir / "resolved_config.yaml").read_bytes() == written
+    out = train_command(*flags, "--set", "train_config.max_steps=2", *NO_CLUSTER, timeout=120)
+    assert out.returncode == 2 and "Ray dashboard" not in out.stdout
+    assert one_line(out).startswith(f"error: {run_dir} is at step 3, past max_steps = 2")
+
+    capsys.readouterr()
+    checked_continuation(load_config(ROOT / "configs" / "demo.yaml", overrides), str(run_dir))
+    assert capsys.readouterr().out == ""  # the same run: nothing to say
+    elsewhere = ckpt.save(tmp_path / "other" / "checkpoints" / "step-000001", {"w": torch.zeros(1)}, {}, {}, {}, {})
+    changed = [*overrides, "dataset_config.datasets.0.weight=0.9", f"train_config.resume_from_checkpoint={elsewhere}"]
+    checked_continuation(load_config(ROOT / "configs" / "demo.yaml", changed), str(run_dir))
+    said = capsys.readouterr().out
+    assert f"warning: {run_dir} continues from step 3 with dataset_config.datasets.0.weight: 0.4 -> 0.9\n" in said
+    assert f"resume_from_checkpoint {elsewhere} is not used: {run_dir} continues from its own newest" in said
+    for own in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "step-000003"):
+        named = [*overrides, f"train_config.resume_from_checkpoint={own}"]
+        checked_continuation(load_config(ROOT / "configs" / "demo.yaml", named), str(run_dir))
+        assert capsys.readouterr().out == ""
+
+
 def test_a_dataset_with_fewer_documents_than_workers_fails_before_ray_starts(demo_corpus, tmp_path):
     book = tmp_path / "book.jsonl"
     book.write_text(json.dumps({"text": "one long book. " * 200}) + "\n")

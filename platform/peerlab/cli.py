@@ -208,6 +208,82 @@ def checked_resume(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train_config=dataclasses.replace(t, resume_from_checkpoint=str(folder)))
 
 
+def _differences(old: dict, new: dict, prefix: str) -> list[str]:
+    """'key: old -> new' for each leaf where two config sections differ (lists of one length item by item)."""
+    out = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            a, b = dict(enumerate(a)), dict(enumerate(b))
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key}: {a!r} -> {b!r}")
+    return out
+
+
+def checked_continuation(cfg: Config, run_dir: str) -> None:
+    """A run folder (a path or a URI) that holds checkpoints continues from its newest: checked before Ray starts
+    and before the folder's resolved_config.yaml is written again. A config of another model than the one the
+    checkpoints hold, or a newest checkpoint past max_steps, exits 2 with one line; another data config or seed,
+    and a resume_from_checkpoint that is not the one used, are said on the console."""
+    import yaml
+
+    from peerlab import storage
+    from peerlab.config import config_from_dict, to_dict
+    from peerlab.train.checkpoint import latest, step_of
+    from peerlab.train.launch import absolute_paths
+
+    t = cfg.train_config
+    if storage.is_remote(run_dir):
+        names = storage.complete_checkpoints(run_dir)
+        newest, step = (names[-1], int(names[-1].removeprefix("step-"))) if names else (None, 0)
+    else:
+        folder = latest(Path(run_dir) / "checkpoints")
+        newest, step = (folder.name, step_of(folder)) if folder is not None else (None, 0)
+    if newest is None:
+        return
+    try:
+        old = to_dict(
+            config_from_dict(yaml.safe_load(storage.read_bytes(storage.join(run_dir, "resolved_config.yaml"))))
+        )
+    except Exception:  # noqa: BLE001 -- no readable record of the run's config: the checkpoint's own load decides
+        old = None
+    new = to_dict(absolute_paths(cfg))
+    if old is not None:
+        changed = _differences(old["model_config"], new["model_config"], "model_config")
+        if changed:
+            raise UsageError(
+                f"{run_dir} holds checkpoints of another model ({changed[0]}{' and more' if changed[1:] else ''}): "
+                "give the run another --name, or delete the folder to start it again"
+            )
+        data = _differences(old["dataset_config"], new["dataset_config"], "dataset_config")
+        data += _differences({"seed": old["train_config"]["seed"]}, {"seed": t.seed}, "train_config")
+        if data:
+            print(f"warning: {run_dir} continues from step {step} with {'; '.join(data)}", flush=True)
+    if t.max_steps and step > t.max_steps:
+        raise UsageError(
+            f"{run_dir} is at step {step}, past max_steps = {t.max_steps}; raise max_steps or give the run another --name"
+        )
+    named = t.resume_from_checkpoint
+    if storage.is_remote(run_dir):
+        own = [run_dir.rstrip("/"), storage.join(run_dir, "checkpoints"), storage.join(run_dir, "checkpoints", newest)]
+        used = bool(named) and str(named).rstrip("/") in own
+    else:
+        run = Path(run_dir).expanduser().resolve()
+        used = bool(named) and Path(named).expanduser().resolve() in (
+            run,
+            run / "checkpoints",
+            run / "checkpoints" / newest,
+        )
+    if named and not used:
+        print(
+            f"warning: train_config.resume_from_checkpoint {named} is not used: {run_dir} continues from its own "
+            f"newest checkpoint ({newest})",
+            flush=True,
+        )
+
+
 def fetched(path: str) -> str:
     """A local path as it is; a checkpoint (or run) on object storage, its newest complete checkpoint
     downloaded into a temporary folder. CheckpointError with one line when there is none."""
