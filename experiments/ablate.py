@@ -243,6 +243,12 @@ def plan(args: argparse.Namespace) -> tuple[list[Trial], dict, MixPlan | OptunaP
         raise UsageError("--seeds must be >= 1")
     if args.workers_per_trial < 0:
         raise UsageError("--workers-per-trial must be >= 0")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UsageError(f"--max-concurrent {args.max_concurrent}: must be >= 1")
+    if args.cpus_per_trial is not None and not args.cpus_per_trial > 0:
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: must be > 0")
+    if args.grace_steps is not None and args.grace_steps < 1:
+        raise UsageError(f"--grace-steps {args.grace_steps}: must be >= 1")
     flags = {
         "mixes": args.mix_search,
         "prior": args.mix_prior,

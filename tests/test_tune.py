@@ -211,6 +211,9 @@ def test_rungs_decide_as_ray_one_trial_at_a_time_and_never_stop_the_best_trial()
         (["--grid", "peer_config.num_experts=16777216"], "GiB"),  # 16.7 M experts per layer cannot fit here
         (["--gpus-per-trial", "0.25"], "--gpus-per-trial 0.25: this machine has no GPU"),
         (["--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5: give a fraction of one GPU (0.25) or whole GPUs"),
+        (["--cpus-per-trial", "-1"], "--cpus-per-trial -1: must be > 0"),
+        (["--max-concurrent", "0"], "--max-concurrent 0: must be >= 1"),
+        (["--scheduler", "asha", "--grace-steps", "-1"], "--grace-steps -1: must be >= 1"),
     ],
 )
 def test_bad_sweeps_fail_before_ray(extra, message, tmp_path, capsys, monkeypatch):
