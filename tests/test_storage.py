@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -277,6 +278,17 @@ def test_a_bucket_that_cannot_be_used_is_refused_in_one_line_before_ray(case, s3
     line = refused(command("ablate").main, sweep, capsys)  # the sweep's folder, the same check
     assert uri in line and want.get(case, "cannot be written") in line, line
     assert time.time() - start < 60
+
+
+def test_a_gcs_bucket_without_credentials_or_network_is_refused_in_one_line(demo_corpus, tmp_path):
+    """The preflight's requests to Google Cloud Storage give up after 10 s of retries (pyarrow's GcsFileSystem
+    retried without end: the command hung without a word)."""
+    env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+    env["GCE_METADATA_HOST"] = "127.0.0.1:1"  # no metadata server either: nothing listens there
+    uri = "gs://no-such-bucket/runs"
+    out = train_command(*tiny_run(demo_corpus, uri), *NO_CLUSTER, env=env, timeout=180, cwd=tmp_path)
+    line = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(line) == 1 and uri in line[0] and "cannot be written" in line[0], out.stderr
 
 
 def test_a_run_on_the_bucket_writes_its_folder_there_and_resumes_from_it(ray_cluster, s3, demo_corpus, capsys):

@@ -130,6 +130,12 @@ def filesystem(uri: str, attempts: int | None = None):
                 options.update(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), connect_timeout=5)
             fs = pafs.S3FileSystem(**options)
             return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+        if s in ("gs", "gcs") and attempts:  # the preflight: no endless retries to get a token or reach the API
+            import datetime
+
+            parsed = urlparse(str(uri))
+            fs = pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=10))
+            return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
         fs, path = pafs.FileSystem.from_uri(str(uri))
         return fs, path.rstrip("/")
     except Exception as err:
