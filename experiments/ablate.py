@@ -590,32 +590,31 @@ def sweep(argv: list[str] | None, staged: dict) -> int:
         except storage.StorageError as err:
             raise UsageError(str(err)) from None
     plan_file = sweep_dir / "sweep.json"
+    where = staged.get("uri") or sweep_dir  # the folder as the user named it (a bucket's, not its local copy)
     if mixplan is not None:
-        same_search(plan_file, info, args.resume)  # a mixture search resumes from its own state file
+        same_search(plan_file, info, args.resume, where)  # a mixture search resumes from its own state file
         args.resume = args.resume or plan_file.is_file()
     elif optuna_plan is not None:
         if args.resume or plan_file.is_file():
             raise UsageError(
-                f"{sweep_dir}: an Optuna search starts afresh (its suggestions are not replayed): pick a new --name"
+                f"{where}: an Optuna search starts afresh (its suggestions are not replayed): pick a new --name"
             )
     elif args.resume:
         if not plan_file.is_file():
-            raise UsageError(f"--resume: {plan_file} does not exist; start the sweep without --resume")
+            raise UsageError(f"--resume: {where} holds no sweep.json; start the sweep without --resume")
         saved = json.loads(plan_file.read_text())
         if saved.get("mix_search"):
-            raise UsageError(f"--resume: {sweep_dir} holds a mixture search; resume it with its --mix-search command")
+            raise UsageError(f"--resume: {where} holds a mixture search; resume it with its --mix-search command")
         trials = [Trial(**t) for t in saved["trials"]]
         info = {k: v for k, v in saved.items() if k not in ("trials", "name", "resources")}
         args.metric, args.mode = info["metric"], info["mode"]
-        print(f"resuming {sweep_dir}: the saved plan of {len(trials)} trials is used", flush=True)
+        print(f"resuming {where}: the saved plan of {len(trials)} trials is used", flush=True)
     elif plan_file.is_file():  # the same command again continues its sweep; another sweep is refused
         saved = json.loads(plan_file.read_text())["trials"]
         if plan_key(saved) != plan_key([asdict(t) for t in trials]):
-            raise UsageError(
-                f"{sweep_dir} already holds another sweep: continue it with --resume, or pick another --name"
-            )
+            raise UsageError(f"{where} already holds another sweep: continue it with --resume, or pick another --name")
         args.resume = True
-        print(f"{sweep_dir} holds this sweep: continuing it (finished trials are not run again)", flush=True)
+        print(f"{where} holds this sweep: continuing it (finished trials are not run again)", flush=True)
 
     for mix in {t.mix: t for t in trials}.values():  # every mix's data, before Ray starts
         checked_data(config_from_dict(mix.config))
@@ -832,19 +831,20 @@ def print_mix_plan(mixplan: MixPlan, res: Resources) -> None:
     )
 
 
-def same_search(plan_file: Path, info: dict, resume: bool) -> None:
-    """A mixture search continues only with its own settings; a grid sweep's folder is not reused for one."""
+def same_search(plan_file: Path, info: dict, resume: bool, where: Path | str) -> None:
+    """A mixture search continues only with its own settings; a grid sweep's folder (`where`, as the user named
+    it) is not reused for one."""
     if not plan_file.is_file():
         if resume:
-            raise UsageError(f"--resume: {plan_file} does not exist; start the sweep without --resume")
+            raise UsageError(f"--resume: {where} holds no sweep.json; start the sweep without --resume")
         return
     saved = json.loads(plan_file.read_text())
     keys = [k for k in info["mix_search"] if k != "tokens"]
     if not saved.get("mix_search") or any(saved["mix_search"].get(k) != info["mix_search"][k] for k in keys):
         raise UsageError(
-            f"{plan_file.parent} already holds another sweep: continue it with its own command, or pick another --name"
+            f"{where} already holds another sweep: continue it with its own command, or pick another --name"
         )
-    print(f"{plan_file.parent} holds this mixture search: continuing it", flush=True)
+    print(f"{where} holds this mixture search: continuing it", flush=True)
 
 
 def run_mix_search(args, mixplan: MixPlan, info: dict, sweep_dir: Path, res: Resources, name: str) -> int:

@@ -372,5 +372,5 @@ def test_a_two_trial_sweep_on_the_bucket_writes_its_tables_and_report_there(ray_
         patch.setattr(storage, "_download", lambda uri, local: downloaded.append(uri) or download(uri, local))
         assert ablate.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "holds this sweep" in printed and "2 trials already done; running 0" in printed
+    assert f"{out}/sw holds this sweep" in printed and "2 trials already done; running 0" in printed  # its URI
     assert f"{out}/sw/sweep.json" in downloaded and not [u for u in downloaded if "/checkpoints/" in u]
