@@ -212,35 +212,37 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(demo_corpus, tmp_pa
         run(cfg, tmp_path / "nan")
 
 
-def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(demo_corpus):
+def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was(demo_corpus, tmp_path, monkeypatch):
     """Infinite gradients make fp16's GradScaler skip the optimizer step; the warm-up waits for it too (as in
-    Hugging Face's Trainer), so the schedule counts the steps that changed the weights."""
-    from peerlab.train.precision import grad_scaler, optimizer_stepped
+    Hugging Face's Trainer), so the schedule counts the steps that changed the weights. The training loop runs
+    twice on the same data: as it is, and with one gradient made infinite at step 2."""
+    import peerlab.train.distributed as distributed
 
-    cfg = tiny(demo_corpus, "train_config.fp16=true", "train_config.warmup_ratio=0.5", steps=10)
-    t = cfg.train_config
-    model = torch.nn.Linear(3, 1)
-    opt = build_optimizer(model, t)
-    sched = build_scheduler(opt, t, 10)
-    scaler = grad_scaler(t, torch.device("cpu"))
-    lrs, taken = [], []
-    for step in range(4):
-        scale = scaler.get_scale()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = model(torch.full((2, 3), 0.1)).float().mean() / 10  # scaled by 65,536: finite in fp16
-        scaler.scale(loss).backward()
-        if step == 1:
-            model.weight.grad[0, 0] = float("inf")
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
-        taken.append(int(opt.state[model.weight]["step"]))  # AdamW's count of the steps it took
-        if optimizer_stepped(scaler, scale):
-            sched.step()
-        lrs.append(sched.get_last_lr()[0])
-    assert taken == [1, 1, 2, 3]  # the scaler skipped step 1 (what the rule must see)
-    peak = t.learning_rate
-    assert lrs == pytest.approx([peak * n / 5 for n in (1, 1, 2, 3)], rel=1e-9)
+    cfg = tiny(demo_corpus, "train_config.fp16=true", "train_config.warmup_ratio=0.5", steps=6)
+    run(cfg, tmp_path / "plain")
+    plain = [r["lr"] for r in read_metrics(tmp_path / "plain") if "lr" in r]
+    assert plain[0] < plain[1] < plain[2] < plain[3]  # warming up, and no step skipped by itself
+
+    exchange, built, models, calls = distributed.exchange_rows, distributed.DataParallel.__init__, [], []
+
+    def keep_model(self, model, *args, **kwargs):
+        built(self, model, *args, **kwargs)
+        models.append(model)
+
+    def infinite_at_step_2(tables, world):  # after the backward pass of each step, before the scaler's unscale
+        exchange(tables, world)
+        calls.append(1)
+        if len(calls) == 2:
+            grad = next(
+                p.grad for p in models[-1].parameters() if p.grad is not None and p.grad.layout == torch.strided
+            )
+            grad.view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(distributed.DataParallel, "__init__", keep_model)
+    monkeypatch.setattr(distributed, "exchange_rows", infinite_at_step_2)
+    run(cfg, tmp_path / "skipped")
+    skipped = [r["lr"] for r in read_metrics(tmp_path / "skipped") if "lr" in r]
+    assert skipped == [*plain[:2], *plain[1:5]]  # step 3 takes step 2's rate: the skipped step did not count
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])

@@ -67,11 +67,11 @@ class MoEConfig:
 
 @dataclass
 class PKMConfig:
-    """ffn_type pkm: a product-key memory (Lample et al. 2019; see model/pkm.py); PEER's keys, own values."""
+    """ffn_type pkm: a product-key memory (Lample et al. 2019; see model/pkm.py); PEER's search, own values."""
 
     num_experts: int = 65536  # memory size N: value rows (product of product_key_dim)
     num_experts_per_tok: int = 32  # k: memory rows read per token and per head
-    num_heads: int = 4  # memory heads; each has its own query, all share keys and values
+    num_heads: int = 4  # memory heads; each has its own query and sub-keys, all share the values
     product_key_dim: list[int] = field(default_factory=lambda: [256, 256])  # sizes of the two sub-key sets
     query_dim: int = 256  # query size per head; each half is scored against one sub-key set
     batch_norm_query: bool = True  # BatchNorm on the query, as in the paper
