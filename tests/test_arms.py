@@ -176,6 +176,26 @@ def test_pkm_retrieval_and_output_match_brute_force(bn):
     torch.testing.assert_close(layer(x), ref_y, rtol=1e-10, atol=1e-12)
 
 
+def test_a_pkm_saved_with_shared_sub_keys_loads_with_them_in_every_head():
+    """A PKM checkpoint from before keys per head (one pair of sub-key sets) loads into the PKM of today with
+    that pair in every head: the same search as the shared keys (the brute force over one pair for all heads)."""
+    from tests.test_peer import brute_force
+
+    layer = make_pkm().eval()
+    state = layer.state_dict()
+    shared = state["sub_keys"][: layer.n1 + layer.n2].clone()
+    layer.load_state_dict({**state, "sub_keys": shared})
+    x = torch.randn(20, 8, dtype=torch.float64)
+    scores, indices = layer.retrieve(x)
+    q = layer.query_norm(layer.query(x)).view(20, layer.num_heads, layer.query_dim)
+    probe = make_pkm(heads=1, bn=False).eval()  # one head whose query is the identity, keys the one pair
+    probe.sub_keys.data, probe.query.weight.data = shared, torch.eye(layer.query_dim, dtype=torch.float64)
+    for h in range(layer.num_heads):
+        want_scores, want_indices = brute_force(probe, q[:, h])  # head h's query against the one pair
+        assert torch.equal(indices[:, h], want_indices[:, 0])
+        torch.testing.assert_close(scores[:, h], want_scores[:, 0], rtol=1e-12, atol=1e-12)
+
+
 def test_pkm_gradients_match_brute_force():
     layer = make_pkm().train()
     x = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)

@@ -209,6 +209,7 @@ def test_a_run_folder_continues_only_with_its_own_model_checked_before_ray_start
     resume_from_checkpoint that is not used, are said on the console."""
     from peerlab.cli import checked_continuation
     from peerlab.config import load_config
+    from peerlab.model import build_model
     from peerlab.train.launch import absolute_paths, write_resolved_config
 
     flags = tiny_run(demo_corpus, tmp_path / "out")
@@ -216,7 +217,8 @@ def test_a_run_folder_continues_only_with_its_own_model_checked_before_ray_start
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
     run_dir = tmp_path / "out" / "demo"  # the run the same command names
     written = write_resolved_config(absolute_paths(cfg), run_dir).read_bytes()
-    ckpt.save(run_dir / "checkpoints" / "step-000003", {"w": torch.zeros(1)}, {}, {}, {}, {"step": 3})
+    weights = build_model(cfg.model_config).state_dict()
+    ckpt.save(run_dir / "checkpoints" / "step-000003", weights, {}, {}, {}, {"step": 3})
 
     out = train_command(*flags, "--set", "model_config.intermediate_size=96", *NO_CLUSTER, timeout=120)
     assert out.returncode == 2 and "Ray dashboard" not in out.stdout
@@ -242,6 +244,16 @@ def test_a_run_folder_continues_only_with_its_own_model_checked_before_ray_start
         named = [*overrides, f"train_config.resume_from_checkpoint={own}"]
         checked_continuation(load_config(ROOT / "configs" / "demo.yaml", named), str(run_dir))
         assert capsys.readouterr().out == ""
+    # A model_config the weights still fit (how usage is logged) is said, not refused.
+    logged = [*overrides, "model_config.peer_config.log_freq=7"]
+    checked_continuation(load_config(ROOT / "configs" / "demo.yaml", logged), str(run_dir))
+    assert "with model_config.peer_config.log_freq: 3 -> 7" in capsys.readouterr().out
+    # Weights that do not fit the same config (a layout that changed since they were saved): refused, by tensor.
+    weights["layers.1.mlp.sub_keys"] = weights["layers.1.mlp.sub_keys"][:4]
+    ckpt.save(run_dir / "checkpoints" / "step-000004", weights, {}, {}, {}, {"step": 4})
+    with pytest.raises(SystemExit):
+        checked_continuation(load_config(ROOT / "configs" / "demo.yaml", overrides), str(run_dir))
+    assert "(layers.1.mlp.sub_keys: 4x8 in the checkpoint, 32x8 in this config's model)" in capsys.readouterr().err
 
 
 def test_a_dataset_with_fewer_documents_than_workers_fails_before_ray_starts(demo_corpus, tmp_path):

@@ -222,11 +222,38 @@ def _differences(old: dict, new: dict, prefix: str) -> list[str]:
     return out
 
 
+def _weights_misfit(cfg: Config, checkpoint: str) -> str | None:
+    """Where the weights of `checkpoint` (a path or a URI) do not fit the model `cfg` builds, in words; None where
+    they fit. Read from model.safetensors' header alone; the model is built on the meta device."""
+    import json
+
+    import torch
+
+    from peerlab import storage
+    from peerlab.model import build_model
+
+    file = storage.join(checkpoint, "model.safetensors")
+    size = int.from_bytes(storage.read_head(file, 8), "little")  # safetensors: u64 header length, then the JSON
+    header = json.loads(storage.read_head(file, 8 + size)[8:])
+    saved = {name: tuple(t["shape"]) for name, t in header.items() if name != "__metadata__"}
+    with torch.device("meta"):
+        wanted = {name: tuple(t.shape) for name, t in build_model(cfg.model_config).state_dict().items()}
+
+    def shape(name: str, of: dict) -> str:
+        return "none" if of.get(name) is None else "x".join(map(str, of[name])) or "a scalar"
+
+    for name in sorted(saved.keys() | wanted.keys()):
+        if saved.get(name) != wanted.get(name):
+            return f"{name}: {shape(name, saved)} in the checkpoint, {shape(name, wanted)} in this config's model"
+    return None
+
+
 def checked_continuation(cfg: Config, run_dir: str) -> None:
     """A run folder (a path or a URI) that holds checkpoints continues from its newest: checked before Ray starts
-    and before the folder's resolved_config.yaml is written again. A config of another model than the one the
-    checkpoints hold, or a newest checkpoint past max_steps, exits 2 with one line; another data config or seed,
-    and a resume_from_checkpoint that is not the one used, are said on the console."""
+    and before the folder's resolved_config.yaml is written again. A config whose model the checkpoint's weights
+    do not fit (names and shapes), or a newest checkpoint past max_steps, exits 2 with one line; another
+    model_config that the weights still fit (rope_theta, the usage logging), another data config or seed, and a
+    resume_from_checkpoint that is not the one used, are said on the console."""
     import yaml
 
     from peerlab import storage
@@ -250,17 +277,19 @@ def checked_continuation(cfg: Config, run_dir: str) -> None:
     except Exception:  # noqa: BLE001 -- no readable record of the run's config: the checkpoint's own load decides
         old = None
     new = to_dict(absolute_paths(cfg))
+    changed = _differences(old["model_config"], new["model_config"], "model_config") if old is not None else []
+    misfit = _weights_misfit(cfg, storage.join(run_dir, "checkpoints", newest))
+    if misfit is not None:
+        what = changed[0] + (" and more" if changed[1:] else "") if changed else misfit
+        raise UsageError(
+            f"{run_dir} holds checkpoints of another model ({what}): "
+            "give the run another --name, or delete the folder to start it again"
+        )
     if old is not None:
-        changed = _differences(old["model_config"], new["model_config"], "model_config")
-        if changed:
-            raise UsageError(
-                f"{run_dir} holds checkpoints of another model ({changed[0]}{' and more' if changed[1:] else ''}): "
-                "give the run another --name, or delete the folder to start it again"
-            )
-        data = _differences(old["dataset_config"], new["dataset_config"], "dataset_config")
-        data += _differences({"seed": old["train_config"]["seed"]}, {"seed": t.seed}, "train_config")
-        if data:
-            print(f"warning: {run_dir} continues from step {step} with {'; '.join(data)}", flush=True)
+        changed += _differences(old["dataset_config"], new["dataset_config"], "dataset_config")
+        changed += _differences({"seed": old["train_config"]["seed"]}, {"seed": t.seed}, "train_config")
+    if changed:
+        print(f"warning: {run_dir} continues from step {step} with {'; '.join(changed)}", flush=True)
     if t.max_steps and step > t.max_steps:
         raise UsageError(
             f"{run_dir} is at step {step}, past max_steps = {t.max_steps}; raise max_steps or give the run another --name"

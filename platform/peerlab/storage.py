@@ -267,6 +267,19 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri} cannot be read: {_reason(err)}") from None
 
 
+def read_head(uri: str, size: int) -> bytes:
+    """The first `size` bytes of a file (a path or a URI): a header without the rest (a safetensors file's)."""
+    if not is_remote(uri):
+        with open(local_path(uri), "rb") as f:
+            return f.read(size)
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read(size)
+    except Exception as err:
+        raise StorageError(f"{uri} cannot be read: {_reason(err)}") from None
+
+
 def delete(uri: str) -> None:
     fs, path = filesystem(uri)
     try:

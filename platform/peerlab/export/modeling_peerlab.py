@@ -210,6 +210,13 @@ class PeerlabProductKeys(nn.Module):
         pairs = [(a, b) for a in range(self.k) for b in range(self.k) if (a + 1) * (b + 1) <= self.k]
         self.pair_ranks = ([a for a, _ in pairs], [b for _, b in pairs])  # plain lists: nothing to load
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """One pair of sub-key sets for keys per head (a PKM saved before its heads had their own): each head's."""
+        shared = state_dict.get(prefix + "sub_keys")
+        if shared is not None and self.key_sets > 1 and shared.shape[0] == self.n1 + self.n2:
+            state_dict[prefix + "sub_keys"] = shared.repeat(self.key_sets, 1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (M, d) -> (scores, indices), each (M, heads, k): the k best sums q1.c_i + q2.c'_j, highest first."""
         M = x.shape[0]

@@ -491,6 +491,14 @@ class ProductKeys(nn.Module):
         self.register_buffer("pair_rank1", torch.tensor([a for a, _ in ranks]), persistent=False)  # (P,)
         self.register_buffer("pair_rank2", torch.tensor([b for _, b in ranks]), persistent=False)  # (P,)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint of one pair of sub-key sets for keys per head (a PKM saved before its heads had their own):
+        every head starts from that pair, which searches exactly as the shared keys did."""
+        shared = state_dict.get(prefix + "sub_keys")
+        if shared is not None and self.key_sets > 1 and shared.shape[0] == self.n1 + self.n2:
+            state_dict[prefix + "sub_keys"] = shared.repeat(self.key_sets, 1)  # (sets*(n1+n2), qd/2)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_keys(self) -> None:
         """Unit-variance queries (after BN) against keys of std 1/sqrt(query_dim/2) give scores of unit variance."""
         nn.init.normal_(self.sub_keys, std=1.0 / math.sqrt(self.query_dim // 2))
