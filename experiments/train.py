@@ -38,6 +38,7 @@ from peerlab.cli import (
     checked_paths,
     checked_resume,
     checked_storage,
+    checked_weights,
     config_from_arguments,
 )
 from peerlab.config import dump_config
@@ -113,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     checked_data(cfg)
     checked_evals(cfg)
     run_dir = join(cfg.train_config.output_dir, args.name or Path(args.config).stem)  # a path, or a URI
-    checked_continuation(cfg, run_dir)
+    continues = checked_continuation(cfg, run_dir)  # from the folder's own newest checkpoint
     cfg = checked_resume(cfg)
+    if not continues:
+        checked_weights(cfg)
 
     from peerlab.train.failures import not_retried
     from peerlab.train.launch import fit, start_ray

@@ -240,6 +240,13 @@ def test_a_run_folder_continues_only_with_its_own_model_checked_before_ray_start
     said = capsys.readouterr().out
     assert f"warning: {run_dir} continues from step 3 with dataset_config.datasets.0.weight: 0.4 -> 0.9\n" in said
     assert f"resume_from_checkpoint {elsewhere} is not used: {run_dir} continues from its own newest" in said
+    # A new run that names a checkpoint of another model: refused before Ray starts, as its own folder's would be.
+    out = train_command(*flags, "--name", "fresh", "--set", f"train_config.resume_from_checkpoint={elsewhere}",
+                        *NO_CLUSTER, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "Ray dashboard" not in out.stdout
+    assert one_line(out).startswith(
+        f"error: train_config.resume_from_checkpoint: {elsewhere} holds another model than this config's ("
+    )
     for own in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "step-000003"):
         named = [*overrides, f"train_config.resume_from_checkpoint={own}"]
         checked_continuation(load_config(ROOT / "configs" / "demo.yaml", named), str(run_dir))

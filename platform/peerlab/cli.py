@@ -248,12 +248,24 @@ def _weights_misfit(cfg: Config, checkpoint: str) -> str | None:
     return None
 
 
-def checked_continuation(cfg: Config, run_dir: str) -> None:
+def checked_weights(cfg: Config) -> None:
+    """A resume_from_checkpoint (resolved by `checked_resume`) whose weights do not fit this config's model: one
+    line before Ray starts (it failed in the workers, after Ray started)."""
+    named = cfg.train_config.resume_from_checkpoint
+    misfit = _weights_misfit(cfg, named) if named else None
+    if misfit is not None:
+        raise UsageError(
+            f"train_config.resume_from_checkpoint: {named} holds another model than this config's ({misfit})"
+        )
+
+
+def checked_continuation(cfg: Config, run_dir: str) -> bool:
     """A run folder (a path or a URI) that holds checkpoints continues from its newest: checked before Ray starts
     and before the folder's resolved_config.yaml is written again. A config whose model the checkpoint's weights
     do not fit (names and shapes), or a newest checkpoint past max_steps, exits 2 with one line; another
     model_config that the weights still fit (rope_theta, the usage logging), another data config or seed, and a
-    resume_from_checkpoint that is not the one used, are said on the console."""
+    resume_from_checkpoint that is not the one used, are said on the console. Returns whether the folder holds
+    checkpoints (then resume_from_checkpoint is not used)."""
     import yaml
 
     from peerlab import storage
@@ -269,7 +281,7 @@ def checked_continuation(cfg: Config, run_dir: str) -> None:
         folder = latest(Path(run_dir) / "checkpoints")
         newest, step = (folder.name, step_of(folder)) if folder is not None else (None, 0)
     if newest is None:
-        return
+        return False
     try:
         old = to_dict(
             config_from_dict(yaml.safe_load(storage.read_bytes(storage.join(run_dir, "resolved_config.yaml"))))
@@ -311,6 +323,7 @@ def checked_continuation(cfg: Config, run_dir: str) -> None:
             f"newest checkpoint ({newest})",
             flush=True,
         )
+    return True
 
 
 def fetched(path: str) -> str:
