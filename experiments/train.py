@@ -28,6 +28,7 @@ from pathlib import Path
 from peerlab.cli import (
     DONE,
     FAILED,
+    INTERRUPTED,
     STOPPED,
     UsageError,
     add_config_arguments,
@@ -129,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run folder: {run_dir}", flush=True)
     try:
         result = fit(cfg, run_dir)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (or a SIGTERM): Ray's signal handlers end the run with exit()
+        print(
+            f"interrupted: the same command continues {run_dir} (from its newest checkpoint, if it has one)",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     except Exception as err:
         if not_retried(err):  # the worker's own one-line error; the workers were not restarted for it
             print(f"error: the run stopped: {err}", file=sys.stderr)

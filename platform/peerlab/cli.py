@@ -6,7 +6,8 @@ Exit statuses of experiments/train.py (ablate.py uses 0, 2 and 130: its failed t
     1    the run failed: Ray Train gave up after restarting lost workers max_failures times, or an unexpected error
     2    refused before anything started: a config, data, tokenizer, checkpoint path or flag that cannot be used
     3    the run stopped on an error no restart can fix (a non-finite loss, bad data met in training)
-    130  ablate.py: trials were left unfinished (Ctrl-C); continue with --resume
+    130  interrupted (Ctrl-C; the same command continues the run); ablate.py: trials were left unfinished, continue
+         with --resume
 """
 
 from __future__ import annotations
