@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run folder: {run_dir}", flush=True)
     try:
         result = fit(cfg, run_dir)
+    except UsageError:
+        raise
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C (or a SIGTERM): Ray's signal handlers end the run with exit()
         print(
             f"interrupted: the same command continues {run_dir} (from its newest checkpoint, if it has one)",
