@@ -234,8 +234,11 @@ def _weights_misfit(cfg: Config, checkpoint: str) -> str | None:
     from peerlab.model import build_model
 
     file = storage.join(checkpoint, "model.safetensors")
-    size = int.from_bytes(storage.read_head(file, 8), "little")  # safetensors: u64 header length, then the JSON
-    header = json.loads(storage.read_head(file, 8 + size)[8:])
+    try:
+        size = int.from_bytes(storage.read_head(file, 8), "little")  # safetensors: u64 header length, then the JSON
+        header = json.loads(storage.read_head(file, 8 + size)[8:])
+    except (OSError, ValueError, storage.StorageError):  # unreadable: the worker's load checks it against the manifest
+        return None
     saved = {name: tuple(t["shape"]) for name, t in header.items() if name != "__metadata__"}
     with torch.device("meta"):
         wanted = {name: tuple(t.shape) for name, t in build_model(cfg.model_config).state_dict().items()}
@@ -271,18 +274,14 @@ def checked_continuation(cfg: Config, run_dir: str) -> bool:
 
     from peerlab import storage
     from peerlab.config import config_from_dict, to_dict
-    from peerlab.train.checkpoint import latest, step_of
     from peerlab.train.launch import absolute_paths
 
     t = cfg.train_config
-    if storage.is_remote(run_dir):
-        names = storage.complete_checkpoints(run_dir)
-        newest, step = (names[-1], int(names[-1].removeprefix("step-"))) if names else (None, 0)
-    else:
-        folder = latest(Path(run_dir) / "checkpoints")
-        newest, step = (folder.name, step_of(folder)) if folder is not None else (None, 0)
-    if newest is None:
+    names = storage.complete_checkpoints(run_dir)  # manifest written; the worker checks the files' hashes as it loads
+    if not names:
         return False
+    newest = names[-1]
+    step = int(newest.removeprefix("step-"))
     try:
         old = to_dict(
             config_from_dict(yaml.safe_load(storage.read_bytes(storage.join(run_dir, "resolved_config.yaml"))))
@@ -307,18 +306,15 @@ def checked_continuation(cfg: Config, run_dir: str) -> bool:
         raise UsageError(
             f"{run_dir} is at step {step}, past max_steps = {t.max_steps}; raise max_steps or give the run another --name"
         )
+
+    def where(path: str) -> str:  # a URI as written, a local path resolved
+        return path.rstrip("/") if storage.is_remote(path) else str(Path(path).expanduser().resolve())
+
     named = t.resume_from_checkpoint
-    if storage.is_remote(run_dir):
-        own = [run_dir.rstrip("/"), storage.join(run_dir, "checkpoints"), storage.join(run_dir, "checkpoints", newest)]
-        used = bool(named) and str(named).rstrip("/") in own
-    else:
-        run = Path(run_dir).expanduser().resolve()
-        used = bool(named) and Path(named).expanduser().resolve() in (
-            run,
-            run / "checkpoints",
-            run / "checkpoints" / newest,
-        )
-    if named and not used:
+    own = {
+        where(p) for p in (run_dir, storage.join(run_dir, "checkpoints"), storage.join(run_dir, "checkpoints", newest))
+    }
+    if named and where(str(named)) not in own:
         print(
             f"warning: train_config.resume_from_checkpoint {named} is not used: {run_dir} continues from its own "
             f"newest checkpoint ({newest})",

@@ -257,12 +257,10 @@ def format_progress(record: dict, total: int) -> str:
     step, rate = record.get("step", 0), record.get("tokens_per_s", 0.0)
     eta = record.get("eta_s")
     eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None and math.isfinite(eta) else "?"
-    parts = [f"step {step}/{total}"]
-    if "loss" in record:  # a held-out evaluation off the logging grid has a record of its own, without them
-        parts += [f"loss {record['loss']:.4f}", f"{rate:,.0f} tokens/s"]
+    # a held-out evaluation off the logging grid has a record of its own, without loss, rate or ETA
+    trained = "loss" in record
+    parts = [f"step {step}/{total}", *([f"loss {record['loss']:.4f}", f"{rate:,.0f} tokens/s"] if trained else [])]
     evals = [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("eval_loss/")]
     if evals:
         parts.append("held-out " + ", ".join(evals))
-    if "loss" in record:
-        parts.append(f"ETA {eta_text}")
-    return "  ".join(parts)
+    return "  ".join([*parts, *([f"ETA {eta_text}"] if trained else [])])

@@ -310,9 +310,8 @@ def train_loop(loop_config: dict) -> dict:
                 ckpt.prune(run_dir / "checkpoints", t.save_total_limit)
                 metrics.checkpoint(folder, step, final=final)
                 if run_uri:
-                    storage.push_run(
-                        run_dir, run_uri, t.save_total_limit
-                    )  # the new checkpoint, manifest last, and the run's files
+                    # the new checkpoint, manifest last, and the run's files
+                    storage.push_run(run_dir, run_uri, t.save_total_limit)
             if place.world > 1:
                 dist.barrier()
 
@@ -390,9 +389,8 @@ def train_loop(loop_config: dict) -> dict:
         lm_evaluate(cfg, model, tokenizer, steps, place, amp, run_dir, metrics.wandb)
     metrics.close()
     if run_uri and place.rank == 0:
-        storage.push_run(
-            run_dir, run_uri, t.save_total_limit
-        )  # the lines and evaluations written after the last checkpoint
+        # the lines and evaluations written after the last checkpoint
+        storage.push_run(run_dir, run_uri, t.save_total_limit)
     return last
 
 
