@@ -95,6 +95,24 @@ def test_inductor_compiled_blocks_on_cuda_equal_eager():
     assert_same_step(eager, compiled, ids, tol=1e-4)
 
 
+def test_cuda_graphs_compiled_blocks_equal_eager():
+    """compile's reduce-overhead (CUDA graphs) on every block: PEER's registered ops capture without a host
+    sync (a bincount in the table gradient's bag offsets did not), and three steps (warm-up, recording,
+    replay) give the eager model's loss and gradients."""
+    import copy
+
+    from tests.test_compile import assert_same_step
+
+    torch.manual_seed(0)
+    eager = build_model(tiny_model_config()).cuda().train()
+    compiled = copy.deepcopy(eager)
+    for block in compiled.layers:
+        block.compile(mode="reduce-overhead")
+    ids = torch.randint(0, 97, (4, 17), device="cuda")
+    for _ in range(3):
+        assert_same_step(eager, compiled, ids, tol=1e-4)
+
+
 def test_float8_on_a_capable_gpu_converts_trains_and_stays_close_to_bf16():
     """The guide's defaults (float8 true, fp16 and bf16 false) on the card: Float8 where it pays, bf16 elsewhere."""
     from dataclasses import replace

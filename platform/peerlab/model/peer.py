@@ -214,7 +214,10 @@ class Bags:
         row e's bag holds the tokens that retrieved it (rows nobody retrieved get zero).
         """
         self.sort()
-        counts = torch.bincount(self.rows, minlength=self.num_rows)  # (num_rows,)
+        # Counted by index_add_, not bincount: bincount reads the largest row to size its output, a
+        # device-to-host copy that a CUDA graph (compile's reduce-overhead) cannot capture.
+        counts = torch.zeros(self.num_rows, dtype=torch.long, device=self.rows.device)
+        counts.index_add_(0, self.rows, torch.ones_like(self.rows))  # (num_rows,)
         starts = counts.cumsum(0) - counts  # (num_rows,) where each row's retrievals begin
         weight = weight.reshape(-1)[self.order]
         return F.embedding_bag(self.sorted_tokens, vectors, starts, mode="sum", per_sample_weights=weight)
