@@ -4,8 +4,10 @@
 
 Variants, all computing mean cross-entropy of (hidden @ weight.T) against labels, forward and
 backward (gradients of hidden and weight):
-  peerlab   peerlab.model.loss.linear_cross_entropy (chunked, no full logits tensor)
-  liger     liger_kernel's LigerFusedLinearCrossEntropyLoss (Triton, CUDA only)
+  peerlab   peerlab's chunked loop (peerlab.model.loss.LinearCrossEntropy: no full logits tensor),
+            with the GPU's chunk size
+  liger     liger_kernel's LigerFusedLinearCrossEntropyLoss (Triton, CUDA only): what
+            peerlab.model.loss.linear_cross_entropy runs on CUDA where liger-kernel is installed
   plain     F.cross_entropy(hidden @ weight.T, labels) (the full logits tensor)
 Speed: variants alternate round by round; median over rounds. Memory: the CUDA allocator's
 peak during one forward+backward above what was held before it. The losses must agree
@@ -22,12 +24,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from peerlab.model.loss import linear_cross_entropy
+from peerlab.model.loss import LinearCrossEntropy, kernel_name
 
 
 def variants() -> dict:
     out = {
-        "peerlab": linear_cross_entropy,
+        "peerlab": LinearCrossEntropy.apply,
         "plain": lambda h, w, y: F.cross_entropy((h @ w.t()).float(), y),
     }
     try:
@@ -89,6 +91,7 @@ def main(argv=None) -> None:
         f"LM head + cross-entropy, {args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, {args.dtype} "
         f"({torch.cuda.get_device_name()}, torch {torch.__version__})"
     )
+    print(f"  (peerlab.model.loss.linear_cross_entropy runs {kernel_name(hidden.device)} here)")
     ref = "liger" if "liger" in fns else "plain"
     for name in fns:
         ms = 1000 * statistics.median(times[name])
