@@ -16,9 +16,9 @@ Variants, all with the same input, dim, heads, k and N:
                (peerlab.model.peer_triton); CUDA only, added to the default variants there
 
 Speed: the variants alternate round by round in one process; each figure is the median
-over rounds. Memory: each variant runs in a fresh subprocess; the figure is the peak
-during one forward+backward above the memory held just before it (parameters, input),
-read from the kernel's high-water mark on CPU and from the allocator on CUDA.
+over rounds. Memory: the peak during one forward+backward above the memory held just
+before it (parameters, input): on CPU the kernel's high-water mark, each variant in a fresh
+subprocess; on CUDA the allocator's peak, reset before each variant, in the same process.
 """
 
 from __future__ import annotations
@@ -76,6 +76,13 @@ def default_variants(device: str) -> tuple[str, ...]:
 
 
 def build(variant: str, args) -> nn.Module:
+    """The variant's layer, made on the device itself (a million-expert table made on the CPU and then
+    copied took most of a GPU run's time limit)."""
+    with torch.device(args.device):
+        return _build(variant, args).to(dtype=getattr(torch, args.dtype))
+
+
+def _build(variant: str, args) -> nn.Module:
     root = int(round(args.experts**0.5))
     if variant in ("peerlab", "peerlab-triton"):
         cfg = PeerConfig(
@@ -102,7 +109,7 @@ def build(variant: str, args) -> nn.Module:
         )
     else:
         layer = DenseMLP(args.dim, 4 * args.dim)
-    return layer.to(device=args.device, dtype=getattr(torch, args.dtype))
+    return layer
 
 
 def make_input(args) -> torch.Tensor:
@@ -139,28 +146,37 @@ def measure_memory(variant: str, args) -> dict:
     x = make_input(args)
     params = sum(p.numel() * p.element_size() for p in layer.parameters())
     step(layer, x)  # warm-up: one-time allocations (thread pools, kernels) are not the layer's
+    if args.device.startswith("cuda"):
+        return {"variant": variant, **cuda_peak(layer, x)}
     layer.zero_grad(set_to_none=True)
     x.grad = None
     gc.collect()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(layer, x)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        base = rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
-            f.write("5")
-        step(layer, x)
-        peak = (rss_kib("VmHWM") - base) * 1024
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+        f.write("5")
+    step(layer, x)
+    peak = (rss_kib("VmHWM") - base) * 1024
     return {"variant": variant, "peak_bytes": peak, "param_bytes": params}
 
 
-def time_variants(args) -> dict[str, float]:
+def cuda_peak(layer: nn.Module, x: torch.Tensor) -> dict:
+    """On CUDA, in this process: the allocator's peak during one forward+backward above what it held before."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(layer, x)
+    torch.cuda.synchronize()
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "param_bytes": params}
+
+
+def time_variants(args, memory: dict | None = None) -> dict[str, float]:
+    """tokens/s of each variant; on CUDA, with `memory` given, each variant's peak memory into it as well."""
     torch.manual_seed(0)
     layers = {v: build(v, args) for v in args.variants}
     x = make_input(args)
@@ -177,6 +193,9 @@ def time_variants(args) -> dict[str, float]:
                 step(layers[v], x)
             sync(args.device)
             times[v].append((time.perf_counter() - t0) / args.reps)
+    if memory is not None and args.device.startswith("cuda"):
+        for v in args.variants:
+            memory[v] = {"variant": v, **cuda_peak(layers[v], x)}
     tokens = args.batch * args.seq
     return {v: tokens / statistics.median(t) for v, t in times.items()}
 
@@ -249,9 +268,11 @@ def main(argv=None) -> None:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"PEER layer forward+backward, {setting} ({machine}, torch {torch.__version__})", flush=True)
 
-    speed = time_variants(args)
-    memory = {}
+    memory: dict[str, dict] = {}
+    speed = time_variants(args, memory)  # on CUDA, the memory figures too (the allocator's peak is per process)
     for v in args.variants:
+        if v in memory:
+            continue
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--memory-of", v]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         memory[v] = json.loads(out.strip().splitlines()[-1])
