@@ -11,28 +11,31 @@
 #     never imports: site.tar.xz, about 55 MB) and .whl/ (PEER-pytorch, einx, frozendict,
 #     liger-kernel). Every device call below names both in `carry`.
 #
-#   speed (BUDGET 450) then speed2 (BUDGET 270), two calls back to back (the machine stays warm
-#     30 s between them): the speed figures.
-#     speed:  the Triton PEER kernels' tests on the card; the PEER layer at N = 1024², 8 heads,
-#             k 16, dim 768, bf16, at 1k and 16k tokens (peerlab, its Triton kernels, PEER-pytorch,
-#             the HBM-floor share); the training step of the guide's model (as many PEER layers as
-#             fit) and its dense baseline, eager and with compiled blocks, bf16 and Float8, tokens/s
-#             and MFU (benchmarks/train_step.py; its first Float8 variant of each compile mode also
-#             times the layer shapes for Float8's filter, and prints those figures).
-#     speed2: the dense model at hidden 2048, compiled, bf16 against Float8; 8 demo trials sharing
-#             the card at --gpus-per-trial 0.25 against one at a time (benchmarks/gpu_share.py); the
-#             fused LM-head loss against liger-kernel's; the GPU tests of compiled blocks and of a
-#             trial's memory share; the demo model's step with compile's CUDA graphs
-#             (reduce-overhead) against plain compile and eager; the feed-forward arms on the card
-#             (benchmarks/ffn_arms.py). What its budget leaves out is named in the log as skipped.
+#   speed (BUDGET 400) then speed2 (BUDGET 420), two calls back to back (the machine stays warm
+#     30 s between them): the speed figures, each part's steps in order of importance (what a part's
+#     budget leaves out is named in the log as skipped). With the machine's start, about 870 s of a
+#     session's 900 s of device time.
+#     speed:  the fused LM-head loss (peerlab's chunked loop, liger-kernel's, the plain one); the
+#             Triton PEER kernels' tests on the card; the PEER layer at N = 1024², 8 heads, k 16,
+#             dim 768, bf16, at 1k and 16k tokens (peerlab, its Triton kernels, PEER-pytorch, the
+#             HBM-floor share); the training step of the guide's model (as many PEER layers as fit)
+#             and its dense baseline, eager and with compiled blocks, bf16 and Float8, tokens/s and
+#             MFU (benchmarks/train_step.py; its first Float8 variant of each compile mode also times
+#             the layer shapes for Float8's filter, and prints those figures).
+#     speed2: the GPU tests of compiled blocks (inductor, and CUDA graphs) and of a trial's memory
+#             share; the demo model's step with compile's CUDA graphs (reduce-overhead) against plain
+#             compile and eager; the dense model at hidden 2048, compiled, bf16 against Float8; 8 demo
+#             trials sharing the card at --gpus-per-trial 0.25 against one at a time
+#             (benchmarks/gpu_share.py).
 #
+#   arms (BUDGET 300): the feed-forward arms on the card (benchmarks/ffn_arms.py).
 #   train (default, BUDGET 540): tests/test_gpu.py, bf16 against Float8 at the largest config that
 #     fits, and experiments/train.py on the embedded default on the card.
 #   peer (BUDGET 540): the PEER layer against PEER-pytorch, and the whole model against its dense
 #     baseline.
 #
 # Example (device tool): run(command="bash benchmarks/gpu.sh speed", carry=[".gpu", ".whl"],
-#   timeout_s=480), then at once run(command="bash benchmarks/gpu.sh speed2", ..., timeout_s=300).
+#   timeout_s=420), then at once run(command="bash benchmarks/gpu.sh speed2", ..., timeout_s=440).
 # DRY=1 prints each step's command instead of running it (tests/test_benchmarks.py checks them).
 set -uo pipefail
 part=${1:-train}
@@ -59,7 +62,7 @@ fi
 
 OUT=${OUT:-/tmp/gpu-out}
 DRY=${DRY:-}
-case "$part" in speed) BUDGET=${BUDGET:-450} ;; speed2) BUDGET=${BUDGET:-270} ;; *) BUDGET=${BUDGET:-540} ;; esac
+case "$part" in speed) BUDGET=${BUDGET:-400} ;; speed2) BUDGET=${BUDGET:-420} ;; arms) BUDGET=${BUDGET:-300} ;; *) BUDGET=${BUDGET:-540} ;; esac
 JSON=/tmp/gpu-json
 mkdir -p "$OUT" "$JSON"
 LOG="$OUT/log.txt"
@@ -106,21 +109,22 @@ PEER_1M="benchmarks/peer_layer.py --device cuda --dtype bfloat16 --experts 10485
 TRAIN_STEP="benchmarks/train_step.py --device cuda --opt-steps 0 --rounds 3 --reps 2"
 
 if [ "$part" = speed ]; then
+  step 40 python3 benchmarks/lm_head_loss.py --tokens 16384 --json $JSON/lm_head_loss.json
   # The kernels on the card against float64 (the interpreter's copy of these cases runs in CI: Triton
   # 3.6's interpreter fails on NumPy 2.4 and newer, which the machine has).
   step 50 $PYTEST tests/test_peer_triton.py -k on_cuda
   step 70 python3 $PEER_1M --batch 1 --seq 1024 --json $JSON/peer_1k.json
-  step 70 python3 $PEER_1M --batch 4 --seq 4096 --json $JSON/peer_16k.json
-  step 280 python3 $TRAIN_STEP --config configs/config.yaml --compile-modes none,default --json $JSON/train_step.json
+  step 80 python3 $PEER_1M --batch 4 --seq 4096 --json $JSON/peer_16k.json
+  step 200 python3 $TRAIN_STEP --config configs/config.yaml --compile-modes none,default --json $JSON/train_step.json
 elif [ "$part" = speed2 ]; then
-  step 110 python3 $TRAIN_STEP --config configs/config.yaml --compile --set model_config.use_peer=false \
-    --set model_config.hidden_size=2048 --json $JSON/train_step_2048.json
-  step 150 python3 benchmarks/gpu_share.py --share 0.25 --steps 60 --out /tmp/bench-share --json $JSON/share.json
-  step 40 python3 benchmarks/lm_head_loss.py --tokens 16384 --json $JSON/lm_head_loss.json
-  step 90 $PYTEST tests/test_gpu.py -k "inductor or sharing"
-  step 100 python3 $TRAIN_STEP --config configs/demo.yaml --compile-modes none,default,reduce-overhead \
+  step 60 $PYTEST tests/test_gpu.py -k "inductor or cuda_graphs or sharing"
+  step 50 python3 $TRAIN_STEP --config configs/demo.yaml --compile-modes none,default,reduce-overhead \
     --precisions bf16 --json $JSON/train_step_demo_graphs.json
-  step 120 python3 benchmarks/ffn_arms.py --config configs/config.yaml --device cuda \
+  step 90 python3 $TRAIN_STEP --config configs/config.yaml --compile --set model_config.use_peer=false \
+    --set model_config.hidden_size=2048 --json $JSON/train_step_2048.json
+  step 220 python3 benchmarks/gpu_share.py --share 0.25 --steps 40 --out /tmp/bench-share --json $JSON/share.json
+elif [ "$part" = arms ]; then
+  step 280 python3 benchmarks/ffn_arms.py --config configs/config.yaml --device cuda \
     --set model_config.peer_start_layer=11 --steps 4 --rounds 2 --json $JSON/ffn_arms.json
 elif [ "$part" = peer ]; then
   step 120 $PYTEST tests/test_peer_triton.py

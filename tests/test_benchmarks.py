@@ -60,7 +60,7 @@ def parses(script: Path, argv: list[str], monkeypatch) -> None:
         runpy.run_path(str(script), run_name="__main__")
 
 
-@pytest.mark.parametrize("part", ["speed", "speed2", "train", "peer"])
+@pytest.mark.parametrize("part", ["speed", "speed2", "arms", "train", "peer"])
 def test_every_command_of_gpu_sh_names_real_files_and_parses(part, monkeypatch):
     cmds = commands(part)
     assert cmds, f"gpu.sh {part} printed no commands"
