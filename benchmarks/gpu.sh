@@ -21,7 +21,8 @@
 #             HBM-floor share); the training step of the guide's model (as many PEER layers as fit)
 #             and its dense baseline, eager and with compiled blocks, bf16 and Float8, tokens/s and
 #             MFU (benchmarks/train_step.py; its first Float8 variant of each compile mode also times
-#             the layer shapes for Float8's filter, and prints those figures).
+#             the layer shapes for Float8's filter, and prints those figures), and where each model's
+#             eager bf16 step spends its time on the card (--profile: its 15 costliest ops).
 #     speed2: the GPU tests of compiled blocks (inductor, and CUDA graphs) and of a trial's memory
 #             share; the demo model's step with compile's CUDA graphs (reduce-overhead) against plain
 #             compile and eager; the dense model at hidden 2048, compiled, bf16 against Float8; 8 demo
@@ -115,14 +116,17 @@ if [ "$part" = speed ]; then
   step 50 $PYTEST tests/test_peer_triton.py -k on_cuda
   step 70 python3 $PEER_1M --batch 1 --seq 1024 --json $JSON/peer_1k.json
   step 80 python3 $PEER_1M --batch 4 --seq 4096 --json $JSON/peer_16k.json
-  step 200 python3 $TRAIN_STEP --config configs/config.yaml --compile-modes none,default --json $JSON/train_step.json
+  step 200 python3 $TRAIN_STEP --config configs/config.yaml --compile-modes none,default --profile 15 \
+    --json $JSON/train_step.json
 elif [ "$part" = speed2 ]; then
   step 60 $PYTEST tests/test_gpu.py -k "inductor or cuda_graphs or sharing"
   step 50 python3 $TRAIN_STEP --config configs/demo.yaml --compile-modes none,default,reduce-overhead \
     --precisions bf16 --json $JSON/train_step_demo_graphs.json
   step 90 python3 $TRAIN_STEP --config configs/config.yaml --compile --set model_config.use_peer=false \
     --set model_config.hidden_size=2048 --json $JSON/train_step_2048.json
-  step 220 python3 benchmarks/gpu_share.py --share 0.25 --steps 40 --out /tmp/bench-share --json $JSON/share.json
+  # Float8 off: on an H200 it converted none of the demo's layers, and its figures took 44 s of this step.
+  step 220 python3 benchmarks/gpu_share.py --share 0.25 --steps 40 --out /tmp/bench-share --json $JSON/share.json \
+    --set train_config.float8=false
 elif [ "$part" = arms ]; then
   step 280 python3 benchmarks/ffn_arms.py --config configs/config.yaml --device cuda \
     --set model_config.peer_start_layer=11 --steps 4 --rounds 2 --json $JSON/ffn_arms.json

@@ -125,6 +125,12 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--set", action="append", default=[], help="GPU: a config override, e.g. model_config.hidden_size=2048"
     )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="GPU: after timing each model's first bf16 variant, one step under torch.profiler: its N costliest ops",
+    )
     args = ap.parse_args(argv)
     args.compile_modes = args.compile_modes or ["default" if args.compile else "none"]
     if args.device != "cpu":
@@ -262,10 +268,12 @@ PRECISIONS = {  # (name, train_config overrides) of each variant
 }
 
 
-def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compile_mode: str = "none"):
+def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compile_mode: str = "none", profile: int = 0):
     """(tokens/s, peak bytes, Float8's plan) of the platform's training step: its model, precision, AdamW, clipping.
 
     Float8's filter times each layer shape at this batch's tokens, compiled as the step is (`measure_float8`).
+    `profile` > 0: after the timed rounds, one more step under torch.profiler, and its `profile` costliest ops
+    (`print_profile`).
     """
     from peerlab.model import PEER
     from peerlab.train.optim import build_optimizer, clip_grad_norm, sparse_experts_on
@@ -315,12 +323,33 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compil
                 step()
             sync()
             times.append((time.perf_counter() - t0) / steps)
-        return batch * seq / statistics.median(times), torch.cuda.max_memory_allocated() if cuda else 0, float8
+        peak_bytes = torch.cuda.max_memory_allocated() if cuda else 0
+        if profile:
+            print_profile(step, sync, profile, cuda)
+        return batch * seq / statistics.median(times), peak_bytes, float8
     finally:
         model = optimizer = None  # free the card for the next variant, also after running out of memory
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+
+
+def print_profile(step, sync, rows: int, cuda: bool) -> None:
+    """One step under torch.profiler: the `rows` ops with the most self time on the device (CPU without CUDA),
+    each with its share of the step's total, so the next change goes where the time is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    print(f"    one step under torch.profiler: {total / 1e3:.1f} ms of {'device' if cuda else 'CPU'} self time")
+    for e in events[:rows]:
+        us = getattr(e, key)
+        print(f"      {100 * us / total:5.1f}%  {us / 1e3:8.2f} ms  x{e.count:<5} {e.key[:90]}")
 
 
 def gpu_precision(args) -> None:
@@ -394,8 +423,9 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
         label = f"{precision}, {'eager' if mode == 'none' else 'compile ' + mode}"
         try:
             start = time.perf_counter()
+            profile = args.profile if (key, mode) == ("bf16", "none") else 0  # each model's eager bf16 step
             rate, peak_bytes, plan = step_rate(
-                cfg, torch.device(args.device), batch, seq, args.reps, args.rounds, compile_mode=mode
+                cfg, torch.device(args.device), batch, seq, args.reps, args.rounds, compile_mode=mode, profile=profile
             )
         except torch.OutOfMemoryError:
             if i == 0:
