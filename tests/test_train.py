@@ -396,6 +396,7 @@ def test_float8_run_on_cpu_lists_its_layers_and_trains(demo_corpus, tmp_path):
     run(tiny(demo_corpus, *FLOAT8_WIDE, steps=2), tmp_path / "f8", force_float8=True)
     info = json.loads((tmp_path / "f8" / "run_info.json").read_text())
     assert info["float8"] is True and info["autocast"] == "bf16"
+    assert info["lm_loss"] == "peerlab"  # the chunked loss: liger-kernel's is for CUDA
     assert info["float8_layers"] == ["layers.0.mlp.fc_in"]
     assert info["float8_filter"] == "torchao's size rule" and info["float8_speedups"] == {}  # on CPU: no timing
     assert "router" in info["float8_skipped"]["layers.1.mlp.query"] and "lm_head" in info["float8_skipped"]

@@ -39,6 +39,7 @@ from peerlab.data.mixture import DataMixture, DataOptions
 from peerlab.data.tokenizer import load_tokenizer
 from peerlab.eval.heldout import heldout_blocks, heldout_loss
 from peerlab.model import build_model, peer_bytes_per_token, training_flops_per_token
+from peerlab.model.loss import kernel_name
 from peerlab.model.moe import MoE
 from peerlab.tracking import MetricsLog, read_evals, read_metrics
 from peerlab.train import checkpoint as ckpt
@@ -276,7 +277,10 @@ def train_loop(loop_config: dict) -> dict:
     peaks = None
     if place.rank == 0:
         peaks = device_peaks(place.device, compute_precision(precision["autocast"], float8.on, t.tf32))
+        with autocast(t, place.device, float8):  # the loss's choice depends on the autocast dtype
+            lm_loss = kernel_name(place.device)
         info = {**precision, **compiled, "sparse_experts": sparse_experts_on(t), "peaks": peaks.as_dict()}
+        info["lm_loss"] = lm_loss  # "liger-kernel" on CUDA, else "peerlab" (model/loss.py)
         info["gpu_memory_fraction"] = loop_config.get("gpu_memory_fraction") if place.device.type == "cuda" else None
         info.update(flops_per_token=flops_per_token, peer_bytes_per_token=bytes_per_token)
         write_run_info(run_dir, place, info, start_step, pids)
