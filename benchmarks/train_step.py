@@ -125,6 +125,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--set", action="append", default=[], help="GPU: a config override, e.g. model_config.hidden_size=2048"
     )
+    ap.add_argument("--skip-dense", action="store_true", help="GPU: the PEER model only, not its dense baseline")
     ap.add_argument(
         "--profile",
         type=int,
@@ -366,7 +367,8 @@ def gpu_precision(args) -> None:
     print(
         f"training step on {name} ({total / 2**30:.0f} GiB, bf16 peak {peak} TFLOP/s), torch {torch.__version__}, "
         f"{args.config} {' '.join(args.set)}: batch {batch} x {seq} tokens, tf32 {base.train_config.tf32}, "
-        f"compile {', '.join(args.compile_modes)}; MFU is against the dense bf16 peak (Float8 peak: 2x)"
+        f"compile {', '.join(args.compile_modes)}; MFU is against the dense bf16 peak (Float8 peak: 2x); "
+        f"PEER's experts in {'its Triton kernels' if os.environ.get('PEERLAB_TRITON') == '1' else 'torch ops'}"
     )
 
     # The most PEER layers whose weights, gradients and AdamW state fill at most 3/4 of the card
@@ -385,7 +387,8 @@ def gpu_precision(args) -> None:
         except torch.OutOfMemoryError:
             print(f"  {n} PEER layers: out of memory; trying {n - 1}")
             results = []
-    results += measure(args, "model_config.use_peer=false", batch, seq, peak)
+    if not args.skip_dense:
+        results += measure(args, "model_config.use_peer=false", batch, seq, peak)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
