@@ -11,11 +11,10 @@
 #     never imports: site.tar.xz, about 55 MB) and .whl/ (PEER-pytorch, einx, frozendict,
 #     liger-kernel). Every device call below names both in `carry`.
 #
-#   speed (BUDGET 400) then speed2 (BUDGET 450), two calls back to back (the machine stays warm
+#   speed (BUDGET 410) then speed2 (BUDGET 410), two calls back to back (the machine stays warm
 #     30 s between them): the speed figures, each part's steps in order of importance (what a part's
-#     budget leaves out is named in the log as skipped). With the machine's start (about 30 s) and
-#     the transfers, about 890 s of a session's 900 s of device time: speed2's last steps are the
-#     first to go.
+#     budget leaves out is named in the log as skipped). With the machine's start and the transfers
+#     (about 30 s and 9 s on an H200), about 860 s of a session's 900 s of device time.
 #     speed:  the fused LM-head loss (peerlab's chunked loop, liger-kernel's, the plain one); the
 #             Triton PEER kernels' tests on the card; the PEER layer at N = 1024², 8 heads, k 16,
 #             dim 768, bf16, at 1k and 16k tokens (peerlab, its Triton kernels, PEER-pytorch, the
@@ -37,7 +36,7 @@
 #     baseline.
 #
 # Example (device tool): run(command="bash benchmarks/gpu.sh speed", carry=[".gpu", ".whl"],
-#   timeout_s=420), then at once run(command="bash benchmarks/gpu.sh speed2", ..., timeout_s=460).
+#   timeout_s=430), then at once run(command="bash benchmarks/gpu.sh speed2", ..., timeout_s=430).
 # DRY=1 prints each step's command instead of running it (tests/test_benchmarks.py checks them).
 set -uo pipefail
 part=${1:-train}
@@ -64,7 +63,7 @@ fi
 
 OUT=${OUT:-/tmp/gpu-out}
 DRY=${DRY:-}
-case "$part" in speed) BUDGET=${BUDGET:-400} ;; speed2) BUDGET=${BUDGET:-450} ;; arms) BUDGET=${BUDGET:-300} ;; *) BUDGET=${BUDGET:-540} ;; esac
+case "$part" in speed) BUDGET=${BUDGET:-410} ;; speed2) BUDGET=${BUDGET:-410} ;; arms) BUDGET=${BUDGET:-300} ;; *) BUDGET=${BUDGET:-540} ;; esac
 JSON=/tmp/gpu-json
 mkdir -p "$OUT" "$JSON"
 LOG="$OUT/log.txt"
@@ -125,9 +124,10 @@ elif [ "$part" = speed2 ]; then
     --precisions bf16 --json $JSON/train_step_demo_graphs.json
   step 80 python3 $TRAIN_STEP --config configs/config.yaml --compile --set model_config.use_peer=false \
     --set model_config.hidden_size=2048 --json $JSON/train_step_2048.json
-  # Float8 off: on an H200 it converted none of the demo's layers, and its figures took 44 s of this step.
+  # Float8 off and bf16 on, the model the demo trains on a Float8 card (on an H200 Float8 converted none of
+  # its layers, and its figures took 44 s of this step).
   step 200 python3 benchmarks/gpu_share.py --share 0.25 --steps 40 --out /tmp/bench-share --json $JSON/share.json \
-    --set train_config.float8=false
+    --set train_config.float8=false --set train_config.bf16=true
   # The guide's PEER model with its experts in the Triton kernels (PEERLAB_TRITON=1), eager and compiled.
   export PEERLAB_TRITON=1
   step 60 python3 $TRAIN_STEP --config configs/config.yaml --compile-modes none,default --precisions bf16 \

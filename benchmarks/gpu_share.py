@@ -9,7 +9,8 @@ cluster: first with `--gpus-per-trial SHARE` (1/SHARE trials at once, each with 
 capped to its share), then with a whole GPU per trial (`--gpus-per-trial 1`: one trial at a
 time on one card). Before either, a process of its own takes the Float8 figures the trials
 would otherwise take on the first one's start (`peerlab.train.precision.measure_float8`, kept
-per machine), so neither run pays for them (skipped with `--set train_config.float8=false`). The shared run goes first so that it, not the run
+per machine), so neither run pays for them (skipped with `--set train_config.float8=false`; add
+`--set train_config.bf16=true` to keep the bf16 autocast that Float8 brings, as gpu.sh does). The shared run goes first so that it, not the run
 it is compared with, pays what else a machine does once (inductor's cold compiles): the ratio
 errs against sharing. For each it prints the wall time of the whole `ablate.py` run (Ray's
 start and the report included, the same in both), the trials that finished, trials per hour,

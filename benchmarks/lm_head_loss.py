@@ -6,8 +6,8 @@ Variants, all computing mean cross-entropy of (hidden @ weight.T) against labels
 backward (gradients of hidden and weight):
   peerlab   peerlab's chunked loop (peerlab.model.loss.LinearCrossEntropy: no full logits tensor),
             with the GPU's chunk size
-  liger     liger_kernel's LigerFusedLinearCrossEntropyLoss (Triton, CUDA only): what
-            peerlab.model.loss.linear_cross_entropy runs on CUDA where liger-kernel is installed
+  liger     liger_kernel's fused linear cross-entropy (Triton, CUDA only), called as
+            peerlab.model.loss.linear_cross_entropy calls it on CUDA (weight gradient summed in float32)
   plain     F.cross_entropy(hidden @ weight.T, labels) (the full logits tensor)
 Speed: variants alternate round by round; median over rounds. Memory: the CUDA allocator's
 peak during one forward+backward above what was held before it. The losses must agree
@@ -33,10 +33,10 @@ def variants() -> dict:
         "plain": lambda h, w, y: F.cross_entropy((h @ w.t()).float(), y),
     }
     try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        liger = LigerFusedLinearCrossEntropyLoss()
-        out["liger"] = lambda h, w, y: liger(w, h, y)  # (lin_weight, _input, target)
+        # as peerlab.model.loss.linear_cross_entropy calls it on CUDA
+        out["liger"] = lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y, accum_dtype=torch.float32)
     except ImportError:
         print("liger-kernel is not installed: pip install liger-kernel")
     return out

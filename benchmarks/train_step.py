@@ -337,7 +337,13 @@ def step_rate(cfg, device, batch: int, seq: int, steps: int, rounds: int, compil
 
 def print_profile(step, sync, rows: int, cuda: bool) -> None:
     """One step under torch.profiler: the `rows` ops with the most self time on the device (CPU without CUDA),
-    each with its share of the step's total, so the next change goes where the time is."""
+    each with its share of the step's total, so the next change goes where the time is.
+
+    On CUDA each op's device time is that of the kernels it launched; the kernels also appear as rows of
+    their own, so the total sums the kernel rows and the ranking lists the ops (user annotations, such as
+    the optimizer's step, left out of both).
+    """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -345,10 +351,12 @@ def print_profile(step, sync, rows: int, cuda: bool) -> None:
         step()
         sync()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1
+    events = [e for e in prof.key_averages() if not e.is_user_annotation]
+    ops = [e for e in events if e.device_type == DeviceType.CPU]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else ops
+    total = sum(getattr(e, key) for e in kernels) or 1
     print(f"    one step under torch.profiler: {total / 1e3:.1f} ms of {'device' if cuda else 'CPU'} self time")
-    for e in events[:rows]:
+    for e in sorted(ops, key=lambda e: getattr(e, key), reverse=True)[:rows]:
         us = getattr(e, key)
         print(f"      {100 * us / total:5.1f}%  {us / 1e3:8.2f} ms  x{e.count:<5} {e.key[:90]}")
 
@@ -379,36 +387,31 @@ def gpu_precision(args) -> None:
         )["total"]
 
     fits = [n for n in range(peer_layer_count(m), 0, -1) if state_bytes(n) <= 0.75 * total]
-    results = []
+    results: list[dict] = []
+
+    def save(rows: list[dict]) -> None:
+        """The figures so far into --json (after every variant: a run cut short keeps what it measured)."""
+        if args.json:
+            record = {"machine": name, "torch": torch.__version__, "batch": batch, "seq": seq}
+            with open(args.json, "w") as f:
+                json.dump({**record, "bf16_peak_tflops": peak, "results": results + rows}, f, indent=1)
+
     for n in fits:
         try:
-            results = measure(args, f"model_config.peer_start_layer={m.num_hidden_layers - n}", batch, seq, peak)
+            results = measure(args, f"model_config.peer_start_layer={m.num_hidden_layers - n}", batch, seq, peak, save)
             break
         except torch.OutOfMemoryError:
             print(f"  {n} PEER layers: out of memory; trying {n - 1}")
             results = []
     if not args.skip_dense:
-        results += measure(args, "model_config.use_peer=false", batch, seq, peak)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "machine": name,
-                    "torch": torch.__version__,
-                    "batch": batch,
-                    "seq": seq,
-                    "bf16_peak_tflops": peak,
-                    "results": results,
-                },
-                f,
-                indent=1,
-            )
+        results += measure(args, "model_config.use_peer=false", batch, seq, peak, save)
+    save([])
 
 
-def measure(args, model_override: str, batch: int, seq: int, peak: float) -> list[dict]:
+def measure(args, model_override: str, batch: int, seq: int, peak: float, save=lambda rows: None) -> list[dict]:
     """Each precision x compile mode at one model size. Only the first variant (bf16, or the first
     precision asked for) running out of memory means 'too big': a later variant that does not fit is
-    reported as such."""
+    reported as such. `save(rows)` after each variant."""
     rows = []
     variants = [(p, mode) for p in args.precisions for mode in args.compile_modes]
     for i, (key, mode) in enumerate(variants):
@@ -451,6 +454,7 @@ def measure(args, model_override: str, batch: int, seq: int, peak: float) -> lis
             wall_s=time.perf_counter() - start,  # build, Float8's layer timings, compile, warm-up, timed steps
         )
         rows.append(row)
+        save(rows)
         note = "" if float8_on == ("Float8" in precision) else "  (Float8 not applied)"
         if float8_on:
             note += (

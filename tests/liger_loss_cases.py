@@ -46,18 +46,26 @@ def test_the_model_loss_runs_through_liger_and_matches_float64():
 
 
 def test_bf16_autocast_uses_liger_and_fp16_keeps_the_chunked_loss():
-    """bf16: liger, within bf16's precision of float64; fp16: the chunked loop (its per-token gradients in float32)."""
+    """bf16 autocast with float32 weights (the training setting): liger, loss and gradients within bf16's
+    precision of float64, the incoming gradient applied (a loss scaled as gradient accumulation and the
+    loss scaler scale it); fp16: the chunked loop (its per-token gradients in float32)."""
     torch.manual_seed(0)
     n, d, vocab = 64, 32, 200
-    hidden = torch.randn(n, d, requires_grad=True)
-    weight = (0.1 * torch.randn(vocab, d)).requires_grad_()
+    h64, w64 = torch.randn(n, d, dtype=torch.float64), 0.1 * torch.randn(vocab, d, dtype=torch.float64)
     labels = torch.randint(0, vocab, (n,))
-    want = F.cross_entropy(hidden.detach().double() @ weight.detach().double().t(), labels)
+    want_h, want_w = h64.clone().requires_grad_(), w64.clone().requires_grad_()
+    want = F.cross_entropy(want_h @ want_w.t(), labels)
+    (3.0 * want).backward()
+
+    hidden, weight = h64.float().requires_grad_(), w64.float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert kernel_name(hidden.device) == "liger-kernel"
         loss = linear_cross_entropy(hidden, weight, labels)
-    loss.backward()
-    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
-    torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2)
+    assert loss.grad_fn is not None and "Liger" in type(loss.grad_fn).__name__
+    (3.0 * loss).backward()
+    assert weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(hidden.grad.double(), want_h.grad, rtol=3e-2, atol=3e-3)
+    torch.testing.assert_close(weight.grad.double(), want_w.grad, rtol=3e-2, atol=3e-3)
     with torch.autocast("cpu", dtype=torch.float16):
         assert kernel_name(hidden.device) == "peerlab"
