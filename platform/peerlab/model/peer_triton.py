@@ -208,8 +208,8 @@ if triton is not None:
         grad_down_ptr, grad_up_ptr, U, S, D,
         DENSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Segmented sums of BLOCK_R retrieved rows (one block of d): each row's retrievals, BLOCK_N at a time."""
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,) among the U retrieved rows
+        """Segmented sums of BLOCK_R table rows (one block of d): each row's retrievals, BLOCK_N at a time."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,) among the U rows of rows_ptr
         r_live = r < U
         dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (Db,)
         d_live = dd < D
@@ -281,6 +281,19 @@ def _segments(idx: torch.Tensor):
     return order, rows, starts, counts
 
 
+def _all_row_segments(idx: torch.Tensor, num_rows: int):
+    """`_segments` over every table row, retrieved or not: rows (R,) = 0..R-1, starts and counts (R,).
+
+    Nothing here has a size that depends on the data (unique_consecutive's U does, and reads it back
+    to the host), so the dense backward runs without a host sync and a CUDA graph can capture it.
+    """
+    flat = idx.reshape(-1)
+    order = torch.sort(flat, stable=True).indices  # (M*S,)
+    counts = torch.zeros(num_rows, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
+    starts = counts.cumsum(0) - counts  # (R,)
+    return order, torch.arange(num_rows, device=idx.device), starts, counts
+
+
 def _backward_tables(x, grad_y, idx, gate, hidden, d_hidden, grad_down, grad_up, segments, dense: bool):
     order, rows, starts, counts = segments
     U, D, S = rows.shape[0], x.shape[1], idx.shape[1]
@@ -308,9 +321,10 @@ def experts_backward(grad_y, x, idx, gate, hidden, down, up):
     """
     grad_y, x, idx, gate, hidden, down, up = _prepare(grad_y, x, idx, gate, hidden, down, up)
     grad_x, grad_gate, d_hidden = _backward_tokens(grad_y, idx, gate, hidden, down, up)
-    grad_down = torch.zeros_like(down)
-    grad_up = torch.zeros_like(up)
-    segments = _segments(idx)
+    # Every row of the tables' gradients is written: the sums of its retrievals, zero for rows nobody retrieved.
+    grad_down = torch.empty_like(down)
+    grad_up = torch.empty_like(up)
+    segments = _all_row_segments(idx, down.shape[0])
     _backward_tables(x, grad_y, idx, gate, hidden, d_hidden, grad_down, grad_up, segments, dense=True)
     return grad_x, grad_gate, grad_down, grad_up
 
