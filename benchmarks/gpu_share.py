@@ -9,10 +9,10 @@ cluster: first with `--gpus-per-trial SHARE` (1/SHARE trials at once, each with 
 capped to its share), then with a whole GPU per trial (`--gpus-per-trial 1`: one trial at a
 time on one card). Before either, a process of its own takes the Float8 figures the trials
 would otherwise take on the first one's start (`peerlab.train.precision.measure_float8`, kept
-per machine), so neither run pays for them (skipped with `--set train_config.float8=false`; add
-`--set train_config.bf16=true` to keep the bf16 autocast that Float8 brings, as gpu.sh does). The shared run goes first so that it, not the run
-it is compared with, pays what else a machine does once (inductor's cold compiles): the ratio
-errs against sharing. For each it prints the wall time of the whole `ablate.py` run (Ray's
+per machine), so neither run pays for them (skipped where the `--set` overrides turn Float8 off;
+add `--set train_config.bf16=true` to keep the bf16 autocast it brings, as gpu.sh does). The
+shared run goes first so that it, not the run it is compared with, pays what else a machine
+does once (inductor's cold compiles): the ratio errs against sharing. For each it prints the wall time of the whole `ablate.py` run (Ray's
 start and the report included, the same in both), the trials that finished, trials per hour,
 the trials' mean wall time each, and the trials' median held-out loss (eval_loss/mean) (the same work: the
 shared run must train as well). Then the ratio of trials per hour, shared over one at a time.
@@ -97,6 +97,16 @@ def warm_float8() -> None:
     print(f"Float8 for the demo trials: {len(plan.converted)} layers; {plan.filter}; {plan.speedups}")
 
 
+def float8_on(extra: list[str]) -> bool:
+    """Whether the demo trials train with Float8 under the sweep's own `--set` overrides (in `extra`)."""
+    from peerlab.config import load_config
+
+    sets = argparse.ArgumentParser(add_help=False)
+    sets.add_argument("--set", action="append", default=[])
+    overrides = sets.parse_known_args(extra)[0].set
+    return bool(load_config(ROOT / "configs" / "demo.yaml", overrides).train_config.float8)
+
+
 def fraction(text: str) -> float:
     """An argparse type: a share of one GPU, above 0 and below 1."""
     value = float(text)
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU here: run on a GPU machine, or --unit cpu to check the script")
         card = torch.cuda.get_device_name()
-        if "train_config.float8=false" not in extra:  # (the demo's layers stayed bf16 on an H200: 0.67-0.80x)
+        if float8_on(extra):
             start = time.perf_counter()  # in a process of its own: this one keeps no CUDA context while trials run
             done = subprocess.run([sys.executable, __file__, "--warm-float8"]).returncode == 0
             took = time.perf_counter() - start

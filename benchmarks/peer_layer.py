@@ -140,14 +140,13 @@ def rss_kib(field: str) -> int:
 
 
 def measure_memory(variant: str, args) -> dict:
-    """Peak bytes of one forward+backward above what is held before it (run in a fresh process)."""
+    """On CPU, peak bytes of one forward+backward above what is held before it (run in a fresh process: the
+    kernel's high-water mark is per process). CUDA's figures come from `cuda_peak`, in the timing process."""
     torch.manual_seed(0)
     layer = build(variant, args)
     x = make_input(args)
     params = sum(p.numel() * p.element_size() for p in layer.parameters())
     step(layer, x)  # warm-up: one-time allocations (thread pools, kernels) are not the layer's
-    if args.device.startswith("cuda"):
-        return {"variant": variant, **cuda_peak(layer, x)}
     layer.zero_grad(set_to_none=True)
     x.grad = None
     gc.collect()

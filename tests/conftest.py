@@ -89,3 +89,16 @@ def demo_corpus(tmp_path_factory) -> Path:
     from peerlab.data.corpus import prepare_demo_corpus
 
     return prepare_demo_corpus(tmp_path_factory.mktemp("demo"), quiet=True)
+
+
+def run_in_triton_interpreter(cases: Path) -> None:
+    """Run a test file of Triton cases in a pytest subprocess with TRITON_INTERPRET=1 (it must be set before
+    triton is first imported, so not in this session); fail unless every case ran and passed."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)]
+    run = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]

@@ -321,19 +321,11 @@ def test_fused_loss_equals_cross_entropy_of_logits():
 def test_liger_loss_matches_float64_in_the_interpreter():
     """The CUDA default (liger-kernel's fused linear cross-entropy) through the model, in Triton's CPU
     interpreter, in a subprocess (tests/liger_loss_cases.py)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import run_in_triton_interpreter
 
     pytest.importorskip("triton", reason="Triton is not installed (it has no CPU wheels for macOS or Windows)")
     pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
-    cases = Path(__file__).with_name("liger_loss_cases.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)]
-    run = subprocess.run(cmd, check=False, cwd=cases.parents[1], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    run_in_triton_interpreter(ROOT / "tests" / "liger_loss_cases.py")
 
 
 def test_fused_loss_gradients_survive_fp16_autocast():

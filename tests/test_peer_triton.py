@@ -7,13 +7,12 @@ never reach this session's other tests (a GPU test here still gets compiled kern
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import run_in_triton_interpreter
 
 pytest.importorskip("triton", reason="Triton is not installed (it has no CPU wheels for macOS or Windows)")
 
@@ -21,11 +20,7 @@ CASES = Path(__file__).with_name("peer_triton_cases.py")
 
 
 def test_kernels_match_float64_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)]
-    run = subprocess.run(cmd, check=False, cwd=CASES.parents[1], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    run_in_triton_interpreter(CASES)
 
 
 def test_compiled_kernels_only_on_cuda():

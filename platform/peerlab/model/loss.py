@@ -95,14 +95,12 @@ def kernel_name(device: torch.device) -> str:
     """Which loss `linear_cross_entropy` runs on `device` in the current autocast state: "liger-kernel" or
     "peerlab" (the chunked loop). PEERLAB_LIGER=0 keeps the chunked loop on CUDA too; in Triton's CPU
     interpreter (TRITON_INTERPRET=1, the tests) liger-kernel runs on the CPU."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: liger's kernels on any device
-    if not (device.type == "cuda" or interpreted) or os.environ.get("PEERLAB_LIGER", "1") == "0":
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "peerlab"
-    if not _liger_installed():
+    if os.environ.get("PEERLAB_LIGER", "1") == "0" or not _liger_installed():
         return "peerlab"
-    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16:
-        return "peerlab"
-    return "liger-kernel"
+    fp16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+    return "peerlab" if fp16 else "liger-kernel"
 
 
 @functools.cache

@@ -141,6 +141,17 @@ def _(s1, s2, k, rank1, rank2):
     return sums, s1.new_empty(R, k, dtype=torch.int64), s1.new_empty(R, k, dtype=torch.int64)
 
 
+def row_counts(rows: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many retrievals each table row has, counts (num_rows,), and where its retrievals begin among
+    them sorted by row, starts (num_rows,).
+
+    Counted by index_add_, not bincount: bincount reads the largest row back to the host to size its
+    output, a copy that a CUDA graph (compile's reduce-overhead) cannot capture.
+    """
+    counts = torch.zeros(num_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+    return counts, counts.cumsum(0) - counts
+
+
 class Bags:
     """Token t's "bag" holds the S rows idx[t, :] it retrieved from a table of `num_rows` rows.
 
@@ -214,11 +225,7 @@ class Bags:
         row e's bag holds the tokens that retrieved it (rows nobody retrieved get zero).
         """
         self.sort()
-        # Counted by index_add_, not bincount: bincount reads the largest row to size its output, a
-        # device-to-host copy that a CUDA graph (compile's reduce-overhead) cannot capture.
-        counts = torch.zeros(self.num_rows, dtype=torch.long, device=self.rows.device)
-        counts.index_add_(0, self.rows, torch.ones_like(self.rows))  # (num_rows,)
-        starts = counts.cumsum(0) - counts  # (num_rows,) where each row's retrievals begin
+        _, starts = row_counts(self.rows, self.num_rows)  # (num_rows,) where each row's retrievals begin
         weight = weight.reshape(-1)[self.order]
         return F.embedding_bag(self.sorted_tokens, vectors, starts, mode="sum", per_sample_weights=weight)
 

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import torch
 
+from peerlab.model.peer import row_counts
+
 try:
     import triton
     import triton.language as tl
@@ -289,8 +291,7 @@ def _all_row_segments(idx: torch.Tensor, num_rows: int):
     """
     flat = idx.reshape(-1)
     order = torch.sort(flat, stable=True).indices  # (M*S,)
-    counts = torch.zeros(num_rows, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
-    starts = counts.cumsum(0) - counts  # (R,)
+    counts, starts = row_counts(flat, num_rows)  # (R,) each
     return order, torch.arange(num_rows, device=idx.device), starts, counts
 
 
