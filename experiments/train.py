@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     checked_evals(cfg)
     run_dir = join(cfg.train_config.output_dir, args.name or Path(args.config).stem)  # a path, or a URI
     continues = checked_continuation(cfg, run_dir)  # from the folder's own newest checkpoint
-    cfg = checked_resume(cfg)
-    if not continues:
+    if not continues:  # (continuing, resume_from_checkpoint is not used: neither fetched nor checked)
+        cfg = checked_resume(cfg)
         checked_weights(cfg)
 
     from peerlab.train.failures import not_retried
