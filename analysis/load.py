@@ -129,9 +129,9 @@ def normalise_trials(trials: pd.DataFrame) -> pd.DataFrame:
         t["cell"] = t["mix"].astype(str) + " | " + t["setting"].astype(str)
     if "seed" not in t:
         t["seed"] = 0
-    weights = [c for c in t.columns if c.startswith("weight/")]
+    weights = weight_columns(t)
     t[weights] = t[weights].fillna(0.0)  # a dataset a mix leaves out has weight 0 there, not an unknown one
-    numeric = metric_columns(t) + cost_columns(t) + weight_columns(t)
+    numeric = metric_columns(t) + cost_columns(t) + weights
     t[numeric] = t[numeric].apply(pd.to_numeric, errors="coerce")  # all-null columns may arrive as objects
     return t
 

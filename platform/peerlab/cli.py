@@ -226,8 +226,6 @@ def _differences(old: dict, new: dict, prefix: str) -> list[str]:
 def _weights_misfit(cfg: Config, checkpoint: str) -> str | None:
     """Where the weights of `checkpoint` (a path or a URI) do not fit the model `cfg` builds, in words; None where
     they fit. Read from model.safetensors' header alone; the model is built on the meta device."""
-    import json
-
     import torch
 
     from peerlab import storage
@@ -235,8 +233,7 @@ def _weights_misfit(cfg: Config, checkpoint: str) -> str | None:
 
     file = storage.join(checkpoint, "model.safetensors")
     try:
-        size = int.from_bytes(storage.read_head(file, 8), "little")  # safetensors: u64 header length, then the JSON
-        header = json.loads(storage.read_head(file, 8 + size)[8:])
+        header = storage.read_safetensors_header(file)
     except (OSError, ValueError, storage.StorageError):  # unreadable: the worker's load checks it against the manifest
         return None
     saved = {name: tuple(t["shape"]) for name, t in header.items() if name != "__metadata__"}

@@ -32,6 +32,7 @@ message is one line naming the URI.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -267,15 +268,21 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri} cannot be read: {_reason(err)}") from None
 
 
-def read_head(uri: str, size: int) -> bytes:
-    """The first `size` bytes of a file (a path or a URI): a header without the rest (a safetensors file's)."""
+def read_safetensors_header(uri: str) -> dict:
+    """The JSON header of a safetensors file (a path or a URI), read from one open stream without the tensors:
+    a little-endian u64 length, then that many bytes of JSON."""
+
+    def read(f) -> dict:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size))
+
     if not is_remote(uri):
         with open(local_path(uri), "rb") as f:
-            return f.read(size)
+            return read(f)
     fs, path = filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read(size)
+            return read(f)
     except Exception as err:
         raise StorageError(f"{uri} cannot be read: {_reason(err)}") from None
 
@@ -438,7 +445,11 @@ def remote_checkpoints(uri: str) -> dict[str, list[str]]:
 
 def complete_checkpoints(uri: str) -> list[str]:
     """The names (step-N) of a run's checkpoints whose manifest is written, oldest first: a path or a URI."""
-    found = remote_checkpoints(uri)
+    return _complete(remote_checkpoints(uri))
+
+
+def _complete(found: dict[str, list[str]]) -> list[str]:
+    """Of the checkpoints in `found` (name: its files), those whose manifest is written, oldest first."""
     return sorted(name for name, files in found.items() if MANIFEST in files and not name.endswith(".tmp"))
 
 
@@ -533,12 +544,17 @@ def push_run(local: Path, uri: str, keep: int) -> None:
             delete(join(uri, key, MANIFEST))  # another checkpoint of that step: incomplete until replaced
         upload_dir(checkpoints / name, join(uri, key))
         seen[key] = (0, 0)
-    finished = {name for name, files in there.items() if MANIFEST in files and not name.endswith(".tmp")}
+    finished = set(_complete(there))
     kept = set(sorted(finished | set(complete))[-keep:])
-    for name, files in there.items():  # beyond the newest `keep`, or left unfinished: gone, manifest first
-        unfinished = name not in finished and complete and name < complete[-1]
-        if name not in complete and (unfinished or (name in finished and name not in kept)):
-            for file in _manifest_last(files)[::-1]:
+    for name, files in there.items():
+        if name in complete:
+            continue
+        if name in finished:  # complete there: gone beyond the newest `keep`
+            gone = name not in kept
+        else:  # unfinished (an interrupted upload): gone once a newer checkpoint is complete
+            gone = bool(complete) and name < complete[-1]
+        if gone:
+            for file in _manifest_last(files)[::-1]:  # manifest first
                 delete(join(uri, "checkpoints", name, file))
             seen.pop(f"checkpoints/{name}", None)
 

@@ -224,10 +224,13 @@ class PeerlabProductKeys(nn.Module):
         if self.query_norm is not None:
             q = self.query_norm(q)
         halves = q.view(M, self.num_heads, 2, self.query_dim // 2).to(self.sub_keys.dtype)  # (M, H, 2, query_dim/2)
-        keys = self.sub_keys.view(self.key_sets, self.n1 + self.n2, -1).transpose(1, 2)  # (1 or H, query_dim/2, n1+n2)
-        by_head = halves.transpose(0, 1)  # (H, M, 2, query_dim/2)
-        s1 = (by_head[:, :, 0] @ keys[:, :, : self.n1]).transpose(0, 1)  # (M, H, n1)
-        s2 = (by_head[:, :, 1] @ keys[:, :, self.n1 :]).transpose(0, 1)  # (M, H, n2)
+        if self.key_sets == 1:  # one pair of sub-key sets for every head: one product each
+            s1 = halves[:, :, 0] @ self.sub_keys[: self.n1].t()  # (M, H, n1)
+            s2 = halves[:, :, 1] @ self.sub_keys[self.n1 :].t()  # (M, H, n2)
+        else:  # each head against its own block of sub-keys
+            keys = self.sub_keys.view(self.key_sets, self.n1 + self.n2, -1)  # (H, n1+n2, query_dim/2)
+            s1 = torch.einsum("mhd,hnd->mhn", halves[:, :, 0], keys[:, : self.n1])  # (M, H, n1)
+            s2 = torch.einsum("mhd,hnd->mhn", halves[:, :, 1], keys[:, self.n1 :])  # (M, H, n2)
         top1, i1 = topk_by_groups(s1.reshape(M * self.num_heads, self.n1), self.k)  # (M*H, k) of n1
         top2, i2 = topk_by_groups(s2.reshape(M * self.num_heads, self.n2), self.k)  # (M*H, k) of n2
         rank1, rank2 = (torch.tensor(r, device=x.device) for r in self.pair_ranks)  # (P,) each

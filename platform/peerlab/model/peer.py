@@ -547,8 +547,8 @@ class ProductKeys(nn.Module):
                 key_rows = torch.stack((i1, i2 + self.n1), dim=1)  # (M*H, 2, k) rows of sub_keys
                 if self.key_sets > 1:  # row offset of each head's block
                     block = torch.arange(self.num_heads, device=i1.device) * (self.n1 + self.n2)  # (H,)
-                    key_rows = key_rows + block.repeat(i1.shape[0] // self.num_heads).view(-1, 1, 1)
-                key_rows = key_rows.view(-1, self.k)  # (M*H*2, k)
+                    key_rows = key_rows.view(-1, self.num_heads, 2, self.k) + block.view(-1, 1, 1)  # (M, H, 2, k)
+                key_rows = key_rows.reshape(-1, self.k)  # (M*H*2, k)
                 scores = gather_dot(self.sub_keys, key_rows, halves).view(-1, 2, self.k).sum(1)  # (M*H, k)
             else:  # no gradient wanted: the sums of the search are the scores
                 scores = best_sums

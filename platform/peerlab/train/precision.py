@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -56,10 +57,11 @@ def grad_scaler(train: TrainConfig, device: torch.device) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, enabled=train.fp16)
 
 
-def optimizer_stepped(scaler: torch.amp.GradScaler, scale_before: float) -> bool:
-    """False where fp16's loss scaler skipped the step: non-finite gradients lower its scale and leave the
-    weights as they were (`scale_before`: `scaler.get_scale()` before the step; 1.0 for a disabled scaler)."""
-    return not scaler.is_enabled() or scaler.get_scale() >= scale_before
+def optimizer_stepped(scaler: torch.amp.GradScaler, grad_norm: float) -> bool:
+    """False where fp16's loss scaler skipped the step. It skips where the unscaled gradients hold an inf
+    or a NaN, which makes their norm (`grad_norm`, taken after `unscale_`, the same on every worker)
+    non-finite: read from that norm, not from the scale (`get_scale()` is a host sync on a GPU)."""
+    return not scaler.is_enabled() or math.isfinite(grad_norm)
 
 
 def set_tf32(train: TrainConfig) -> None:

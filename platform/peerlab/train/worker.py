@@ -326,10 +326,9 @@ def train_loop(loop_config: dict) -> dict:
             micro_batches = range(t.gradient_accumulation_steps)
             batches = (fed(by_source, *data.next_batch(t.per_device_train_batch_size)) for _ in micro_batches)
             check = functools.partial(stop_if_not_finite, step, fp16=t.fp16, place=place, run_dir=run_dir)
-            scale = scaler.get_scale()
             step_loss, grad_norm = parallel.step(batches, optimizer, scaler, amp, t, check)
             lr = optimizer.param_groups[0]["lr"]  # what this step used
-            if optimizer_stepped(scaler, scale):  # a step fp16's scaler skipped leaves the schedule where it was
+            if optimizer_stepped(scaler, grad_norm):  # a step fp16's scaler skipped leaves the schedule where it was
                 scheduler.step()
             window_tokens += tokens_per_step
             window_train_s += time.perf_counter() - step_start
